@@ -1,0 +1,188 @@
+"""`fiddler`: send prompts to a running cluster (`generate`), or launch, generate and stop in one go (`run`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+
+from launch.cli import (
+    CoordinatorThreadsOption,
+    DeviceMemoryOption,
+    DeviceOption,
+    DtypeOption,
+    HotExpertsOption,
+    ModelOption,
+    ThreadsOption,
+    WorkersOption,
+    cluster_from_options,
+    fail,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+
+PromptArg = Annotated[str, typer.Argument(help="The prompt text.")]
+MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")]
+TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 = greedy; above 0 samples.")]
+TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")]
+TopKOption = Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens; 0 = off.")]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+ChatOption = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object: ids, text and timings.")]
+
+
+@dataclass
+class Result:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    prefill_seconds: float
+    decode_seconds: float
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "prompt_token_ids": self.prompt_token_ids,
+                "token_ids": self.token_ids,
+                "text": self.text,
+                "prefill_seconds": self.prefill_seconds,
+                "decode_seconds": self.decode_seconds,
+                "prefill_tokens_per_second": rate(len(self.prompt_token_ids), self.prefill_seconds),
+                "decode_tokens_per_second": rate(len(self.token_ids) - 1, self.decode_seconds),
+            }
+        )
+
+    def summary(self) -> str:
+        return (
+            f"prefill: {len(self.prompt_token_ids)} tokens in {self.prefill_seconds:.3f}s "
+            f"({rate(len(self.prompt_token_ids), self.prefill_seconds):.1f} tok/s); "
+            f"decode: {len(self.token_ids)} tokens ({rate(len(self.token_ids) - 1, self.decode_seconds):.1f} tok/s)"
+        )
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if n > 0 and seconds > 0 else 0.0
+
+
+def _print_piece(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command()
+def generate(
+    prompt: PromptArg,
+    address: Annotated[str | None, typer.Option(help="Coordinator address; default: the newest local cluster.")] = None,
+    max_new_tokens: MaxNewTokensOption = 128,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = None,
+    chat: ChatOption = False,
+    as_json: JsonOption = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the cluster between tokens.")] = 600.0,
+) -> None:
+    """Send a prompt to the running cluster and stream the answer."""
+    from coordinator.coordinator import check_sampling
+    from launch import rundir
+    from protocol import messages as m
+    from protocol.transport import Client
+
+    try:
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    owner_pid = None
+    if address is None:
+        clusters = rundir.live_clusters()
+        if not clusters:
+            raise fail('no running cluster found; start one with `fiddler-launch --model PATH` or use `fiddler run "..."`')
+        address, owner_pid = clusters[0].address, clusters[0].pid
+    client = Client(address)
+    try:
+        client.send(m.GenerateRequest(prompt, max_new_tokens, temperature, top_p, top_k, seed, chat))
+        waited = 0.0
+        while True:
+            msg = client.receive(timeout_s=1.0)
+            if msg is None:
+                waited += 1.0
+                if owner_pid is not None and not rundir._alive(owner_pid):
+                    raise fail(f"the cluster at {address} stopped before answering")
+                if waited >= timeout:
+                    raise fail(f"no answer from {address} within {timeout:.0f}s; is `fiddler-launch` running?")
+                continue
+            waited = 0.0
+            if isinstance(msg, m.TokenChunk):
+                if not as_json:
+                    _print_piece(msg.text)
+            elif isinstance(msg, m.GenerateDone):
+                result = Result(msg.prompt_token_ids, msg.token_ids, msg.text, msg.prefill_seconds, msg.decode_seconds)
+                break
+            elif isinstance(msg, m.Error):
+                raise fail(msg.message)
+    finally:
+        client.close()
+    if as_json:
+        print(result.as_json())
+    else:
+        print()
+        typer.echo(result.summary(), err=True)
+
+
+@app.command()
+def run(
+    prompt: PromptArg,
+    model: ModelOption = None,
+    workers: WorkersOption = 1,
+    threads_per_worker: ThreadsOption = None,
+    device: DeviceOption = "auto",
+    device_memory: DeviceMemoryOption = None,
+    dtype: DtypeOption = "auto",
+    hot_experts: HotExpertsOption = None,
+    coordinator_threads: CoordinatorThreadsOption = None,
+    max_new_tokens: MaxNewTokensOption = 128,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    seed: SeedOption = None,
+    chat: ChatOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Launch a cluster, generate for one prompt, and stop everything."""
+    from coordinator.coordinator import check_sampling
+    from coordinator.dispatch import WorkerFailed
+    from coordinator.service import TextStream
+    from expert_worker.checkpoint import CheckpointError
+    from launch.cli import _terminate_as_interrupt
+
+    _terminate_as_interrupt()
+    try:
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
+                                       coordinator_threads, quiet=as_json)
+        with cluster:
+            stream = None if as_json else TextStream(cluster.tokenizer, lambda text, ids: _print_piece(text))
+            out = cluster.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   top_k=top_k, seed=seed, chat=chat, on_token=stream)
+    except KeyboardInterrupt:
+        raise fail("interrupted; the cluster was stopped") from None
+    except (CheckpointError, ValueError, WorkerFailed, PermissionError) as e:
+        raise fail(str(e)) from None
+    result = Result(out.prompt_token_ids, out.token_ids, out.text, out.prefill_seconds, out.decode_seconds)
+    if as_json:
+        print(result.as_json())
+    else:
+        print()
+        typer.echo(result.summary(), err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""The coordinator: transformers' model on the device, with every routed expert dispatched by fiddler.
+
+`prepare` reads a checkpoint's config and tensor table and plans placement without starting anything; `Coordinator`
+then connects to the workers, hands each its shard, loads the non-expert weights and the hot experts on the device
+while the workers load theirs, and runs the model: `logits` for a batch, `generate` for text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import AutoTokenizer, GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from coordinator import loading
+from coordinator.dispatch import Dispatcher, WorkerFailed, WorkerLink
+from coordinator.placement import Placement, format_size, parse_size, plan
+from expert_worker.checkpoint import CheckpointError, TensorReader
+from expert_worker.compute import ExpertKernel
+from expert_worker.shard import load_expert
+from protocol import messages as m
+from protocol.transport import Client
+
+DEVICE_MEMORY_MARGIN = 2 << 30  # left free on a CUDA device for activations, KV cache and the allocator
+
+
+@dataclass
+class Prepared:
+    """A checkpoint understood and a placement planned; nothing started yet."""
+
+    model: torch.nn.Module
+    layout: loading.ModelLayout
+    tokenizer: transformers.PreTrainedTokenizerBase
+    placement: Placement
+    device: torch.device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "--device cuda but no CUDA GPU is visible to torch; run with --device cpu or install a CUDA build of torch"
+            )
+        return torch.device(device)
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r}; use cuda, cpu or auto")
+    return torch.device("cpu")
+
+
+def load_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{folder} has no usable tokenizer ({str(e).splitlines()[0][:120]}); copy tokenizer.json / "
+            "tokenizer_config.json from the original model into the folder"
+        ) from None
+
+
+def prepare(
+    model: Path,
+    workers: int,
+    device: str = "auto",
+    dtype: str | None = None,
+    device_memory: str | None = None,
+    hot_experts: int | None = None,
+) -> Prepared:
+    torch_device = resolve_device(device)
+    skeleton, layout = loading.inspect(Path(model), dtype)
+    tokenizer = load_tokenizer(layout.folder)
+    if device_memory in (None, ""):
+        if torch_device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(torch_device)
+            budget: int | None = max(0, free - DEVICE_MEMORY_MARGIN)
+        else:
+            budget = 0  # CPU: the workers are the CPU experts; nothing gains from hot copies by default
+    elif device_memory == "all":
+        budget = None
+    else:
+        budget = parse_size(device_memory)
+        if torch_device.type == "cuda":
+            total = torch.cuda.get_device_properties(torch_device).total_memory
+            if budget > total:
+                raise ValueError(
+                    f"--device-memory {device_memory} is more than the GPU has ({format_size(total)}); lower it"
+                )
+    if torch_device.type == "cuda" and budget is not None and budget < layout.non_expert_bytes:
+        raise ValueError(
+            f"the non-expert weights need {format_size(layout.non_expert_bytes)} on the GPU but the budget is "
+            f"{format_size(budget)}; raise --device-memory or use --device cpu"
+        )
+    experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
+    placement = plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, budget, workers, hot_experts)
+    return Prepared(skeleton, layout, tokenizer, placement, torch_device)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or more, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"--top-k must be 0 (off) or more, got {top_k}")
+
+
+class _CallbackStreamer(BaseStreamer):
+    """transformers' streamer protocol -> a callback per new token, with timing of the first one."""
+
+    def __init__(self, on_token: Callable[[int], None] | None):
+        self.on_token = on_token
+        self.prompt_seen = False
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        for token in value.reshape(-1).tolist():
+            if self.on_token:
+                self.on_token(token)
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class Generation:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return len(self.prompt_token_ids) / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        n = len(self.token_ids) - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+class Coordinator:
+    def __init__(
+        self,
+        prepared: Prepared,
+        worker_addresses: list[str],
+        worker_alive: list[Callable[[], bool]] | None = None,
+        token: str = "",
+        startup_timeout_s: float = 600.0,
+        progress: bool = True,
+    ):
+        self.prepared = prepared
+        self.model = prepared.model
+        self.layout = prepared.layout
+        self.tokenizer = prepared.tokenizer
+        self.device = prepared.device
+        placement = prepared.placement
+        alive = worker_alive or [lambda: True] * len(worker_addresses)
+        self.links = [
+            WorkerLink(f"worker-{i}", Client(address), placement.shard(i), alive[i])
+            for i, address in enumerate(worker_addresses)
+        ]
+        try:
+            self._start(placement, token, startup_timeout_s, progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, placement: Placement, token: str, timeout_s: float, progress: bool) -> None:
+        layout = self.layout
+        for link in self.links:
+            link.client.send(m.Hello(m.PROTOCOL_VERSION, token))
+        for link in self.links:
+            self._expect(link, m.HelloReply, timeout_s)
+        # Shards first, so the workers read their experts while we read ours.
+        for link in self.links:
+            sources = [layout.experts[e] for e in link.shard]
+            link.client.send(m.LoadShard(str(layout.folder), layout.fingerprint, layout.kernel, sources))
+        total = layout.non_expert_bytes + layout.expert_bytes * layout.num_experts
+        with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
+                  leave=False) as bar:
+            loading.load_non_expert(self.model, layout, self.device)
+            bar.update(layout.non_expert_bytes)
+            hot = {}
+            reader = TensorReader(layout.folder)
+            try:
+                for expert in placement.hot:
+                    hot[expert] = load_expert(reader, layout.experts[expert], layout.dtype).to(self.device)
+                    bar.update(layout.expert_bytes)
+            finally:
+                reader.close()
+            for link in self.links:
+                self._expect(link, m.Ready, timeout_s)
+                bar.update(layout.expert_bytes * len(link.shard))
+        self.dispatcher = Dispatcher(ExpertKernel(layout.kernel), hot, placement.owner, self.links)
+        for layer in layout.moe_layers:
+            layer.module.fiddler_layer = layer.layer
+            layer.module.fiddler_dispatcher = self.dispatcher
+
+    def _expect(self, link: WorkerLink, kind: type, timeout_s: float) -> m.Message:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            reply = link.client.receive(timeout_s=0.5)
+            if reply is None:
+                if not link.alive():
+                    raise WorkerFailed(f"{link.describe()} exited during start-up; see its log above")
+                continue
+            if isinstance(reply, m.Error):
+                raise WorkerFailed(f"{link.describe()} refused start-up: {reply.message}")
+            if isinstance(reply, kind):
+                return reply
+        raise WorkerFailed(f"{link.describe()} did not answer within {timeout_s:.0f}s during start-up")
+
+    # --- running the model ---
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("this model's tokenizer has no chat template; drop --chat")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return self.tokenizer(prompt)["input_ids"]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        if isinstance(prompt, str) and not prompt.strip():
+            raise ValueError("the prompt is empty; give some text")
+        prompt_ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give some text")
+        context = getattr(self.layout.config, "max_position_embeddings", None)
+        if context and len(prompt_ids) + max_new_tokens > context:
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
+                f"context of {context} tokens; shorten the prompt or ask for at most "
+                f"{max(0, context - len(prompt_ids))} new tokens"
+            )
+        if seed is not None:
+            torch.manual_seed(seed)
+        sample = temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=(top_k or None) if sample else None,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            eos_token_id=None if ignore_eos else self.tokenizer.eos_token_id,
+        )
+        streamer = _CallbackStreamer(on_token)
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        started = time.perf_counter()
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            generation_config=config,
+            streamer=streamer,
+        )
+        finished = time.perf_counter()
+        new_ids = output[0, len(prompt_ids) :].tolist()
+        first = streamer.first_token_at or finished
+        return Generation(
+            prompt_token_ids=prompt_ids,
+            token_ids=new_ids,
+            text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
+            prefill_seconds=first - started,
+            decode_seconds=finished - first,
+        )
+
+    def cold_expert_tensors_held(self) -> int:
+        """How many cold-expert weight tensors this process holds (the design says: none)."""
+        cold = set(self.prepared.placement.owner)
+        hot = self.dispatcher.hot if hasattr(self, "dispatcher") else {}
+        held = sum(1 for key in hot if key in cold)
+        experts_params = [
+            p for layer in self.layout.moe_layers for p in layer.module.parameters() if p.device.type != "meta"
+        ]
+        return held + len(experts_params)
+
+    def close(self) -> None:
+        for link in self.links:
+            try:
+                link.client.send(m.Shutdown())
+            except Exception:
+                pass
+            link.client.close()

@@ -1,0 +1,147 @@
+"""Scheduling one MoE layer call: group routed tokens by expert, send every cold expert's rows to its worker,
+compute the hot experts on the device while the workers run, then gather and combine with the routing weights.
+
+The combination mirrors transformers' grouped_mm implementation (weighted rows, then a sum over top-k in the
+routing weights' precision), so results match transformers' own model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from coordinator.placement import Expert
+from expert_worker.compute import ExpertKernel, ExpertWeights
+from protocol import messages as m
+from protocol.transport import Client
+
+
+class WorkerFailed(RuntimeError):
+    """A worker did not answer, answered with an error, or died; the message names it and its shard."""
+
+
+@dataclass
+class WorkerLink:
+    name: str
+    client: Client
+    shard: list[Expert]
+    alive: Callable[[], bool] = lambda: True  # the launcher's view of the process
+    busy_seconds: float = 0.0
+    requests: int = 0
+
+    def describe(self) -> str:
+        layers = sorted({layer for layer, _ in self.shard})
+        span = f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
+        return f"{self.name} ({self.client.address}, {len(self.shard)} experts of {span})"
+
+
+@dataclass
+class DispatchStats:
+    hot_pairs: int = 0  # token-expert pairs computed on the device
+    cold_pairs: int = 0
+    layer_calls: int = 0
+    wait_seconds: float = 0.0  # time blocked on worker replies after the hot experts were done
+    routed: dict[Expert, int] = field(default_factory=dict)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        kernel: ExpertKernel,
+        hot: dict[Expert, ExpertWeights],
+        owner: dict[Expert, int],
+        workers: list[WorkerLink],
+        reply_timeout_s: float = 300.0,
+    ):
+        self.kernel = kernel
+        self.hot = hot
+        self.owner = owner
+        self.workers = workers
+        self.reply_timeout_s = reply_timeout_s
+        self.stats = DispatchStats()
+        self._next_id = 0
+
+    def forward(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        rows = hidden[order // top_k]  # (tokens * top_k, hidden), grouped by expert
+        counts = torch.bincount(flat, minlength=1).tolist()
+
+        # Where each expert's rows sit in `rows`, and who computes them.
+        hot_spans: list[tuple[ExpertWeights, int, int]] = []
+        by_worker: dict[int, list[tuple[int, int, int]]] = {}
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                key = (layer, expert)
+                self.stats.routed[key] = self.stats.routed.get(key, 0) + count
+                if key in self.hot:
+                    hot_spans.append((self.hot[key], start, start + count))
+                    self.stats.hot_pairs += count
+                else:
+                    by_worker.setdefault(self.owner[key], []).append((expert, start, start + count))
+                    self.stats.cold_pairs += count
+            start += count
+        self.stats.layer_calls += 1
+
+        # Every cold request goes out before anything waits.
+        pending = {w: self._send(w, layer, rows, spans) for w, spans in by_worker.items()}
+        outputs = torch.empty_like(rows)
+        for weights, lo, hi in hot_spans:
+            outputs[lo:hi] = self.kernel.forward(weights, rows[lo:hi])
+        waited = time.perf_counter()
+        for w, (request_id, spans) in pending.items():
+            reply = self._receive(w, request_id, layer)
+            out = reply.outputs.to(device=outputs.device, dtype=outputs.dtype)
+            offset = 0
+            for _, lo, hi in spans:
+                outputs[lo:hi] = out[offset : offset + hi - lo]
+                offset += hi - lo
+        self.stats.wait_seconds += time.perf_counter() - waited
+
+        weighted = outputs * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        unsorted = torch.empty_like(weighted)
+        unsorted[order] = weighted
+        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+    def _send(self, w: int, layer: int, rows: torch.Tensor, spans: list[tuple[int, int, int]]):
+        self._next_id += 1
+        if len(spans) == 1:
+            batch = rows[spans[0][1] : spans[0][2]]
+        else:
+            batch = torch.cat([rows[lo:hi] for _, lo, hi in spans])
+        request = m.ExpertRequest(
+            request_id=self._next_id,
+            layer=layer,
+            expert_ids=[e for e, _, _ in spans],
+            row_counts=[hi - lo for _, lo, hi in spans],
+            rows=batch.detach().to("cpu"),
+        )
+        self.workers[w].client.send(request)
+        self.workers[w].requests += 1
+        return self._next_id, spans
+
+    def _receive(self, w: int, request_id: int, layer: int) -> m.ExpertReply:
+        link = self.workers[w]
+        deadline = time.monotonic() + self.reply_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFailed(f"{link.describe()} did not reply within {self.reply_timeout_s:.0f}s")
+            reply = link.client.receive(timeout_s=min(left, 1.0))
+            if reply is None:
+                if not link.alive():
+                    raise WorkerFailed(f"{link.describe()} died while computing layer {layer}")
+                continue
+            if isinstance(reply, m.Error):
+                raise WorkerFailed(f"{link.describe()} failed layer {layer}: {reply.message}")
+            if isinstance(reply, m.ExpertReply) and reply.request_id == request_id:
+                link.busy_seconds += reply.compute_seconds
+                return reply
+            # a late reply to an abandoned request: drop it and keep waiting for ours

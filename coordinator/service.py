@@ -1,0 +1,101 @@
+"""The coordinator's prompt endpoint: clients send GenerateRequest, receive TokenChunk messages as tokens are
+produced, then GenerateDone. Requests are served one at a time in arrival order; a bad request gets an Error and
+the service goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from coordinator.coordinator import Coordinator
+from coordinator.dispatch import WorkerFailed
+from protocol import messages as m
+from protocol.transport import Server
+from protocol.wire import ProtocolError, decode
+
+log = logging.getLogger("fiddler.service")
+
+
+class TextStream:
+    """Turns token ids into text pieces, holding back an incomplete UTF-8 character until it is whole."""
+
+    def __init__(self, tokenizer, emit: Callable[[str, list[int]], None]):
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.ids: list[int] = []
+        self.pending: list[int] = []
+        self.sent = 0
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.emit(text[self.sent :], self.pending)
+        self.sent, self.pending = len(text), []
+
+
+class PromptService:
+    def __init__(self, coordinator: Coordinator, address: str):
+        self.coordinator = coordinator
+        self.server = Server(address)
+        self.address = self.server.address
+        self.requests_served = 0
+
+    def handle(self, identity: bytes, frames: list) -> None:
+        reply = lambda msg: self.server.reply(identity, msg)  # noqa: E731
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            reply(m.Error(e.code, e.message))
+            return
+        if isinstance(msg, m.Ping):
+            reply(m.Pong(0))
+            return
+        if not isinstance(msg, m.GenerateRequest):
+            reply(m.Error("unexpected", f"the coordinator does not accept {msg.KIND!r} messages"))
+            return
+        stream = TextStream(self.coordinator.tokenizer, lambda text, ids: reply(m.TokenChunk(text, list(ids))))
+        try:
+            result = self.coordinator.generate(
+                msg.prompt,
+                max_new_tokens=msg.max_new_tokens,
+                temperature=msg.temperature,
+                top_p=msg.top_p,
+                top_k=msg.top_k,
+                seed=msg.seed,
+                chat=msg.chat,
+                on_token=stream,
+            )
+        except ValueError as e:
+            reply(m.Error("bad_request", str(e)))
+            return
+        except WorkerFailed as e:
+            log.error("request failed: %s", e)
+            reply(m.Error("worker_failed", str(e)))
+            return
+        except Exception as e:  # report, keep serving
+            log.exception("request failed")
+            reply(m.Error("internal", f"{type(e).__name__}: {e}"))
+            return
+        self.requests_served += 1
+        reply(
+            m.GenerateDone(
+                prompt_token_ids=result.prompt_token_ids,
+                token_ids=result.token_ids,
+                text=result.text,
+                prefill_seconds=result.prefill_seconds,
+                decode_seconds=result.decode_seconds,
+            )
+        )
+
+    def serve(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        try:
+            while not should_stop():
+                envelope = self.server.receive(timeout_s=0.5)
+                if envelope is not None:
+                    self.handle(envelope.identity, envelope.frames)
+        finally:
+            self.server.close()

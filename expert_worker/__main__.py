@@ -1,0 +1,71 @@
+"""`python -m expert_worker` / `fiddler-worker`: one CPU process serving a shard of cold experts."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+from launch.numa import parse_cpu_list
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _exit_with_parent() -> None:
+    """Linux: get SIGTERM when the process that started us dies, so no worker outlives its cluster."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the serve loop's parent check still ends us within a second
+
+
+@app.command()
+def serve(
+    listen: str = typer.Option(..., help="Address to serve on: ipc:///path/worker.sock or tcp://HOST:PORT"),
+    threads: int = typer.Option(1, min=1, help="torch threads for expert compute"),
+    model: Path | None = typer.Option(None, help="This host's copy of the checkpoint (remote workers)"),
+    cpus: str = typer.Option("", help="Pin to these cpus, e.g. 0-7,16-23"),
+    token_file: Path | None = typer.Option(None, help="File holding the cluster token required in the handshake"),
+    parent_pid: int | None = typer.Option(None, help="Exit when this process (the launcher) is gone"),
+    name: str = typer.Option("worker", help="Name used in logs"),
+) -> None:
+    from expert_worker.server import Worker, WorkerConfig
+
+    quiet = os.environ.get("FIDDLER_WORKER_QUIET") == "1"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if cpus:
+        os.sched_setaffinity(0, parse_cpu_list(cpus))
+    import torch
+
+    torch.set_num_threads(threads)
+    if parent_pid:
+        _exit_with_parent()
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            raise typer.Exit(1)
+    # SIGTERM/SIGINT: leave the serve loop through its finally, which removes the socket file. Later signals
+    # are ignored so that a second one cannot interrupt that cleanup.
+    def leave(*_):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        sys.exit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, leave)
+    token = token_file.read_text().strip() if token_file else os.environ.get("FIDDLER_TOKEN", "")
+    Worker(WorkerConfig(listen=listen, threads=threads, model_dir=model, token=token, parent_pid=parent_pid,
+                        name=name)).serve()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The expert worker's serve loop: load the shard it is told to own, then compute experts for routed rows.
+
+It knows nothing of attention, tokenizers or the model as a whole: it sees (layer, expert) weights and rows of
+activations. Anything it cannot decode or serve gets an Error reply; the loop itself keeps going.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from expert_worker.checkpoint import CheckpointError, fingerprint
+from expert_worker.compute import ExpertKernel, ExpertWeights
+from expert_worker.shard import load_shard
+from protocol import messages as m
+from protocol.transport import Server
+from protocol.wire import ProtocolError, decode
+
+log = logging.getLogger("fiddler.worker")
+
+
+@dataclass
+class WorkerConfig:
+    listen: str
+    threads: int = 1
+    model_dir: Path | None = None  # a host's own checkpoint copy; local workers get it in LoadShard
+    token: str = ""  # required in Hello when set (remote workers)
+    parent_pid: int | None = None  # exit when this process is gone
+    name: str = "worker"
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.shard: dict[tuple[int, int], ExpertWeights] = {}
+        self.kernel: ExpertKernel | None = None
+        self.authenticated: set[bytes] = set()
+        self.running = True
+
+    # --- handlers: each returns the reply message ---
+
+    def on_hello(self, peer: bytes, msg: m.Hello) -> m.Message:
+        if self.config.token and not hmac.compare_digest(msg.token.encode(), self.config.token.encode()):
+            raise RequestError("unauthorized", "wrong or missing cluster token; pass the cluster's --token")
+        self.authenticated.add(peer)
+        cpus = sorted(os.sched_getaffinity(0))
+        return m.HelloReply(m.PROTOCOL_VERSION, os.getpid(), torch.get_num_threads(), cpus, _available_memory())
+
+    def on_load_shard(self, peer: bytes, msg: m.LoadShard) -> m.Message:
+        folder = Path(msg.model_dir) if msg.model_dir else self.config.model_dir
+        if folder is None:
+            raise RequestError("no_model", "this worker has no checkpoint folder; start it with --model PATH")
+        if not (folder / "config.json").exists():
+            raise RequestError("no_model", f"{folder} has no config.json; point --model at the checkpoint folder")
+        started = time.perf_counter()
+        try:
+            if fingerprint(folder) != msg.fingerprint:
+                raise RequestError(
+                    "fingerprint_mismatch",
+                    f"checkpoint at {folder} differs from the coordinator's; copy the same checkpoint to this host",
+                )
+            kernel = ExpertKernel(msg.kernel)
+            self.shard = {}  # drop an old shard before loading the new one
+            self.shard = load_shard(folder, msg.experts, msg.kernel.dtype)
+        except (CheckpointError, ValueError, ProtocolError) as e:
+            raise RequestError("load_failed", str(e)) from None
+        self.kernel = kernel
+        nbytes = sum(w.nbytes for w in self.shard.values())
+        seconds = time.perf_counter() - started
+        log.info("%s: loaded %d experts (%.1f MiB) in %.2fs", self.config.name, len(self.shard), nbytes / 2**20, seconds)
+        return m.Ready(len(self.shard), nbytes, seconds)
+
+    def on_expert_request(self, peer: bytes, msg: m.ExpertRequest) -> m.Message:
+        if self.kernel is None:
+            raise RequestError("not_loaded", "no shard loaded yet; send load_shard first")
+        rows = msg.rows
+        if rows.dim() != 2 or len(msg.expert_ids) != len(msg.row_counts) or sum(msg.row_counts) != rows.shape[0]:
+            raise RequestError("bad_request", "rows must be 2-D and row_counts must sum to its number of rows")
+        started = time.perf_counter()
+        outputs, offset = [], 0
+        for expert, count in zip(msg.expert_ids, msg.row_counts):
+            weights = self.shard.get((msg.layer, expert))
+            if weights is None:
+                raise RequestError("not_owned", f"layer {msg.layer} expert {expert} is not in this worker's shard")
+            hidden = weights.down.shape[1] if self.kernel.spec.is_transposed else weights.down.shape[0]
+            if rows.shape[1] != hidden or count < 0:
+                raise RequestError("bad_request", f"rows have width {rows.shape[1]}, experts expect {hidden}")
+            outputs.append(self.kernel.forward(weights, rows[offset : offset + count]))
+            offset += count
+        out = torch.cat(outputs) if outputs else rows.new_empty((0, rows.shape[1]))
+        return m.ExpertReply(msg.request_id, msg.layer, out.to(rows.dtype), time.perf_counter() - started)
+
+    def on_ping(self, peer: bytes, msg: m.Ping) -> m.Message:
+        return m.Pong(os.getpid())
+
+    def on_shutdown(self, peer: bytes, msg: m.Shutdown) -> m.Message:
+        self.running = False
+        return m.Pong(os.getpid())
+
+    HANDLERS = {
+        m.Hello: on_hello,
+        m.LoadShard: on_load_shard,
+        m.ExpertRequest: on_expert_request,
+        m.Ping: on_ping,
+        m.Shutdown: on_shutdown,
+    }
+
+    def handle(self, peer: bytes, frames: list) -> m.Message:
+        request_id = -1
+        try:
+            msg = decode(frames)
+            request_id = getattr(msg, "request_id", -1)
+            handler = self.HANDLERS.get(type(msg))
+            if handler is None:
+                raise RequestError("unexpected", f"a worker does not accept {msg.KIND!r} messages")
+            if self.config.token and not isinstance(msg, m.Hello) and peer not in self.authenticated:
+                raise RequestError("unauthorized", "send hello with the cluster token first")
+            return handler(self, peer, msg)
+        except (ProtocolError, RequestError) as e:
+            log.warning("%s: refused a request: %s", self.config.name, e)
+            return m.Error(code=e.code, message=str(e), request_id=request_id)
+        except Exception as e:  # a bug must not kill the worker: report it to the asker
+            log.exception("%s: request failed", self.config.name)
+            return m.Error(code="internal", message=f"{type(e).__name__}: {e}", request_id=request_id)
+
+    def serve(self) -> None:
+        server = Server(self.config.listen)
+        log.info("%s: listening on %s (pid %d, %d threads)", self.config.name, server.address, os.getpid(),
+                 torch.get_num_threads())
+        try:
+            while self.running:
+                envelope = server.receive(timeout_s=1.0)
+                if envelope is None:
+                    if self.config.parent_pid and os.getppid() != self.config.parent_pid:
+                        log.warning("%s: coordinator (pid %d) is gone; exiting", self.config.name,
+                                    self.config.parent_pid)
+                        break
+                    continue
+                server.reply(envelope.identity, self.handle(envelope.identity, envelope.frames))
+        finally:
+            server.close()
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

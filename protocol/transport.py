@@ -1,0 +1,100 @@
+"""ZeroMQ transport: how encoded messages move between processes (ipc:// on one host, tcp:// across hosts).
+
+A worker binds a ROUTER socket and answers whoever asks; the coordinator holds one DEALER per worker, so it can
+send to every worker before reading any reply. Sends hand ZeroMQ the tensor memory without a copy; receives keep
+the frames as zero-copy buffers that `protocol.wire.decode` wraps as tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import zmq
+
+from protocol.messages import Message
+from protocol.wire import decode, encode
+
+# A received frame above this size is dropped by ZeroMQ itself, before we allocate for it.
+MAX_MESSAGE_BYTES = 4 << 30
+
+
+def ipc_path(address: str) -> str | None:
+    return address[len("ipc://") :] if address.startswith("ipc://") else None
+
+
+def check_address(address: str) -> str:
+    if not (address.startswith("ipc://") or address.startswith("tcp://")):
+        raise ValueError(f"address {address!r} must start with ipc:// (same host) or tcp:// (host:port)")
+    return address
+
+
+@dataclass
+class Envelope:
+    """A request as the serving side sees it: who sent it and its raw frames."""
+
+    identity: bytes
+    frames: list[zmq.Frame]
+
+
+class Server:
+    """The serving end (worker, coordinator service): ROUTER bound to one address."""
+
+    def __init__(self, address: str, context: zmq.Context | None = None):
+        self.address = check_address(address)
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client must not block a reply
+        path = ipc_path(address)
+        if path:
+            # A stale file from a crashed run would make bind fail; only our own private folder holds these.
+            if os.path.exists(path):
+                os.unlink(path)
+        self.socket.bind(address)
+        if self.address.startswith("tcp://") and self.address.endswith(":0"):
+            self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def receive(self, timeout_s: float | None) -> Envelope | None:
+        if not self.socket.poll(None if timeout_s is None else int(timeout_s * 1000)):
+            return None
+        parts = self.socket.recv_multipart(copy=False)
+        return Envelope(identity=parts[0].bytes, frames=parts[1:])
+
+    def reply(self, identity: bytes, message: Message) -> None:
+        self.socket.send_multipart([identity, *encode(message)], copy=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        path = ipc_path(self.address)
+        if path and os.path.exists(path):
+            os.unlink(path)
+
+
+class Client:
+    """The asking end: a DEALER connected to one server; many may be outstanding at once."""
+
+    def __init__(self, address: str, context: zmq.Context | None = None):
+        self.address = check_address(address)
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.socket.connect(address)
+
+    def send(self, message: Message) -> None:
+        self.socket.send_multipart(encode(message), copy=False)
+
+    def send_frames(self, frames: list) -> None:
+        """Raw frames, for tests that speak a broken protocol on purpose."""
+        self.socket.send_multipart(frames)
+
+    def receive(self, timeout_s: float | None) -> Message | None:
+        """The next message, or None when nothing arrived within timeout_s."""
+        if not self.socket.poll(None if timeout_s is None else int(timeout_s * 1000)):
+            return None
+        return decode(self.socket.recv_multipart(copy=False))
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
