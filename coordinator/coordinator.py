@@ -282,7 +282,8 @@ class Coordinator:
             top_p=top_p if sample else None,
             top_k=(top_k or None) if sample else None,
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            eos_token_id=None if ignore_eos else self.tokenizer.eos_token_id,
+            # ignore_eos (benchmarks, tests): EOS is masked until max_new_tokens, as transformers' min_new_tokens does
+            min_new_tokens=max_new_tokens if ignore_eos else None,
         )
         streamer = _CallbackStreamer(on_token)
         input_ids = torch.tensor([prompt_ids], device=self.device)

@@ -1,0 +1,70 @@
+"""The cluster computes transformers' own function: same logits, same greedy tokens, in every placement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from launch.cluster import Cluster
+
+PROMPTS = ["The mixture of experts", "Hello", "Offloading experts to the CPU saves memory bandwidth on small GPUs"]
+PLACEMENTS = {"all-cold": 0, "mixed": 5, "all-hot": 10_000}
+
+
+def reference(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def batch(folder):
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert enc["attention_mask"].sum(1).unique().numel() > 1, "prompts must have unequal lengths"
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"])
+def test_logits_and_greedy_tokens_match_transformers(checkpoints, preset, placement, workers):
+    folder = checkpoints[preset]
+    ref = reference(folder)
+    input_ids, mask = batch(folder)
+    with torch.inference_mode():
+        want_logits = ref(input_ids=input_ids, attention_mask=mask).logits
+        prompt = input_ids[2:3]
+        want_tokens = ref.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, prompt.shape[1]:]
+
+    with Cluster(folder, workers=workers, hot_experts=PLACEMENTS[placement], device="cpu", quiet=True) as cluster:
+        got_logits = cluster.logits(input_ids, mask)
+        got = cluster.generate(prompt[0].tolist(), max_new_tokens=32, ignore_eos=True)
+        stats = cluster.coordinator.dispatcher.stats
+
+    real = mask.bool()  # padded positions are not compared: both sides mask them, their values are arbitrary
+    assert relative_error(got_logits[real], want_logits[real]) < 1e-5
+    assert got.token_ids == want_tokens.tolist()
+    assert len(got.token_ids) == 32
+    # the placement really was what the test says: work went where it should
+    if placement == "all-cold":
+        assert stats.hot_pairs == 0 and stats.cold_pairs > 0
+    elif placement == "all-hot":
+        assert stats.cold_pairs == 0 and stats.hot_pairs > 0
+    else:
+        assert stats.cold_pairs > 0 and stats.hot_pairs > 0
+
+
+def test_multi_shard_checkpoint_with_index(sharded_checkpoint):
+    folder = sharded_checkpoint
+    assert (folder / "model.safetensors.index.json").exists()
+    ref = reference(folder)
+    input_ids, mask = batch(folder)
+    with torch.inference_mode():
+        want = ref(input_ids=input_ids, attention_mask=mask).logits
+    with Cluster(folder, workers=2, device="cpu", quiet=True) as cluster:
+        got = cluster.logits(input_ids, mask)
+    assert relative_error(got[mask.bool()], want[mask.bool()]) < 1e-5
