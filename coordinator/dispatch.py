@@ -40,11 +40,27 @@ class WorkerLink:
 
 @dataclass
 class DispatchStats:
+    """Counters for `fiddler stats` and the benchmarks' time breakdown; reset() starts a new window."""
+
     hot_pairs: int = 0  # token-expert pairs computed on the device
     cold_pairs: int = 0
     layer_calls: int = 0
-    wait_seconds: float = 0.0  # time blocked on worker replies after the hot experts were done
+    dispatch_seconds: float = 0.0  # all time inside MoE expert calls
+    hot_seconds: float = 0.0  # computing hot experts (overlaps the workers)
+    wait_seconds: float = 0.0  # blocked on worker replies after the hot experts were done
+    round_trip_seconds: float = 0.0  # first request sent -> last reply in, summed over layer calls
+    worker_compute_seconds: float = 0.0  # the slowest worker's compute per layer call, summed
     routed: dict[Expert, int] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hot_pairs + self.cold_pairs
+        return self.hot_pairs / total if total else 0.0
+
+    @property
+    def transport_seconds(self) -> float:
+        """Round trips beyond the workers' own compute: framing, copies, wake-ups."""
+        return max(0.0, self.round_trip_seconds - self.worker_compute_seconds)
 
 
 class Dispatcher:
@@ -67,6 +83,7 @@ class Dispatcher:
     def forward(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        entered = time.perf_counter()
         num_tokens, top_k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -91,24 +108,34 @@ class Dispatcher:
         self.stats.layer_calls += 1
 
         # Every cold request goes out before anything waits.
+        sent = time.perf_counter()
         pending = {w: self._send(w, layer, rows, spans) for w, spans in by_worker.items()}
         outputs = torch.empty_like(rows)
         for weights, lo, hi in hot_spans:
             outputs[lo:hi] = self.kernel.forward(weights, rows[lo:hi])
         waited = time.perf_counter()
+        self.stats.hot_seconds += waited - sent
+        slowest = 0.0
         for w, (request_id, spans) in pending.items():
             reply = self._receive(w, request_id, layer)
+            slowest = max(slowest, reply.compute_seconds)
             out = reply.outputs.to(device=outputs.device, dtype=outputs.dtype)
             offset = 0
             for _, lo, hi in spans:
                 outputs[lo:hi] = out[offset : offset + hi - lo]
                 offset += hi - lo
-        self.stats.wait_seconds += time.perf_counter() - waited
+        done = time.perf_counter()
+        self.stats.wait_seconds += done - waited
+        if pending:
+            self.stats.round_trip_seconds += done - sent
+            self.stats.worker_compute_seconds += slowest
 
         weighted = outputs * top_k_weights.reshape(-1)[order].unsqueeze(-1)
         unsorted = torch.empty_like(weighted)
         unsorted[order] = weighted
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+        result = unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+        self.stats.dispatch_seconds += time.perf_counter() - entered
+        return result
 
     def _send(self, w: int, layer: int, rows: torch.Tensor, spans: list[tuple[int, int, int]]):
         self._next_id += 1
