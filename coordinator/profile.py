@@ -170,13 +170,17 @@ class ExpertProfile:
         try:
             text = path.read_text()
         except FileNotFoundError:
-            raise ProfileError(f"profile {path} does not exist; record one with `fiddler profile --model ...`") from None
+            raise ProfileError(
+                f"profile {path} does not exist; record one with `fiddler profile --model ...`"
+            ) from None
         except (OSError, UnicodeDecodeError) as e:
             raise ProfileError(f"cannot read profile {path}: {e}") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ProfileError(f"profile {path} is not valid JSON ({e}); re-run `fiddler profile --model ...`") from None
+            raise ProfileError(
+                f"profile {path} is not valid JSON ({e}); re-run `fiddler profile --model ...`"
+            ) from None
         profile = cls._from_data(data, path)
         if expected_fingerprint is not None and profile.fingerprint != expected_fingerprint:
             raise ProfileError(

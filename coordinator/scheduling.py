@@ -89,7 +89,6 @@ class Curve:
             if len({r for r, _ in points}) != len(points):
                 raise CostModelError(f"a cost table has repeated row counts: {self.points}")
             self.points = points
-            self._rows = [r for r, _ in points]
         elif not (math.isfinite(self.a) and math.isfinite(self.b)):
             raise CostModelError(f"a cost line needs finite a and b, got a={self.a} b={self.b}")
 
@@ -99,9 +98,11 @@ class Curve:
         if self.points is None:
             return max(0.0, self.a + self.b * rows)
         points = self.points
-        if rows <= points[0][0] or len(points) == 1:
-            return points[0][1] if rows <= points[0][0] else points[0][1] * rows / points[0][0]
-        i = bisect.bisect_left(self._rows, rows)
+        if rows <= points[0][0]:
+            return points[0][1]
+        if len(points) == 1:  # one measurement: proportional to rows above it
+            return points[0][1] * rows / points[0][0]
+        i = bisect.bisect_left(points, rows, key=lambda p: p[0])
         if i == len(points):  # beyond the table: the last segment's slope, never decreasing
             (r0, s0), (r1, s1) = points[-2], points[-1]
             return s1 + max(0.0, (s1 - s0) / (r1 - r0)) * (rows - r1)
@@ -139,9 +140,12 @@ class Curve:
             if not isinstance(points, list) or not all(isinstance(p, list) and len(p) == 2 for p in points):
                 raise CostModelError(f"a cost table must be a list of [rows, seconds] pairs, got {points!r}")
             return cls(points=[(p[0], p[1]) for p in points])
-        if isinstance(data, dict) and isinstance(data.get("a"), (int, float)) and isinstance(data.get("b"), (int, float)):
+        number = (int, float)
+        if isinstance(data, dict) and isinstance(data.get("a"), number) and isinstance(data.get("b"), number):
             return cls(a=float(data["a"]), b=float(data["b"]))
-        raise CostModelError(f'a cost curve is {{"a": ..., "b": ...}} or {{"points": [[rows, seconds], ...]}}, got {data!r}')
+        raise CostModelError(
+            f'a cost curve is {{"a": ..., "b": ...}} or {{"points": [[rows, seconds], ...]}}, got {data!r}'
+        )
 
 
 @dataclass
@@ -222,7 +226,8 @@ def _read_cost_file(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CostModelError(f"cost file {path} cannot be read ({e}); delete it to measure again") from None
-    if not isinstance(data, dict) or data.get("version") != COST_FILE_VERSION or not isinstance(data.get("entries"), dict):
+    if (not isinstance(data, dict) or data.get("version") != COST_FILE_VERSION
+            or not isinstance(data.get("entries"), dict)):
         raise CostModelError(f"cost file {path} is not a version-{COST_FILE_VERSION} fiddler-moe cost file; delete it "
                              "to measure again")
     return data["entries"]
@@ -389,8 +394,15 @@ def finish_times(
     return device, workers
 
 
-def makespan(cold_rows: Mapping[int, int], owner: Mapping[int, int], num_workers: int, cost: CostModel,
-             device_busy_seconds: float, moved: Iterable[int] = (), worker_scale: Sequence[float] | None = None) -> float:
+def makespan(
+    cold_rows: Mapping[int, int],
+    owner: Mapping[int, int],
+    num_workers: int,
+    cost: CostModel,
+    device_busy_seconds: float,
+    moved: Iterable[int] = (),
+    worker_scale: Sequence[float] | None = None,
+) -> float:
     """When the layer call ends: the last of the device and the workers to finish."""
     device, workers = finish_times(cold_rows, owner, num_workers, cost, device_busy_seconds, moved, worker_scale)
     return max([device, *workers])
