@@ -17,8 +17,13 @@ from launch.cli import (
     DtypeOption,
     HotExpertsOption,
     ModelOption,
+    NumaOption,
+    RemoteWorkerOption,
     ThreadsOption,
+    TokenFileOption,
+    TransportOption,
     WorkersOption,
+    WorkersPerSocketOption,
     cluster_from_options,
     fail,
 )
@@ -137,13 +142,18 @@ def generate(
 def run(
     prompt: PromptArg,
     model: ModelOption = None,
-    workers: WorkersOption = 1,
+    workers: WorkersOption = None,
+    workers_per_socket: WorkersPerSocketOption = None,
     threads_per_worker: ThreadsOption = None,
+    numa: NumaOption = "on",
     device: DeviceOption = "auto",
     device_memory: DeviceMemoryOption = None,
     dtype: DtypeOption = "auto",
     hot_experts: HotExpertsOption = None,
     coordinator_threads: CoordinatorThreadsOption = None,
+    transport: TransportOption = "shm",
+    remote_worker: RemoteWorkerOption = None,
+    token_file: TokenFileOption = None,
     max_new_tokens: MaxNewTokensOption = 128,
     temperature: TemperatureOption = 0.0,
     top_p: TopPOption = 1.0,
@@ -163,7 +173,9 @@ def run(
     try:
         check_sampling(max_new_tokens, temperature, top_p, top_k)
         cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
-                                       coordinator_threads, quiet=as_json)
+                                       coordinator_threads, quiet=as_json, workers_per_socket=workers_per_socket,
+                                       numa=numa, transport=transport, remote_workers=remote_worker,
+                                       token_file=token_file)
         with cluster:
             stream = None if as_json else TextStream(cluster.tokenizer, lambda text, ids: _print_piece(text))
             out = cluster.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -7,6 +7,9 @@ while the workers load theirs, and runs the model: `logits` for a batch, `genera
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from expert_worker.checkpoint import CheckpointError, TensorReader
 from expert_worker.compute import ExpertKernel
 from expert_worker.shard import load_expert
 from protocol import messages as m
+from protocol import shm
 from protocol.transport import Client
 
 DEVICE_MEMORY_MARGIN = 2 << 30  # left free on a CUDA device for activations, KV cache and the allocator
@@ -37,32 +41,70 @@ class Prepared:
     model: torch.nn.Module
     layout: loading.ModelLayout
     tokenizer: transformers.PreTrainedTokenizerBase
-    placement: Placement
+    placement: Placement  # for the local workers asked for; re-planned once remote workers report their size
     device: torch.device
+    budget: int | None = None  # device bytes for weights (None: every expert hot)
+    hot_experts: int | None = None
+
+    def plan(self, worker_weights: list[float]) -> Placement:
+        """Placement over workers of the given relative compute capacity (e.g. their thread counts)."""
+        layout = self.layout
+        experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
+        return plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, self.budget,
+                    len(worker_weights), self.hot_experts, worker_weights=worker_weights)
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match:
         if not torch.cuda.is_available():
             raise ValueError(
                 "--device cuda but no CUDA GPU is visible to torch; run with --device cpu or install a CUDA build of torch"
             )
+        count = torch.cuda.device_count()
+        if match.group(1) is not None and int(match.group(1)) >= count:
+            raise ValueError(f"--device {device} but this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
         return torch.device(device)
     if device != "cpu":
-        raise ValueError(f"unknown device {device!r}; use cuda, cpu or auto")
+        raise ValueError(f"unknown device {device!r}; use cuda, cuda:N, cpu or auto")
     return torch.device("cpu")
 
 
+# Files that can hold a tokenizer: the fast tokenizers' JSON, or the vocabularies slow tokenizers convert from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
 def load_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerBase:
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{folder} has no tokenizer (no tokenizer.json or tokenizer.model); copy the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) from the original model into the folder"
+        )
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # transformers, tokenizers and sentencepiece each raise their own kinds
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(
-            f"{folder} has no usable tokenizer ({str(e).splitlines()[0][:120]}); copy tokenizer.json / "
-            "tokenizer_config.json from the original model into the folder"
+            f"{folder} has no usable tokenizer ({first[:160]}); copy tokenizer.json / tokenizer_config.json "
+            "from the original model into the folder"
         ) from None
+
+
+def _memory_total() -> int | None:
+    """This machine's RAM in bytes (the CPU device's memory)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _parse_budget(device_memory: str) -> int:
+    try:
+        return parse_size(device_memory)
+    except ValueError as e:
+        raise ValueError(f"--device-memory: {e}, or 'all'") from None
 
 
 def prepare(
@@ -73,7 +115,23 @@ def prepare(
     device_memory: str | None = None,
     hot_experts: int | None = None,
 ) -> Prepared:
+    # Flags first (cheap), then the checkpoint: every mistake is found here, before any process starts.
+    if workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {workers}")
+    if hot_experts is not None and hot_experts < 0:
+        raise ValueError(f"--hot-experts must be 0 or more, got {hot_experts}")
     torch_device = resolve_device(device)
+    requested = None if device_memory in (None, "", "all") else _parse_budget(device_memory)
+    if requested is not None:
+        if torch_device.type == "cuda":
+            total, where = torch.cuda.get_device_properties(torch_device).total_memory, "the GPU has"
+        else:
+            total, where = _memory_total(), "this machine has"
+        if total is not None and requested > total:
+            raise ValueError(
+                f"--device-memory {device_memory} is more than {where} ({format_size(total)}); lower it or leave "
+                "it out for the default"
+            )
     skeleton, layout = loading.inspect(Path(model), dtype)
     tokenizer = load_tokenizer(layout.folder)
     if device_memory in (None, ""):
@@ -84,14 +142,16 @@ def prepare(
             budget = 0  # CPU: the workers are the CPU experts; nothing gains from hot copies by default
     elif device_memory == "all":
         budget = None
-    else:
-        budget = parse_size(device_memory)
         if torch_device.type == "cuda":
+            need = layout.non_expert_bytes + layout.expert_bytes * layout.num_experts
             total = torch.cuda.get_device_properties(torch_device).total_memory
-            if budget > total:
+            if need > total:
                 raise ValueError(
-                    f"--device-memory {device_memory} is more than the GPU has ({format_size(total)}); lower it"
+                    f"--device-memory all needs {format_size(need)} for every weight but the GPU has "
+                    f"{format_size(total)}; give a size such as 20GiB instead"
                 )
+    else:
+        budget = requested
     if torch_device.type == "cuda" and budget is not None and budget < layout.non_expert_bytes:
         raise ValueError(
             f"the non-expert weights need {format_size(layout.non_expert_bytes)} on the GPU but the budget is "
@@ -99,18 +159,20 @@ def prepare(
         )
     experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
     placement = plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, budget, workers, hot_experts)
-    return Prepared(skeleton, layout, tokenizer, placement, torch_device)
+    return Prepared(skeleton, layout, tokenizer, placement, torch_device, budget, hot_experts)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None = None) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ValueError(f"--temperature must be 0 (greedy) or more, got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"--top-k must be 0 (off) or more, got {top_k}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {seed}")
 
 
 class _CallbackStreamer(BaseStreamer):
@@ -154,42 +216,64 @@ class Generation:
 
 
 class Coordinator:
+    """Connects to the workers (local ones on ipc:// sockets, remote ones on tcp://), hands out the shards, loads
+    the device's weights and attaches the dispatcher to transformers' experts modules."""
+
     def __init__(
         self,
         prepared: Prepared,
         worker_addresses: list[str],
         worker_alive: list[Callable[[], bool]] | None = None,
         token: str = "",
+        transport: str = "shm",
+        shm_rows: int = 4096,
         startup_timeout_s: float = 600.0,
         progress: bool = True,
     ):
+        if transport not in ("shm", "zmq"):
+            raise ValueError(f"unknown transport {transport!r}; use shm or zmq")
         self.prepared = prepared
         self.model = prepared.model
         self.layout = prepared.layout
         self.tokenizer = prepared.tokenizer
         self.device = prepared.device
-        placement = prepared.placement
         alive = worker_alive or [lambda: True] * len(worker_addresses)
         self.links = [
-            WorkerLink(f"worker-{i}", Client(address), placement.shard(i), alive[i])
-            for i, address in enumerate(worker_addresses)
+            WorkerLink(f"worker-{i}", Client(address), [], alive[i]) for i, address in enumerate(worker_addresses)
         ]
         try:
-            self._start(placement, token, startup_timeout_s, progress)
+            self._start(token, transport, shm_rows, startup_timeout_s, progress)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, placement: Placement, token: str, timeout_s: float, progress: bool) -> None:
+    def _start(self, token: str, transport: str, shm_rows: int, timeout_s: float, progress: bool) -> None:
         layout = self.layout
         for link in self.links:
             link.client.send(m.Hello(m.PROTOCOL_VERSION, token))
-        for link in self.links:
-            self._expect(link, m.HelloReply, timeout_s)
+        hellos = [self._expect(link, m.HelloReply, timeout_s) for link in self.links]
+        self.hellos = hellos  # what each worker reports of itself: pid, threads, cpus, memory
+        if transport == "shm" and shm.available():
+            hidden = layout.config.hidden_size
+            capacity = shm_rows * hidden * torch.empty((), dtype=layout.dtype).element_size()
+            for link in self.links:
+                if link.client.address.startswith("ipc://"):  # same host; tcp workers keep ZeroMQ
+                    self._attach_shm(link, capacity, timeout_s)
+
+        # Placement: the local plan, unless workers differ in size (remote hosts report their threads).
+        weights = [float(h.threads) for h in hellos]
+        placement = self.prepared.placement
+        if len(self.links) != placement.num_workers or len(set(weights)) > 1:
+            placement = self.prepared.plan(weights)
+        self.placement = placement
+        for i, link in enumerate(self.links):
+            link.shard = placement.shard(i)
+
         # Shards first, so the workers read their experts while we read ours.
         for link in self.links:
             sources = [layout.experts[e] for e in link.shard]
-            link.client.send(m.LoadShard(str(layout.folder), layout.fingerprint, layout.kernel, sources))
+            model_dir = str(layout.folder) if link.client.address.startswith("ipc://") else ""
+            link.client.send(m.LoadShard(model_dir, layout.fingerprint, layout.kernel, sources))
         total = layout.non_expert_bytes + layout.expert_bytes * layout.num_experts
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
                   leave=False) as bar:
@@ -210,6 +294,17 @@ class Coordinator:
         for layer in layout.moe_layers:
             layer.module.fiddler_layer = layer.layer
             layer.module.fiddler_dispatcher = self.dispatcher
+
+    def _attach_shm(self, link: WorkerLink, capacity: int, timeout_s: float) -> None:
+        channel = shm.ShmChannel.create(capacity)
+        try:
+            link.client.send(m.AttachShm(channel.path, capacity))
+            self._expect(link, m.Pong, timeout_s)
+        except BaseException:
+            channel.close()
+            raise
+        channel.unlink()  # both sides hold the mapping; no name is left to clean up
+        link.channel = channel
 
     def _expect(self, link: WorkerLink, kind: type, timeout_s: float) -> m.Message:
         deadline = time.monotonic() + timeout_s
@@ -259,18 +354,29 @@ class Coordinator:
         ignore_eos: bool = False,
         on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
         if isinstance(prompt, str) and not prompt.strip():
             raise ValueError("the prompt is empty; give some text")
-        prompt_ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        if isinstance(prompt, str):
+            prompt_ids = self.encode_prompt(prompt, chat)
+        else:
+            prompt_ids = list(prompt)
+            vocab = getattr(self.layout.config, "vocab_size", None) or len(self.tokenizer)  # the embedding's rows
+            bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab),
+                       None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad!r} is not in the vocabulary (0 to {vocab - 1})")
         if not prompt_ids:
             raise ValueError("the prompt is empty; give some text")
         context = getattr(self.layout.config, "max_position_embeddings", None)
+        if context and len(prompt_ids) >= context:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}; shorten the prompt"
+            )
         if context and len(prompt_ids) + max_new_tokens > context:
             raise ValueError(
                 f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
-                f"context of {context} tokens; shorten the prompt or ask for at most "
-                f"{max(0, context - len(prompt_ids))} new tokens"
+                f"context of {context} tokens; ask for at most {context - len(prompt_ids)} new tokens"
             )
         if seed is not None:
             torch.manual_seed(seed)
@@ -307,7 +413,7 @@ class Coordinator:
 
     def cold_expert_tensors_held(self) -> int:
         """How many cold-expert weight tensors this process holds (the design says: none)."""
-        cold = set(self.prepared.placement.owner)
+        cold = set(self.placement.owner)
         hot = self.dispatcher.hot if hasattr(self, "dispatcher") else {}
         held = sum(1 for key in hot if key in cold)
         experts_params = [
@@ -322,3 +428,6 @@ class Coordinator:
             except Exception:
                 pass
             link.client.close()
+            if link.channel is not None:
+                link.channel.close()
+                link.channel = None

@@ -16,7 +16,9 @@ import torch
 from coordinator.placement import Expert
 from expert_worker.compute import ExpertKernel, ExpertWeights
 from protocol import messages as m
+from protocol.shm import ShmChannel
 from protocol.transport import Client
+from protocol.wire import decode, encode
 
 
 class WorkerFailed(RuntimeError):
@@ -29,6 +31,7 @@ class WorkerLink:
     client: Client
     shard: list[Expert]
     alive: Callable[[], bool] = lambda: True  # the launcher's view of the process
+    channel: ShmChannel | None = None  # shared-memory slots when the worker is on this host
     busy_seconds: float = 0.0
     requests: int = 0
 
@@ -116,8 +119,8 @@ class Dispatcher:
         waited = time.perf_counter()
         self.stats.hot_seconds += waited - sent
         slowest = 0.0
-        for w, (request_id, spans) in pending.items():
-            reply = self._receive(w, request_id, layer)
+        for w, (request_id, seq, spans) in pending.items():
+            reply = self._receive(w, request_id, seq, layer)
             slowest = max(slowest, reply.compute_seconds)
             out = reply.outputs.to(device=outputs.device, dtype=outputs.dtype)
             offset = 0
@@ -138,30 +141,45 @@ class Dispatcher:
         return result
 
     def _send(self, w: int, layer: int, rows: torch.Tensor, spans: list[tuple[int, int, int]]):
+        """Send one worker its rows for this layer: straight into its shared-memory slot when they fit,
+        else as ZeroMQ frames. Returns what _receive needs to match the reply."""
         self._next_id += 1
-        if len(spans) == 1:
-            batch = rows[spans[0][1] : spans[0][2]]
-        else:
-            batch = torch.cat([rows[lo:hi] for _, lo, hi in spans])
+        link = self.workers[w]
+        count = sum(hi - lo for _, lo, hi in spans)
+        shape = (count, rows.shape[1])
+        use_shm = link.channel is not None and link.channel.fits(count * rows.shape[1] * rows.element_size())
+        batch = link.channel.request_view(rows.dtype, shape) if use_shm else torch.empty(shape, dtype=rows.dtype)
+        offset = 0
+        for _, lo, hi in spans:  # one copy: from the grouped rows (on any device) into the outgoing buffer
+            batch[offset : offset + hi - lo].copy_(rows[lo:hi])
+            offset += hi - lo
         request = m.ExpertRequest(
             request_id=self._next_id,
             layer=layer,
             expert_ids=[e for e, _, _ in spans],
             row_counts=[hi - lo for _, lo, hi in spans],
-            rows=batch.detach().to("cpu"),
+            rows=batch,
         )
-        self.workers[w].client.send(request)
-        self.workers[w].requests += 1
-        return self._next_id, spans
+        if use_shm:
+            seq = link.channel.post_request(encode(request)[0], batch.numel() * batch.element_size())
+        else:
+            seq = None
+            link.client.send(request)
+        link.requests += 1
+        return self._next_id, seq, spans
 
-    def _receive(self, w: int, request_id: int, layer: int) -> m.ExpertReply:
+    def _receive(self, w: int, request_id: int, seq: int | None, layer: int) -> m.ExpertReply:
         link = self.workers[w]
         deadline = time.monotonic() + self.reply_timeout_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WorkerFailed(f"{link.describe()} did not reply within {self.reply_timeout_s:.0f}s")
-            reply = link.client.receive(timeout_s=min(left, 1.0))
+            if seq is not None:
+                frames = link.channel.wait_reply(seq, timeout_s=min(left, 1.0))
+                reply = None if frames is None else decode(frames)
+            else:
+                reply = link.client.receive(timeout_s=min(left, 1.0))
             if reply is None:
                 if not link.alive():
                     raise WorkerFailed(f"{link.describe()} died while computing layer {layer}")

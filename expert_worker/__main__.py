@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from launch.numa import parse_cpu_list
+from launch.numa import bind_memory_to_node, parse_cpu_list
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -32,6 +32,7 @@ def serve(
     threads: int = typer.Option(1, min=1, help="torch threads for expert compute"),
     model: Path | None = typer.Option(None, help="This host's copy of the checkpoint (remote workers)"),
     cpus: str = typer.Option("", help="Pin to these cpus, e.g. 0-7,16-23"),
+    numa_node: int | None = typer.Option(None, help="Allocate this worker's memory (its shard) on this NUMA node"),
     token_file: Path | None = typer.Option(None, help="File holding the cluster token required in the handshake"),
     parent_pid: int | None = typer.Option(None, help="Exit when this process (the launcher) is gone"),
     name: str = typer.Option("worker", help="Name used in logs"),
@@ -42,6 +43,9 @@ def serve(
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     if cpus:
         os.sched_setaffinity(0, parse_cpu_list(cpus))
+    if numa_node is not None and not bind_memory_to_node(numa_node):
+        logging.getLogger("fiddler.worker").warning(
+            "%s: could not bind memory to node %d; relying on first touch from its cpus", name, numa_node)
     import torch
 
     torch.set_num_threads(threads)

@@ -19,8 +19,9 @@ from expert_worker.checkpoint import CheckpointError, fingerprint
 from expert_worker.compute import ExpertKernel, ExpertWeights
 from expert_worker.shard import load_shard
 from protocol import messages as m
+from protocol.shm import ShmChannel
 from protocol.transport import Server
-from protocol.wire import ProtocolError, decode
+from protocol.wire import ProtocolError, decode, encode
 
 log = logging.getLogger("fiddler.worker")
 
@@ -47,6 +48,7 @@ class Worker:
         self.shard: dict[tuple[int, int], ExpertWeights] = {}
         self.kernel: ExpertKernel | None = None
         self.authenticated: set[bytes] = set()
+        self.channel: ShmChannel | None = None
         self.running = True
 
     # --- handlers: each returns the reply message ---
@@ -83,12 +85,18 @@ class Worker:
         return m.Ready(len(self.shard), nbytes, seconds)
 
     def on_expert_request(self, peer: bytes, msg: m.ExpertRequest) -> m.Message:
+        started = time.perf_counter()
+        outputs = self.compute(msg)
+        out = torch.cat(outputs) if outputs else msg.rows.new_empty((0, msg.rows.shape[1]))
+        return m.ExpertReply(msg.request_id, msg.layer, out.to(msg.rows.dtype), time.perf_counter() - started)
+
+    def compute(self, msg: m.ExpertRequest) -> list[torch.Tensor]:
+        """Each expert's output rows, in request order."""
         if self.kernel is None:
             raise RequestError("not_loaded", "no shard loaded yet; send load_shard first")
         rows = msg.rows
         if rows.dim() != 2 or len(msg.expert_ids) != len(msg.row_counts) or sum(msg.row_counts) != rows.shape[0]:
             raise RequestError("bad_request", "rows must be 2-D and row_counts must sum to its number of rows")
-        started = time.perf_counter()
         outputs, offset = [], 0
         for expert, count in zip(msg.expert_ids, msg.row_counts):
             weights = self.shard.get((msg.layer, expert))
@@ -97,10 +105,44 @@ class Worker:
             hidden = weights.down.shape[1] if self.kernel.spec.is_transposed else weights.down.shape[0]
             if rows.shape[1] != hidden or count < 0:
                 raise RequestError("bad_request", f"rows have width {rows.shape[1]}, experts expect {hidden}")
-            outputs.append(self.kernel.forward(weights, rows[offset : offset + count]))
+            outputs.append(self.kernel.forward(weights, rows[offset : offset + count]).to(rows.dtype))
             offset += count
-        out = torch.cat(outputs) if outputs else rows.new_empty((0, rows.shape[1]))
-        return m.ExpertReply(msg.request_id, msg.layer, out.to(rows.dtype), time.perf_counter() - started)
+        return outputs
+
+    def on_attach_shm(self, peer: bytes, msg: m.AttachShm) -> m.Message:
+        try:
+            channel = ShmChannel.attach(msg.path, msg.capacity)
+        except (OSError, ValueError) as e:
+            raise RequestError("shm_failed", f"cannot map {msg.path}: {e}") from None
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = channel
+        return m.Pong(os.getpid())
+
+    def serve_shm_request(self, seq: int, frames: list) -> None:
+        """One request from the shared-memory slot; the reply goes back through the slot."""
+        channel = self.channel
+        started = time.perf_counter()
+        try:
+            msg = decode(frames)
+            if not isinstance(msg, m.ExpertRequest):
+                raise RequestError("unexpected", f"only expert requests travel through shared memory, not {msg.KIND}")
+            outputs = self.compute(msg)
+            rows = sum(o.shape[0] for o in outputs)
+            if not channel.fits(rows * msg.rows.shape[1] * msg.rows.element_size()):
+                raise RequestError("too_large", "reply does not fit the shared-memory slot")
+            view = channel.reply_view(msg.rows.dtype, (rows, msg.rows.shape[1]))
+            if outputs:
+                torch.cat(outputs, out=view)
+            reply: m.Message = m.ExpertReply(msg.request_id, msg.layer, view, time.perf_counter() - started)
+            data_bytes = view.numel() * view.element_size()
+        except (ProtocolError, RequestError) as e:
+            log.warning("%s: refused a request: %s", self.config.name, e)
+            reply, data_bytes = m.Error(code=e.code, message=str(e)), 0
+        except Exception as e:
+            log.exception("%s: request failed", self.config.name)
+            reply, data_bytes = m.Error(code="internal", message=f"{type(e).__name__}: {e}"), 0
+        channel.post_reply(seq, encode(reply)[0], data_bytes)
 
     def on_ping(self, peer: bytes, msg: m.Ping) -> m.Message:
         return m.Pong(os.getpid())
@@ -113,6 +155,7 @@ class Worker:
         m.Hello: on_hello,
         m.LoadShard: on_load_shard,
         m.ExpertRequest: on_expert_request,
+        m.AttachShm: on_attach_shm,
         m.Ping: on_ping,
         m.Shutdown: on_shutdown,
     }
@@ -141,7 +184,14 @@ class Worker:
                  torch.get_num_threads())
         try:
             while self.running:
-                envelope = server.receive(timeout_s=1.0)
+                if self.channel is not None:
+                    # Expert requests ring the shared-memory doorbell; control messages still come over ZeroMQ.
+                    request = self.channel.wait_request(timeout_s=0.05)
+                    if request is not None:
+                        self.serve_shm_request(*request)
+                    envelope = server.receive(timeout_s=0)
+                else:
+                    envelope = server.receive(timeout_s=1.0)
                 if envelope is None:
                     if self.config.parent_pid and os.getppid() != self.config.parent_pid:
                         log.warning("%s: coordinator (pid %d) is gone; exiting", self.config.name,
@@ -150,6 +200,8 @@ class Worker:
                     continue
                 server.reply(envelope.identity, self.handle(envelope.identity, envelope.frames))
         finally:
+            if self.channel is not None:
+                self.channel.close()
             server.close()
 
 

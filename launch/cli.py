@@ -17,7 +17,9 @@ ModelOption = Annotated[
     typer.Option("--model", "-m", help="Checkpoint folder (config.json, safetensors, tokenizer). "
                  "Default: the built-in tiny model, random weights."),
 ]
-WorkersOption = Annotated[int, typer.Option("--workers", "-w", help="CPU expert worker processes.")]
+WorkersOption = Annotated[
+    int | None, typer.Option("--workers", "-w", help="Local CPU expert worker processes. Default: one per NUMA node.")
+]
 ThreadsOption = Annotated[
     int | None, typer.Option("--threads-per-worker", "-t", help="torch threads per worker. Default: the cores "
                              "left after the coordinator, shared evenly.")
@@ -35,38 +37,87 @@ HotExpertsOption = Annotated[
 CoordinatorThreadsOption = Annotated[
     int | None, typer.Option("--coordinator-threads", help="torch threads of the coordinator process.")
 ]
+WorkersPerSocketOption = Annotated[
+    int | None, typer.Option("--workers-per-socket", help="Local workers on each NUMA node (instead of --workers).")
+]
+NumaOption = Annotated[
+    str, typer.Option("--numa", help="on: pin each worker to its node's cores and memory; off: let the OS place them.")
+]
+TransportOption = Annotated[
+    str, typer.Option("--transport", help="shm: shared memory to local workers (ZeroMQ for control); zmq: ZeroMQ only.")
+]
+RemoteWorkerOption = Annotated[
+    list[str] | None,
+    typer.Option("--remote-worker", help="tcp://HOST:PORT of a `fiddler-worker --listen` on another machine "
+                 "(repeatable)."),
+]
+TokenFileOption = Annotated[
+    Path | None, typer.Option("--token-file", help="File with the cluster token that remote workers require.")
+]
+
+
+def read_token(token_file: Path | None) -> str:
+    """The cluster token: from --token-file, else $FIDDLER_TOKEN; never printed."""
+    if token_file is None:
+        return os.environ.get("FIDDLER_TOKEN", "")
+    try:
+        token = token_file.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+    if not token:
+        raise ValueError(f"--token-file {token_file} is empty; put the cluster token in it")
+    return token
 
 
 def default_threads(workers: int, threads: int | None) -> int:
     if threads is not None:
         if threads < 1:
-            raise typer.BadParameter("--threads-per-worker must be 1 or more")
+            raise ValueError(f"--threads-per-worker must be 1 or more, got {threads}")
         return threads
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores we may run on (a container's or taskset's limit)
     return max(1, (cores - 1) // max(1, workers))
 
 
 def check_workers(workers: int, threads: int) -> None:
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     if workers < 0:
-        raise typer.BadParameter("--workers must be 0 or more")
+        raise ValueError(f"--workers must be 0 or more, got {workers}")
     if workers > cores:
-        raise typer.BadParameter(f"--workers {workers} is more than the {cores} cores of this machine; use at most {cores}")
+        raise ValueError(f"--workers {workers} is more than the {cores} cores of this machine; use at most {cores}")
 
 
 def cluster_from_options(model, workers, threads, device, device_memory, dtype, hot_experts, coordinator_threads,
-                         quiet=False):
+                         quiet=False, workers_per_socket=None, numa="on", transport="shm", remote_workers=None,
+                         token_file=None):
+    """A Cluster for the command-line flags; a bad flag ends the command with one line saying how to fix it."""
     from launch.cluster import Cluster
 
-    threads = default_threads(workers, threads)
-    check_workers(workers, threads)
+    try:
+        if numa not in ("on", "off"):
+            raise ValueError(f"--numa must be on or off, got {numa!r}")
+        if transport not in ("shm", "zmq"):
+            raise ValueError(f"--transport must be shm or zmq, got {transport!r}")
+        if workers_per_socket is not None and workers_per_socket < 0:
+            raise ValueError(f"--workers-per-socket must be 0 or more, got {workers_per_socket}")
+        token = read_token(token_file)
+        if workers is not None:
+            threads = default_threads(workers, threads)
+            check_workers(workers, threads)
+        if coordinator_threads is not None and coordinator_threads < 1:
+            raise ValueError(f"--coordinator-threads must be 1 or more, got {coordinator_threads}")
+        if hot_experts is not None and hot_experts < 0:
+            raise ValueError(f"--hot-experts must be 0 or more, got {hot_experts}")
+    except ValueError as e:
+        raise fail(str(e)) from None
     return Cluster(model, workers=workers, threads_per_worker=threads, device=device, dtype=dtype,
                    device_memory=device_memory, hot_experts=hot_experts, coordinator_threads=coordinator_threads,
-                   quiet=quiet)
+                   quiet=quiet, workers_per_socket=workers_per_socket, numa=numa == "on", transport=transport,
+                   remote_workers=list(remote_workers or []), token=token)
 
 
 def fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    """Print one line, `error: <what and how to fix it>`, and give the exit to raise (status 2)."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
     return typer.Exit(2)
 
 
@@ -85,13 +136,19 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def launch(
     model: ModelOption = None,
-    workers: WorkersOption = 1,
+    workers: WorkersOption = None,
+    workers_per_socket: WorkersPerSocketOption = None,
     threads_per_worker: ThreadsOption = None,
+    numa: NumaOption = "on",
     device: DeviceOption = "auto",
     device_memory: DeviceMemoryOption = None,
     dtype: DtypeOption = "auto",
     hot_experts: HotExpertsOption = None,
     coordinator_threads: CoordinatorThreadsOption = None,
+    transport: TransportOption = "shm",
+    remote_worker: RemoteWorkerOption = None,
+    token_file: TokenFileOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; start nothing.")] = False,
 ) -> None:
     """Start a cluster and serve prompts (send them with `fiddler generate`)."""
     from coordinator.dispatch import WorkerFailed
@@ -101,7 +158,15 @@ def launch(
 
     _terminate_as_interrupt()
     cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
-                                   coordinator_threads)
+                                   coordinator_threads, workers_per_socket=workers_per_socket, numa=numa,
+                                   transport=transport, remote_workers=remote_worker, token_file=token_file)
+    if dry_run:
+        try:
+            for line in cluster.dry_run():
+                print(line)
+        except (CheckpointError, ValueError) as e:
+            raise fail(str(e)) from None
+        return
     try:
         with cluster:
             service = PromptService(cluster.coordinator, f"ipc://{cluster.run_dir}/coordinator.sock")

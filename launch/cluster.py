@@ -14,25 +14,32 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from coordinator.coordinator import Coordinator, Generation, prepare
-from launch import rundir
+from coordinator.placement import format_size
+from launch import numa, rundir
 
 
 @dataclass
 class ClusterConfig:
     model: Path | None = None  # None: the built-in tiny model (random weights)
-    workers: int = 1
-    threads_per_worker: int = 1
+    workers: int | None = None  # local workers in total; None: one per NUMA node (or workers_per_socket each)
+    workers_per_socket: int | None = None
+    threads_per_worker: int | None = None  # None: the node's free physical cores shared evenly
+    numa: bool = True  # pin workers to their node's cores and bind their memory there
     device: str = "auto"
     dtype: str | None = None
     device_memory: str | None = None  # a size, "all", or None for the device's default
     hot_experts: int | None = None  # overrides device_memory with an explicit count
     coordinator_threads: int | None = None
+    transport: str = "shm"  # shm (local workers) or zmq
+    shm_rows: int = 4096  # rows per shared-memory slot; larger batches travel over ZeroMQ
+    remote_workers: list[str] = field(default_factory=list)  # tcp://host:port of fiddler-worker --listen
+    token: str = ""  # presented to remote workers
     quiet: bool = False
 
 
@@ -56,43 +63,103 @@ class Cluster:
         if not self.config.quiet:
             print(text, file=sys.stderr, flush=True)
 
+    def plan_workers(self) -> numa.Layout:
+        cfg = self.config
+        return numa.lay_out(numa.read_topology(), cfg.workers, cfg.workers_per_socket, cfg.threads_per_worker,
+                            numa=cfg.numa)
+
+    def dry_run(self) -> list[str]:
+        """The plan, as `fiddler-launch --dry-run` prints it: nothing is started."""
+        cfg = self.config
+        if cfg.model is None:
+            from coordinator.synthetic import builtin_model_path
+
+            cfg.model = builtin_model_path()
+        topology = numa.read_topology()
+        layout = self.plan_workers()
+        prepared = prepare(cfg.model, len(layout.workers) + len(cfg.remote_workers), cfg.device, cfg.dtype,
+                           cfg.device_memory, cfg.hot_experts)
+        placement = prepared.plan([float(slot.threads) for slot in layout.workers] + [1.0] * len(cfg.remote_workers))
+        model = prepared.layout
+        lines = [
+            f"model: {model.folder} ({model.config.model_type}, {model.dtype}), {len(model.moe_layers)} MoE layers, "
+            f"{model.num_experts} experts of {format_size(model.expert_bytes)}",
+            f"device: {prepared.device}: non-expert weights {format_size(model.non_expert_bytes)}, "
+            f"{len(placement.hot)} hot experts ({format_size(len(placement.hot) * model.expert_bytes)})",
+            f"transport: {cfg.transport}; numa: {'on' if cfg.numa else 'off'}",
+            f"machine: {len(topology.nodes)} NUMA node(s), {topology.physical_cores} physical cores; "
+            f"coordinator on cpu {numa.format_cpu_list(layout.coordinator_cpus)}",
+        ]
+        warnings = list(layout.warnings)
+        for node in topology.nodes:
+            slots = [s for s in layout.workers if s.node in (node.id, None)]
+            shard_bytes = sum(len(placement.shard(s.index)) for s in slots) * model.expert_bytes
+            lines.append(f"  node {node.id}: cpus {numa.format_cpu_list(node.cpus)}, {len(node.cores)} cores, "
+                         f"{format_size(node.memory_bytes)}, {len(slots)} worker(s), shards {format_size(shard_bytes)}")
+            if cfg.numa and node.memory_bytes and shard_bytes > node.memory_bytes:
+                warnings.append(f"node {node.id}: its workers' shards ({format_size(shard_bytes)}) do not fit its "
+                                f"memory ({format_size(node.memory_bytes)}); add workers on other nodes or hot experts")
+        for slot in layout.workers:
+            shard = placement.shard(slot.index)
+            where = f"node {slot.node}, cpus {numa.format_cpu_list(slot.cpus)}" if slot.node is not None else "unpinned"
+            lines.append(f"  worker {slot.index}: {where}, {slot.threads} thread(s), {len(shard)} experts "
+                         f"({format_size(len(shard) * model.expert_bytes)})")
+        for i, address in enumerate(cfg.remote_workers):
+            shard = placement.shard(len(layout.workers) + i)
+            lines.append(f"  remote worker {address}: {len(shard)} experts ({format_size(len(shard) * model.expert_bytes)})"
+                         " (re-planned by its reported threads at launch)")
+        if placement.expected_hit_rate is not None:
+            lines.append(f"expected hit rate: {placement.expected_hit_rate:.1%}")
+        return lines + [f"warning: {w}" for w in warnings]
+
     def start(self) -> None:
         cfg = self.config
-        if cfg.workers < 0 or cfg.threads_per_worker < 1:
+        if (cfg.workers is not None and cfg.workers < 0) or (cfg.threads_per_worker or 1) < 1:
             raise ValueError("--workers must be 0 or more and --threads-per-worker 1 or more")
         if cfg.model is None:
             from coordinator.synthetic import builtin_model_path
 
             cfg.model = builtin_model_path()
             self.log(f"using the built-in tiny model at {cfg.model} (random weights: its text is gibberish)")
+        layout = self.plan_workers()
+        for warning in layout.warnings:
+            self.log(f"warning: {warning}")
         # Everything that can be wrong with the checkpoint or flags is found here, before any process starts.
-        prepared = prepare(cfg.model, cfg.workers, cfg.device, cfg.dtype, cfg.device_memory, cfg.hot_experts)
+        num_workers = len(layout.workers) + len(cfg.remote_workers)
+        prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_memory, cfg.hot_experts)
         if cfg.coordinator_threads:
             torch.set_num_threads(cfg.coordinator_threads)
         self.log(f"model: {prepared.layout.folder} ({prepared.layout.config.model_type}, {prepared.layout.dtype}), "
-                 f"device: {prepared.device}")
-        for line in prepared.placement.describe():
-            self.log(line)
+                 f"device: {prepared.device}, transport: {cfg.transport}")
         try:
             self.run_dir = rundir.create()
-            addresses = [f"ipc://{self.run_dir}/worker-{i}.sock" for i in range(cfg.workers)]
-            for i, address in enumerate(addresses):
-                self.processes.append(self._spawn_worker(i, address))
+            addresses = [f"ipc://{self.run_dir}/worker-{slot.index}.sock" for slot in layout.workers]
+            for slot, address in zip(layout.workers, addresses):
+                self.processes.append(self._spawn_worker(slot, address))
             alive = [lambda p=p: p.poll() is None for p in self.processes]
-            self.coordinator = Coordinator(prepared, addresses, alive, progress=not cfg.quiet)
+            alive += [lambda: True] * len(cfg.remote_workers)  # remote: the reply deadline tells
+            self.coordinator = Coordinator(prepared, addresses + list(cfg.remote_workers), alive, token=cfg.token,
+                                           transport=cfg.transport, shm_rows=cfg.shm_rows,
+                                           progress=not cfg.quiet)
+            for line in self.coordinator.placement.describe():
+                self.log(line)
         except BaseException:
             self.stop()
             raise
 
-    def _spawn_worker(self, index: int, address: str) -> subprocess.Popen:
+    def _spawn_worker(self, slot: numa.WorkerSlot, address: str) -> subprocess.Popen:
         command = [
             sys.executable, "-m", "expert_worker",
             "--listen", address,
-            "--threads", str(self.config.threads_per_worker),
+            "--threads", str(slot.threads),
             "--parent-pid", str(os.getpid()),
-            "--name", f"worker-{index}",
+            "--name", f"worker-{slot.index}",
         ]
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.config.threads_per_worker))
+        if slot.cpus:
+            command += ["--cpus", numa.format_cpu_list(slot.cpus)]
+        if slot.node is not None:
+            command += ["--numa-node", str(slot.node)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads))
         if self.config.quiet:
             env["FIDDLER_WORKER_QUIET"] = "1"
         # Own session: a Ctrl-C at the terminal reaches the launcher, which stops the workers in order.

@@ -1,6 +1,19 @@
-"""CPU topology: which cpus exist and how to write them. (NUMA node discovery builds on this.)"""
+"""NUMA: read the machine's nodes (cpus, memory, physical cores) and lay workers out on them.
+
+On a multi-socket server every worker is pinned to cpus of one node and its memory bound to that node, so the
+experts it owns live in the memory next to the cores that compute them. Topology comes from
+/sys/devices/system/node (one node holding every cpu when that is missing, e.g. in some containers).
+"""
 
 from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SYS_ROOT = Path("/sys/devices/system")
 
 
 def parse_cpu_list(text: str) -> set[int]:
@@ -32,3 +45,156 @@ def format_cpu_list(cpus: set[int] | list[int]) -> str:
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(out)
+
+
+@dataclass
+class Node:
+    id: int
+    cpus: list[int]  # every logical cpu
+    cores: list[list[int]]  # physical cores, each the list of its hardware threads (first one used)
+    memory_bytes: int
+
+
+@dataclass
+class Topology:
+    nodes: list[Node]
+
+    @property
+    def physical_cores(self) -> int:
+        return sum(len(n.cores) for n in self.nodes)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _node_memory(node_dir: Path) -> int:
+    text = _read(node_dir / "meminfo") or ""
+    for line in text.splitlines():
+        if "MemTotal:" in line:
+            return int(line.split()[-2]) * 1024
+    return 0
+
+
+def _cores(cpus: list[int], root: Path) -> list[list[int]]:
+    """Group cpus into physical cores by their thread siblings."""
+    seen: set[int] = set()
+    cores = []
+    for cpu in sorted(cpus):
+        if cpu in seen:
+            continue
+        siblings = _read(root / "cpu" / f"cpu{cpu}" / "topology" / "thread_siblings_list")
+        group = sorted(parse_cpu_list(siblings) & set(cpus)) if siblings else [cpu]
+        if cpu not in group:
+            group = [cpu]
+        seen.update(group)
+        cores.append(group)
+    return cores
+
+
+def read_topology(root: Path = SYS_ROOT, allowed: set[int] | None = None) -> Topology:
+    """Nodes with the cpus this process may use (its affinity mask), from a /sys tree."""
+    if allowed is None:
+        allowed = os.sched_getaffinity(0) if root == SYS_ROOT else None
+    nodes = []
+    for node_dir in sorted((root / "node").glob("node[0-9]*"), key=lambda p: int(p.name[4:])):
+        cpus = sorted(parse_cpu_list(_read(node_dir / "cpulist") or ""))
+        if allowed is not None:
+            cpus = [c for c in cpus if c in allowed]
+        if cpus:
+            nodes.append(Node(int(node_dir.name[4:]), cpus, _cores(cpus, root), _node_memory(node_dir)))
+    if not nodes:  # no NUMA information: one node with every usable cpu
+        cpus = sorted(allowed if allowed is not None else range(os.cpu_count() or 1))
+        nodes = [Node(0, cpus, _cores(cpus, root), _total_memory())]
+    return Topology(nodes)
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+@dataclass
+class WorkerSlot:
+    """Where one local worker runs."""
+
+    index: int
+    node: int | None  # None: not bound (NUMA off)
+    cpus: list[int] = field(default_factory=list)
+    threads: int = 1
+
+
+@dataclass
+class Layout:
+    workers: list[WorkerSlot]
+    coordinator_cpus: list[int]
+    warnings: list[str]
+
+
+def lay_out(
+    topology: Topology,
+    workers: int | None = None,
+    workers_per_node: int | None = None,
+    threads_per_worker: int | None = None,
+    coordinator_cores: int = 1,
+    numa: bool = True,
+) -> Layout:
+    """Place local workers on nodes, each on its own physical cores; the first cores of node 0 stay with the
+    coordinator. `workers` (a total, spread evenly over nodes) or `workers_per_node`; neither: one per node.
+    Threads default to the node's free physical cores shared evenly, so every core is used once."""
+    warnings = []
+    free = {n.id: [core[0] for core in n.cores] for n in topology.nodes}
+    first = topology.nodes[0].id
+    coordinator_cpus = free[first][:coordinator_cores]
+    if len(free[first]) > coordinator_cores:
+        free[first] = free[first][coordinator_cores:]
+    else:
+        warnings.append(f"node {first} has no core left beside the coordinator's; workers share it")
+    nodes = topology.nodes
+    if workers_per_node is not None:
+        counts = {n.id: workers_per_node for n in nodes}
+    elif workers is not None:
+        counts = {n.id: workers // len(nodes) + (1 if i < workers % len(nodes) else 0) for i, n in enumerate(nodes)}
+    else:
+        counts = {n.id: 1 for n in nodes}
+    slots = []
+    for node in nodes:
+        cores, k = free[node.id], counts[node.id]
+        if k == 0:
+            continue
+        t = threads_per_worker or max(1, len(cores) // k)
+        if k * t > len(cores):
+            warnings.append(
+                f"node {node.id}: {k} worker(s) x {t} thread(s) need {k * t} cores but {len(cores)} are free; "
+                "cores are oversubscribed (use fewer workers or threads per worker)"
+            )
+        if k * t > len(cores):  # oversubscribed anyway: spread over every core of the node, the coordinator's too
+            cores = [core[0] for core in node.cores]
+        for i in range(k):
+            cpus = sorted({cores[(i * t + j) % len(cores)] for j in range(t)}) if cores else []
+            slots.append(WorkerSlot(len(slots), node.id if numa else None, cpus if numa else [], t))
+    return Layout(slots, coordinator_cpus, warnings)
+
+
+# --- binding a process's memory to its node ---
+
+_MPOL_BIND = 2
+_SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237}.get(platform.machine())
+
+
+def bind_memory_to_node(node: int) -> bool:
+    """Allocate this process's memory on `node` from now on (set_mempolicy, as libnuma's numa_set_membind).
+    Returns False where the kernel refuses; the worker then relies on first touch after pinning."""
+    if _SYS_SET_MEMPOLICY is None:
+        return False
+    mask_words = node // 64 + 1
+    mask = (ctypes.c_ulong * mask_words)()
+    mask[node // 64] = 1 << (node % 64)
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.syscall(_SYS_SET_MEMPOLICY, _MPOL_BIND, mask, ctypes.c_ulong(mask_words * 64 + 1))
+    return result == 0

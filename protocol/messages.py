@@ -124,6 +124,15 @@ class ExpertReply(Message):
 
 
 @dataclass
+class AttachShm(Message):
+    """Use this shared-memory file (see protocol.shm) for expert requests from now on; answered with Pong."""
+
+    KIND: ClassVar[str] = "attach_shm"
+    path: str
+    capacity: int
+
+
+@dataclass
 class Ping(Message):
     KIND: ClassVar[str] = "ping"
 
@@ -190,6 +199,7 @@ ALL_MESSAGES: dict[str, type[Message]] = {
         Ready,
         ExpertRequest,
         ExpertReply,
+        AttachShm,
         Ping,
         Pong,
         Shutdown,

@@ -18,7 +18,7 @@ def test_workers_are_processes_and_coordinator_holds_no_cold_expert(checkpoints)
         assert len(set(pids)) == 3 and os.getpid() not in pids
         assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
 
-        placement = coordinator.prepared.placement
+        placement = coordinator.placement
         assert set(coordinator.dispatcher.hot) == set(placement.hot) and len(placement.hot) == 5
         assert coordinator.cold_expert_tensors_held() == 0
         for layer in coordinator.layout.moe_layers:  # transformers' own expert parameters were never materialised

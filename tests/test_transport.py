@@ -1,0 +1,242 @@
+"""Shared-memory and ZeroMQ transports, NUMA layout, workers on other hosts (loopback tcp)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import process_gone, runtime_leftovers
+from coordinator.dispatch import WorkerFailed
+from launch import numa
+from launch.cluster import Cluster
+from protocol import messages as m
+from protocol.shm import ShmChannel
+from protocol.wire import decode, encode
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51, 52, 53, 54, 55, 56]])
+BIN = Path(sys.executable).parent
+
+
+def shm_files() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("fiddler")}
+
+
+def reference_logits(folder):
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        return ref(input_ids=IDS).logits
+
+
+def close(got, want) -> bool:
+    return ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+# --- the shared-memory channel itself ---
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shm_slot_carries_every_dtype_bit_exact(dtype):
+    coordinator = ShmChannel.create(capacity=1 << 16)
+    worker = ShmChannel.attach(coordinator.path, 1 << 16)
+    coordinator.unlink()
+    try:
+        rows = torch.randn(3, 32).to(dtype)
+        view = coordinator.request_view(dtype, (3, 32))
+        view.copy_(rows)
+        request = m.ExpertRequest(1, 0, [2], [3], view)
+        seq = coordinator.post_request(encode(request)[0], view.numel() * view.element_size())
+        got_seq, frames = worker.wait_request(timeout_s=1)
+        assert got_seq == seq
+        received = decode(frames)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(received.rows.view(bits), rows.view(bits))
+        assert received.rows.data_ptr() != rows.data_ptr()  # a view of the slot, not of our tensor
+    finally:
+        worker.close()
+        coordinator.close()
+    assert not os.path.exists(coordinator.path)
+
+
+def test_shm_reply_is_matched_to_its_request_and_never_read_early():
+    coordinator = ShmChannel.create(capacity=4096)
+    worker = ShmChannel.attach(coordinator.path, 4096)
+    coordinator.unlink()
+    try:
+        first = coordinator.post_request(encode(m.Ping())[0], 0)
+        second_started = threading.Event()
+
+        def serve():
+            seq, _ = worker.wait_request(timeout_s=2)
+            second_started.wait(2)
+            time.sleep(0.05)
+            worker.post_reply(seq, encode(m.Pong(seq))[0], 0)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        assert coordinator.wait_reply(first + 1, timeout_s=0.02) is None  # nothing for a request not yet sent
+        second_started.set()
+        frames = coordinator.wait_reply(first, timeout_s=2)
+        thread.join()
+        assert decode(frames) == m.Pong(first)
+        assert coordinator.wait_reply(first + 1, timeout_s=0.05) is None  # the old reply does not answer a new seq
+    finally:
+        worker.close()
+        coordinator.close()
+
+
+# --- clusters over each transport ---
+
+
+@pytest.mark.parametrize("transport", ["shm", "zmq"])
+def test_exact_over_each_transport(checkpoints, transport):
+    folder = checkpoints["tiny"]
+    want = reference_logits(folder)
+    with Cluster(folder, workers=2, transport=transport, device="cpu", quiet=True) as cluster:
+        got = cluster.logits(IDS)
+        channels = [link.channel for link in cluster.coordinator.links]
+        assert all(c is not None for c in channels) if transport == "shm" else all(c is None for c in channels)
+        assert shm_files() == set(), "shared-memory names are dropped as soon as both sides map them"
+    assert close(got, want)
+
+
+def test_batches_larger_than_the_slot_fall_back_to_zeromq(checkpoints):
+    folder = checkpoints["tiny"]
+    want = reference_logits(folder)
+    with Cluster(folder, workers=1, shm_rows=2, device="cpu", quiet=True) as cluster:
+        got = cluster.logits(IDS)
+    assert close(got, want)
+
+
+def test_worker_affinity_is_the_planned_one(checkpoints):
+    with Cluster(checkpoints["tiny"], workers=2, threads_per_worker=1, device="cpu", quiet=True) as cluster:
+        planned = [slot.cpus for slot in cluster.plan_workers().workers]
+        reported = [hello.cpus for hello in cluster.coordinator.hellos]  # sched_getaffinity inside each worker
+        threads = [hello.threads for hello in cluster.coordinator.hellos]
+    assert reported == planned and threads == [1, 1]
+
+
+def test_shm_and_processes_cleaned_after_worker_sigkill(checkpoints):
+    with Cluster(checkpoints["tiny"], workers=2, device="cpu", quiet=True) as cluster:
+        victim = cluster.worker_pids[0]
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerFailed, match="worker-0"):
+            cluster.logits(IDS)
+        pids = cluster.worker_pids
+    assert all(process_gone(pid) for pid in pids)
+    assert shm_files() == set() and runtime_leftovers() == []
+
+
+def test_shm_cleaned_after_sigterm_to_launcher(checkpoints):
+    launcher = subprocess.Popen([BIN / "fiddler-launch", "--model", str(checkpoints["tiny"]), "--workers", "2",
+                                 "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        while "ready" not in (line := launcher.stdout.readline()):
+            assert line, "launcher exited before it was ready"
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+    assert shm_files() == set() and runtime_leftovers() == []
+
+
+# --- workers on other hosts ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def remote_worker(checkpoints, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-cluster-token\n")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "expert_worker", "--listen", address, "--model",
+                             str(checkpoints["tiny"]), "--token-file", str(token_file), "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    yield address, "s3cret-cluster-token"
+    proc.terminate()
+    log = proc.communicate(timeout=10)[1]
+    assert "s3cret" not in log, "tokens are never logged"
+
+
+def test_local_and_loopback_tcp_workers_together(checkpoints, remote_worker):
+    address, token = remote_worker
+    folder = checkpoints["tiny"]
+    want = reference_logits(folder)
+    with Cluster(folder, workers=1, remote_workers=[address], token=token, device="cpu", quiet=True) as cluster:
+        got = cluster.logits(IDS)
+        links = cluster.coordinator.links
+        assert links[1].channel is None and links[0].channel is not None  # tcp keeps ZeroMQ, local uses shm
+        assert all(link.requests > 0 for link in links)
+    assert close(got, want)
+
+
+def test_remote_worker_refuses_a_wrong_token(checkpoints, remote_worker):
+    address, _ = remote_worker
+    with pytest.raises(WorkerFailed, match="token"):
+        with Cluster(checkpoints["tiny"], workers=0, remote_workers=[address], token="guess", device="cpu",
+                     quiet=True):
+            pass
+    assert runtime_leftovers() == []
+
+
+# --- topology ---
+
+
+def write_sys_tree(root: Path, nodes: dict[int, list[int]], siblings: dict[int, list[int]], mem_kb: int) -> Path:
+    for node, cpus in nodes.items():
+        d = root / "node" / f"node{node}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(numa.format_cpu_list(cpus) + "\n")
+        (d / "meminfo").write_text(f"Node {node} MemTotal:       {mem_kb} kB\nNode {node} MemFree: 1 kB\n")
+    for cpu, group in siblings.items():
+        t = root / "cpu" / f"cpu{cpu}" / "topology"
+        t.mkdir(parents=True)
+        (t / "thread_siblings_list").write_text(numa.format_cpu_list(group) + "\n")
+    return root
+
+
+def test_two_socket_topology_with_hyperthreads(tmp_path):
+    # 2 sockets x 4 cores x 2 threads; Linux numbers sibling threads 0-7 then 8-15 across both sockets
+    nodes = {0: [0, 1, 2, 3, 8, 9, 10, 11], 1: [4, 5, 6, 7, 12, 13, 14, 15]}
+    siblings = {c: [c % 8, c % 8 + 8] for c in range(16)}
+    topo = numa.read_topology(write_sys_tree(tmp_path, nodes, siblings, 64 << 20), allowed=set(range(16)))
+    assert [n.id for n in topo.nodes] == [0, 1] and topo.physical_cores == 8
+    assert topo.nodes[1].cores == [[4, 12], [5, 13], [6, 14], [7, 15]]
+    assert topo.nodes[0].memory_bytes == 64 << 30
+    layout = numa.lay_out(topo, workers_per_node=1)
+    assert layout.coordinator_cpus == [0]
+    assert [(s.node, s.cpus, s.threads) for s in layout.workers] == [(0, [1, 2, 3], 3), (1, [4, 5, 6, 7], 4)]
+    assert layout.warnings == []
+    over = numa.lay_out(topo, workers_per_node=2, threads_per_worker=4)
+    assert any("oversubscribed" in w for w in over.warnings)
+
+
+def test_four_node_topology(tmp_path):
+    nodes = {n: list(range(n * 4, n * 4 + 4)) for n in range(4)}
+    siblings = {c: [c] for c in range(16)}
+    topo = numa.read_topology(write_sys_tree(tmp_path, nodes, siblings, 32 << 20), allowed=set(range(16)))
+    layout = numa.lay_out(topo, workers=8, threads_per_worker=1)
+    per_node = [sum(1 for s in layout.workers if s.node == n) for n in range(4)]
+    assert per_node == [2, 2, 2, 2]
+    assert all(set(s.cpus) <= set(nodes[s.node]) for s in layout.workers)
+    assert len({c for s in layout.workers for c in s.cpus}) == 8  # no core given twice
+    off = numa.lay_out(topo, workers=2, numa=False)
+    assert all(s.node is None and s.cpus == [] for s in off.workers)
+
+
+def test_missing_numa_information_falls_back_to_one_node(tmp_path):
+    topo = numa.read_topology(tmp_path, allowed={0, 1, 2})
+    assert len(topo.nodes) == 1 and topo.nodes[0].cpus == [0, 1, 2]
