@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     Concatenate,
@@ -88,18 +88,30 @@ def read_config(folder: Path) -> transformers.PreTrainedConfig:
         raise CheckpointError(f"model folder {folder} does not exist; pass --model with a local checkpoint folder")
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is a file; pass --model with the checkpoint folder that holds config.json")
-    if not (folder / "config.json").exists():
+    path = folder / "config.json"
+    if not path.exists():
         raise CheckpointError(f"{folder} has no config.json; pass the Hugging Face checkpoint folder itself")
     try:
-        json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e}); download it again") from None
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}; check its permissions") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise CheckpointError(f"{path} has no model_type; it is not a transformers config, download it again")
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(
+            f"transformers {transformers.__version__} does not know the architecture {model_type!r} named in "
+            f"{path}; upgrade transformers (pip install -U transformers) or check the model_type"
+        )
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError) as e:
+    except Exception as e:  # ValueError, KeyError, huggingface_hub's strict-dataclass errors, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise CheckpointError(
-            f"transformers {transformers.__version__} cannot read {folder / 'config.json'}: {str(e).splitlines()[0]}; "
-            "upgrade transformers if this is a newer architecture"
+            f"transformers {transformers.__version__} cannot read {path} ({'; '.join(lines[:2])[:200]}); "
+            "the config is damaged or from a newer transformers: download it again or upgrade transformers"
         ) from None
 
 
@@ -118,19 +130,47 @@ def resolve_dtype(config: transformers.PreTrainedConfig, requested: str | None) 
 
 def build_skeleton(config: transformers.PreTrainedConfig, dtype: torch.dtype) -> nn.Module:
     """transformers' own model for this config, weights on meta, experts routed through our implementation."""
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise CheckpointError(
+            f"{config.model_type!r} is not a text-generation (causal LM) architecture in transformers; "
+            "fiddler-moe runs Mixture-of-Experts language models such as Mixtral or Qwen3-MoE"
+        )
     try:
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=IMPLEMENTATION_NAME)
-    except ValueError as e:
-        text = str(e).splitlines()[0]
-        if "experts_implementation" in text or "experts" in text:
-            raise CheckpointError(
-                f"{type(config).__name__}'s experts do not go through transformers' experts interface, so "
-                "fiddler-moe cannot dispatch them; use an architecture whose experts class is decorated with "
-                "@use_experts_implementation (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, ...)"
-            ) from None
-        raise CheckpointError(f"transformers cannot build a causal LM from this config: {text}") from None
+    except Exception as e:
+        text = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if "experts implementation" in text or "experts_implementation" in text:
+            raise CheckpointError(_not_through_interface(type(config).__name__)) from None
+        raise CheckpointError(
+            f"transformers cannot build a {config.model_type} model from this config.json ({text}); "
+            "the config is damaged or needs a newer transformers"
+        ) from None
     return model.eval()
+
+
+def _not_through_interface(what: str) -> str:
+    return (
+        f"{what} computes its experts in its own code instead of through transformers' experts interface, so "
+        "fiddler-moe cannot send them to workers; use an architecture whose experts class is decorated with "
+        "@use_experts_implementation (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, ...)"
+    )
+
+
+# Config fields that count routed experts, across transformers' MoE architectures.
+_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _unsupported_experts(model: nn.Module, config: transformers.PreTrainedConfig) -> str | None:
+    """For a model with no experts module we can dispatch: the name of its MoE code if it has experts after all."""
+    for module in model.modules():
+        name = type(module).__name__
+        if "Expert" in name or re.search(r"(MoE|Moe|SparseMoeBlock)$", name):
+            return f"{type(config).__name__} ({name})"
+    counts = [getattr(config, f, None) for f in _EXPERT_COUNT_FIELDS]
+    if any(isinstance(n, int) and n > 1 for n in counts):
+        return type(config).__name__
+    return None
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -190,6 +230,9 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
     model = build_skeleton(config, model_dtype)
     moe_layers = find_moe_layers(model)
     if not moe_layers:
+        unsupported = _unsupported_experts(model, config)
+        if unsupported:
+            raise CheckpointError(_not_through_interface(unsupported))
         raise CheckpointError(
             f"{folder} holds a dense {config.model_type} model with no routed experts; fiddler-moe runs "
             "Mixture-of-Experts models (run dense models with transformers directly)"
@@ -255,7 +298,7 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
                 )
             experts[(layer.layer, e)] = source
 
-    _check_expert_shapes(moe_layers[0], experts, table)
+    _check_expert_shapes(moe_layers, experts, table)
     missing = [
         name
         for name in meta_state
@@ -286,20 +329,34 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
     return model, layout
 
 
-def _check_expert_shapes(layer: MoELayer, experts: dict, table: dict) -> None:
-    """Catch a checkpoint whose expert tensors disagree with the config before any worker loads them."""
-    module = layer.module
-    for slot, param in (("gate_up", "gate_up_proj" if module.has_gate else "up_proj"), ("down", "down_proj")):
-        expected = tuple(getattr(module, param).shape[1:])
-        refs = getattr(experts[(layer.layer, 0)], slot)
-        shapes = [table[r.key].shape[1:] if r.index is not None else table[r.key].shape for r in refs]
-        dim0 = sum(s[0] for s in shapes)
-        got = (dim0, *shapes[0][1:])
-        if got != expected:
-            raise CheckpointError(
-                f"expert tensor {refs[0].key} gives {param} shape {list(got)}, the config expects {list(expected)}; "
-                "the checkpoint does not match its config.json"
-            )
+def _check_expert_shapes(moe_layers: list[MoELayer], experts: dict, table: dict) -> None:
+    """Catch a checkpoint whose expert tensors disagree with the config before any worker loads them: every
+    expert's every tensor, from the safetensors headers alone."""
+    for layer in moe_layers:
+        module = layer.module
+        params = {
+            "gate_up": "gate_up_proj" if module.has_gate else "up_proj",
+            "down": "down_proj",
+            "gate_up_bias": "gate_up_proj_bias" if module.has_gate else "up_proj_bias",
+            "down_bias": "down_proj_bias",
+        }
+        for e in range(layer.num_experts):
+            source = experts[(layer.layer, e)]
+            for slot, param in params.items():
+                refs = getattr(source, slot)
+                if not refs or getattr(module, param, None) is None:
+                    continue
+                expected = tuple(getattr(module, param).shape[1:])
+                # per-expert parts are concatenated on dim 0 (Mixtral's w1 + w3): each holds an equal share
+                share = (expected[0] // len(refs), *expected[1:]) if expected else expected
+                for ref in refs:
+                    shape = table[ref.key].shape[1:] if ref.index is not None else table[ref.key].shape
+                    if tuple(shape) != share:
+                        raise CheckpointError(
+                            f"expert tensor {ref.key} in {table[ref.key].file} has shape {list(shape)}, but the "
+                            f"config expects {list(share)} (layer {layer.layer} expert {e} {param}); the checkpoint "
+                            "does not match its config.json"
+                        )
 
 
 def load_non_expert(model: nn.Module, layout: ModelLayout, device: torch.device) -> None:
