@@ -33,15 +33,24 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
+HEADER_KEYS = {"v", "kind", "body", "tensors"}
 MAX_HEADER_BYTES = 16 << 20  # a LoadShard for DeepSeek-V3's ~15k experts is a few MB
 MAX_TENSOR_BYTES = 4 << 30
 MAX_TENSOR_DIMS = 4
+MAX_ERROR_CHARS = 400  # an error quoting a hostile value must not be as large as the value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class ProtocolError(Exception):
     """A frame that cannot be decoded; `code` goes into the Error reply."""
 
     def __init__(self, code: str, message: str):
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 3] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
@@ -55,7 +64,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ProtocolError("bad_dtype", f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+        raise ProtocolError("bad_dtype", f"unknown dtype {_short(name)}; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -139,22 +148,30 @@ def _build(cls: type, body: Any, where: str, tensors: dict[str, torch.Tensor] | 
     if not isinstance(body, dict):
         raise ProtocolError("bad_field", f"{where}: expected a map")
     hints = typing.get_type_hints(cls)
+    tensors = tensors or {}
     kwargs: dict[str, Any] = {}
-    known = set()
+    known, tensor_fields = set(), set()
     for f in dataclasses.fields(cls):
-        known.add(f.name)
         hint = hints[f.name]
         if hint is torch.Tensor:
-            if tensors is None or f.name not in tensors:
+            tensor_fields.add(f.name)
+            if f.name not in tensors:
                 raise ProtocolError("missing_tensor", f"{where}.{f.name}: tensor frame missing")
             kwargs[f.name] = tensors[f.name]
-        elif f.name in body:
+            continue
+        known.add(f.name)
+        if f.name in body:
             kwargs[f.name] = _check(body[f.name], hint, f"{where}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ProtocolError("missing_field", f"{where}: required field {f.name!r} missing")
     unknown = set(body) - known
     if unknown:
-        raise ProtocolError("bad_field", f"{where}: unknown fields {sorted(map(str, unknown))}")
+        names = sorted(_short(k) for k in unknown)
+        raise ProtocolError("bad_field", f"{where}: unknown fields {', '.join(names[:5])}")
+    extra = set(tensors) - tensor_fields
+    if extra:
+        names = sorted(_short(k) for k in extra)
+        raise ProtocolError("bad_header", f"{where}: tensor frames for fields that hold no tensor: {', '.join(names)}")
     return cls(**kwargs)
 
 
@@ -172,7 +189,7 @@ def _tensor(spec: Any, frame: Any, where: str) -> tuple[str, torch.Tensor]:
         or len(shape) > MAX_TENSOR_DIMS
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
     ):
-        raise ProtocolError("bad_shape", f"{where}: shape {shape!r} is not a list of up to 4 sizes")
+        raise ProtocolError("bad_shape", f"{where}: shape {_short(shape)} is not a list of up to 4 sizes")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
     if expected > MAX_TENSOR_BYTES:
@@ -198,23 +215,28 @@ def decode(frames: list[Any]) -> Message:
         header = msgpack.unpackb(head, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises many types for garbage
         raise ProtocolError("bad_header", f"header is not valid msgpack: {type(e).__name__}") from None
-    if not isinstance(header, dict) or not {"v", "kind", "body"} <= set(header):
+    if not isinstance(header, dict) or not {"v", "kind", "body"} <= set(header) <= HEADER_KEYS:
         raise ProtocolError("bad_header", "header must be a map with v, kind, body, tensors")
     if header["v"] != PROTOCOL_VERSION:
         raise ProtocolError(
             "version_mismatch",
-            f"peer speaks protocol version {header['v']!r}, this side speaks {PROTOCOL_VERSION}; "
+            f"peer speaks protocol version {_short(header['v'])}, this side speaks {PROTOCOL_VERSION}; "
             "run the same fiddler-moe version on every host",
         )
     kind = header["kind"]
     cls = ALL_MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError("unknown_kind", f"unknown message kind {kind!r}")
+        raise ProtocolError("unknown_kind", f"unknown message kind {_short(kind)}")
     specs = header.get("tensors", [])
     if not isinstance(specs, list) or len(specs) != len(frames) - 1:
         raise ProtocolError(
             "truncated", f"{kind}: header declares {len(specs) if isinstance(specs, list) else '?'} tensors, "
             f"got {len(frames) - 1} frames"
         )
-    tensors = dict(_tensor(spec, frame, kind) for spec, frame in zip(specs, frames[1:]))
+    tensors: dict[str, torch.Tensor] = {}
+    for spec, frame in zip(specs, frames[1:]):
+        name, tensor = _tensor(spec, frame, kind)
+        if name in tensors:
+            raise ProtocolError("bad_header", f"{kind}: two tensor frames for field {_short(name)}")
+        tensors[name] = tensor
     return _build(cls, header["body"], kind, tensors)
