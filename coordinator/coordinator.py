@@ -273,7 +273,7 @@ class Coordinator:
         for link in self.links:
             sources = [layout.experts[e] for e in link.shard]
             model_dir = str(layout.folder) if link.client.address.startswith("ipc://") else ""
-            link.client.send(m.LoadShard(model_dir, layout.fingerprint, layout.kernel, sources))
+            link.send(m.LoadShard(model_dir, layout.fingerprint, layout.kernel, sources))
         total = layout.non_expert_bytes + layout.expert_bytes * layout.num_experts
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
                   leave=False) as bar:
@@ -424,7 +424,7 @@ class Coordinator:
     def close(self) -> None:
         for link in self.links:
             try:
-                link.client.send(m.Shutdown())
+                link.send(m.Shutdown())
             except Exception:
                 pass
             link.client.close()

@@ -35,6 +35,12 @@ class WorkerLink:
     busy_seconds: float = 0.0
     requests: int = 0
 
+    def send(self, message: m.Message) -> None:
+        """A message over ZeroMQ; rings the shared-memory bell too, since the worker may be asleep on it."""
+        self.client.send(message)
+        if self.channel is not None:
+            self.channel.ring()
+
     def describe(self) -> str:
         layers = sorted({layer for layer, _ in self.shard})
         span = f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
@@ -164,7 +170,7 @@ class Dispatcher:
             seq = link.channel.post_request(encode(request)[0], batch.numel() * batch.element_size())
         else:
             seq = None
-            link.client.send(request)
+            link.send(request)
         link.requests += 1
         return self._next_id, seq, spans
 

@@ -109,6 +109,9 @@ class Worker:
             offset += count
         return outputs
 
+    def on_echo(self, peer: bytes, msg: m.Echo) -> m.Message:
+        return m.ExpertReply(msg.request_id, -1, msg.rows.clone(), 0.0)
+
     def on_attach_shm(self, peer: bytes, msg: m.AttachShm) -> m.Message:
         try:
             channel = ShmChannel.attach(msg.path, msg.capacity)
@@ -125,16 +128,17 @@ class Worker:
         started = time.perf_counter()
         try:
             msg = decode(frames)
-            if not isinstance(msg, m.ExpertRequest):
+            if not isinstance(msg, m.ExpertRequest | m.Echo):
                 raise RequestError("unexpected", f"only expert requests travel through shared memory, not {msg.KIND}")
-            outputs = self.compute(msg)
+            outputs = self.compute(msg) if isinstance(msg, m.ExpertRequest) else [msg.rows]
             rows = sum(o.shape[0] for o in outputs)
             if not channel.fits(rows * msg.rows.shape[1] * msg.rows.element_size()):
                 raise RequestError("too_large", "reply does not fit the shared-memory slot")
             view = channel.reply_view(msg.rows.dtype, (rows, msg.rows.shape[1]))
             if outputs:
                 torch.cat(outputs, out=view)
-            reply: m.Message = m.ExpertReply(msg.request_id, msg.layer, view, time.perf_counter() - started)
+            layer = msg.layer if isinstance(msg, m.ExpertRequest) else -1
+            reply: m.Message = m.ExpertReply(msg.request_id, layer, view, time.perf_counter() - started)
             data_bytes = view.numel() * view.element_size()
         except (ProtocolError, RequestError) as e:
             log.warning("%s: refused a request: %s", self.config.name, e)
@@ -156,6 +160,7 @@ class Worker:
         m.LoadShard: on_load_shard,
         m.ExpertRequest: on_expert_request,
         m.AttachShm: on_attach_shm,
+        m.Echo: on_echo,
         m.Ping: on_ping,
         m.Shutdown: on_shutdown,
     }
@@ -186,10 +191,12 @@ class Worker:
             while self.running:
                 if self.channel is not None:
                     # Expert requests ring the shared-memory doorbell; control messages still come over ZeroMQ.
-                    request = self.channel.wait_request(timeout_s=0.05)
+                    request = self.channel.wait_request(timeout_s=0.5)
                     if request is not None:
                         self.serve_shm_request(*request)
-                    envelope = server.receive(timeout_s=0)
+                        envelope = server.receive(timeout_s=0)
+                    else:  # the bell rang for a control message (which may still be in flight) or we timed out
+                        envelope = server.receive(timeout_s=0.005)
                 else:
                     envelope = server.receive(timeout_s=1.0)
                 if envelope is None:

@@ -124,6 +124,15 @@ class ExpertReply(Message):
 
 
 @dataclass
+class Echo(Message):
+    """Rows sent back unchanged as an ExpertReply: measures a transport's round trip (`fiddler bench transport`)."""
+
+    KIND: ClassVar[str] = "echo"
+    request_id: int
+    rows: torch.Tensor
+
+
+@dataclass
 class AttachShm(Message):
     """Use this shared-memory file (see protocol.shm) for expert requests from now on; answered with Pong."""
 
@@ -199,6 +208,7 @@ ALL_MESSAGES: dict[str, type[Message]] = {
         Ready,
         ExpertRequest,
         ExpertReply,
+        Echo,
         AttachShm,
         Ping,
         Pong,

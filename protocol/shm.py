@@ -32,8 +32,9 @@ SHM_DIR = "/dev/shm"
 CONTROL_BYTES = 4096
 META_BYTES = 64 * 1024  # a request header for 256 experts is ~2 KB
 
-# control words, each on its own cache line
-_REQ_SEQ, _REP_SEQ, _REQ_META, _REP_META, _REQ_DATA, _REP_DATA = 0, 64, 128, 192, 256, 320
+# control words, each on its own cache line. The bell counts everything the worker should wake for: a request
+# in the slot, or a control message sent to it over ZeroMQ while it sleeps on the futex.
+_REQ_SEQ, _REP_SEQ, _REQ_META, _REP_META, _REQ_DATA, _REP_DATA, _BELL = 0, 64, 128, 192, 256, 320, 384
 
 _SYS_FUTEX = {"x86_64": 202}.get(platform.machine())
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
@@ -84,7 +85,7 @@ class ShmChannel:
         finally:
             os.close(fd)
         self._words = {off: ctypes.c_uint32.from_buffer(self.mm, off) for off in (_REQ_SEQ, _REP_SEQ, _REQ_META,
-                                                                                     _REP_META)}
+                                                                                     _REP_META, _BELL)}
         self._sizes = {off: ctypes.c_uint64.from_buffer(self.mm, off) for off in (_REQ_DATA, _REP_DATA)}
         self._meta = {_REQ_META: CONTROL_BYTES, _REP_META: CONTROL_BYTES + META_BYTES}
         self._data = {_REQ_DATA: CONTROL_BYTES + 2 * META_BYTES, _REP_DATA: CONTROL_BYTES + 2 * META_BYTES + capacity}
@@ -182,7 +183,14 @@ class ShmChannel:
         seq = (self.last_request_seq + 1) & 0xFFFFFFFF
         self.last_request_seq = seq
         self._publish(_REQ_META, _REQ_DATA, _REQ_SEQ, header, data_bytes, seq)
+        self.ring()
         return seq
+
+    def ring(self) -> None:
+        """Wake the worker: call after sending it anything over ZeroMQ too, or it notices only at its next poll."""
+        bell = self._words[_BELL]
+        bell.value = (bell.value + 1) & 0xFFFFFFFF
+        _futex_wake(ctypes.addressof(bell))
 
     def wait_reply(self, seq: int, timeout_s: float, spin_s: float = 200e-6) -> list[memoryview] | None:
         if self._wait(_REP_SEQ, lambda v: v == seq, timeout_s, spin_s) is None:
@@ -191,9 +199,15 @@ class ShmChannel:
 
     # worker side
     def wait_request(self, timeout_s: float, spin_s: float = 50e-6) -> tuple[int, list[memoryview]] | None:
-        last = self.last_request_seq
-        seq = self._wait(_REQ_SEQ, lambda v: v != last, timeout_s, spin_s)
-        if seq is None:
+        """The next request, or None when the bell rang for something else (or timeout_s passed)."""
+        last, request_seq, bell = self.last_request_seq, self._words[_REQ_SEQ], self._words[_BELL]
+        rung = bell.value
+        if self._wait(_REQ_SEQ, lambda v: v != last, 0.0, spin_s) is None:
+            # Sleep on the bell; a request or a control message rings it. futex_wait returns at once if it
+            # rang since we read it, so nothing is missed.
+            _futex_wait(ctypes.addressof(bell), rung, timeout_s)
+        seq = request_seq.value
+        if seq == last:
             return None
         self.last_request_seq = seq
         return seq, self._frames(_REQ_META, _REQ_DATA)

@@ -9,6 +9,7 @@ frame's length against its declared dtype and shape, and sizes are bounded befor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -144,10 +145,15 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     raise ProtocolError("bad_field", f"{where}: unsupported field type {hint}")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolving string annotations is slow; decode is on the hot path
+
+
 def _build(cls: type, body: Any, where: str, tensors: dict[str, torch.Tensor] | None = None) -> Any:
     if not isinstance(body, dict):
         raise ProtocolError("bad_field", f"{where}: expected a map")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     tensors = tensors or {}
     kwargs: dict[str, Any] = {}
     known, tensor_fields = set(), set()
