@@ -3,10 +3,20 @@
 Used by the workers for cold experts and by the coordinator for hot experts, so a token gets the same result
 wherever its expert runs. Layout follows transformers' fused experts: gate_up is [2 * intermediate, hidden] with
 the gate half first (or [hidden, 2 * intermediate] when transposed), down is [hidden, intermediate].
+
+Speed: decoding reads every routed expert's weights once per token with one row of activations, so the matmuls
+are memory-bound matrix-vector products. For bfloat16 on a CPU with oneDNN's bfloat16 support (AVX512-BF16 or
+AMX), PyTorch's plain `linear` reaches about half the memory bandwidth there; the same oneDNN matmul on weights
+reordered once into its blocked layout reaches it (README, "Performance"). So the first forward of an expert on
+such a CPU re-lays its weights out in place (`ExpertWeights.pack`: a private copy replaces the dense tensors,
+bit-identical results). Weights marked `shared` (memory another process maps too) are left alone, since the copy
+would double them. FIDDLER_PACK_WEIGHTS=0 turns this off. float32 weights are left as they are (the exactness tests compare them
+with transformers to 1e-5), and so is anything on a GPU.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,21 +25,51 @@ from transformers.activations import ACT2FN
 from protocol.messages import KernelSpec
 
 
+def _packing_supported() -> bool:
+    if os.environ.get("FIDDLER_PACK_WEIGHTS", "1") == "0":
+        return False
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+PACK_BFLOAT16 = _packing_supported()
+
+
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.to_dense() if t is not None and t.is_mkldnn else t
+
+
 @dataclass
 class ExpertWeights:
     gate_up: torch.Tensor
     down: torch.Tensor
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
+    shared: bool = False  # the tensors are views of memory shared with another process: never re-laid out
 
     @property
     def nbytes(self) -> int:
         tensors = [self.gate_up, self.down, self.gate_up_bias, self.down_bias]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    @property
+    def packed(self) -> bool:
+        """Whether the matrices are in oneDNN's blocked layout (see `pack`)."""
+        return self.gate_up.is_mkldnn
+
+    def pack(self) -> None:
+        """Re-lay gate_up and down out in place into oneDNN's blocked layout for matrix-vector products. They keep
+        shape and dtype; `to()` gives ordinary dense tensors back. Only for [out, in] bfloat16 matrices on the CPU."""
+        if not self.packed:
+            self.gate_up = torch.ops.mkldnn._reorder_linear_weight(self.gate_up, 1)
+            self.down = torch.ops.mkldnn._reorder_linear_weight(self.down, 1)
+
     def to(self, device: torch.device | str) -> ExpertWeights:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return ExpertWeights(move(self.gate_up), move(self.down), move(self.gate_up_bias), move(self.down_bias))
+        move = lambda t: None if t is None else _dense(t).to(device)  # noqa: E731
+        return ExpertWeights(move(self.gate_up), move(self.down), move(self.gate_up_bias), move(self.down_bias),
+                             shared=self.shared and torch.device(device).type == "cpu")
 
 
 class ExpertKernel:
@@ -40,14 +80,30 @@ class ExpertKernel:
             raise ValueError(f"unknown activation {spec.activation!r} in the model config")
         self.spec = spec
         self.act = ACT2FN[spec.activation]
+        self.pack = PACK_BFLOAT16 and spec.dtype == "bfloat16" and not spec.is_transposed
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = x @ weight if self.spec.is_transposed else torch.nn.functional.linear(x, weight)
+        if weight.is_mkldnn:
+            out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [None], "")
+        elif self.spec.is_transposed:
+            out = x @ weight
+        else:
+            out = torch.nn.functional.linear(x, weight)
         return out if bias is None else out + bias
+
+    def _packable(self, weights: ExpertWeights) -> bool:
+        return (self.pack and not weights.packed and not weights.shared and weights.gate_up.device.type == "cpu"
+                and weights.gate_up.dtype == torch.bfloat16 and weights.down.dtype == torch.bfloat16)
 
     @torch.inference_mode()
     def forward(self, weights: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
-        h = self._linear(x.to(weights.gate_up.dtype), weights.gate_up, weights.gate_up_bias)
+        if self._packable(weights):
+            weights.pack()
+        x = x.to(weights.gate_up.dtype)
+        if x.shape[0] == 0:  # oneDNN refuses empty matmuls; the answer is known
+            hidden = weights.down.shape[1] if self.spec.is_transposed else weights.down.shape[0]
+            return x.new_empty((0, hidden))
+        h = self._linear(x, weights.gate_up, weights.gate_up_bias)
         if self.spec.has_gate:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
