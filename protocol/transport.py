@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from protocol.messages import Message
 from protocol.wire import decode, encode
@@ -81,7 +82,25 @@ class Client:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._monitor = None
+        self._connected = True
+        if address.startswith("tcp://"):
+            # Across hosts there is no process to poll: ZeroMQ heartbeats drop a silent peer's connection within
+            # HEARTBEAT_TIMEOUT, and the monitor tells us, even while the worker is busy computing.
+            self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            self.socket.setsockopt(zmq.HEARTBEAT_TTL, 6000)
+            self._monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.socket.connect(address)
+
+    def peer_alive(self) -> bool:
+        """False once the connection to a tcp peer was lost (and not made again); always True for ipc."""
+        if self._monitor is None:
+            return True
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            self._connected = event["event"] == zmq.EVENT_CONNECTED
+        return self._connected
 
     def send(self, message: Message) -> None:
         self.socket.send_multipart(encode(message), copy=False)
@@ -97,4 +116,7 @@ class Client:
         return decode(self.socket.recv_multipart(copy=False))
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self.socket.disable_monitor()
+            self._monitor.close(linger=0)
         self.socket.close(linger=0)
