@@ -192,6 +192,78 @@ def run(
         typer.echo(result.summary(), err=True)
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise fail(f"{flag} takes a comma-separated list of whole numbers, like 1,2,4; got {text!r}") from None
+
+
+@app.command()
+def bench(
+    preset: Annotated[str, typer.Option(help="Random-weight checkpoint of real shapes, written once and cached: "
+                                        "tiny, mini, small, qwen3-moe-mini, mixtral-8x7b, ...")] = "mini",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Benchmark this checkpoint folder "
+                                               "instead of a preset.")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16, float32, or auto (the checkpoint's).")] = "bfloat16",
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens (fixed random ids).")] = 256,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to generate, greedy, never stopping early.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed runs per configuration; the median is reported.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
+    workers: Annotated[str, typer.Option("--workers", "-w", help="Worker counts to sweep, e.g. 1,2.")] = "1",
+    threads_per_worker: Annotated[str | None, typer.Option("--threads-per-worker", "-t", help="Threads per worker "
+                                  "to sweep, e.g. 1,2. Default: fiddler-launch's.")] = None,
+    device_memory: Annotated[str | None, typer.Option(help="Device memory budgets to sweep (hot share), e.g. "
+                             "0,500MiB,all. Default: the device's default.")] = None,
+    device: DeviceOption = "auto",
+    coordinator_threads: Annotated[str | None, typer.Option(help="Coordinator torch threads to sweep, e.g. 1,2. "
+                                   "Default: torch's (all cores), as fiddler-launch.")] = None,
+    interleave: Annotated[bool, typer.Option(help="Load every contestant at once and run them in turns, so "
+                          "load from elsewhere hurts all alike (when memory allows).")] = True,
+    baseline: Annotated[bool, typer.Option(help="Also run transformers' own generate.")] = True,
+    out: Annotated[str, typer.Option(help="Folder for the JSON and PNG results.")] = "bench-results",
+    chart: Annotated[bool, typer.Option(help="Draw the PNG chart (needs matplotlib: pip install -e '.[bench]').")]
+    = True,
+    seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
+    bandwidth_mib: Annotated[int, typer.Option(help="Array size for the read-bandwidth measurement.")] = 1024,
+) -> None:
+    """Prefill and decode tokens/s of the cluster against transformers and the memory-bandwidth ceiling."""
+    from pathlib import Path
+
+    from coordinator import bench as bench_module
+    from coordinator import bench_report
+    from coordinator.dispatch import WorkerFailed
+    from expert_worker.checkpoint import CheckpointError
+    from launch.cli import _terminate_as_interrupt
+
+    _terminate_as_interrupt()
+    options = bench_module.BenchOptions(
+        preset=preset, model=Path(model) if model else None, dtype=dtype, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+        warmup=warmup, workers=_int_list(workers, "--workers"),
+        threads_per_worker=_int_list(threads_per_worker, "--threads-per-worker") if threads_per_worker else [None],
+        device_memory=[part.strip() for part in device_memory.split(",")] if device_memory else [None],
+        device=device, baseline=baseline, out=Path(out), chart=chart, seed=seed, bandwidth_mib=bandwidth_mib,
+        coordinator_threads=_int_list(coordinator_threads, "--coordinator-threads") if coordinator_threads else [None],
+        interleave=interleave,
+    )
+    try:
+        result = bench_module.run_bench(options)
+    except KeyboardInterrupt:
+        raise fail("interrupted; every cluster was stopped") from None
+    except (CheckpointError, ValueError, WorkerFailed, PermissionError, OSError) as e:
+        raise fail(str(e)) from None
+    bench_report.print_tables(result)
+    stem = bench_report.result_stem(result)
+    written = [bench_report.write_json(result, options.out, stem)]
+    if chart:
+        png = bench_report.write_chart(result, options.out, stem)
+        if png is None:
+            typer.echo("no chart: matplotlib is not installed (pip install -e '.[bench]')", err=True)
+        else:
+            written.append(png)
+    typer.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+
+
 def main() -> None:
     app()
 

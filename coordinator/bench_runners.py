@@ -1,0 +1,299 @@
+"""The contestants of `fiddler bench`: a cluster in one configuration, and transformers' own `generate`.
+
+Each is started once, warmed up, run --repeats times (possibly interleaved with the others, so a noisy neighbour
+hurts all of them alike), and stopped; `summary()` gives its figures. One run is one `generate` of the fixed
+prompt with --new-tokens greedy tokens: prefill is the call up to the first new token, decode the rest.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+BREAKDOWN_PARTS = {  # key -> label, in the order of the stacked bars
+    "non_expert": "non-expert layers",
+    "hot_experts": "hot experts",
+    "routing": "routing, gather",
+    "worker_compute": "worker compute",
+    "transport": "transport",
+    "sampling_overhead": "sampling, Python",
+}
+
+
+@dataclass
+class ClusterConfig:
+    workers: int
+    threads_per_worker: int
+    device_memory: str | None
+    coordinator_threads: int | None
+
+    def label(self, coordinator_threads: int) -> str:
+        """coordinator threads + workers x threads each, and the device memory when one was asked for."""
+        text = f"{coordinator_threads}+{self.workers}x{self.threads_per_worker}"
+        return text if self.device_memory in (None, "") else f"{text}, mem {self.device_memory}"
+
+
+@dataclass
+class Run:
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_tokens: int
+    new_tokens: int
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        n = self.new_tokens - 1  # the first new token comes out of prefill
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+def rates(runs: list[Run]) -> dict:
+    return {
+        "prefill_tokens_per_second": statistics.median(r.prefill_tokens_per_second for r in runs),
+        "decode_tokens_per_second": statistics.median(r.decode_tokens_per_second for r in runs),
+        "runs": [asdict(r) | {"prefill_tokens_per_second": r.prefill_tokens_per_second,
+                              "decode_tokens_per_second": r.decode_tokens_per_second} for r in runs],
+    }
+
+
+# --- timing inside the cluster ---
+
+
+class ForwardTimer:
+    """Seconds inside the model's forward (hooks on the top module); the rest of a decode step is sampling and
+    Python in transformers' generate loop."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.seconds = 0.0
+        self._started = 0.0
+        self._handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
+
+    def _pre(self, *_):
+        self._started = time.perf_counter()
+
+    def _post(self, *_):
+        self.seconds += time.perf_counter() - self._started
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class TimedKernel:
+    """Stands in for the dispatcher's expert kernel to time the hot experts alone (the dispatcher's hot_seconds
+    also holds the sending of the cold requests)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.seconds = 0.0
+
+    def forward(self, weights, x):
+        started = time.perf_counter()
+        try:
+            return self.kernel.forward(weights, x)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+def breakdown(decode_seconds: float, forward_seconds: float, hot_compute: float, stats) -> dict[str, float]:
+    """Seconds of decode per part; they add up to decode_seconds (each clamped at 0 where clocks disagree).
+
+    Inside an MoE layer call (the dispatcher's stats): the cold requests are sent, the hot experts computed, then
+    the replies awaited. Sending plus awaiting is the time spent on the workers; of it, the round trips beyond the
+    slowest worker's own compute are transport, the rest worker compute."""
+    get = lambda name: float(getattr(stats, name, 0.0) or 0.0)  # noqa: E731
+    dispatch, hot, wait = get("dispatch_seconds"), get("hot_seconds"), get("wait_seconds")
+    waiting = max(0.0, hot - hot_compute) + wait
+    transport = min(waiting, get("transport_seconds"))
+    return {
+        "non_expert": max(0.0, forward_seconds - dispatch),
+        "hot_experts": hot_compute,
+        "routing": max(0.0, dispatch - hot - wait),
+        "worker_compute": waiting - transport,
+        "transport": transport,
+        "sampling_overhead": max(0.0, decode_seconds - forward_seconds),
+    }
+
+
+class ClusterRunner:
+    def __init__(self, folder: Path, dtype: str, device: str, config: ClusterConfig, prompt: list[int],
+                 new_tokens: int, default_threads: int):
+        self.folder, self.dtype, self.device, self.config = folder, dtype, device, config
+        self.prompt, self.new_tokens = prompt, new_tokens
+        self.threads = config.coordinator_threads or default_threads  # the coordinator's torch threads
+        self.label = f"fiddler {config.label(self.threads)}"
+        self.cluster = None
+        self.runs: list[Run] = []
+        self.decode: list[dict] = []
+        self.token_ids: list[int] = []
+
+    @property
+    def total_threads(self) -> int:
+        return self.threads + self.config.workers * self.config.threads_per_worker
+
+    def start(self) -> None:
+        from launch.cluster import Cluster
+
+        c = self.config
+        self.cluster = Cluster(self.folder, workers=c.workers, threads_per_worker=c.threads_per_worker,
+                               device=self.device, dtype=self.dtype, device_memory=c.device_memory,
+                               coordinator_threads=self.threads, quiet=True)
+        self.cluster.start()
+        coordinator = self.cluster.coordinator
+        self.dispatcher = coordinator.dispatcher
+        self.timer = ForwardTimer(coordinator.model)
+        self.kernel = TimedKernel(self.dispatcher.kernel)
+        self.dispatcher.kernel = self.kernel
+        self.hot = len(self.dispatcher.hot)
+        self.total_experts = coordinator.layout.num_experts
+        self.worker_names = [link.name for link in self.dispatcher.workers]
+
+    def warm_up(self) -> None:
+        self.cluster.generate(self.prompt, max_new_tokens=min(self.new_tokens, 4), ignore_eos=True)
+
+    def _mark(self) -> dict:
+        workers = self.dispatcher.workers
+        return {"forward": self.timer.seconds, "hot": self.kernel.seconds,
+                "busy": [w.busy_seconds for w in workers], "requests": [w.requests for w in workers]}
+
+    def run_once(self) -> None:
+        from coordinator.dispatch import DispatchStats
+
+        marks: dict[str, dict] = {}
+
+        def on_token(_token: int) -> None:
+            if "decode" not in marks:  # the first new token: prefill is done, decode starts
+                marks["decode"] = self._mark()
+                self.dispatcher.stats = DispatchStats()
+
+        out = self.cluster.generate(self.prompt, max_new_tokens=self.new_tokens, ignore_eos=True, on_token=on_token)
+        end = self._mark()
+        start = marks.get("decode", end)
+        stats = self.dispatcher.stats
+        self.dispatcher.stats = DispatchStats()
+        self.runs.append(Run(out.prefill_seconds, out.decode_seconds, len(self.prompt), len(out.token_ids)))
+        self.decode.append({
+            "seconds": out.decode_seconds,
+            "parts": breakdown(out.decode_seconds, end["forward"] - start["forward"], end["hot"] - start["hot"],
+                               stats),
+            "busy": [b - a for a, b in zip(start["busy"], end["busy"])],
+            "requests": [b - a for a, b in zip(start["requests"], end["requests"])],
+            "hot_pairs": stats.hot_pairs,
+            "cold_pairs": stats.cold_pairs,
+        })
+        self.token_ids = out.token_ids
+
+    def stop(self) -> None:
+        if self.cluster is None:
+            return
+        if getattr(self, "timer", None):
+            self.timer.remove()
+            self.dispatcher.kernel = self.kernel.kernel
+        self.cluster.stop()
+        self.cluster = None
+
+    def summary(self) -> dict:
+        steps = sum(r.new_tokens - 1 for r in self.runs)
+        seconds = sum(d["seconds"] for d in self.decode)
+        per_token = lambda total: 1e3 * total / steps if steps else 0.0  # noqa: E731
+        pairs = sum(d["hot_pairs"] + d["cold_pairs"] for d in self.decode)
+        return {
+            "config": asdict(self.config) | {"coordinator_threads": self.threads, "label": self.config.label(self.threads)},
+            "total_threads": self.total_threads,
+            "hot_experts": self.hot,
+            "hot_share": self.hot / self.total_experts if self.total_experts else 0.0,
+            **rates(self.runs),
+            "decode_ms_per_token": {key: per_token(sum(d["parts"][key] for d in self.decode))
+                                    for key in BREAKDOWN_PARTS} | {"total": per_token(seconds)},
+            "worker_busy_share": {name: sum(d["busy"][i] for d in self.decode) / seconds if seconds else 0.0
+                                  for i, name in enumerate(self.worker_names)},
+            "worker_requests_per_token": {name: sum(d["requests"][i] for d in self.decode) / steps if steps else 0.0
+                                          for i, name in enumerate(self.worker_names)},
+            "hit_rate": sum(d["hot_pairs"] for d in self.decode) / pairs if pairs else 0.0,
+            "token_ids": self.token_ids,
+        }
+
+
+# --- transformers' own generate ---
+
+
+class TransformersRunner:
+    """transformers' AutoModelForCausalLM on the same folder, dtype and device, with `threads` torch threads,
+    running its own eager `generate` (min_new_tokens = max_new_tokens, greedy)."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, threads: int, prompt: list[int],
+                 new_tokens: int):
+        self.folder, self.dtype, self.device, self.threads = folder, dtype, device, threads
+        self.prompt, self.new_tokens = prompt, new_tokens
+        self.label = f"transformers {threads} threads"
+        self.model = None
+        self.runs: list[Run] = []
+        self.token_ids: list[int] = []
+
+    def start(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype).to(self.device).eval()
+        finally:
+            torch.set_num_threads(previous)
+        self.implementation = getattr(self.model.config, "_experts_implementation", None) or "default"
+        pad = self.model.generation_config.pad_token_id
+        pad = self.model.generation_config.eos_token_id if pad is None else pad
+        self.pad = pad[0] if isinstance(pad, list) else pad
+
+    def _generate(self, n: int) -> tuple[Run, list[int]]:
+        from transformers.generation.streamers import BaseStreamer
+
+        class FirstToken(BaseStreamer):
+            calls, first_at = 0, None
+
+            def put(self, value):
+                self.calls += 1
+                if self.calls == 2:  # the first call hands over the prompt
+                    self.first_at = time.perf_counter()
+
+            def end(self):
+                pass
+
+        streamer = FirstToken()
+        input_ids = torch.tensor([self.prompt], device=self.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                         min_new_tokens=n, max_new_tokens=n, do_sample=False, pad_token_id=self.pad,
+                                         streamer=streamer)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        finished = time.perf_counter()
+        first = streamer.first_at or finished
+        new = output[0, len(self.prompt):].tolist()
+        return Run(first - started, finished - first, len(self.prompt), len(new)), new
+
+    def warm_up(self) -> None:
+        self._generate(min(self.new_tokens, 4))
+
+    def run_once(self) -> None:
+        run, self.token_ids = self._generate(self.new_tokens)
+        self.runs.append(run)
+
+    def stop(self) -> None:
+        self.model = None
+        gc.collect()
+
+    def summary(self) -> dict:
+        return {"threads": self.threads, "experts_implementation": self.implementation, **rates(self.runs),
+                "token_ids": self.token_ids}

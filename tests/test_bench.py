@@ -1,0 +1,84 @@
+"""`fiddler bench` end to end on the tiny preset (smoke only: no timing is asserted), and the bfloat16 expert
+kernel's packed path against the plain one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import runtime_leftovers
+from expert_worker.compute import PACK_BFLOAT16, ExpertKernel, ExpertWeights
+from protocol.messages import KernelSpec
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_tiny_writes_json_and_png(tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "bench", "--preset", "tiny", "--prompt-len", "16", "--new-tokens",
+         "2", "--repeats", "1", "--workers", "1,2", "--threads-per-worker", "1", "--coordinator-threads", "1",
+         "--device", "cpu", "--bandwidth-mib", "64", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tokens per second" in done.stdout and "transformers" in done.stdout
+
+    [result_file] = out.glob("bench-tiny-bfloat16-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["model"]["preset"] == "tiny" and result["model"]["dtype"] == "bfloat16"
+    assert [c["config"]["workers"] for c in result["cluster"]] == [1, 2]
+    for run in [*result["cluster"], *result["transformers"]]:
+        assert run["prefill_tokens_per_second"] > 0 and run["decode_tokens_per_second"] > 0
+        assert len(run["token_ids"]) == 2
+    breakdown = result["cluster"][0]["decode_ms_per_token"]
+    assert set(breakdown) >= {"non_expert", "worker_compute", "transport", "sampling_overhead", "total"}
+    assert result["cluster"][0]["hit_rate"] == 0.0  # on the CPU every expert is cold by default
+    assert result["bandwidth"]["bytes_per_second"] > 0 and "torch.sum" in result["bandwidth"]["method"]
+    assert result["ceiling"]["decode_tokens_per_second"] > 0
+    machine = result["machine"]
+    assert machine["logical_cpus"] >= 1 and machine["libraries"]["torch"]
+    assert {"cpu_model", "numa_nodes", "memory_bytes", "device"} <= set(machine)
+
+    pytest.importorskip("matplotlib")
+    [chart] = out.glob("bench-tiny-bfloat16-*.png")
+    assert chart.read_bytes()[:8] == PNG_MAGIC
+    assert runtime_leftovers() == []
+
+
+def test_bench_refuses_a_model_that_does_not_fit(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "bench", "--preset", "mixtral-8x7b", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    if done.returncode == 0:
+        pytest.skip("this machine has the memory for Mixtral-8x7B")
+    assert done.returncode == 2
+    assert "mixtral-8x7b" in done.stderr and "memory" in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not PACK_BFLOAT16, reason="no oneDNN bfloat16 support on this CPU")
+def test_packed_bfloat16_kernel_matches_plain():
+    spec = KernelSpec(activation="silu", dtype="bfloat16")
+    generator = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(2 * 96, 64, generator=generator).bfloat16()
+    down = torch.randn(64, 96, generator=generator).bfloat16()
+    packed = ExpertWeights(gate_up.clone(), down.clone())
+    plain_kernel = ExpertKernel(spec)
+    plain_kernel.pack = False
+    for rows in (1, 3, 70):
+        x = torch.randn(rows, 64, generator=generator).bfloat16()
+        want = plain_kernel.forward(ExpertWeights(gate_up, down), x)
+        assert torch.equal(ExpertKernel(spec).forward(packed, x), want)
+    assert packed.packed and packed.nbytes == gate_up.nbytes + down.nbytes
+    dense = packed.to("cpu")  # ordinary tensors back, for whoever copies weights elsewhere
+    assert not dense.packed and torch.equal(dense.gate_up, gate_up)
+    shared = ExpertWeights(gate_up.clone(), down.clone(), shared=True)
+    ExpertKernel(spec).forward(shared, x)
+    assert not shared.packed
+    assert ExpertKernel(spec).forward(packed, x[:0]).shape == (0, 64)
