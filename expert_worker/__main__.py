@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +16,59 @@ import typer
 from launch.numa import bind_memory_to_node, parse_cpu_list
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a tcp bind host accepts connections from this machine only. Unknown names count as not."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+
+
+def _read_token(token_file: Path | None) -> str:
+    """The cluster token, from --token-file or $FIDDLER_TOKEN; never printed."""
+    if token_file is None:
+        return os.environ.get("FIDDLER_TOKEN", "")
+    try:
+        token = token_file.read_text().strip()
+    except OSError as e:
+        raise _fail(f"cannot read --token-file {token_file}: {e.strerror}") from None
+    if not token:
+        raise _fail(f"--token-file {token_file} is empty; put the cluster token in it")
+    return token
+
+
+def _check_listen(listen: str, token: str) -> None:
+    """Local only by default: ipc in an existing folder, or tcp on loopback; other addresses need a token."""
+    if listen.startswith("ipc://"):
+        folder = Path(listen[len("ipc://") :]).parent
+        if not folder.is_dir():
+            raise _fail(f"--listen {listen}: folder {folder} does not exist; create it (mode 0700) first")
+        return
+    if not listen.startswith("tcp://"):
+        raise _fail(f"--listen {listen!r} must be ipc:///path/worker.sock (this machine) or tcp://HOST:PORT")
+    host, _, port = listen[len("tcp://") :].rpartition(":")
+    if not host or not (port == "*" or port.isdigit()):
+        raise _fail(f"--listen {listen!r} must be tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555")
+    if not token and not _is_loopback(host):
+        raise _fail(
+            f"--listen {listen} accepts connections from other machines, so it needs the cluster token: pass "
+            "--token-file FILE (or set FIDDLER_TOKEN), or listen on tcp://127.0.0.1:PORT"
+        )
 
 
 def _exit_with_parent() -> None:
@@ -39,6 +94,8 @@ def serve(
 ) -> None:
     from expert_worker.server import Worker, WorkerConfig
 
+    token = _read_token(token_file)
+    _check_listen(listen, token)
     quiet = os.environ.get("FIDDLER_WORKER_QUIET") == "1"
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     if cpus:
@@ -62,7 +119,6 @@ def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, leave)
-    token = token_file.read_text().strip() if token_file else os.environ.get("FIDDLER_TOKEN", "")
     Worker(WorkerConfig(listen=listen, threads=threads, model_dir=model, token=token, parent_pid=parent_pid,
                         name=name)).serve()
 
