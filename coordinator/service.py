@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from coordinator.coordinator import Coordinator
+from coordinator.coordinator import Coordinator, check_sampling
 from coordinator.dispatch import WorkerFailed
 from protocol import messages as m
 from protocol.transport import Server
@@ -46,16 +46,25 @@ class PromptService:
 
     def handle(self, identity: bytes, frames: list) -> None:
         reply = lambda msg: self.server.reply(identity, msg)  # noqa: E731
+        # Validate everything before generating: a bad request gets an Error (to its client only) and the loop
+        # goes on serving the others.
         try:
             msg = decode(frames)
+            if isinstance(msg, m.Ping):
+                reply(m.Pong(0))
+                return
+            if not isinstance(msg, m.GenerateRequest):
+                raise ProtocolError("unexpected", f"the coordinator does not accept {msg.KIND!r} messages")
+            if not msg.prompt.strip():
+                raise ProtocolError("bad_request", "the prompt is empty; give some text")
+            check_sampling(msg.max_new_tokens, msg.temperature, msg.top_p, msg.top_k, msg.seed)
+        except ValueError as e:
+            log.warning("refused a request: %s", e)
+            reply(m.Error("bad_request", str(e)))
+            return
         except ProtocolError as e:
+            log.warning("refused a request: %s", e.message)
             reply(m.Error(e.code, e.message))
-            return
-        if isinstance(msg, m.Ping):
-            reply(m.Pong(0))
-            return
-        if not isinstance(msg, m.GenerateRequest):
-            reply(m.Error("unexpected", f"the coordinator does not accept {msg.KIND!r} messages"))
             return
         stream = TextStream(self.coordinator.tokenizer, lambda text, ids: reply(m.TokenChunk(text, list(ids))))
         try:

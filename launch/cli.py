@@ -100,6 +100,8 @@ def cluster_from_options(model, workers, threads, device, device_memory, dtype, 
         if workers_per_socket is not None and workers_per_socket < 0:
             raise ValueError(f"--workers-per-socket must be 0 or more, got {workers_per_socket}")
         token = read_token(token_file)
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads-per-worker must be 1 or more, got {threads}")
         if workers is not None:
             threads = default_threads(workers, threads)
             check_workers(workers, threads)
