@@ -17,7 +17,7 @@ import torch
 
 from expert_worker.checkpoint import CheckpointError, fingerprint
 from expert_worker.compute import ExpertKernel, ExpertWeights
-from expert_worker.shard import load_shard
+from expert_worker.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
 from protocol import messages as m
 from protocol.shm import ShmChannel
 from protocol.transport import Server
@@ -46,6 +46,7 @@ class Worker:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.shard: dict[tuple[int, int], ExpertWeights] = {}
+        self.shared: SharedShard | None = None  # the shard's shared-memory file, when LoadShard.shared asked for it
         self.kernel: ExpertKernel | None = None
         self.authenticated: set[bytes] = set()
         self.channel: ShmChannel | None = None
@@ -75,14 +76,34 @@ class Worker:
                 )
             kernel = ExpertKernel(msg.kernel)
             self.shard = {}  # drop an old shard before loading the new one
-            self.shard = load_shard(folder, msg.experts, msg.kernel.dtype)
+            self._drop_shared()
+            note = ""
+            if msg.shared:
+                try:
+                    self.shard, self.shared = load_shard_shared(folder, msg.experts, msg.kernel.dtype)
+                except SharedMemoryUnavailable as e:
+                    note = f"{self.config.name} keeps its shard in private memory: {e}"
+                    log.warning("%s", note)
+            if self.shared is None:
+                self.shard = load_shard(folder, msg.experts, msg.kernel.dtype)
         except (CheckpointError, ValueError, ProtocolError) as e:
             raise RequestError("load_failed", str(e)) from None
         self.kernel = kernel
         nbytes = sum(w.nbytes for w in self.shard.values())
         seconds = time.perf_counter() - started
-        log.info("%s: loaded %d experts (%.1f MiB) in %.2fs", self.config.name, len(self.shard), nbytes / 2**20, seconds)
-        return m.Ready(len(self.shard), nbytes, seconds)
+        where = " in shared memory" if self.shared is not None else ""
+        log.info("%s: loaded %d experts (%.1f MiB)%s in %.2fs", self.config.name, len(self.shard), nbytes / 2**20,
+                 where, seconds)
+        if self.shared is None:
+            return m.Ready(len(self.shard), nbytes, seconds, shared_note=note)
+        return m.Ready(len(self.shard), nbytes, seconds, shared_path=self.shared.path, shared_bytes=self.shared.size,
+                       shared_tensors=self.shared.tensors)
+
+    def _drop_shared(self) -> None:
+        """Forget the shared file of an earlier shard (the coordinator has normally unlinked its name already)."""
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
     def on_expert_request(self, peer: bytes, msg: m.ExpertRequest) -> m.Message:
         started = time.perf_counter()
@@ -209,6 +230,8 @@ class Worker:
         finally:
             if self.channel is not None:
                 self.channel.close()
+            if self.shared is not None:  # the coordinator unlinks it once mapped; this covers it never doing so
+                self.shared.unlink()
             server.close()
 
 

@@ -1,15 +1,26 @@
-"""A worker's shard: the (layer, expert) pairs it owns, read from the checkpoint and nothing more."""
+"""A worker's shard: the (layer, expert) pairs it owns, read from the checkpoint and nothing more.
+
+`load_shard` reads it into the worker's private memory. `load_shard_shared` (asked for with LoadShard.shared, when
+the coordinator has a GPU to copy cold experts to) puts it in one /dev/shm file instead, every tensor at a known
+offset, so the coordinator can map the very same pages read-only: the weights exist once in memory.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import mmap
+import os
+import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from expert_worker.checkpoint import TensorReader
+from expert_worker.checkpoint import CheckpointError, TensorInfo, TensorReader, tensor_table
 from expert_worker.compute import ExpertWeights
-from protocol.messages import ExpertSource, TensorRef
+from protocol.messages import ExpertSource, SharedTensor, TensorRef
 from protocol.wire import parse_dtype
 
 
@@ -49,3 +60,143 @@ def load_shard(
     finally:
         reader.close()
     return shard
+
+
+# --- a shard in shared memory (LoadShard.shared) ---
+
+SHARED_DIR = "/dev/shm"
+SHARED_ALIGN = 4096  # each tensor starts on a page: DMA-friendly, and no two tensors share a cache line
+WEIGHT_NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")  # ExpertWeights' fields, in order
+
+
+class SharedMemoryUnavailable(Exception):
+    """The shard cannot be placed in shared memory (no /dev/shm, or not enough room); the message says which."""
+
+
+@dataclass
+class SharedShard:
+    """A worker's shard laid out in one file under /dev/shm, mapped read-write by the worker. The coordinator
+    maps the same file read-only (coordinator/staging.py) and unlinks its name: the memory exists once, and
+    nothing is left in /dev/shm when the processes end."""
+
+    path: str
+    size: int
+    mm: mmap.mmap
+    tensors: list[SharedTensor]
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        self.unlink()
+        with contextlib.suppress(BufferError):  # tensors still view it: released with them or the process
+            self.mm.close()
+
+
+def _shape(table: dict[str, TensorInfo], refs: list[TensorRef]) -> tuple[int, ...] | None:
+    """The shape `_gather` produces for these refs, from the checkpoint's headers alone."""
+    if not refs:
+        return None
+    shapes = []
+    for ref in refs:
+        info = table.get(ref.key)
+        if info is None:
+            raise CheckpointError(f"tensor {ref.key} is not in the checkpoint; the coordinator and this worker see "
+                                  "different checkpoints")
+        shapes.append(info.shape[1:] if ref.index is not None else info.shape)
+    if len(shapes) == 1:
+        return tuple(shapes[0])
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def shared_layout(folder: Path, sources: list[ExpertSource], dtype: torch.dtype) -> tuple[list[SharedTensor], int]:
+    """Where every tensor of the shard goes in the shared file, and the file's size."""
+    table = tensor_table(folder)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    tensors, offset = [], 0
+    for source in sources:
+        for name in WEIGHT_NAMES:
+            shape = _shape(table, getattr(source, name))
+            if shape is None:
+                continue
+            tensors.append(SharedTensor(source.layer, source.expert, name, offset, list(shape)))
+            offset += -(-math.prod(shape) * itemsize // SHARED_ALIGN) * SHARED_ALIGN
+    return tensors, max(offset, SHARED_ALIGN)
+
+
+def _create_shared_file(size: int, prefix: str) -> tuple[str, mmap.mmap]:
+    if not os.path.isdir(SHARED_DIR):
+        raise SharedMemoryUnavailable(f"{SHARED_DIR} does not exist on this machine")
+    try:
+        stat = os.statvfs(SHARED_DIR)
+    except OSError as e:
+        raise SharedMemoryUnavailable(f"cannot inspect {SHARED_DIR}: {e.strerror}") from None
+    free = stat.f_bavail * stat.f_frsize
+    if free < size:
+        raise SharedMemoryUnavailable(
+            f"the shard needs {size / 2**20:.1f} MiB of shared memory but {SHARED_DIR} has {free / 2**20:.1f} MiB "
+            "free (in a container, raise --shm-size)"
+        )
+    path = os.path.join(SHARED_DIR, f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise SharedMemoryUnavailable(f"cannot create {path}: {e.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+        # Take the pages now: a /dev/shm that fills up meanwhile fails here with ENOSPC instead of a SIGBUS later.
+        os.posix_fallocate(fd, 0, size)
+        return path, mmap.mmap(fd, size)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise SharedMemoryUnavailable(f"cannot reserve {size / 2**20:.1f} MiB in {SHARED_DIR}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def load_shard_shared(
+    folder: Path,
+    sources: list[ExpertSource],
+    dtype_name: str,
+    prefix: str = "fiddler-shard",
+) -> tuple[dict[tuple[int, int], ExpertWeights], SharedShard]:
+    """load_shard, but every tensor lives in one shared-memory file (the returned weights are views of it)."""
+    dtype = parse_dtype(dtype_name)
+    tensors, size = shared_layout(folder, sources, dtype)
+    path, mm = _create_shared_file(size, prefix)
+    shared = SharedShard(path, size, mm, tensors)
+    views = shared_views(mm, tensors, dtype)
+    reader = TensorReader(folder)
+    try:
+        for source in sources:
+            key = (source.layer, source.expert)
+            loaded = load_expert(reader, source, dtype)  # one expert at a time in private memory, then copied over
+            for name in WEIGHT_NAMES:
+                got, into = getattr(loaded, name), getattr(views[key], name)
+                if got is None:
+                    continue
+                if into is None or tuple(got.shape) != tuple(into.shape):
+                    raise CheckpointError(f"layer {source.layer} expert {source.expert} {name} has shape "
+                                          f"{list(got.shape)}, its checkpoint header says otherwise")
+                into.copy_(got)
+    except BaseException:
+        views.clear()
+        shared.close()
+        raise
+    finally:
+        reader.close()
+    return views, shared
+
+
+def shared_views(buffer, tensors: list[SharedTensor], dtype: torch.dtype) -> dict[tuple[int, int], ExpertWeights]:
+    """ExpertWeights viewing a shared shard's buffer (the worker's read-write mapping or the coordinator's
+    read-only one), as laid out by shared_layout; marked shared, so the kernel never re-lays them out into a copy."""
+    parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for t in tensors:
+        count = math.prod(t.shape)
+        view = torch.frombuffer(buffer, dtype=dtype, count=count, offset=t.offset).view(t.shape)
+        parts.setdefault((t.layer, t.expert), {})[t.name] = view
+    return {key: ExpertWeights(p["gate_up"], p["down"], p.get("gate_up_bias"), p.get("down_bias"), shared=True)
+            for key, p in parts.items()}

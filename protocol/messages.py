@@ -2,7 +2,8 @@
 
 Two conversations use them:
   coordinator <-> expert worker: Hello, LoadShard, Ready, ExpertRequest, ExpertReply, Ping, Shutdown, Error
-  client (fiddler CLI) <-> coordinator service: GenerateRequest, TokenChunk, GenerateDone, Error
+  client (fiddler CLI) <-> coordinator service: GenerateRequest, TokenChunk, GenerateDone, StatsRequest,
+  StatsReply, Error
 
 Only activations travel at inference time: an ExpertRequest carries the routed token rows of one MoE layer
 for the experts one worker owns, never weights. Tensors are fields typed `torch.Tensor`; the codec in
@@ -17,7 +18,7 @@ from typing import ClassVar
 import torch
 
 # Bump when any message below changes shape; peers with another version are refused with an Error.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass
@@ -92,6 +93,20 @@ class LoadShard(Message):
     fingerprint: str
     kernel: KernelSpec
     experts: list[ExpertSource]
+    # Keep the shard in one shared-memory file that the coordinator maps read-only (same host only), so that it
+    # can copy a cold expert's weights to its device without a second copy in memory. See Ready.shared_path.
+    shared: bool = False
+
+
+@dataclass
+class SharedTensor:
+    """One tensor of a shared shard: `shape` elements of the shard's dtype at byte `offset` of the file."""
+
+    layer: int
+    expert: int
+    name: str  # gate_up, down, gate_up_bias or down_bias (expert_worker.compute.ExpertWeights' fields)
+    offset: int
+    shape: list[int]
 
 
 @dataclass
@@ -100,6 +115,12 @@ class Ready(Message):
     num_experts: int
     shard_bytes: int
     load_seconds: float
+    # When LoadShard.shared: the /dev/shm file holding the shard (the coordinator maps it, then unlinks the name)
+    # and where each tensor sits in it; empty when the worker could not share it (shared_note says why).
+    shared_path: str = ""
+    shared_bytes: int = 0
+    shared_tensors: list[SharedTensor] = field(default_factory=list)
+    shared_note: str = ""
 
 
 @dataclass
@@ -199,6 +220,56 @@ class GenerateDone(Message):
     decode_seconds: float
 
 
+@dataclass
+class StatsRequest(Message):
+    """Ask the coordinator for its live statistics (`fiddler stats`); answered with StatsReply."""
+
+    KIND: ClassVar[str] = "stats"
+    reset: bool = False  # start a new counting window after answering
+
+
+@dataclass
+class WorkerStats:
+    name: str
+    address: str
+    experts: int  # experts in its shard
+    requests: int  # expert requests it answered
+    busy_seconds: float  # its own compute time for them
+
+
+@dataclass
+class LayerCounts:
+    """Token-expert routings of one MoE layer, one count per expert in expert order."""
+
+    layer: int
+    counts: list[int]
+
+
+@dataclass
+class StatsReply(Message):
+    """Counts since launch (or the last reset). Token-expert pairs are served hot (an expert on the device),
+    moved (a cold expert whose weights were copied to the device for one layer call) or cold (on its worker)."""
+
+    KIND: ClassVar[str] = "stats_reply"
+    model: str
+    fingerprint: str
+    window_seconds: float  # since the counting window started
+    tokens: int  # tokens the model read (prompt and generated)
+    layer_calls: int
+    hot_pairs: int
+    moved_pairs: int
+    cold_pairs: int
+    moved_experts: int  # expert computations moved to the device
+    dispatch_seconds: float  # inside MoE expert calls
+    hot_seconds: float  # computing hot experts on the device
+    moved_seconds: float  # copying moved experts to the device and computing them there
+    wait_seconds: float  # waiting for workers after the device's part was done
+    workers: list[WorkerStats]
+    routed: list[LayerCounts]
+    expected_hit_rate: float | None = None  # the placement's, from its profile
+    scheduler: str = ""  # what the scheduler does, in words
+
+
 ALL_MESSAGES: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -217,5 +288,7 @@ ALL_MESSAGES: dict[str, type[Message]] = {
         GenerateRequest,
         TokenChunk,
         GenerateDone,
+        StatsRequest,
+        StatsReply,
     )
 }
