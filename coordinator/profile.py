@@ -182,13 +182,18 @@ class ExpertProfile:
                 f"profile {path} is not valid JSON ({e}); re-run `fiddler profile --model ...`"
             ) from None
         profile = cls._from_data(data, path)
-        if expected_fingerprint is not None and profile.fingerprint != expected_fingerprint:
+        if expected_fingerprint is not None:
+            profile.check(expected_fingerprint, f"profile {path}")
+        return profile
+
+    def check(self, expected_fingerprint: str, name: str = "the profile") -> None:
+        """Refuse this profile unless it was recorded on the checkpoint with this fingerprint."""
+        if self.fingerprint != expected_fingerprint:
             raise ProfileError(
-                f"profile {path} was recorded on another model/checkpoint ({profile.model}, fingerprint "
-                f"{profile.fingerprint}; this one is {expected_fingerprint}): re-run `fiddler profile --model ...` "
+                f"{name} was recorded on another model/checkpoint ({self.model}, fingerprint "
+                f"{self.fingerprint}; this one is {expected_fingerprint}): re-run `fiddler profile --model ...` "
                 "on this checkpoint"
             )
-        return profile
 
     @classmethod
     def _from_data(cls, data: object, path: Path) -> ExpertProfile:

@@ -47,7 +47,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -419,13 +419,15 @@ def decide(
     worker_scale: Sequence[float] | None = None,
     min_rows: int = MIN_ROWS_TO_MOVE,
     min_gain_seconds: float = 0.0,
+    fixed: Collection[int] = (),
 ) -> set[int]:
     """The cold experts of one layer call to copy to the device and compute there (see the module docstring).
 
     cold_rows: expert -> rows routed to it this call; owner: expert -> its worker; device_busy_seconds: what the
     device does anyway meanwhile (the hot experts); staging_slots: how many experts the device can take at most.
     worker_scale: per-worker multiplier on the worker curve (2.0 for a worker half as fast; default all 1).
-    Experts with fewer than min_rows rows never move; a set is returned only if it beats not moving by more than
+    Experts with fewer than min_rows rows never move, nor do those in `fixed` (e.g. on a remote worker, whose
+    weights the coordinator cannot reach); a set is returned only if it beats not moving by more than
     min_gain_seconds. Deterministic: ties go to the lower expert index."""
     if not cost.can_move or staging_slots <= 0 or not cold_rows:
         return set()
@@ -442,7 +444,7 @@ def decide(
             raise ValueError(f"expert {expert} has rows but no worker among {num_workers} owns it")
         seconds = scale[w] * cost.worker_seconds(rows)
         worker_time[w] += seconds
-        if rows >= min_rows:
+        if rows >= min_rows and expert not in fixed:
             movable[w][expert] = (seconds, cost.move_seconds(rows))
     device = device_busy_seconds
     no_move = max([device, *worker_time])
@@ -522,9 +524,10 @@ class Scheduler:
         return not self.disabled_reason
 
     def schedule(self, layer: int, cold_rows: Mapping[int, int], hot_rows: Iterable[int] = (),
-                 device_busy_seconds: float = 0.0) -> Schedule:
+                 device_busy_seconds: float = 0.0, fixed: Collection[int] = ()) -> Schedule:
         """cold_rows: expert -> rows for this layer's cold experts; hot_rows: rows of each hot expert of the call
-        (their device time is predicted with the cost model), plus device_busy_seconds of other device work."""
+        (their device time is predicted with the cost model), plus device_busy_seconds of other device work;
+        fixed: experts of this layer that cannot move."""
         self.calls += 1
         if not self.enabled:
             if not self._said:
@@ -535,10 +538,32 @@ class Scheduler:
         busy = device_busy_seconds + sum(cost.device_seconds(r) for r in hot_rows)
         owner = self._owner_by_layer.get(layer, {})
         rows = dict(cold_rows)
-        moved = decide(rows, owner, self.num_workers, cost, busy, self.staging_slots, worker_scale=self.worker_scale)
+        moved = decide(rows, owner, self.num_workers, cost, busy, self.staging_slots, worker_scale=self.worker_scale,
+                       fixed=fixed)
         self.moved_experts += len(moved)
         return Schedule(
             moved=frozenset(moved),
             predicted_seconds=makespan(rows, owner, self.num_workers, cost, busy, moved, self.worker_scale),
             no_move_seconds=makespan(rows, owner, self.num_workers, cost, busy, (), self.worker_scale),
         )
+
+
+@dataclass
+class MoveEveryExpert:
+    """A forced decision, for tests and experiments: every cold expert with at least MIN_ROWS_TO_MOVE rows moves
+    (single decoding rows still stay on their workers). Same interface as Scheduler."""
+
+    disabled_reason: str = field(init=False, default="")
+    calls: int = field(init=False, default=0)
+    moved_experts: int = field(init=False, default=0)
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def schedule(self, layer: int, cold_rows: Mapping[int, int], hot_rows: Iterable[int] = (),
+                 device_busy_seconds: float = 0.0, fixed: Collection[int] = ()) -> Schedule:
+        self.calls += 1
+        moved = frozenset(e for e, rows in cold_rows.items() if rows >= MIN_ROWS_TO_MOVE and e not in fixed)
+        self.moved_experts += len(moved)
+        return Schedule(moved=moved)
