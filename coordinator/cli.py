@@ -1,4 +1,5 @@
-"""`fiddler`: send prompts to a running cluster (`generate`), or launch, generate and stop in one go (`run`)."""
+"""`fiddler`: send prompts to a running cluster (`generate`), or launch, generate and stop in one go (`run`);
+record an expert profile (`profile`); show a running cluster's live statistics (`stats`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,6 +20,7 @@ from launch.cli import (
     HotExpertsOption,
     ModelOption,
     NumaOption,
+    ProfileOption,
     RemoteWorkerOption,
     ThreadsOption,
     TokenFileOption,
@@ -38,6 +41,7 @@ TopKOption = Annotated[int, typer.Option("--top-k", help="Sample among the k lik
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
 ChatOption = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object: ids, text and timings.")]
+AddressOption = Annotated[str | None, typer.Option(help="Coordinator address; default: the newest local cluster.")]
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Result:
     prefill_seconds: float
     decode_seconds: float
 
-    def as_json(self) -> str:
+    def as_json(self, **extra) -> str:
         return json.dumps(
             {
                 "prompt_token_ids": self.prompt_token_ids,
@@ -58,6 +62,7 @@ class Result:
                 "decode_seconds": self.decode_seconds,
                 "prefill_tokens_per_second": rate(len(self.prompt_token_ids), self.prefill_seconds),
                 "decode_tokens_per_second": rate(len(self.token_ids) - 1, self.decode_seconds),
+                **extra,
             }
         )
 
@@ -78,10 +83,43 @@ def _print_piece(text: str) -> None:
     sys.stdout.flush()
 
 
+def _find_cluster(address: str | None) -> tuple[str, int | None]:
+    """(address, pid of the launcher when known): the given address, else the newest running local cluster."""
+    from launch import rundir
+
+    if address is not None:
+        return address, None
+    clusters = rundir.live_clusters()
+    if not clusters:
+        raise fail('no running cluster found; start one with `fiddler-launch --model PATH` or use `fiddler run "..."`')
+    return clusters[0].address, clusters[0].pid
+
+
+def _ask_stats(client, address: str, owner_pid: int | None, timeout: float, reset: bool = False):
+    """Send a StatsRequest and wait for the StatsReply."""
+    from launch import rundir
+    from protocol import messages as m
+
+    client.send(m.StatsRequest(reset=reset))
+    waited = 0.0
+    while True:
+        msg = client.receive(timeout_s=1.0)
+        if isinstance(msg, m.StatsReply):
+            return msg
+        if isinstance(msg, m.Error):
+            raise fail(msg.message)
+        if msg is None:
+            waited += 1.0
+            if owner_pid is not None and not rundir._alive(owner_pid):
+                raise fail(f"the cluster at {address} stopped before answering")
+            if waited >= timeout:
+                raise fail(f"no answer from {address} within {timeout:.0f}s; is `fiddler-launch` running?")
+
+
 @app.command()
 def generate(
     prompt: PromptArg,
-    address: Annotated[str | None, typer.Option(help="Coordinator address; default: the newest local cluster.")] = None,
+    address: AddressOption = None,
     max_new_tokens: MaxNewTokensOption = 128,
     temperature: TemperatureOption = 0.0,
     top_p: TopPOption = 1.0,
@@ -90,8 +128,11 @@ def generate(
     chat: ChatOption = False,
     as_json: JsonOption = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the cluster between tokens.")] = 600.0,
+    show_stats: Annotated[bool, typer.Option("--stats", help="After the answer, show this request's statistics: "
+                                             "hit rate, moved experts, per-worker busy time and requests.")] = False,
 ) -> None:
     """Send a prompt to the running cluster and stream the answer."""
+    from coordinator import stats
     from coordinator.coordinator import check_sampling
     from launch import rundir
     from protocol import messages as m
@@ -101,14 +142,10 @@ def generate(
         check_sampling(max_new_tokens, temperature, top_p, top_k)
     except ValueError as e:
         raise fail(str(e)) from None
-    owner_pid = None
-    if address is None:
-        clusters = rundir.live_clusters()
-        if not clusters:
-            raise fail('no running cluster found; start one with `fiddler-launch --model PATH` or use `fiddler run "..."`')
-        address, owner_pid = clusters[0].address, clusters[0].pid
+    address, owner_pid = _find_cluster(address)
     client = Client(address)
     try:
+        before = _ask_stats(client, address, owner_pid, timeout) if show_stats else None
         client.send(m.GenerateRequest(prompt, max_new_tokens, temperature, top_p, top_k, seed, chat))
         waited = 0.0
         while True:
@@ -129,13 +166,16 @@ def generate(
                 break
             elif isinstance(msg, m.Error):
                 raise fail(msg.message)
+        used = stats.difference(before, _ask_stats(client, address, owner_pid, timeout)) if show_stats else None
     finally:
         client.close()
     if as_json:
-        print(result.as_json())
+        print(result.as_json(**({"stats": stats.as_dict(used)} if used else {})))
     else:
         print()
         typer.echo(result.summary(), err=True)
+        if used:
+            typer.echo("\n".join(["stats of this request:"] + ["  " + line for line in stats.describe(used)]), err=True)
 
 
 @app.command()
@@ -154,6 +194,7 @@ def run(
     transport: TransportOption = "shm",
     remote_worker: RemoteWorkerOption = None,
     token_file: TokenFileOption = None,
+    profile: ProfileOption = None,
     max_new_tokens: MaxNewTokensOption = 128,
     temperature: TemperatureOption = 0.0,
     top_p: TopPOption = 1.0,
@@ -175,7 +216,7 @@ def run(
         cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
                                        coordinator_threads, quiet=as_json, workers_per_socket=workers_per_socket,
                                        numa=numa, transport=transport, remote_workers=remote_worker,
-                                       token_file=token_file)
+                                       token_file=token_file, profile=profile)
         with cluster:
             stream = None if as_json else TextStream(cluster.tokenizer, lambda text, ids: _print_piece(text))
             out = cluster.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -190,6 +231,144 @@ def run(
     else:
         print()
         typer.echo(result.summary(), err=True)
+
+
+@app.command()
+def stats(
+    address: AddressOption = None,
+    save_profile: Annotated[Path | None, typer.Option("--save-profile", help="Also write the routing counts as an "
+                                                      "expert profile, for the next `fiddler-launch --profile`.")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with every count.")] = False,
+    reset: Annotated[bool, typer.Option("--reset", help="Start counting afresh after this answer.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the cluster (it answers between requests).")]
+    = 600.0,
+) -> None:
+    """Show the running cluster's live statistics: hit rate, per-worker busy time and requests, routing counts."""
+    from coordinator import stats as live
+    from coordinator.profile import ProfileError
+    from protocol.transport import Client
+
+    address, owner_pid = _find_cluster(address)
+    client = Client(address)
+    try:
+        reply = _ask_stats(client, address, owner_pid, timeout, reset=reset)
+    finally:
+        client.close()
+    if save_profile is not None:
+        if reply.tokens == 0:
+            raise fail("the cluster has not counted any tokens yet; send it some prompts first, then save the profile")
+        try:
+            path = live.to_profile(reply).save(save_profile)
+        except (ProfileError, OSError) as e:
+            raise fail(f"cannot write {save_profile}: {e}") from None
+        typer.echo(f"wrote {path}: {reply.tokens} tokens; use it with fiddler-launch --profile {path}", err=True)
+    if as_json:
+        print(json.dumps(live.as_dict(reply)))
+    else:
+        print("\n".join(live.describe(reply)))
+
+
+@app.command()
+def profile(
+    prompts: Annotated[Path, typer.Option("--prompts", help="Calibration prompts: a text file with one prompt per "
+                                          'line, or JSONL with {"prompt": ...}, {"text": ...} or {"messages": [...]} '
+                                          "per line.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the profile.")] = Path("profile.json"),
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate after each prompt, so that "
+                                            "decoding is counted too; 0 reads the prompts only.")] = 0,
+    model: ModelOption = None,
+    workers: WorkersOption = None,
+    workers_per_socket: WorkersPerSocketOption = None,
+    threads_per_worker: ThreadsOption = None,
+    numa: NumaOption = "on",
+    device: DeviceOption = "auto",
+    device_memory: DeviceMemoryOption = None,
+    dtype: DtypeOption = "auto",
+    hot_experts: HotExpertsOption = None,
+    coordinator_threads: CoordinatorThreadsOption = None,
+    transport: TransportOption = "shm",
+    remote_worker: RemoteWorkerOption = None,
+    token_file: TokenFileOption = None,
+) -> None:
+    """Run calibration prompts through a cluster and write how often each expert was routed (an expert profile)."""
+    import torch
+
+    from coordinator import stats as live
+    from coordinator.dispatch import WorkerFailed
+    from coordinator.profile import ProfileError, read_calibration_prompts
+    from expert_worker.checkpoint import CheckpointError
+    from launch.cli import _terminate_as_interrupt
+
+    _terminate_as_interrupt()
+    if max_tokens < 0:
+        raise fail(f"--max-tokens must be 0 or more, got {max_tokens}")
+    try:
+        calibration = read_calibration_prompts(prompts)
+    except ProfileError as e:
+        raise fail(str(e)) from None
+    try:
+        cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
+                                       coordinator_threads, workers_per_socket=workers_per_socket, numa=numa,
+                                       transport=transport, remote_workers=remote_worker, token_file=token_file)
+        with cluster:
+            coordinator = cluster.coordinator
+            shortened = 0
+            for number, prompt in enumerate(calibration, start=1):
+                ids, cut = _calibration_ids(coordinator, prompt, number, max_tokens)
+                shortened += cut
+                if max_tokens:
+                    cluster.generate(ids, max_new_tokens=max_tokens)
+                else:
+                    cluster.logits(torch.tensor([ids]))
+                if sys.stderr.isatty():
+                    typer.echo(f"\rprofiling: {number}/{len(calibration)} prompts, "
+                               f"{coordinator.dispatcher.stats.tokens} tokens", err=True, nl=False)
+            if sys.stderr.isatty():
+                typer.echo("", err=True)
+            recorded = live.to_profile(live.snapshot(coordinator))
+        path = recorded.save(out)
+    except KeyboardInterrupt:
+        raise fail("interrupted; the cluster was stopped and no profile was written") from None
+    except (CheckpointError, ValueError, WorkerFailed, PermissionError) as e:
+        raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot write {out}: {e}") from None
+    if shortened:
+        typer.echo(f"note: {shortened} prompt(s) were longer than the model's context and were cut", err=True)
+    typer.echo(f"wrote {path}: {len(calibration)} prompts, {recorded.tokens} tokens, {recorded.total} routings; "
+               f"{_concentration(recorded)}; use it with fiddler-launch --profile {path}", err=True)
+
+
+def _calibration_ids(coordinator, prompt, number: int, max_tokens: int) -> tuple[list[int], int]:
+    """A calibration prompt's token ids (a chat through the tokenizer's template), cut to fit the context; and
+    1 if it was cut, else 0."""
+    if isinstance(prompt, str):
+        ids = coordinator.encode_prompt(prompt)
+    else:
+        if not getattr(coordinator.tokenizer, "chat_template", None):
+            raise ValueError(f"prompt {number} is a chat but this model's tokenizer has no chat template; give it "
+                             'as {"prompt": "..."} instead')
+        ids = coordinator.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+    context = getattr(coordinator.layout.config, "max_position_embeddings", None)
+    room = context - max_tokens - 1 if context else None
+    if room is not None and len(ids) > room:
+        if room < 1:
+            raise ValueError(f"--max-tokens {max_tokens} leaves no room for a prompt in the model's context of "
+                             f"{context} tokens; lower it")
+        return ids[:room], 1
+    return ids, 0
+
+
+def _concentration(profile) -> str:
+    """How skewed the counts are: the share of routings that the most used quarter of the experts received."""
+    counts = sorted(profile.counts.values(), reverse=True)
+    quarter = max(1, len(counts) // 4)
+    share = sum(counts[:quarter]) / profile.total if profile.total else 0.0
+    return f"the most used {quarter} of {len(counts)} experts got {share:.0%} of them"
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -22,8 +22,11 @@ from transformers import AutoTokenizer, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from coordinator import loading
-from coordinator.dispatch import Dispatcher, WorkerFailed, WorkerLink
+from coordinator.dispatch import ClusterDegraded, Dispatcher, WorkerFailed, WorkerLink
 from coordinator.placement import Placement, format_size, parse_size, plan
+from coordinator.profile import ExpertProfile
+from coordinator.scheduling import MoveEveryExpert, Scheduler, load_or_measure
+from coordinator.staging import STAGING_BUFFERS, MappedShard, Staging
 from expert_worker.checkpoint import CheckpointError, TensorReader
 from expert_worker.compute import ExpertKernel
 from expert_worker.shard import load_expert
@@ -43,15 +46,18 @@ class Prepared:
     tokenizer: transformers.PreTrainedTokenizerBase
     placement: Placement  # for the local workers asked for; re-planned once remote workers report their size
     device: torch.device
-    budget: int | None = None  # device bytes for weights (None: every expert hot)
+    budget: int | None = None  # device bytes for weights (None: every expert hot), staging buffers taken out
     hot_experts: int | None = None
+    profile: ExpertProfile | None = None  # expert popularity steering placement (checked against the checkpoint)
+    scheduling: str = "auto"  # auto: the scheduler decides per layer call; never; always (tests: move all it can)
+    staging_buffers: int = 0  # device buffers for moved experts; 0: nothing can move, no shard is shared
 
     def plan(self, worker_weights: list[float]) -> Placement:
         """Placement over workers of the given relative compute capacity (e.g. their thread counts)."""
         layout = self.layout
         experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
         return plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, self.budget,
-                    len(worker_weights), self.hot_experts, worker_weights=worker_weights)
+                    len(worker_weights), self.hot_experts, profile=self.profile, worker_weights=worker_weights)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -114,8 +120,15 @@ def prepare(
     dtype: str | None = None,
     device_memory: str | None = None,
     hot_experts: int | None = None,
+    profile: str | os.PathLike | ExpertProfile | None = None,
+    scheduling: str = "auto",
 ) -> Prepared:
+    """profile: a profile file (`fiddler profile`) or an ExpertProfile, refused unless recorded on this checkpoint.
+    scheduling: auto (the scheduler moves cold experts to a GPU when that finishes a layer call sooner), never, or
+    always (every cold expert with several rows moves, also to a CPU device: for tests of the move path)."""
     # Flags first (cheap), then the checkpoint: every mistake is found here, before any process starts.
+    if scheduling not in ("auto", "never", "always"):
+        raise ValueError(f"scheduling must be auto, never or always, got {scheduling!r}")
     if workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {workers}")
     if hot_experts is not None and hot_experts < 0:
@@ -157,9 +170,24 @@ def prepare(
             f"the non-expert weights need {format_size(layout.non_expert_bytes)} on the GPU but the budget is "
             f"{format_size(budget)}; raise --device-memory or use --device cpu"
         )
+    if isinstance(profile, ExpertProfile):
+        profile.check(layout.fingerprint)
+    elif profile is not None:
+        profile = ExpertProfile.load(profile, expected_fingerprint=layout.fingerprint)
+    # Staging buffers for moved experts come out of the device budget, when some experts will be cold.
+    staging = 0
+    if scheduling == "always":
+        staging = STAGING_BUFFERS
+    elif scheduling == "auto" and torch_device.type == "cuda" and budget is not None:
+        spare = budget - layout.non_expert_bytes
+        if spare < layout.expert_bytes * layout.num_experts and spare >= STAGING_BUFFERS * layout.expert_bytes:
+            staging = STAGING_BUFFERS
+            budget -= staging * layout.expert_bytes
     experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
-    placement = plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, budget, workers, hot_experts)
-    return Prepared(skeleton, layout, tokenizer, placement, torch_device, budget, hot_experts)
+    placement = plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, budget, workers, hot_experts,
+                     profile=profile)
+    return Prepared(skeleton, layout, tokenizer, placement, torch_device, budget, hot_experts, profile, scheduling,
+                    staging)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None = None) -> None:
@@ -237,10 +265,18 @@ class Coordinator:
         self.layout = prepared.layout
         self.tokenizer = prepared.tokenizer
         self.device = prepared.device
-        alive = worker_alive or [lambda: True] * len(worker_addresses)
-        self.links = [
-            WorkerLink(f"worker-{i}", Client(address), [], alive[i]) for i, address in enumerate(worker_addresses)
-        ]
+        # Liveness: the launcher's view of a local process; for a remote one, ZeroMQ's heartbeat on the connection.
+        alive = worker_alive or [None] * len(worker_addresses)
+        self.links = []
+        for i, address in enumerate(worker_addresses):
+            client = Client(address)
+            self.links.append(WorkerLink(f"worker-{i}", client, [], alive[i] or client.peer_alive))
+        # Shared shards (only when something may move to the device): worker index -> its mapped shard, and the
+        # cold experts whose weights they hold. Notes for the plan print say what could not be done.
+        self.mapped: dict[int, MappedShard] = {}
+        self.reachable: dict[tuple[int, int], object] = {}
+        self.notes: list[str] = []
+        self.scheduling_line = ""
         try:
             self._start(token, transport, shm_rows, startup_timeout_s, progress)
         except BaseException:
@@ -249,16 +285,18 @@ class Coordinator:
 
     def _start(self, token: str, transport: str, shm_rows: int, timeout_s: float, progress: bool) -> None:
         layout = self.layout
+        self.degraded: str | None = None  # set when a worker is down for good
+        self._token = token
+        self._shm_capacity = 0
+        if transport == "shm" and shm.available():
+            self._shm_capacity = shm_rows * layout.config.hidden_size * layout.dtype.itemsize
         for link in self.links:
             link.client.send(m.Hello(m.PROTOCOL_VERSION, token))
         hellos = [self._expect(link, m.HelloReply, timeout_s) for link in self.links]
         self.hellos = hellos  # what each worker reports of itself: pid, threads, cpus, memory
-        if transport == "shm" and shm.available():
-            hidden = layout.config.hidden_size
-            capacity = shm_rows * hidden * torch.empty((), dtype=layout.dtype).element_size()
-            for link in self.links:
-                if link.client.address.startswith("ipc://"):  # same host; tcp workers keep ZeroMQ
-                    self._attach_shm(link, capacity, timeout_s)
+        for link in self.links:
+            if self._shm_capacity and link.is_local:  # same host; tcp workers keep ZeroMQ
+                self._attach_shm(link, self._shm_capacity, timeout_s)
 
         # Placement: the local plan, unless workers differ in size (remote hosts report their threads).
         weights = [float(h.threads) for h in hellos]
@@ -271,9 +309,7 @@ class Coordinator:
 
         # Shards first, so the workers read their experts while we read ours.
         for link in self.links:
-            sources = [layout.experts[e] for e in link.shard]
-            model_dir = str(layout.folder) if link.client.address.startswith("ipc://") else ""
-            link.send(m.LoadShard(model_dir, layout.fingerprint, layout.kernel, sources))
+            self._send_shard(link)
         total = layout.non_expert_bytes + layout.expert_bytes * layout.num_experts
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
                   leave=False) as bar:
@@ -287,13 +323,106 @@ class Coordinator:
                     bar.update(layout.expert_bytes)
             finally:
                 reader.close()
-            for link in self.links:
-                self._expect(link, m.Ready, timeout_s)
+            for i, link in enumerate(self.links):
+                self._adopt_shard(i, self._expect(link, m.Ready, timeout_s))
                 bar.update(layout.expert_bytes * len(link.shard))
-        self.dispatcher = Dispatcher(ExpertKernel(layout.kernel), hot, placement.owner, self.links)
+        scheduler, staging = self._make_scheduler(placement)
+        self.dispatcher = Dispatcher(ExpertKernel(layout.kernel), hot, placement.owner, self.links,
+                                     scheduler=scheduler, reachable=self.reachable, staging=staging)
         for layer in layout.moe_layers:
             layer.module.fiddler_layer = layer.layer
             layer.module.fiddler_dispatcher = self.dispatcher
+
+    def _send_shard(self, link: WorkerLink) -> None:
+        layout = self.layout
+        sources = [layout.experts[e] for e in link.shard]
+        model_dir = str(layout.folder) if link.is_local else ""  # a remote host uses its own copy
+        shared = self.prepared.staging_buffers > 0 and link.is_local  # only when something may move
+        link.send(m.LoadShard(model_dir, layout.fingerprint, layout.kernel, sources, shared=shared))
+
+    def _adopt_shard(self, index: int, ready: m.Ready) -> None:
+        """Map worker `index`'s shared shard read-only (and unlink its name), replacing an earlier mapping."""
+        old = self.mapped.pop(index, None)
+        if old is not None:
+            for key in old.experts:
+                self.reachable.pop(key, None)
+            old.close()
+        if not ready.shared_path:
+            if ready.shared_note:
+                self.notes.append(ready.shared_note + "; its experts are not moved to the device")
+            return
+        try:
+            mapped = MappedShard(ready, self.layout.dtype)
+        except (OSError, ValueError) as e:
+            self.notes.append(f"{self.links[index].name}'s shard could not be mapped ({e}); its experts are not moved "
+                              "to the device")
+            return
+        if self.device.type == "cuda":
+            note = mapped.pin()
+            if note:
+                self.notes.append(f"{self.links[index].name}: {note}")
+        self.mapped[index] = mapped
+        self.reachable.update(mapped.experts)
+
+    def _make_scheduler(self, placement: Placement):
+        """The per-call decision (coordinator/scheduling.py) and the staging buffers, or (None, None); sets the
+        plan print's line saying what the scheduler does."""
+        prepared, layout = self.prepared, self.layout
+        if prepared.scheduling == "never":
+            self.scheduling_line = "scheduler: off (scheduling='never'); every cold expert is computed by its worker"
+            return None, None
+        if not placement.owner:
+            self.scheduling_line = "scheduler: nothing to schedule, every expert is hot"
+            return None, None
+        if self.device.type == "cpu" and prepared.scheduling == "auto":
+            scheduler = Scheduler(None, placement.owner, placement.num_workers, 0, device=self.device)
+            self.scheduling_line = f"scheduler: off: {scheduler.disabled_reason}"
+            return None, None
+        if not self.reachable or prepared.staging_buffers == 0:
+            why = ("no worker shares its shard" if prepared.staging_buffers else
+                   "the device budget leaves no room for staging buffers")
+            self.scheduling_line = f"scheduler: off: {why}; every cold expert is computed by its worker"
+            return None, None
+        template = next(iter(self.reachable.values()))
+        staging = Staging(template, self.device, prepared.staging_buffers)
+        if prepared.scheduling == "always":
+            self.scheduling_line = (f"scheduler: forced to move every cold expert with several rows to {self.device} "
+                                    f"({staging.nbytes / 2**20:.1f} MiB staging)")
+            return MoveEveryExpert(), staging
+        threads = [h.threads for h in self.hellos]
+        # template is shared: timed as the workers compute it, never re-laid out (expert_worker/compute.py)
+        cost = load_or_measure(ExpertKernel(layout.kernel), template, self.device, worker_threads=max(threads))
+        per_layer = max(layer.num_experts for layer in layout.moe_layers)
+        scheduler = Scheduler(cost, placement.owner, placement.num_workers, staging_slots=per_layer,
+                              device=self.device, worker_scale=[max(threads) / t for t in threads])
+        self.scheduling_line = (
+            f"scheduler: moves a cold expert to {self.device} for a layer call when that ends the call sooner "
+            f"(copy {cost.copy_seconds * 1e3:.2f} ms, worker {cost.worker_seconds(1) * 1e3:.2f} ms for 1 row and "
+            f"{cost.worker_seconds(512) * 1e3:.1f} ms for 512; {staging.nbytes / 2**20:.0f} MiB staging)"
+        )
+        return scheduler, staging
+
+    def describe_scheduling(self) -> list[str]:
+        """The plan print's lines about moving experts: what the scheduler does, and anything that could not be
+        set up."""
+        return [self.scheduling_line] + [f"  note: {n}" for n in self.notes]
+
+    def restore_worker(self, index: int, address: str, alive: Callable[[], bool] | None = None,
+                       timeout_s: float = 600.0) -> None:
+        """Connect worker `index` again (a restarted process, or a remote one that is back) and reload its shard."""
+        link = self.links[index]
+        link.client.close()
+        if link.channel is not None:
+            link.channel.close()
+            link.channel = None
+        link.client = Client(address)
+        link.alive = alive or link.client.peer_alive
+        link.client.send(m.Hello(m.PROTOCOL_VERSION, self._token))
+        self.hellos[index] = self._expect(link, m.HelloReply, timeout_s)
+        if self._shm_capacity and link.is_local:
+            self._attach_shm(link, self._shm_capacity, timeout_s)
+        self._send_shard(link)
+        self._adopt_shard(index, self._expect(link, m.Ready, timeout_s))
 
     def _attach_shm(self, link: WorkerLink, capacity: int, timeout_s: float) -> None:
         channel = shm.ShmChannel.create(capacity)
@@ -312,18 +441,25 @@ class Coordinator:
             reply = link.client.receive(timeout_s=0.5)
             if reply is None:
                 if not link.alive():
-                    raise WorkerFailed(f"{link.describe()} exited during start-up; see its log above")
+                    raise WorkerFailed(f"{link.describe()} exited during start-up; see its log above",
+                                       self.links.index(link))
                 continue
             if isinstance(reply, m.Error):
-                raise WorkerFailed(f"{link.describe()} refused start-up: {reply.message}")
+                raise WorkerFailed(f"{link.describe()} refused start-up: {reply.message}", self.links.index(link))
             if isinstance(reply, kind):
                 return reply
-        raise WorkerFailed(f"{link.describe()} did not answer within {timeout_s:.0f}s during start-up")
+        raise WorkerFailed(f"{link.describe()} did not answer within {timeout_s:.0f}s during start-up",
+                           self.links.index(link))
+
+    def check_serving(self) -> None:
+        if getattr(self, "degraded", None):
+            raise ClusterDegraded(f"the cluster is degraded: {self.degraded}; restart fiddler-launch to recover")
 
     # --- running the model ---
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_serving()
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
@@ -354,6 +490,7 @@ class Coordinator:
         ignore_eos: bool = False,
         on_token: Callable[[int], None] | None = None,
     ) -> Generation:
+        self.check_serving()
         check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
         if isinstance(prompt, str) and not prompt.strip():
             raise ValueError("the prompt is empty; give some text")
@@ -431,3 +568,8 @@ class Coordinator:
             if link.channel is not None:
                 link.channel.close()
                 link.channel = None
+        if hasattr(self, "mapped"):  # drop our views of the workers' shards, then the mappings
+            self.reachable.clear()
+            for mapped in self.mapped.values():
+                mapped.close()
+            self.mapped.clear()

@@ -1,6 +1,11 @@
 """Scheduling one MoE layer call: group routed tokens by expert, send every cold expert's rows to its worker,
 compute the hot experts on the device while the workers run, then gather and combine with the routing weights.
 
+With a scheduler (coordinator/scheduling.py), a long prefill may take some cold experts off their workers for this
+call: their weights are copied from the worker's shared shard into a device staging buffer (coordinator/staging.py)
+and their rows computed on the device after the hot experts, while the workers compute the rest. A call with
+fewer tokens than MIN_ROWS_TO_MOVE (decoding one sequence) never asks: decode stays on the workers.
+
 The combination mirrors transformers' grouped_mm implementation (weighted rows, then a sum over top-k in the
 routing weights' precision), so results match transformers' own model.
 """
@@ -8,12 +13,13 @@ routing weights' precision), so results match transformers' own model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
 
 from coordinator.placement import Expert
+from coordinator.scheduling import MIN_ROWS_TO_MOVE
 from expert_worker.compute import ExpertKernel, ExpertWeights
 from protocol import messages as m
 from protocol.shm import ShmChannel
@@ -23,6 +29,15 @@ from protocol.wire import decode, encode
 
 class WorkerFailed(RuntimeError):
     """A worker did not answer, answered with an error, or died; the message names it and its shard."""
+
+    def __init__(self, message: str, worker: int | None = None):
+        super().__init__(message)
+        self.worker = worker
+
+
+class ClusterDegraded(RuntimeError):
+    """A worker is down for good (no restart, or its restarts are used up): requests are refused until the
+    cluster is launched again."""
 
 
 @dataclass
@@ -34,6 +49,10 @@ class WorkerLink:
     channel: ShmChannel | None = None  # shared-memory slots when the worker is on this host
     busy_seconds: float = 0.0
     requests: int = 0
+
+    @property
+    def is_local(self) -> bool:
+        return self.client.address.startswith("ipc://")
 
     def send(self, message: m.Message) -> None:
         """A message over ZeroMQ; rings the shared-memory bell too, since the worker may be asleep on it."""
@@ -51,19 +70,25 @@ class WorkerLink:
 class DispatchStats:
     """Counters for `fiddler stats` and the benchmarks' time breakdown; reset() starts a new window."""
 
-    hot_pairs: int = 0  # token-expert pairs computed on the device
-    cold_pairs: int = 0
+    hot_pairs: int = 0  # token-expert pairs computed on the device by hot experts
+    cold_pairs: int = 0  # ... computed by the workers
+    moved_pairs: int = 0  # ... of cold experts moved to the device for one call (the scheduler's choice)
+    moved_experts: int = 0  # expert computations moved to the device
+    tokens: int = 0  # tokens the model read (counted at its first MoE layer)
     layer_calls: int = 0
     dispatch_seconds: float = 0.0  # all time inside MoE expert calls
     hot_seconds: float = 0.0  # computing hot experts (overlaps the workers)
+    moved_seconds: float = 0.0  # copying moved experts to the device and computing them (overlaps the workers)
     wait_seconds: float = 0.0  # blocked on worker replies after the hot experts were done
     round_trip_seconds: float = 0.0  # first request sent -> last reply in, summed over layer calls
     worker_compute_seconds: float = 0.0  # the slowest worker's compute per layer call, summed
     routed: dict[Expert, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)  # when this window began (wall clock)
 
     @property
     def hit_rate(self) -> float:
-        total = self.hot_pairs + self.cold_pairs
+        """Share of token-expert pairs served by hot experts."""
+        total = self.hot_pairs + self.moved_pairs + self.cold_pairs
         return self.hot_pairs / total if total else 0.0
 
     @property
@@ -80,12 +105,22 @@ class Dispatcher:
         owner: dict[Expert, int],
         workers: list[WorkerLink],
         reply_timeout_s: float = 300.0,
+        scheduler=None,
+        reachable: dict[Expert, ExpertWeights] | None = None,
+        staging=None,
     ):
+        """scheduler: a coordinator.scheduling.Scheduler (or MoveEveryExpert) deciding per call which cold experts
+        to move; reachable: cold experts whose weights this process can copy (views of mapped shared shards);
+        staging: the coordinator.staging.Staging buffers moved experts are copied into."""
         self.kernel = kernel
         self.hot = hot
         self.owner = owner
         self.workers = workers
         self.reply_timeout_s = reply_timeout_s
+        self.scheduler = scheduler
+        self.reachable = reachable if reachable is not None else {}
+        self.staging = staging
+        self.first_layer = min((layer for layer, _ in [*hot, *owner]), default=None)
         self.stats = DispatchStats()
         self._next_id = 0
 
@@ -112,9 +147,12 @@ class Dispatcher:
                     self.stats.hot_pairs += count
                 else:
                     by_worker.setdefault(self.owner[key], []).append((expert, start, start + count))
-                    self.stats.cold_pairs += count
             start += count
         self.stats.layer_calls += 1
+        if layer == self.first_layer:
+            self.stats.tokens += num_tokens
+        moved = self._take_moved(layer, by_worker, hot_spans) if num_tokens >= MIN_ROWS_TO_MOVE else []
+        self.stats.cold_pairs += sum(hi - lo for spans in by_worker.values() for _, lo, hi in spans)
 
         # Every cold request goes out before anything waits.
         sent = time.perf_counter()
@@ -122,8 +160,14 @@ class Dispatcher:
         outputs = torch.empty_like(rows)
         for weights, lo, hi in hot_spans:
             outputs[lo:hi] = self.kernel.forward(weights, rows[lo:hi])
+        hot_done = time.perf_counter()
+        self.stats.hot_seconds += hot_done - sent
+        for expert, lo, hi in moved:  # copied into a staging buffer, computed here, while the workers run
+            slot, weights = self.staging.load(self.reachable[(layer, expert)])
+            outputs[lo:hi] = self.kernel.forward(weights, rows[lo:hi])
+            self.staging.release(slot)
         waited = time.perf_counter()
-        self.stats.hot_seconds += waited - sent
+        self.stats.moved_seconds += waited - hot_done
         slowest = 0.0
         for w, (request_id, seq, spans) in pending.items():
             reply = self._receive(w, request_id, seq, layer)
@@ -145,6 +189,28 @@ class Dispatcher:
         result = unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
         self.stats.dispatch_seconds += time.perf_counter() - entered
         return result
+
+    def _take_moved(self, layer: int, by_worker: dict[int, list[tuple[int, int, int]]],
+                    hot_spans: list[tuple[ExpertWeights, int, int]]) -> list[tuple[int, int, int]]:
+        """Ask the scheduler which cold experts of this call to compute here; take their spans out of by_worker."""
+        if self.scheduler is None or not self.scheduler.enabled or not by_worker:
+            return []
+        cold_rows = {e: hi - lo for spans in by_worker.values() for e, lo, hi in spans}
+        fixed: Collection[int] = {e for e in cold_rows if (layer, e) not in self.reachable}
+        schedule = self.scheduler.schedule(layer, cold_rows, [hi - lo for _, lo, hi in hot_spans], fixed=fixed)
+        if not schedule.moved:
+            return []
+        moved = []
+        for w in list(by_worker):
+            stay = [span for span in by_worker[w] if span[0] not in schedule.moved]
+            moved += [span for span in by_worker[w] if span[0] in schedule.moved]
+            if stay:
+                by_worker[w] = stay
+            else:
+                del by_worker[w]
+        self.stats.moved_experts += len(moved)
+        self.stats.moved_pairs += sum(hi - lo for _, lo, hi in moved)
+        return moved
 
     def _send(self, w: int, layer: int, rows: torch.Tensor, spans: list[tuple[int, int, int]]):
         """Send one worker its rows for this layer: straight into its shared-memory slot when they fit,
@@ -180,7 +246,7 @@ class Dispatcher:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise WorkerFailed(f"{link.describe()} did not reply within {self.reply_timeout_s:.0f}s")
+                raise WorkerFailed(f"{link.describe()} did not reply within {self.reply_timeout_s:.0f}s", w)
             if seq is not None:
                 frames = link.channel.wait_reply(seq, timeout_s=min(left, 1.0))
                 reply = None if frames is None else decode(frames)
@@ -188,10 +254,10 @@ class Dispatcher:
                 reply = link.client.receive(timeout_s=min(left, 1.0))
             if reply is None:
                 if not link.alive():
-                    raise WorkerFailed(f"{link.describe()} died while computing layer {layer}")
+                    raise WorkerFailed(f"{link.describe()} died while computing layer {layer}", w)
                 continue
             if isinstance(reply, m.Error):
-                raise WorkerFailed(f"{link.describe()} failed layer {layer}: {reply.message}")
+                raise WorkerFailed(f"{link.describe()} failed layer {layer}: {reply.message}", w)
             if isinstance(reply, m.ExpertReply) and reply.request_id == request_id:
                 link.busy_seconds += reply.compute_seconds
                 return reply

@@ -1,6 +1,6 @@
 """The coordinator's prompt endpoint: clients send GenerateRequest, receive TokenChunk messages as tokens are
-produced, then GenerateDone. Requests are served one at a time in arrival order; a bad request gets an Error and
-the service goes on serving the others.
+produced, then GenerateDone; a StatsRequest is answered with the live statistics (coordinator/stats.py). Requests
+are served one at a time in arrival order; a bad request gets an Error and the service goes on serving the others.
 """
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from coordinator import stats
 from coordinator.coordinator import Coordinator, check_sampling
-from coordinator.dispatch import WorkerFailed
+from coordinator.dispatch import ClusterDegraded, WorkerFailed
 from protocol import messages as m
 from protocol.transport import Server
 from protocol.wire import ProtocolError, decode
@@ -38,8 +39,18 @@ class TextStream:
 
 
 class PromptService:
-    def __init__(self, coordinator: Coordinator, address: str):
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        address: str,
+        on_failure: Callable[[WorkerFailed], None] = lambda failure: None,
+        on_idle: Callable[[], None] = lambda: None,
+    ):
+        """on_failure: called after a request failed on a worker (the launcher restarts it);
+        on_idle: called when no request came for a while (the launcher checks its workers)."""
         self.coordinator = coordinator
+        self.on_failure = on_failure
+        self.on_idle = on_idle
         self.server = Server(address)
         self.address = self.server.address
         self.requests_served = 0
@@ -52,6 +63,11 @@ class PromptService:
             msg = decode(frames)
             if isinstance(msg, m.Ping):
                 reply(m.Pong(0))
+                return
+            if isinstance(msg, m.StatsRequest):
+                reply(stats.snapshot(self.coordinator))
+                if msg.reset:
+                    stats.reset(self.coordinator)
                 return
             if not isinstance(msg, m.GenerateRequest):
                 raise ProtocolError("unexpected", f"the coordinator does not accept {msg.KIND!r} messages")
@@ -83,8 +99,15 @@ class PromptService:
             return
         except WorkerFailed as e:
             log.error("request failed: %s", e)
-            reply(m.Error("worker_failed", str(e)))
+            reply(m.Error("worker_failed", f"{e}; the cluster is restoring the worker, try again"))
+            self.on_failure(e)
             return
+        except ClusterDegraded as e:
+            reply(m.Error("degraded", str(e)))
+            return
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM in the middle of a request: tell its client, then stop
+            reply(m.Error("shutdown", "the cluster is shutting down (Ctrl-C or SIGTERM); the request was not finished"))
+            raise
         except Exception as e:  # report, keep serving
             log.exception("request failed")
             reply(m.Error("internal", f"{type(e).__name__}: {e}"))
@@ -106,5 +129,7 @@ class PromptService:
                 envelope = self.server.receive(timeout_s=0.5)
                 if envelope is not None:
                     self.handle(envelope.identity, envelope.frames)
+                else:
+                    self.on_idle()
         finally:
             self.server.close()

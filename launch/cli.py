@@ -51,6 +51,11 @@ RemoteWorkerOption = Annotated[
     typer.Option("--remote-worker", help="tcp://HOST:PORT of a `fiddler-worker --listen` on another machine "
                  "(repeatable)."),
 ]
+ProfileOption = Annotated[
+    Path | None,
+    typer.Option("--profile", help="Expert profile from `fiddler profile` or `fiddler stats --save-profile`: the "
+                 "most used experts that fit --device-memory become hot, cold ones are spread by expected load."),
+]
 TokenFileOption = Annotated[
     Path | None, typer.Option("--token-file", help="File with the cluster token that remote workers require.")
 ]
@@ -88,7 +93,7 @@ def check_workers(workers: int, threads: int) -> None:
 
 def cluster_from_options(model, workers, threads, device, device_memory, dtype, hot_experts, coordinator_threads,
                          quiet=False, workers_per_socket=None, numa="on", transport="shm", remote_workers=None,
-                         token_file=None):
+                         token_file=None, profile=None):
     """A Cluster for the command-line flags; a bad flag ends the command with one line saying how to fix it."""
     from launch.cluster import Cluster
 
@@ -114,7 +119,7 @@ def cluster_from_options(model, workers, threads, device, device_memory, dtype, 
     return Cluster(model, workers=workers, threads_per_worker=threads, device=device, dtype=dtype,
                    device_memory=device_memory, hot_experts=hot_experts, coordinator_threads=coordinator_threads,
                    quiet=quiet, workers_per_socket=workers_per_socket, numa=numa == "on", transport=transport,
-                   remote_workers=list(remote_workers or []), token=token)
+                   remote_workers=list(remote_workers or []), token=token, profile=profile)
 
 
 def fail(message: str) -> typer.Exit:
@@ -150,7 +155,11 @@ def launch(
     transport: TransportOption = "shm",
     remote_worker: RemoteWorkerOption = None,
     token_file: TokenFileOption = None,
+    profile: ProfileOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; start nothing.")] = False,
+    restart_workers: Annotated[bool, typer.Option(help="Start a local worker that died again, with its shard.")] = True,
+    max_restarts: Annotated[int, typer.Option(help="Restarts per worker before the cluster reports itself "
+                                              "degraded.")] = 3,
 ) -> None:
     """Start a cluster and serve prompts (send them with `fiddler generate`)."""
     from coordinator.dispatch import WorkerFailed
@@ -161,7 +170,11 @@ def launch(
     _terminate_as_interrupt()
     cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
                                    coordinator_threads, workers_per_socket=workers_per_socket, numa=numa,
-                                   transport=transport, remote_workers=remote_worker, token_file=token_file)
+                                   transport=transport, remote_workers=remote_worker, token_file=token_file,
+                                   profile=profile)
+    if max_restarts < 0:
+        raise fail(f"--max-restarts must be 0 or more, got {max_restarts}")
+    cluster.config.restart_workers, cluster.config.max_restarts = restart_workers, max_restarts
     if dry_run:
         try:
             for line in cluster.dry_run():
@@ -171,7 +184,8 @@ def launch(
         return
     try:
         with cluster:
-            service = PromptService(cluster.coordinator, f"ipc://{cluster.run_dir}/coordinator.sock")
+            service = PromptService(cluster.coordinator, f"ipc://{cluster.run_dir}/coordinator.sock",
+                                    on_failure=cluster.recover, on_idle=cluster.check_workers)
             rundir.publish(cluster.run_dir, rundir.ClusterInfo(os.getpid(), service.address,
                                                                str(cluster.config.model), time.time()))
             print(f"ready: prompts at {service.address}", flush=True)

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from coordinator.coordinator import Coordinator, Generation, prepare
+from coordinator.dispatch import WorkerFailed
 from coordinator.placement import format_size
+from coordinator.profile import ExpertProfile
 from launch import numa, rundir
 
 
@@ -40,13 +42,20 @@ class ClusterConfig:
     shm_rows: int = 4096  # rows per shared-memory slot; larger batches travel over ZeroMQ
     remote_workers: list[str] = field(default_factory=list)  # tcp://host:port of fiddler-worker --listen
     token: str = ""  # presented to remote workers
+    profile: Path | str | ExpertProfile | None = None  # expert popularity (`fiddler profile`): picks the hot set
+    scheduling: str = "auto"  # auto: move cold experts to a GPU when it pays; never; always (tests of the move path)
+    restart_workers: bool = True  # a local worker that dies is started again with the same shard
+    max_restarts: int = 3  # per worker; past it the cluster reports itself degraded
     quiet: bool = False
 
 
 class Cluster:
     def __init__(self, model: str | Path | None = None, **kwargs):
         self.config = ClusterConfig(model=Path(model) if model else None, **kwargs)
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list[subprocess.Popen] = []  # local workers, index = worker index
+        self.slots: list[numa.WorkerSlot] = []
+        self.addresses: list[str] = []  # local workers' sockets, then the remote workers
+        self.restarts: list[int] = []
         self.run_dir: Path | None = None
         self.coordinator: Coordinator | None = None
 
@@ -78,7 +87,7 @@ class Cluster:
         topology = numa.read_topology()
         layout = self.plan_workers()
         prepared = prepare(cfg.model, len(layout.workers) + len(cfg.remote_workers), cfg.device, cfg.dtype,
-                           cfg.device_memory, cfg.hot_experts)
+                           cfg.device_memory, cfg.hot_experts, cfg.profile, cfg.scheduling)
         placement = prepared.plan([float(slot.threads) for slot in layout.workers] + [1.0] * len(cfg.remote_workers))
         model = prepared.layout
         lines = [
@@ -126,22 +135,26 @@ class Cluster:
             self.log(f"warning: {warning}")
         # Everything that can be wrong with the checkpoint or flags is found here, before any process starts.
         num_workers = len(layout.workers) + len(cfg.remote_workers)
-        prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_memory, cfg.hot_experts)
+        prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_memory, cfg.hot_experts,
+                           cfg.profile, cfg.scheduling)
         if cfg.coordinator_threads:
             torch.set_num_threads(cfg.coordinator_threads)
         self.log(f"model: {prepared.layout.folder} ({prepared.layout.config.model_type}, {prepared.layout.dtype}), "
                  f"device: {prepared.device}, transport: {cfg.transport}")
         try:
             self.run_dir = rundir.create()
-            addresses = [f"ipc://{self.run_dir}/worker-{slot.index}.sock" for slot in layout.workers]
-            for slot, address in zip(layout.workers, addresses):
+            self.slots = layout.workers
+            self.addresses = [f"ipc://{self.run_dir}/worker-{slot.index}.sock" for slot in layout.workers]
+            self.addresses += list(cfg.remote_workers)
+            for slot, address in zip(layout.workers, self.addresses):
                 self.processes.append(self._spawn_worker(slot, address))
-            alive = [lambda p=p: p.poll() is None for p in self.processes]
-            alive += [lambda: True] * len(cfg.remote_workers)  # remote: the reply deadline tells
-            self.coordinator = Coordinator(prepared, addresses + list(cfg.remote_workers), alive, token=cfg.token,
+            self.restarts = [0] * len(self.addresses)
+            alive = [self._alive_check(i) for i in range(len(self.processes))]
+            alive += [None] * len(cfg.remote_workers)  # remote: ZeroMQ heartbeats tell
+            self.coordinator = Coordinator(prepared, self.addresses, alive, token=cfg.token,
                                            transport=cfg.transport, shm_rows=cfg.shm_rows,
                                            progress=not cfg.quiet)
-            for line in self.coordinator.placement.describe():
+            for line in self.coordinator.placement.describe() + self.coordinator.describe_scheduling():
                 self.log(line)
         except BaseException:
             self.stop()
@@ -189,6 +202,52 @@ class Cluster:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
 
+    # --- keeping it whole ---
+
+    def _alive_check(self, index: int):
+        return lambda: self.processes[index].poll() is None
+
+    def check_workers(self) -> None:
+        """Restart local workers that died (called on idle ticks and after a failed request)."""
+        for index, process in enumerate(self.processes):
+            if process.poll() is not None:
+                self._recover(index, f"exited with code {process.returncode}")
+
+    def recover(self, failure: WorkerFailed) -> None:
+        """After a request failed on a worker: bring that worker back, or mark the cluster degraded."""
+        if failure.worker is None:
+            return
+        if failure.worker < len(self.processes):
+            process = self.processes[failure.worker]
+            if process.poll() is None:  # alive but failing (e.g. stuck past the deadline): replace it
+                process.kill()
+                process.wait()
+        self._recover(failure.worker, str(failure))
+
+    def _recover(self, index: int, reason: str) -> None:
+        coordinator = self._running()
+        name = f"worker-{index}"
+        if coordinator.degraded:
+            return
+        local = index < len(self.processes)
+        if local and (not self.config.restart_workers or self.restarts[index] >= self.config.max_restarts):
+            why = "restarts are off" if not self.config.restart_workers else f"{self.restarts[index]} restarts used"
+            coordinator.degraded = f"{name} ({self.addresses[index]}) {reason}; {why}"
+            self.log(f"error: cluster degraded: {coordinator.degraded}")
+            return
+        self.restarts[index] += 1
+        try:
+            if local:
+                self.log(f"{name} {reason}; restarting it with the same shard")
+                self.processes[index] = self._spawn_worker(self.slots[index], self.addresses[index])
+                coordinator.restore_worker(index, self.addresses[index], self._alive_check(index), timeout_s=120)
+            else:  # a remote worker cannot be started from here; reconnect if it is back
+                coordinator.restore_worker(index, self.addresses[index], timeout_s=10)
+            self.log(f"{name} is back")
+        except WorkerFailed as e:
+            coordinator.degraded = f"{name} ({self.addresses[index]}) could not be brought back: {e}"
+            self.log(f"error: cluster degraded: {coordinator.degraded}")
+
     # --- using it ---
 
     def _running(self) -> Coordinator:
@@ -197,10 +256,18 @@ class Cluster:
         return self.coordinator
 
     def generate(self, prompt: str | list[int], **kwargs) -> Generation:
-        return self._running().generate(prompt, **kwargs)
+        try:
+            return self._running().generate(prompt, **kwargs)
+        except WorkerFailed as e:
+            self.recover(e)  # this request fails; the next one finds the worker back
+            raise
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._running().logits(input_ids, attention_mask)
+        try:
+            return self._running().logits(input_ids, attention_mask)
+        except WorkerFailed as e:
+            self.recover(e)
+            raise
 
     @property
     def tokenizer(self):
