@@ -4,6 +4,7 @@ record an expert profile (`profile`); show a running cluster's live statistics (
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -378,8 +379,25 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise fail(f"{flag} takes a comma-separated list of whole numbers, like 1,2,4; got {text!r}") from None
 
 
+def _bench_transport(out) -> None:
+    import json
+    import platform
+
+    from coordinator import bench_transport
+
+    results = bench_transport.run()
+    print(bench_transport.table(results))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "transport.json"
+    path.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                                "results": bench_transport.as_dicts(results)}, indent=1))
+    typer.echo(f"wrote {path}", err=True)
+
+
 @app.command()
 def bench(
+    what: Annotated[str, typer.Argument(help="model: tokens/s of a cluster (default); transport: round-trip "
+                                        "latency of shared memory, ZeroMQ ipc and tcp.")] = "model",
     preset: Annotated[str, typer.Option(help="Random-weight checkpoint of real shapes, written once and cached: "
                                         "tiny, mini, small, qwen3-moe-mini, mixtral-8x7b, ...")] = "mini",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Benchmark this checkpoint folder "
@@ -406,8 +424,15 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
     bandwidth_mib: Annotated[int, typer.Option(help="Array size for the read-bandwidth measurement.")] = 1024,
 ) -> None:
-    """Prefill and decode tokens/s of the cluster against transformers and the memory-bandwidth ceiling."""
+    """Prefill and decode tokens/s of the cluster against transformers and the memory-bandwidth ceiling;
+    `fiddler bench transport` measures the transports instead."""
     from pathlib import Path
+
+    if what == "transport":
+        _bench_transport(Path(out))
+        return
+    if what != "model":
+        raise fail(f"unknown benchmark {what!r}; use `fiddler bench` (model) or `fiddler bench transport`")
 
     from coordinator import bench as bench_module
     from coordinator import bench_report
