@@ -32,7 +32,7 @@ from launch.cli import (
     fail,
 )
 
-app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, rich_markup_mode=None)
 
 PromptArg = Annotated[str, typer.Argument(help="The prompt text.")]
 MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")]
@@ -140,7 +140,7 @@ def generate(
     from protocol.transport import Client
 
     try:
-        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
     except ValueError as e:
         raise fail(str(e)) from None
     address, owner_pid = _find_cluster(address)
@@ -213,7 +213,7 @@ def run(
 
     _terminate_as_interrupt()
     try:
-        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
         cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
                                        coordinator_threads, quiet=as_json, workers_per_socket=workers_per_socket,
                                        numa=numa, transport=transport, remote_workers=remote_worker,
@@ -418,6 +418,8 @@ def bench(
     interleave: Annotated[bool, typer.Option(help="Load every contestant at once and run them in turns, so "
                           "load from elsewhere hurts all alike (when memory allows).")] = True,
     baseline: Annotated[bool, typer.Option(help="Also run transformers' own generate.")] = True,
+    baseline_threads: Annotated[str | None, typer.Option(help="Thread counts for transformers, e.g. 1,2. Default: "
+                                "each cluster's total threads, up to the cores.")] = None,
     out: Annotated[str, typer.Option(help="Folder for the JSON and PNG results.")] = "bench-results",
     chart: Annotated[bool, typer.Option(help="Draw the PNG chart (needs matplotlib: pip install -e '.[bench]').")]
     = True,
@@ -449,6 +451,7 @@ def bench(
         device=device, baseline=baseline, out=Path(out), chart=chart, seed=seed, bandwidth_mib=bandwidth_mib,
         coordinator_threads=_int_list(coordinator_threads, "--coordinator-threads") if coordinator_threads else [None],
         interleave=interleave,
+        baseline_threads=_int_list(baseline_threads, "--baseline-threads") if baseline_threads else None,
     )
     try:
         result = bench_module.run_bench(options)

@@ -17,6 +17,9 @@ from protocol.wire import ProtocolError, decode
 
 log = logging.getLogger("fiddler.service")
 
+# A prompt request is text: 64 MiB holds any context length with room to spare; larger messages are dropped unread.
+PROMPT_MESSAGE_BYTES = 64 << 20
+
 
 class TextStream:
     """Turns token ids into text pieces, holding back an incomplete UTF-8 character until it is whole."""
@@ -51,7 +54,7 @@ class PromptService:
         self.coordinator = coordinator
         self.on_failure = on_failure
         self.on_idle = on_idle
-        self.server = Server(address)
+        self.server = Server(address, max_message_bytes=PROMPT_MESSAGE_BYTES)
         self.address = self.server.address
         self.requests_served = 0
 

@@ -15,7 +15,7 @@ import typer
 
 from launch.numa import bind_memory_to_node, parse_cpu_list
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 
 def _fail(message: str) -> typer.Exit:

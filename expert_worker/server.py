@@ -65,7 +65,11 @@ class Worker:
         folder = Path(msg.model_dir) if msg.model_dir else self.config.model_dir
         if folder is None:
             raise RequestError("no_model", "this worker has no checkpoint folder; start it with --model PATH")
-        if not (folder / "config.json").exists():
+        try:
+            has_config = (folder / "config.json").is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise RequestError("no_model", f"cannot read the checkpoint folder: {e.strerror}") from None
+        if not has_config:
             raise RequestError("no_model", f"{folder} has no config.json; point --model at the checkpoint folder")
         started = time.perf_counter()
         try:
@@ -86,7 +90,7 @@ class Worker:
                     log.warning("%s", note)
             if self.shared is None:
                 self.shard = load_shard(folder, msg.experts, msg.kernel.dtype)
-        except (CheckpointError, ValueError, ProtocolError) as e:
+        except (CheckpointError, ValueError, ProtocolError, OSError) as e:
             raise RequestError("load_failed", str(e)) from None
         self.kernel = kernel
         nbytes = sum(w.nbytes for w in self.shard.values())

@@ -123,7 +123,7 @@ class Cluster:
 
     def start(self) -> None:
         cfg = self.config
-        if (cfg.workers is not None and cfg.workers < 0) or (cfg.threads_per_worker or 1) < 1:
+        if (cfg.workers is not None and cfg.workers < 0) or (cfg.threads_per_worker is not None and cfg.threads_per_worker < 1):
             raise ValueError("--workers must be 0 or more and --threads-per-worker 1 or more")
         if cfg.model is None:
             from coordinator.synthetic import builtin_model_path

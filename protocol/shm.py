@@ -72,6 +72,7 @@ class ShmChannel:
 
     def __init__(self, path: str, capacity: int, create: bool):
         self.path = path
+        self.owner = create  # only the creator removes the name: a peer's message never makes us unlink a file
         self.capacity = capacity
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
@@ -110,7 +111,8 @@ class ShmChannel:
             pass
 
     def close(self) -> None:
-        self.unlink()
+        if self.owner:
+            self.unlink()
         self._words.clear()
         self._sizes.clear()
         try:

@@ -41,12 +41,13 @@ class Envelope:
 class Server:
     """The serving end (worker, coordinator service): ROUTER bound to one address."""
 
-    def __init__(self, address: str, context: zmq.Context | None = None):
+    def __init__(self, address: str, context: zmq.Context | None = None, max_message_bytes: int | None = None):
         self.address = check_address(address)
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        # larger messages are dropped unread
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes or MAX_MESSAGE_BYTES)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client must not block a reply
         path = ipc_path(address)
         if path:
