@@ -108,16 +108,18 @@ def write_chart(result: dict, out: Path, stem: str) -> Path | None:
     decode = [c["decode_tokens_per_second"] for c in clusters] + [b["decode_tokens_per_second"] for b in baselines]
     ceiling = result["ceiling"]["decode_tokens_per_second"]
 
-    width = max(10.0, 2.2 * len(labels) * 1.5 + 4)
+    width = min(18.0, 7.0 + 1.8 * len(labels))
     fig, axes = plt.subplots(1, 3, figsize=(width, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
     ax = axes[0]
     ax.bar(range(len(labels)), prefill, color=colors)
     ax.set_title("prefill, tokens/s")
     ax = axes[1]
-    ax.bar(range(len(labels)), decode, color=colors)
+    bars = ax.bar(range(len(labels)), decode, color=colors)
+    if ceiling > 0:
+        ax.bar_label(bars, [f"{v:.1f}\n{v / ceiling:.0%}" for v in decode], fontsize="x-small")
     ax.axhline(ceiling, color="tab:red", linestyle="--", label=f"memory-bandwidth ceiling {ceiling:.1f}")
     ax.set_title("decode, tokens/s")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper right", fontsize="x-small")
     for ax in axes[:2]:
         ax.set_xticks(range(len(labels)), labels, fontsize="small")
         ax.grid(axis="y", alpha=0.3)

@@ -209,7 +209,8 @@ class ClusterRunner:
         per_token = lambda total: 1e3 * total / steps if steps else 0.0  # noqa: E731
         pairs = sum(d["hot_pairs"] + d["cold_pairs"] for d in self.decode)
         return {
-            "config": asdict(self.config) | {"coordinator_threads": self.threads, "label": self.config.label(self.threads)},
+            "config": asdict(self.config) | {"coordinator_threads": self.threads,
+                                             "label": self.config.label(self.threads)},
             "total_threads": self.total_threads,
             "hot_experts": self.hot,
             "hot_share": self.hot / self.total_experts if self.total_experts else 0.0,
