@@ -1,5 +1,8 @@
 """`fiddler bench transport`: round-trip latency and throughput of each way activations can travel.
 
+The first row, "wake (doorbell)", is two processes waking each other through the shared-memory futex with no
+message: the cost of waking a process, the floor under every transport.
+
 Per decode token the coordinator makes one round trip to the workers per MoE layer, so the transport's latency,
 not its bandwidth, sets our overhead. This measures, side by side in one run, a real worker process echoing rows
 back over shared memory, ZeroMQ ipc and ZeroMQ tcp (loopback), for one decode row and a 512-row prefill batch at
@@ -24,7 +27,7 @@ import torch
 from protocol import messages as m
 from protocol.shm import ShmChannel, available
 from protocol.transport import Client
-from protocol.wire import decode, encode
+from protocol.wire import decode, encode_header
 
 
 @dataclass
@@ -43,7 +46,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _measure(name: str, rows: torch.Tensor, round_trip: Callable[[], None], iterations: int) -> TransportResult:
-    for _ in range(max(3, iterations // 10)):  # warm-up
+    for _ in range(max(10, iterations // 2)):  # warm-up: the first round trips of a fresh worker are slow
         round_trip()
     times = []
     for _ in range(iterations):
@@ -86,10 +89,33 @@ def _shm_round_trip(channel: ShmChannel, rows: torch.Tensor) -> Callable[[], Non
     def round_trip():
         view = channel.request_view(rows.dtype, shape)
         view.copy_(rows)
-        seq = channel.post_request(encode(m.Echo(1, view))[0], view.numel() * view.element_size())
+        seq = channel.post_request(encode_header(m.Echo(1, view)), view.numel() * view.element_size())
         frames = channel.wait_reply(seq, timeout_s=30)
         reply = decode(frames)
         rows.copy_(reply.outputs)
+
+    return round_trip
+
+
+_DOORBELL_ECHO = """
+import sys
+from protocol.shm import ShmChannel
+channel = ShmChannel.attach(sys.argv[1], int(sys.argv[2]))
+while True:
+    request = channel.wait_request(timeout_s=5.0)
+    if request is None:
+        break
+    channel.post_reply(request[0], b"", 0)
+"""
+
+
+def _doorbell_round_trip(channel: ShmChannel) -> Callable[[], None]:
+    """Wake another process and be woken back, with no message at all: the floor under any transport."""
+
+    def round_trip():
+        seq = channel.post_request(b"", 0)
+        if channel.wait_reply(seq, timeout_s=30) is None:
+            raise RuntimeError("the doorbell echo process did not answer")
 
     return round_trip
 
@@ -130,6 +156,20 @@ def run(row_counts=(1, 512), hidden_sizes=(4096, 7168), dtype=torch.bfloat16, it
                 if not isinstance(clients["shm"].receive(timeout_s=30), m.Pong):
                     raise RuntimeError("the benchmark worker could not map the shared-memory slot")
                 channel.unlink()
+            if channel is not None:
+                bell = ShmChannel.create(4096)
+                echo = subprocess.Popen([sys.executable, "-c", _DOORBELL_ECHO, bell.path, "4096"])
+                try:
+                    deadline = time.monotonic() + 60
+                    while bell.wait_reply(bell.post_request(b"", 0), timeout_s=0.5) is None:  # until it attached
+                        if time.monotonic() > deadline or echo.poll() is not None:
+                            raise RuntimeError("the doorbell echo process did not start")
+                    results.append(_measure("wake (doorbell)", torch.empty(0, 0), _doorbell_round_trip(bell),
+                                            iterations))
+                finally:
+                    echo.terminate()
+                    echo.wait(timeout=10)
+                    bell.close()
             for hidden in hidden_sizes:
                 for count in row_counts:
                     rows = torch.randn(count, hidden).to(dtype)

@@ -24,7 +24,7 @@ from expert_worker.compute import ExpertKernel, ExpertWeights
 from protocol import messages as m
 from protocol.shm import ShmChannel
 from protocol.transport import Client
-from protocol.wire import decode, encode
+from protocol.wire import decode, encode_header
 
 
 class WorkerFailed(RuntimeError):
@@ -233,7 +233,7 @@ class Dispatcher:
             rows=batch,
         )
         if use_shm:
-            seq = link.channel.post_request(encode(request)[0], batch.numel() * batch.element_size())
+            seq = link.channel.post_request(encode_header(request), batch.numel() * batch.element_size())
         else:
             seq = None
             link.send(request)

@@ -21,7 +21,7 @@ from expert_worker.shard import SharedMemoryUnavailable, SharedShard, load_shard
 from protocol import messages as m
 from protocol.shm import ShmChannel
 from protocol.transport import Server
-from protocol.wire import ProtocolError, decode, encode
+from protocol.wire import ProtocolError, decode, encode_header
 
 log = logging.getLogger("fiddler.worker")
 
@@ -171,7 +171,7 @@ class Worker:
         except Exception as e:
             log.exception("%s: request failed", self.config.name)
             reply, data_bytes = m.Error(code="internal", message=f"{type(e).__name__}: {e}"), 0
-        channel.post_reply(seq, encode(reply)[0], data_bytes)
+        channel.post_reply(seq, encode_header(reply), data_bytes)
 
     def on_ping(self, peer: bytes, msg: m.Ping) -> m.Message:
         return m.Pong(os.getpid())

@@ -49,6 +49,14 @@ class ClusterConfig:
     quiet: bool = False
 
 
+def coordinator_cores(device: str, topology: numa.Topology) -> int:
+    """Cores kept for the coordinator: one to drive a GPU; on a CPU-only machine it also runs attention and the
+    other non-expert layers, so an eighth of the cores."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, topology.physical_cores // 8)
+
+
 class Cluster:
     def __init__(self, model: str | Path | None = None, **kwargs):
         self.config = ClusterConfig(model=Path(model) if model else None, **kwargs)
@@ -74,8 +82,9 @@ class Cluster:
 
     def plan_workers(self) -> numa.Layout:
         cfg = self.config
-        return numa.lay_out(numa.read_topology(), cfg.workers, cfg.workers_per_socket, cfg.threads_per_worker,
-                            numa=cfg.numa)
+        topology = numa.read_topology()
+        return numa.lay_out(topology, cfg.workers, cfg.workers_per_socket, cfg.threads_per_worker,
+                            coordinator_cores=coordinator_cores(cfg.device, topology), numa=cfg.numa)
 
     def dry_run(self) -> list[str]:
         """The plan, as `fiddler-launch --dry-run` prints it: nothing is started."""
@@ -137,8 +146,9 @@ class Cluster:
         num_workers = len(layout.workers) + len(cfg.remote_workers)
         prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_memory, cfg.hot_experts,
                            cfg.profile, cfg.scheduling)
-        if cfg.coordinator_threads:
-            torch.set_num_threads(cfg.coordinator_threads)
+        # The coordinator's threads are counted among the cores: left at torch's default (every core) they fight
+        # the workers for the cores the layout gave them.
+        torch.set_num_threads(cfg.coordinator_threads or len(layout.coordinator_cpus))
         self.log(f"model: {prepared.layout.folder} ({prepared.layout.config.model_type}, {prepared.layout.dtype}), "
                  f"device: {prepared.device}, transport: {cfg.transport}")
         try:
@@ -172,7 +182,8 @@ class Cluster:
             command += ["--cpus", numa.format_cpu_list(slot.cpus)]
         if slot.node is not None:
             command += ["--numa-node", str(slot.node)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads))
+        # PASSIVE: OpenMP threads sleep between expert calls instead of spinning on cores others need.
+        env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads), OMP_WAIT_POLICY="PASSIVE")
         if self.config.quiet:
             env["FIDDLER_WORKER_QUIET"] = "1"
         # Own session: a Ctrl-C at the terminal reaches the launcher, which stops the workers in order.

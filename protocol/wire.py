@@ -14,6 +14,7 @@ import math
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from typing import Any, Union
 
 import msgpack
@@ -91,17 +92,34 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
-def encode(message: Message) -> list[Any]:
-    body, tensors, frames = {}, [], []
-    for f in dataclasses.fields(message):
-        value = getattr(message, f.name)
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _header(message: Message) -> tuple[bytes, list[torch.Tensor]]:
+    body, specs, tensors = {}, [], []
+    for name in _field_names(type(message)):
+        value = getattr(message, name)
         if isinstance(value, torch.Tensor):
-            tensors.append({"field": f.name, "dtype": dtype_name(value.dtype), "shape": list(value.shape)})
-            frames.append(tensor_bytes(value))
+            specs.append({"field": name, "dtype": dtype_name(value.dtype), "shape": list(value.shape)})
+            tensors.append(value)
+        elif isinstance(value, list | tuple) or dataclasses.is_dataclass(value):
+            body[name] = _plain(value)
         else:
-            body[f.name] = _plain(value)
-    header = {"v": PROTOCOL_VERSION, "kind": message.KIND, "body": body, "tensors": tensors}
-    return [msgpack.packb(header, use_bin_type=True), *frames]
+            body[name] = value
+    header = {"v": PROTOCOL_VERSION, "kind": message.KIND, "body": body, "tensors": specs}
+    return msgpack.packb(header, use_bin_type=True), tensors
+
+
+def encode(message: Message) -> list[Any]:
+    header, tensors = _header(message)
+    return [header, *(tensor_bytes(t) for t in tensors)]
+
+
+def encode_header(message: Message) -> bytes:
+    """Only the header frame: for the shared-memory transport, whose tensors are already in the slot."""
+    return _header(message)[0]
 
 
 # --- decoding ---
@@ -112,37 +130,85 @@ def _frame_buffer(frame: Any) -> memoryview:
     return memoryview(buf)
 
 
+Validator = Callable[[Any, str], Any]
+
+
 def _check(value: Any, hint: Any, where: str) -> Any:
     """Validate a decoded msgpack value against a type hint; build nested dataclasses."""
+    return _validator(hint)(value, where)
+
+
+def _bad(where: str, expected: str, value: Any) -> ProtocolError:
+    return ProtocolError("bad_field", f"{where}: expected {expected}, got {type(value).__name__}")
+
+
+@functools.cache
+def _validator(hint: Any) -> Validator:
+    """A checker for one type hint, built once: decode runs per expert request, so no typing introspection there."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            if option is type(None):
-                if value is None:
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        nullable = len(options) < len(typing.get_args(hint))
+        checks = [_validator(option) for option in options]
+
+        def check_union(value, where):
+            if value is None:
+                if nullable:
                     return None
-                continue
-            try:
-                return _check(value, option, where)
-            except ProtocolError as e:
-                errors.append(e.message)
-        raise ProtocolError("bad_field", f"{where}: {errors[0] if errors else 'must not be null'}")
+                raise ProtocolError("bad_field", f"{where}: must not be null")
+            errors = []
+            for check in checks:
+                try:
+                    return check(value, where)
+                except ProtocolError as e:
+                    errors.append(e.message)
+            raise ProtocolError("bad_field", f"{where}: {errors[0] if errors else 'must not be null'}")
+
+        return check_union
     if origin is list:
-        if not isinstance(value, list):
-            raise ProtocolError("bad_field", f"{where}: expected a list, got {type(value).__name__}")
         (item,) = typing.get_args(hint)
-        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        if item is int:  # the common case (expert ids, row counts, token ids): one pass, no per-item calls
+
+            def check_int_list(value, where):
+                if not isinstance(value, list):
+                    raise _bad(where, "a list", value)
+                for i, v in enumerate(value):
+                    if type(v) is not int:
+                        raise _bad(f"{where}[{i}]", "int", v)
+                return value
+
+            return check_int_list
+        check_item = _validator(item)
+
+        def check_list(value, where):
+            if not isinstance(value, list):
+                raise _bad(where, "a list", value)
+            return [check_item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+        return check_list
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return lambda value, where: _build(hint, value, where)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ProtocolError("bad_field", f"{where}: expected a number, got {type(value).__name__}")
-        return float(value)
+
+        def check_float(value, where):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise _bad(where, "a number", value)
+            return float(value)
+
+        return check_float
     if hint in (int, str, bool):
-        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise ProtocolError("bad_field", f"{where}: expected {hint.__name__}, got {type(value).__name__}")
-        return value
-    raise ProtocolError("bad_field", f"{where}: unsupported field type {hint}")
+
+        def check_plain(value, where):
+            if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+                raise _bad(where, hint.__name__, value)
+            return value
+
+        return check_plain
+
+    def unsupported(value, where):
+        raise ProtocolError("bad_field", f"{where}: unsupported field type {hint}")
+
+    return unsupported
 
 
 @functools.cache
@@ -150,26 +216,38 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)  # resolving string annotations is slow; decode is on the hot path
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[list[tuple[str, Validator | None, bool]], frozenset, frozenset]:
+    """Per message class: (name, validator or None for a tensor, required) for each field, and the sets of
+    plain and tensor field names."""
+    hints = _type_hints(cls)
+    specs, plain, tensor = [], set(), set()
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if hints[f.name] is torch.Tensor:
+            specs.append((f.name, None, True))
+            tensor.add(f.name)
+        else:
+            specs.append((f.name, _validator(hints[f.name]), required))
+            plain.add(f.name)
+    return specs, frozenset(plain), frozenset(tensor)
+
+
 def _build(cls: type, body: Any, where: str, tensors: dict[str, torch.Tensor] | None = None) -> Any:
     if not isinstance(body, dict):
         raise ProtocolError("bad_field", f"{where}: expected a map")
-    hints = _type_hints(cls)
+    specs, known, tensor_fields = _fields(cls)
     tensors = tensors or {}
     kwargs: dict[str, Any] = {}
-    known, tensor_fields = set(), set()
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if hint is torch.Tensor:
-            tensor_fields.add(f.name)
-            if f.name not in tensors:
-                raise ProtocolError("missing_tensor", f"{where}.{f.name}: tensor frame missing")
-            kwargs[f.name] = tensors[f.name]
-            continue
-        known.add(f.name)
-        if f.name in body:
-            kwargs[f.name] = _check(body[f.name], hint, f"{where}.{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError("missing_field", f"{where}: required field {f.name!r} missing")
+    for name, check, required in specs:
+        if check is None:
+            if name not in tensors:
+                raise ProtocolError("missing_tensor", f"{where}.{name}: tensor frame missing")
+            kwargs[name] = tensors[name]
+        elif name in body:
+            kwargs[name] = check(body[name], f"{where}.{name}")
+        elif required:
+            raise ProtocolError("missing_field", f"{where}: required field {name!r} missing")
     unknown = set(body) - known
     if unknown:
         names = sorted(_short(k) for k in unknown)
@@ -196,8 +274,7 @@ def _tensor(spec: Any, frame: Any, where: str) -> tuple[str, torch.Tensor]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
     ):
         raise ProtocolError("bad_shape", f"{where}: shape {_short(shape)} is not a list of up to 4 sizes")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if expected > MAX_TENSOR_BYTES:
         raise ProtocolError("too_large", f"{where}: {expected} bytes exceeds the {MAX_TENSOR_BYTES}-byte limit")
     buf = _frame_buffer(frame)

@@ -3,7 +3,6 @@ moment, long runs. Each ends with a clear message, never a hang, an orphan or a 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
