@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from launch.cli import read_token
 from launch.numa import bind_memory_to_node, parse_cpu_list
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
@@ -37,19 +38,6 @@ def _is_loopback(host: str) -> bool:
     except (OSError, UnicodeError):
         return False
     return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
-
-
-def _read_token(token_file: Path | None) -> str:
-    """The cluster token, from --token-file or $FIDDLER_TOKEN; never printed."""
-    if token_file is None:
-        return os.environ.get("FIDDLER_TOKEN", "")
-    try:
-        token = token_file.read_text().strip()
-    except OSError as e:
-        raise _fail(f"cannot read --token-file {token_file}: {e.strerror}") from None
-    if not token:
-        raise _fail(f"--token-file {token_file} is empty; put the cluster token in it")
-    return token
 
 
 def _check_listen(listen: str, token: str) -> None:
@@ -94,7 +82,10 @@ def serve(
 ) -> None:
     from expert_worker.server import Worker, WorkerConfig
 
-    token = _read_token(token_file)
+    try:
+        token = read_token(token_file)
+    except ValueError as e:
+        raise _fail(str(e)) from None
     _check_listen(listen, token)
     quiet = os.environ.get("FIDDLER_WORKER_QUIET") == "1"
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -49,3 +49,21 @@ def process_gone(pid: int) -> bool:
             return f.read().split()[2] == "Z"  # a zombie is dead, merely not reaped by its parent yet
     except FileNotFoundError:
         return True
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is pid, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def shm_files() -> set[str]:
+    """Shared-memory files of this project in /dev/shm (slots and shards are unlinked once both sides map them)."""
+    return {name for name in os.listdir("/dev/shm") if "fiddler" in name}

@@ -22,29 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, JetMoeConfig, MistralConfig
 
-from conftest import process_gone, runtime_leftovers
+from conftest import children_of, process_gone, runtime_leftovers, shm_files
 from expert_worker.checkpoint import CheckpointError
 from launch.cluster import Cluster
 from protocol import messages as m
 from protocol.transport import Client
 
 BIN = Path(sys.executable).parent
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = path.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(path.parent.name))
-    return found
-
-
-def shm_files() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if "fiddler" in name}
 
 
 def one_error_line(stderr: str) -> str:

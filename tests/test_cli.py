@@ -13,21 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import process_gone, runtime_leftovers
+from conftest import children_of, process_gone, runtime_leftovers
 
 BIN = Path(sys.executable).parent
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float = 120) -> str:

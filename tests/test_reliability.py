@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import process_gone, runtime_leftovers
+from conftest import children_of, process_gone, runtime_leftovers, shm_files
 from coordinator.dispatch import ClusterDegraded, WorkerFailed
 from launch.cluster import Cluster
 from protocol import messages as m
@@ -23,22 +23,6 @@ from protocol.transport import Client
 
 BIN = Path(sys.executable).parent
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
-
-
-def shm_files() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("fiddler")}
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def wait_until(condition, timeout_s: float, what: str) -> float:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import process_gone, runtime_leftovers
+from conftest import process_gone, runtime_leftovers, shm_files
 from coordinator.dispatch import WorkerFailed
 from launch import numa
 from launch.cluster import Cluster
@@ -25,10 +25,6 @@ from protocol.wire import decode, encode
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51, 52, 53, 54, 55, 56]])
 BIN = Path(sys.executable).parent
-
-
-def shm_files() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("fiddler")}
 
 
 def reference_logits(folder):
