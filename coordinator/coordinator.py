@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from coordinator import loading
+from coordinator.cpu_linear import pack_linear_layers
 from coordinator.dispatch import ClusterDegraded, Dispatcher, WorkerFailed, WorkerLink
 from coordinator.placement import Placement, format_size, parse_size, plan
 from coordinator.profile import ExpertProfile
@@ -314,6 +315,8 @@ class Coordinator:
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
                   leave=False) as bar:
             loading.load_non_expert(self.model, layout, self.device)
+            if self.device.type == "cpu":  # bfloat16 attention and head at memory speed (coordinator/cpu_linear.py)
+                pack_linear_layers(self.model, skip=tuple(layer.name for layer in layout.moe_layers))
             bar.update(layout.non_expert_bytes)
             hot = {}
             reader = TensorReader(layout.folder)

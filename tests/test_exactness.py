@@ -68,3 +68,22 @@ def test_multi_shard_checkpoint_with_index(sharded_checkpoint):
     with Cluster(folder, workers=2, device="cpu", quiet=True) as cluster:
         got = cluster.logits(input_ids, mask)
     assert relative_error(got[mask.bool()], want[mask.bool()]) < 1e-5
+
+
+def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
+    """bfloat16 on the CPU takes the packed oneDNN paths (experts and the coordinator's linear layers) where the
+    CPU supports them; the tokens stay transformers' own."""
+    from coordinator.cpu_linear import PACK_BFLOAT16
+    from coordinator.synthetic import write_checkpoint
+
+    folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    prompt = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48]])
+    with torch.inference_mode():
+        want = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
+                            do_sample=False)[0, prompt.shape[1]:]
+    with Cluster(folder, workers=1, device="cpu", quiet=True) as cluster:
+        got = cluster.generate(prompt[0].tolist(), max_new_tokens=16, ignore_eos=True)
+        packed = [m for m in cluster.coordinator.model.modules() if hasattr(m, "packed_weight")]
+    assert got.token_ids == want.tolist()
+    assert bool(packed) == PACK_BFLOAT16
