@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# The coordinator and its workers take turns on the same cores every layer: OpenMP threads that spin after their
+# parallel regions (the default) steal those cores from the other side. Set before anything imports torch; the
+# `fiddler` command imports this module first too. A user's own OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import signal
 import sys
 import time
