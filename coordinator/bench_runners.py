@@ -7,8 +7,11 @@ prompt with --new-tokens greedy tokens: prefill is the call up to the first new 
 
 from __future__ import annotations
 
-import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,70 +234,111 @@ class ClusterRunner:
 
 class TransformersRunner:
     """transformers' AutoModelForCausalLM on the same folder, dtype and device, with `threads` torch threads,
-    running its own eager `generate` (min_new_tokens = max_new_tokens, greedy)."""
+    running its own eager `generate` (min_new_tokens = max_new_tokens, greedy).
+
+    It runs in a process of its own, with the environment the user started us with: OpenMP's wait policy is fixed
+    per process, and the fiddler commands set OMP_WAIT_POLICY=PASSIVE for the coordinator, which would slow
+    transformers down (see README, Performance). The parent sends one command per line, the child answers one JSON
+    line each, so runs still interleave with the cluster's."""
 
     def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, threads: int, prompt: list[int],
                  new_tokens: int):
         self.folder, self.dtype, self.device, self.threads = folder, dtype, device, threads
         self.prompt, self.new_tokens = prompt, new_tokens
         self.label = f"transformers {threads} threads"
-        self.model = None
+        self.process: subprocess.Popen | None = None
         self.runs: list[Run] = []
         self.token_ids: list[int] = []
+        self.implementation = "default"
 
     def start(self) -> None:
-        from transformers import AutoModelForCausalLM
+        from launch.cli import USER_OMP_WAIT_POLICY
 
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype).to(self.device).eval()
-        finally:
-            torch.set_num_threads(previous)
-        self.implementation = getattr(self.model.config, "_experts_implementation", None) or "default"
-        pad = self.model.generation_config.pad_token_id
-        pad = self.model.generation_config.eos_token_id if pad is None else pad
-        self.pad = pad[0] if isinstance(pad, list) else pad
+        env = dict(os.environ)
+        env.pop("OMP_WAIT_POLICY", None)
+        if USER_OMP_WAIT_POLICY is not None:
+            env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+        spec = {"folder": str(self.folder), "dtype": str(self.dtype).removeprefix("torch."),
+                "device": str(self.device), "threads": self.threads, "prompt": self.prompt}
+        self.process = subprocess.Popen([sys.executable, "-m", "coordinator.bench_runners", json.dumps(spec)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.implementation = self._ask("ready")["experts_implementation"]
 
-    def _generate(self, n: int) -> tuple[Run, list[int]]:
-        from transformers.generation.streamers import BaseStreamer
-
-        class FirstToken(BaseStreamer):
-            calls, first_at = 0, None
-
-            def put(self, value):
-                self.calls += 1
-                if self.calls == 2:  # the first call hands over the prompt
-                    self.first_at = time.perf_counter()
-
-            def end(self):
-                pass
-
-        streamer = FirstToken()
-        input_ids = torch.tensor([self.prompt], device=self.device)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                         min_new_tokens=n, max_new_tokens=n, do_sample=False, pad_token_id=self.pad,
-                                         streamer=streamer)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        finished = time.perf_counter()
-        first = streamer.first_at or finished
-        new = output[0, len(self.prompt):].tolist()
-        return Run(first - started, finished - first, len(self.prompt), len(new)), new
+    def _ask(self, command: str) -> dict:
+        if command != "ready":
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the transformers baseline process exited (code {self.process.poll()}); see above")
+        return json.loads(line)
 
     def warm_up(self) -> None:
-        self._generate(min(self.new_tokens, 4))
+        self._ask(f"run {min(self.new_tokens, 4)}")
 
     def run_once(self) -> None:
-        run, self.token_ids = self._generate(self.new_tokens)
-        self.runs.append(run)
+        answer = self._ask(f"run {self.new_tokens}")
+        self.runs.append(Run(*answer["run"]))
+        self.token_ids = answer["token_ids"]
 
     def stop(self) -> None:
-        self.model = None
-        gc.collect()
+        if self.process is not None:
+            try:
+                self.process.stdin.close()
+                self.process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+            self.process = None
 
     def summary(self) -> dict:
         return {"threads": self.threads, "experts_implementation": self.implementation, **rates(self.runs),
                 "token_ids": self.token_ids}
+
+
+def _baseline_process(spec: dict) -> None:
+    """The child side of TransformersRunner: load, say ready, then answer `run N` lines until stdin closes."""
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=getattr(torch, spec["dtype"])).to(device)
+    model.eval()
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+    pad = pad[0] if isinstance(pad, list) else pad
+    prompt = spec["prompt"]
+    implementation = getattr(model.config, "_experts_implementation", None) or "default"
+    print(json.dumps({"experts_implementation": implementation}), flush=True)
+
+    class FirstToken(BaseStreamer):
+        calls, first_at = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2:  # the first call hands over the prompt
+                self.first_at = time.perf_counter()
+
+        def end(self):
+            pass
+
+    for line in sys.stdin:
+        n = int(line.split()[1])
+        streamer = FirstToken()
+        input_ids = torch.tensor([prompt], device=device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), min_new_tokens=n,
+                                    max_new_tokens=n, do_sample=False, pad_token_id=pad, streamer=streamer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        finished = time.perf_counter()
+        first = streamer.first_at or finished
+        new = output[0, len(prompt):].tolist()
+        print(json.dumps({"run": [first - started, finished - first, len(prompt), len(new)], "token_ids": new}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    _baseline_process(json.loads(sys.argv[1]))

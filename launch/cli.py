@@ -7,6 +7,7 @@ import os
 # The coordinator and its workers take turns on the same cores every layer: OpenMP threads that spin after their
 # parallel regions (the default) steal those cores from the other side. Set before anything imports torch; the
 # `fiddler` command imports this module first too. A user's own OMP_WAIT_POLICY wins.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # what others (the benchmark's baseline) should get
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import signal
 import sys
