@@ -110,7 +110,7 @@ def _ask_stats(client, address: str, owner_pid: int | None, timeout: float, rese
             raise fail(msg.message)
         if msg is None:
             waited += 1.0
-            if owner_pid is not None and not rundir._alive(owner_pid):
+            if owner_pid is not None and not rundir.alive(owner_pid):
                 raise fail(f"the cluster at {address} stopped before answering")
             if waited >= timeout:
                 raise fail(f"no answer from {address} within {timeout:.0f}s; is `fiddler-launch` running?")
@@ -152,7 +152,7 @@ def generate(
             msg = client.receive(timeout_s=1.0)
             if msg is None:
                 waited += 1.0
-                if owner_pid is not None and not rundir._alive(owner_pid):
+                if owner_pid is not None and not rundir.alive(owner_pid):
                     raise fail(f"the cluster at {address} stopped before answering")
                 if waited >= timeout:
                     raise fail(f"no answer from {address} within {timeout:.0f}s; is `fiddler-launch` running?")

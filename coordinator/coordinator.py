@@ -278,6 +278,7 @@ class Coordinator:
         self.reachable: dict[tuple[int, int], object] = {}
         self.notes: list[str] = []
         self.scheduling_line = ""
+        self.degraded: str | None = None  # set when a worker is down for good
         try:
             self._start(token, transport, shm_rows, startup_timeout_s, progress)
         except BaseException:
@@ -286,7 +287,6 @@ class Coordinator:
 
     def _start(self, token: str, transport: str, shm_rows: int, timeout_s: float, progress: bool) -> None:
         layout = self.layout
-        self.degraded: str | None = None  # set when a worker is down for good
         self._token = token
         self._shm_capacity = 0
         if transport == "shm" and shm.available():
@@ -455,7 +455,7 @@ class Coordinator:
                            self.links.index(link))
 
     def check_serving(self) -> None:
-        if getattr(self, "degraded", None):
+        if self.degraded:
             raise ClusterDegraded(f"the cluster is degraded: {self.degraded}; restart fiddler-launch to recover")
 
     # --- running the model ---

@@ -26,6 +26,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+from launch.numa import available_memory_bytes
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -243,26 +245,6 @@ def build_tokenizer(vocab_size: int, model_max_length: int = 4096) -> PreTrained
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
-
-
-def available_memory_bytes() -> int | None:
-    """Memory this process can still allocate: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
-    available = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    # In a container MemAvailable describes the host; the cgroup limit is what gets us killed. Its usage
-    # counts the page cache, so give back the inactive file pages the kernel would reclaim first.
-    with contextlib.suppress(OSError, ValueError):
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
-            used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
-            headroom = max(0, int(limit) - used)
-            available = headroom if available is None else min(available, headroom)
-    return available
 
 
 def free_disk_bytes(folder: Path) -> int:

@@ -18,6 +18,7 @@ import torch
 from expert_worker.checkpoint import CheckpointError, fingerprint
 from expert_worker.compute import ExpertKernel, ExpertWeights
 from expert_worker.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
+from launch.numa import available_memory_bytes
 from protocol import messages as m
 from protocol.shm import ShmChannel
 from protocol.transport import Server
@@ -59,7 +60,7 @@ class Worker:
             raise RequestError("unauthorized", "wrong or missing cluster token; pass the cluster's --token")
         self.authenticated.add(peer)
         cpus = sorted(os.sched_getaffinity(0))
-        return m.HelloReply(m.PROTOCOL_VERSION, os.getpid(), torch.get_num_threads(), cpus, _available_memory())
+        return m.HelloReply(m.PROTOCOL_VERSION, os.getpid(), torch.get_num_threads(), cpus, available_memory_bytes() or 0)
 
     def on_load_shard(self, peer: bytes, msg: m.LoadShard) -> m.Message:
         folder = Path(msg.model_dir) if msg.model_dir else self.config.model_dir
@@ -237,14 +238,3 @@ class Worker:
             if self.shared is not None:  # the coordinator unlinks it once mapped; this covers it never doing so
                 self.shared.unlink()
             server.close()
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -80,9 +80,9 @@ class Cluster:
         if not self.config.quiet:
             print(text, file=sys.stderr, flush=True)
 
-    def plan_workers(self) -> numa.Layout:
+    def plan_workers(self, topology: numa.Topology | None = None) -> numa.Layout:
         cfg = self.config
-        topology = numa.read_topology()
+        topology = topology or numa.read_topology()
         return numa.lay_out(topology, cfg.workers, cfg.workers_per_socket, cfg.threads_per_worker,
                             coordinator_cores=coordinator_cores(cfg.device, topology), numa=cfg.numa)
 
@@ -94,7 +94,7 @@ class Cluster:
 
             cfg.model = builtin_model_path()
         topology = numa.read_topology()
-        layout = self.plan_workers()
+        layout = self.plan_workers(topology)
         prepared = prepare(cfg.model, len(layout.workers) + len(cfg.remote_workers), cfg.device, cfg.dtype,
                            cfg.device_memory, cfg.hot_experts, cfg.profile, cfg.scheduling)
         placement = prepared.plan([float(slot.threads) for slot in layout.workers] + [1.0] * len(cfg.remote_workers))

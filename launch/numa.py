@@ -7,6 +7,7 @@ experts it owns live in the memory next to the cores that compute them. Topology
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -110,6 +111,26 @@ def read_topology(root: Path = SYS_ROOT, allowed: set[int] | None = None) -> Top
         cpus = sorted(allowed if allowed is not None else range(os.cpu_count() or 1))
         nodes = [Node(0, cpus, _cores(cpus, root), _total_memory())]
     return Topology(nodes)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still allocate: MemAvailable, capped by a cgroup v2 limit; None if unknown."""
+    available = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    # In a container MemAvailable describes the host; the cgroup limit is what gets us killed. Its usage
+    # counts the page cache, so give back the inactive file pages the kernel would reclaim first.
+    with contextlib.suppress(OSError, ValueError):
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
+            headroom = max(0, int(limit) - used)
+            available = headroom if available is None else min(available, headroom)
+    return available
 
 
 def _total_memory() -> int:

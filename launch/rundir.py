@@ -41,7 +41,7 @@ def base_dir() -> Path:
     return base
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,7 +63,7 @@ def remove_stale(base: Path) -> list[Path]:
     removed = []
     for folder in base.glob("cluster-*"):
         pid = _owner_pid(folder)
-        if pid is not None and not _alive(pid):
+        if pid is not None and not alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -89,6 +89,6 @@ def live_clusters() -> list[ClusterInfo]:
             info = ClusterInfo(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        if _alive(info.pid):
+        if alive(info.pid):
             found.append(info)
     return sorted(found, key=lambda c: c.started, reverse=True)
