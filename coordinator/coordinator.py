@@ -181,7 +181,12 @@ def prepare(
         staging = STAGING_BUFFERS
     elif scheduling == "auto" and torch_device.type == "cuda" and budget is not None:
         spare = budget - layout.non_expert_bytes
-        if spare < layout.expert_bytes * layout.num_experts and spare >= STAGING_BUFFERS * layout.expert_bytes:
+        if hot_experts is not None:  # an exact hot count: what the budget holds beyond it can stage
+            some_cold = hot_experts < layout.num_experts
+            spare -= min(hot_experts, layout.num_experts) * layout.expert_bytes
+        else:
+            some_cold = spare < layout.expert_bytes * layout.num_experts
+        if some_cold and spare >= STAGING_BUFFERS * layout.expert_bytes:
             staging = STAGING_BUFFERS
             budget -= staging * layout.expert_bytes
     experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
