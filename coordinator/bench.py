@@ -62,7 +62,7 @@ class BenchOptions:
     threads_per_worker: list[int | None] = field(default_factory=lambda: [None])  # None: the launcher's default
     device_memory: list[str | None] = field(default_factory=lambda: [None])  # None: the device's default
     device: str = "auto"
-    coordinator_threads: list[int | None] = field(default_factory=lambda: [None])  # None: torch's default
+    coordinator_threads: list[int | None] = field(default_factory=lambda: [None])  # None: fiddler-launch's
     baseline: bool = True  # transformers' generate
     baseline_threads: list[int] | None = None  # None: each cluster's total threads, up to the cores
     out: Path = Path("bench-results")
@@ -269,9 +269,12 @@ def best_bandwidth(first: dict, second: dict) -> dict:
 # --- the whole benchmark ---
 
 
-def default_threads_per_worker(workers: int) -> int:
-    """`fiddler-launch`'s default: the cores left after the coordinator's one, shared evenly."""
-    return max(1, ((os.cpu_count() or 1) - 1) // max(1, workers))
+def launcher_threads(device: str, workers: int, threads_per_worker: int | None) -> tuple[int, int]:
+    """What `fiddler-launch` would give this many workers: (threads per worker, coordinator threads)."""
+    from launch.cluster import Cluster
+
+    layout = Cluster(workers=workers, threads_per_worker=threads_per_worker, device=device).plan_workers()
+    return layout.workers[0].threads, len(layout.coordinator_cpus)
 
 
 def grid(options: BenchOptions) -> list[ClusterConfig]:
@@ -285,7 +288,8 @@ def grid(options: BenchOptions) -> list[ClusterConfig]:
             raise BenchError(f"--threads-per-worker {threads}: use 1 or more")
         if coordinator is not None and coordinator < 1:
             raise BenchError(f"--coordinator-threads {coordinator}: use 1 or more")
-        configs.append(ClusterConfig(workers, threads or default_threads_per_worker(workers), memory, coordinator))
+        default_threads, default_coordinator = launcher_threads(options.device, workers, threads)
+        configs.append(ClusterConfig(workers, threads or default_threads, memory, coordinator or default_coordinator))
     return configs
 
 
@@ -325,7 +329,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
     bandwidth = measure_read_bandwidth(threads_seen, options.bandwidth_mib)
     initial_threads = torch.get_num_threads()
 
-    clusters = [ClusterRunner(folder, dtype, options.device, config, prompt, options.new_tokens, initial_threads)
+    clusters = [ClusterRunner(folder, dtype, options.device, config, prompt, options.new_tokens)
                 for config in configs]
     cores = os.cpu_count() or 1
     baselines = []

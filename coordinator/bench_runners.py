@@ -33,7 +33,7 @@ class ClusterConfig:
     workers: int
     threads_per_worker: int
     device_memory: str | None
-    coordinator_threads: int | None
+    coordinator_threads: int
 
     def label(self, coordinator_threads: int) -> str:
         """coordinator threads + workers x threads each, and the device memory when one was asked for."""
@@ -131,10 +131,10 @@ def breakdown(decode_seconds: float, forward_seconds: float, hot_compute: float,
 
 class ClusterRunner:
     def __init__(self, folder: Path, dtype: str, device: str, config: ClusterConfig, prompt: list[int],
-                 new_tokens: int, default_threads: int):
+                 new_tokens: int):
         self.folder, self.dtype, self.device, self.config = folder, dtype, device, config
         self.prompt, self.new_tokens = prompt, new_tokens
-        self.threads = config.coordinator_threads or default_threads  # the coordinator's torch threads
+        self.threads = config.coordinator_threads  # the coordinator's torch threads
         self.label = f"fiddler {config.label(self.threads)}"
         self.cluster = None
         self.runs: list[Run] = []

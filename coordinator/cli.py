@@ -413,7 +413,7 @@ def bench(
                              "0,500MiB,all. Default: the device's default.")] = None,
     device: DeviceOption = "auto",
     coordinator_threads: Annotated[str | None, typer.Option(help="Coordinator torch threads to sweep, e.g. 1,2. "
-                                   "Default: torch's (all cores), as fiddler-launch.")] = None,
+                                   "Default: fiddler-launch's (the cores it keeps for the coordinator).")] = None,
     interleave: Annotated[bool, typer.Option(help="Load every contestant at once and run them in turns, so "
                           "load from elsewhere hurts all alike (when memory allows).")] = True,
     baseline: Annotated[bool, typer.Option(help="Also run transformers' own generate.")] = True,
