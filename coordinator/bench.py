@@ -36,7 +36,9 @@ import torch
 from coordinator import loading
 from coordinator.bench_runners import ClusterConfig, ClusterRunner, TransformersRunner
 from coordinator.placement import format_size
-from coordinator.synthetic import PRESETS, available_memory_bytes, cache_dir, estimated_bytes, write_checkpoint
+from coordinator.synthetic import PRESETS, cache_dir, estimated_bytes, write_checkpoint
+from expert_worker.compute import PACK_BFLOAT16, UPCAST_BFLOAT16
+from launch.numa import available_memory_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BANDWIDTH_METHOD = ("torch.sum over a {size} float32 tensor (read once per sum), best of {repeats} sums at each "
@@ -401,6 +403,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
             "device": str(device),
             "interleaved": interleave,
             "pack_weights": os.environ.get("FIDDLER_PACK_WEIGHTS", "1") != "0",
+            # which CPU bfloat16 fast path the expert kernel and a CPU coordinator take (expert_worker/compute.py)
+            "cpu_bfloat16_path": "packed" if PACK_BFLOAT16 else "upcast" if UPCAST_BFLOAT16 else "plain",
         },
         "bandwidth": bandwidth,
         "ceiling": {

@@ -1,11 +1,11 @@
 """bfloat16 linear layers on a CPU coordinator at memory speed.
 
 On a CPU-only machine the coordinator runs attention, routers, shared experts and the head through transformers'
-`nn.Linear` modules, and PyTorch's plain bfloat16 `linear` reaches about half the memory bandwidth on CPUs with
-oneDNN bfloat16 support. The expert kernel already re-lays its weights out into oneDNN's blocked layout
-(expert_worker/compute.py, README "Performance"); this does the same for the coordinator's own linear layers, by
-giving each module a forward over its packed weight. transformers' modeling code is untouched: the modules stay
-where they are and compute the same function.
+`nn.Linear` modules, and PyTorch's plain bfloat16 `linear` is slow on a CPU: about half the memory bandwidth with
+oneDNN bfloat16 support, and a loop of matrix-vector products without it (AVX2). The expert kernel has a fast path
+for each (expert_worker/compute.py, README "Performance"); this gives the coordinator's own linear layers the same,
+by giving each module a forward over its packed weight (oneDNN) or one that multiplies batches of rows in float32
+(AVX2). transformers' modeling code is untouched: the modules stay where they are and compute the same function.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import types
 import torch
 import torch.nn as nn
 
-from expert_worker.compute import PACK_BFLOAT16
+from expert_worker.compute import PACK_BFLOAT16, UPCAST_BFLOAT16, upcast_linear, use_upcast
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -25,10 +25,18 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.view(*shape[:-1], out.shape[-1])
 
 
+def _upcast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not use_upcast(x, self.weight):  # a decoding row: PyTorch's matrix-vector product is the fastest
+        return nn.functional.linear(x, self.weight, self.bias)
+    shape = x.shape
+    out = upcast_linear(x.reshape(-1, shape[-1]), self.weight, self.bias)
+    return out.view(*shape[:-1], out.shape[-1])
+
+
 def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
-    """Pack every bfloat16 nn.Linear on the CPU whose weight no other module shares (a tied head keeps its
-    embedding's dense weight). Returns how many were packed."""
-    if not PACK_BFLOAT16:
+    """Give every bfloat16 nn.Linear on the CPU a fast forward: packed (oneDNN bfloat16), where no other module
+    shares its weight (a tied head keeps its embedding's dense weight), or upcast (AVX2). Returns how many."""
+    if not (PACK_BFLOAT16 or UPCAST_BFLOAT16):
         return 0
     owners: dict[int, int] = {}
     for module in model.modules():
@@ -39,7 +47,13 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         if not isinstance(module, nn.Linear) or name.startswith(skip):
             continue
         weight = module.weight
-        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or owners.get(id(weight), 0) > 1:
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            continue
+        if UPCAST_BFLOAT16:  # the dense weight stays: nothing to share or drop
+            module.forward = types.MethodType(_upcast_forward, module)
+            packed += 1
+            continue
+        if owners.get(id(weight), 0) > 1:
             continue
         module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
         # The dense weight is dropped; the module keeps a meta placeholder so its shape and dtype still read right.

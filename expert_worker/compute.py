@@ -5,13 +5,21 @@ wherever its expert runs. Layout follows transformers' fused experts: gate_up is
 the gate half first (or [hidden, 2 * intermediate] when transposed), down is [hidden, intermediate].
 
 Speed: decoding reads every routed expert's weights once per token with one row of activations, so the matmuls
-are memory-bound matrix-vector products. For bfloat16 on a CPU with oneDNN's bfloat16 support (AVX512-BF16 or
-AMX), PyTorch's plain `linear` reaches about half the memory bandwidth there; the same oneDNN matmul on weights
-reordered once into its blocked layout reaches it (README, "Performance"). So the first forward of an expert on
-such a CPU re-lays its weights out in place (`ExpertWeights.pack`: a private copy replaces the dense tensors,
-bit-identical results). Weights marked `shared` (memory another process maps too) are left alone, since the copy
-would double them. FIDDLER_PACK_WEIGHTS=0 turns this off. float32 weights are left as they are (the exactness tests compare them
-with transformers to 1e-5), and so is anything on a GPU.
+are memory-bound matrix-vector products. Two CPU fast paths for bfloat16, chosen by what the CPU has:
+
+- With oneDNN's bfloat16 support (AVX512-BF16 or AMX), PyTorch's plain `linear` reaches about half the memory
+  bandwidth; the same oneDNN matmul on weights reordered once into its blocked layout reaches it (README,
+  "Performance"). So the first forward of an expert on such a CPU re-lays its weights out in place
+  (`ExpertWeights.pack`: a private copy replaces the dense tensors, bit-identical results). Weights marked `shared`
+  (memory another process maps too) are left alone, since the copy would double them.
+- Without it (AVX2 CPUs: most desktops and laptops, AMD before Zen 4), PyTorch's bfloat16 matmul is a loop of
+  matrix-vector products: 2 ms per row for a 7168x1024 matrix, so a 128-row prefill batch takes 128 times one row.
+  From `UPCAST_ROWS` rows on, `upcast_linear` converts the weights to float32 a cache-sized block at a time and
+  multiplies in float32 (7x faster at 128 rows), rounding once to bfloat16 as PyTorch's own kernel does; fewer
+  rows keep PyTorch's matrix-vector product, the fastest there is for one row.
+
+FIDDLER_PACK_WEIGHTS=0 turns both off. float32 weights are left as they are (the exactness tests compare them with
+transformers to 1e-5), and so is anything on a GPU.
 """
 
 from __future__ import annotations
@@ -25,16 +33,51 @@ from transformers.activations import ACT2FN
 from protocol.messages import KernelSpec
 
 
-def _packing_supported() -> bool:
-    if os.environ.get("FIDDLER_PACK_WEIGHTS", "1") == "0":
-        return False
+def _onednn_bfloat16() -> bool:
     try:
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
         return False
 
 
-PACK_BFLOAT16 = _packing_supported()
+_FAST_PATHS = os.environ.get("FIDDLER_PACK_WEIGHTS", "1") != "0"
+PACK_BFLOAT16 = _FAST_PATHS and _onednn_bfloat16()  # re-lay bfloat16 weights out for oneDNN
+UPCAST_BFLOAT16 = _FAST_PATHS and not _onednn_bfloat16()  # multiply bfloat16 in float32 from UPCAST_ROWS rows on
+UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-vector product is faster
+UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
+
+
+@torch.no_grad()
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  transposed: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias ([out, in] weight; x @ weight + bias when `transposed`) for bfloat16 on the CPU,
+    computed in float32 over blocks of the weight converted on the fly and rounded once to bfloat16, as
+    `nn.Linear` does. The products are PyTorch's bfloat16 kernel's, which accumulates in float32 too; only the
+    order of the sums may differ."""
+    xf = x.float()
+    if transposed:  # [in, out]: blocks of input features, accumulated
+        block = max(1, UPCAST_BLOCK // weight.shape[1])
+        out = torch.zeros(x.shape[0], weight.shape[1])
+        scratch = torch.empty(min(block, weight.shape[0]), weight.shape[1])
+        for start in range(0, weight.shape[0], block):
+            w = scratch[: min(block, weight.shape[0] - start)]
+            w.copy_(weight[start : start + block])
+            out.addmm_(xf[:, start : start + len(w)], w)
+        return (out if bias is None else out + bias.float()).to(x.dtype)
+    block = max(1, UPCAST_BLOCK // weight.shape[1])  # [out, in]: blocks of output features, computed as out.T
+    out_t = torch.empty(weight.shape[0], x.shape[0])
+    scratch = torch.empty(min(block, weight.shape[0]), weight.shape[1])
+    for start in range(0, weight.shape[0], block):
+        w = scratch[: min(block, weight.shape[0] - start)]
+        w.copy_(weight[start : start + block])
+        torch.mm(w, xf.t(), out=out_t[start : start + len(w)])
+    out = out_t.t() if bias is None else out_t.t() + bias.float()
+    return out.to(x.dtype, memory_format=torch.contiguous_format)
+
+
+def use_upcast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (UPCAST_BFLOAT16 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and not weight.is_mkldnn and x.numel() >= UPCAST_ROWS * x.shape[-1])
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -85,6 +128,8 @@ class ExpertKernel:
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.is_mkldnn:
             out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [None], "")
+        elif use_upcast(x, weight):
+            out = upcast_linear(x, weight, transposed=self.spec.is_transposed)
         elif self.spec.is_transposed:
             out = x @ weight
         else:

@@ -1,5 +1,4 @@
-"""`fiddler bench` end to end on the tiny preset (smoke only: no timing is asserted), and the bfloat16 expert
-kernel's packed path against the plain one."""
+"""`fiddler bench` end to end on the tiny preset (smoke only: no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -11,8 +10,6 @@ import pytest
 import torch
 
 from conftest import runtime_leftovers
-from expert_worker.compute import PACK_BFLOAT16, ExpertKernel, ExpertWeights
-from protocol.messages import KernelSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,25 +57,3 @@ def test_bench_refuses_a_model_that_does_not_fit(tmp_path):
     assert done.returncode == 2
     assert "mixtral-8x7b" in done.stderr and "memory" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
-
-
-@pytest.mark.skipif(not PACK_BFLOAT16, reason="no oneDNN bfloat16 support on this CPU")
-def test_packed_bfloat16_kernel_matches_plain():
-    spec = KernelSpec(activation="silu", dtype="bfloat16")
-    generator = torch.Generator().manual_seed(0)
-    gate_up = torch.randn(2 * 96, 64, generator=generator).bfloat16()
-    down = torch.randn(64, 96, generator=generator).bfloat16()
-    packed = ExpertWeights(gate_up.clone(), down.clone())
-    plain_kernel = ExpertKernel(spec)
-    plain_kernel.pack = False
-    for rows in (1, 3, 70):
-        x = torch.randn(rows, 64, generator=generator).bfloat16()
-        want = plain_kernel.forward(ExpertWeights(gate_up, down), x)
-        assert torch.equal(ExpertKernel(spec).forward(packed, x), want)
-    assert packed.packed and packed.nbytes == gate_up.nbytes + down.nbytes
-    dense = packed.to("cpu")  # ordinary tensors back, for whoever copies weights elsewhere
-    assert not dense.packed and torch.equal(dense.gate_up, gate_up)
-    shared = ExpertWeights(gate_up.clone(), down.clone(), shared=True)
-    ExpertKernel(spec).forward(shared, x)
-    assert not shared.packed
-    assert ExpertKernel(spec).forward(packed, x[:0]).shape == (0, 64)

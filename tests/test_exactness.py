@@ -71,9 +71,10 @@ def test_multi_shard_checkpoint_with_index(sharded_checkpoint):
 
 
 def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
-    """bfloat16 on the CPU takes the packed oneDNN paths (experts and the coordinator's linear layers) where the
-    CPU supports them; the tokens stay transformers' own."""
-    from coordinator.cpu_linear import PACK_BFLOAT16
+    """bfloat16 on the CPU takes the fast paths (experts and the coordinator's linear layers): packed for oneDNN
+    where the CPU supports it, else float32 products for batches of rows (the prompt here); the tokens stay
+    transformers' own."""
+    from coordinator.cpu_linear import PACK_BFLOAT16, UPCAST_BFLOAT16, _upcast_forward
     from coordinator.synthetic import write_checkpoint
 
     folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
@@ -84,6 +85,9 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
                             do_sample=False)[0, prompt.shape[1]:]
     with Cluster(folder, workers=1, device="cpu", quiet=True) as cluster:
         got = cluster.generate(prompt[0].tolist(), max_new_tokens=16, ignore_eos=True)
-        packed = [m for m in cluster.coordinator.model.modules() if hasattr(m, "packed_weight")]
+        modules = list(cluster.coordinator.model.modules())
+        packed = [m for m in modules if hasattr(m, "packed_weight")]
+        upcast = [m for m in modules if getattr(m.forward, "__func__", None) is _upcast_forward]
     assert got.token_ids == want.tolist()
     assert bool(packed) == PACK_BFLOAT16
+    assert bool(upcast) == UPCAST_BFLOAT16
