@@ -9,6 +9,7 @@ errors and Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import torch
 
 from coordinator.coordinator import Coordinator, Generation, prepare
 from coordinator.dispatch import WorkerFailed
-from coordinator.placement import format_size
+from coordinator.placement import format_size, parse_size
 from coordinator.profile import ExpertProfile
 from launch import numa, rundir
 
@@ -49,12 +50,20 @@ class ClusterConfig:
     quiet: bool = False
 
 
-def coordinator_cores(device: str, topology: numa.Topology) -> int:
-    """Cores kept for the coordinator: one to drive a GPU; on a CPU-only machine it also runs attention and the
-    other non-expert layers, so an eighth of the cores."""
+def coordinator_cores(config: ClusterConfig, topology: numa.Topology) -> int:
+    """Cores kept for the coordinator alone. Driving a GPU: one. On a CPU-only machine with every expert cold, the
+    coordinator and the workers take turns (it waits while they compute a layer's experts, they wait while it runs
+    attention and the head), so it keeps none and runs on node 0's cores in the workers' gaps: each side gets every
+    core when it computes (README, "Performance"). With hot experts on the CPU it computes beside the workers, so
+    it keeps an eighth of the cores."""
+    device = config.device
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return 1
-    return max(1, topology.physical_cores // 8)
+    hot = bool(config.hot_experts) or config.device_memory == "all"
+    if not hot and config.device_memory not in (None, ""):
+        with contextlib.suppress(ValueError):  # an unreadable size is reported by prepare(), with its fix
+            hot = parse_size(config.device_memory) > 0
+    return max(1, topology.physical_cores // 8) if hot else 0
 
 
 class Cluster:
@@ -84,7 +93,7 @@ class Cluster:
         cfg = self.config
         topology = topology or numa.read_topology()
         return numa.lay_out(topology, cfg.workers, cfg.workers_per_socket, cfg.threads_per_worker,
-                            coordinator_cores=coordinator_cores(cfg.device, topology), numa=cfg.numa)
+                            coordinator_cores=coordinator_cores(cfg, topology), numa=cfg.numa)
 
     def dry_run(self) -> list[str]:
         """The plan, as `fiddler-launch --dry-run` prints it: nothing is started."""
@@ -106,7 +115,8 @@ class Cluster:
             f"{len(placement.hot)} hot experts ({format_size(len(placement.hot) * model.expert_bytes)})",
             f"transport: {cfg.transport}; numa: {'on' if cfg.numa else 'off'}",
             f"machine: {len(topology.nodes)} NUMA node(s), {topology.physical_cores} physical cores; "
-            f"coordinator on cpu {numa.format_cpu_list(layout.coordinator_cpus)}",
+            f"coordinator on cpu {numa.format_cpu_list(layout.coordinator_cpus)}"
+            + (", taking turns with the workers" if coordinator_cores(cfg, topology) == 0 else ""),
         ]
         warnings = list(layout.warnings)
         for node in topology.nodes:

@@ -165,17 +165,21 @@ def lay_out(
     coordinator_cores: int = 1,
     numa: bool = True,
 ) -> Layout:
-    """Place local workers on nodes, each on its own physical cores; the first cores of node 0 stay with the
-    coordinator. `workers` (a total, spread evenly over nodes) or `workers_per_node`; neither: one per node.
-    Threads default to the node's free physical cores shared evenly, so every core is used once."""
+    """Place local workers on nodes, each on its own physical cores; the first `coordinator_cores` cores of node 0
+    stay with the coordinator (0: it keeps none and takes turns with the workers on node 0's cores). `workers` (a
+    total, spread evenly over nodes) or `workers_per_node`; neither: one per node. Threads default to the node's
+    free physical cores shared evenly, so every core is used once."""
     warnings = []
     free = {n.id: [core[0] for core in n.cores] for n in topology.nodes}
     first = topology.nodes[0].id
-    coordinator_cpus = free[first][:coordinator_cores]
-    if len(free[first]) > coordinator_cores:
-        free[first] = free[first][coordinator_cores:]
+    if coordinator_cores == 0:
+        coordinator_cpus = list(free[first])
     else:
-        warnings.append(f"node {first} has no core left beside the coordinator's; workers share it")
+        coordinator_cpus = free[first][:coordinator_cores]
+        if len(free[first]) > coordinator_cores:
+            free[first] = free[first][coordinator_cores:]
+        else:
+            warnings.append(f"node {first} has no core left beside the coordinator's; workers share it")
     nodes = topology.nodes
     if workers_per_node is not None:
         counts = {n.id: workers_per_node for n in nodes}
