@@ -271,11 +271,13 @@ def best_bandwidth(first: dict, second: dict) -> dict:
 # --- the whole benchmark ---
 
 
-def launcher_threads(device: str, workers: int, threads_per_worker: int | None) -> tuple[int, int]:
+def launcher_threads(device: str, workers: int, threads_per_worker: int | None,
+                     device_memory: str | None) -> tuple[int, int]:
     """What `fiddler-launch` would give this many workers: (threads per worker, coordinator threads)."""
     from launch.cluster import Cluster
 
-    layout = Cluster(workers=workers, threads_per_worker=threads_per_worker, device=device).plan_workers()
+    layout = Cluster(workers=workers, threads_per_worker=threads_per_worker, device=device,
+                     device_memory=device_memory).plan_workers()
     return layout.workers[0].threads, len(layout.coordinator_cpus)
 
 
@@ -290,7 +292,7 @@ def grid(options: BenchOptions) -> list[ClusterConfig]:
             raise BenchError(f"--threads-per-worker {threads}: use 1 or more")
         if coordinator is not None and coordinator < 1:
             raise BenchError(f"--coordinator-threads {coordinator}: use 1 or more")
-        default_threads, default_coordinator = launcher_threads(options.device, workers, threads)
+        default_threads, default_coordinator = launcher_threads(options.device, workers, threads, memory)
         configs.append(ClusterConfig(workers, threads or default_threads, memory, coordinator or default_coordinator))
     return configs
 

@@ -27,8 +27,8 @@ WorkersOption = Annotated[
     int | None, typer.Option("--workers", "-w", help="Local CPU expert worker processes. Default: one per NUMA node.")
 ]
 ThreadsOption = Annotated[
-    int | None, typer.Option("--threads-per-worker", "-t", help="torch threads per worker. Default: the cores "
-                             "left after the coordinator, shared evenly.")
+    int | None, typer.Option("--threads-per-worker", "-t", help="torch threads per worker. Default: the "
+                             "physical cores left to the workers, shared evenly (see --dry-run).")
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="Coordinator device: cuda, cpu or auto.")]
 DeviceMemoryOption = Annotated[
@@ -41,7 +41,9 @@ HotExpertsOption = Annotated[
     int | None, typer.Option("--hot-experts", help="Exact number of hot experts (overrides --device-memory).")
 ]
 CoordinatorThreadsOption = Annotated[
-    int | None, typer.Option("--coordinator-threads", help="torch threads of the coordinator process.")
+    int | None, typer.Option("--coordinator-threads", help="torch threads of the coordinator process. "
+                 "Default: 1 driving a GPU; node 0's cores on a CPU-only machine with every expert cold (it takes "
+                 "turns with the workers); else an eighth of the cores.")
 ]
 WorkersPerSocketOption = Annotated[
     int | None, typer.Option("--workers-per-socket", help="Local workers on each NUMA node (instead of --workers).")
@@ -80,16 +82,7 @@ def read_token(token_file: Path | None) -> str:
     return token
 
 
-def default_threads(workers: int, threads: int | None) -> int:
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads-per-worker must be 1 or more, got {threads}")
-        return threads
-    cores = len(os.sched_getaffinity(0))  # the cores we may run on (a container's or taskset's limit)
-    return max(1, (cores - 1) // max(1, workers))
-
-
-def check_workers(workers: int, threads: int) -> None:
+def check_workers(workers: int) -> None:
     cores = len(os.sched_getaffinity(0))
     if workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {workers}")
@@ -114,8 +107,7 @@ def cluster_from_options(model, workers, threads, device, device_memory, dtype, 
         if threads is not None and threads < 1:
             raise ValueError(f"--threads-per-worker must be 1 or more, got {threads}")
         if workers is not None:
-            threads = default_threads(workers, threads)
-            check_workers(workers, threads)
+            check_workers(workers)
         if coordinator_threads is not None and coordinator_threads < 1:
             raise ValueError(f"--coordinator-threads must be 1 or more, got {coordinator_threads}")
         if hot_experts is not None and hot_experts < 0:
