@@ -39,7 +39,7 @@ def print_tables(result: dict, console: Console | None = None) -> None:
     )
 
     table = Table(title="tokens per second", box=box.SIMPLE_HEAD)
-    for column in ("run", "hot", "prefill", "decode", "of ceiling", "vs transformers"):
+    for column in ("run", "hot", "prefill", "decode", "of ceiling", "vs transformers", "same tokens"):
         table.add_column(column, justify="left" if column == "run" else "right", no_wrap=column == "run")
     for c in result["cluster"]:
         cfg = c["config"]
@@ -51,18 +51,20 @@ def print_tables(result: dict, console: Console | None = None) -> None:
             f"{c['decode_tokens_per_second']:.2f}",
             f"{c['share_of_ceiling']:.0%}",
             f"{versus['prefill']:.2f}x, {versus['decode']:.2f}x" if versus else "",
+            f"{versus['same_greedy_tokens']}/{len(c['token_ids'])}" if versus else "",
         )
     for b in result["transformers"]:
         table.add_row(
             f"transformers {b['threads']}", "",
             f"{b['prefill_tokens_per_second']:.1f}", f"{b['decode_tokens_per_second']:.2f}",
-            f"{b['share_of_ceiling']:.0%}", "",
+            f"{b['share_of_ceiling']:.0%}", "", "",
         )
-    table.add_row("ceiling", "", "", f"{result['ceiling']['decode_tokens_per_second']:.2f}", "100%", "")
+    table.add_row("ceiling", "", "", f"{result['ceiling']['decode_tokens_per_second']:.2f}", "100%", "", "")
     console.print(table)
     console.print("fiddler C+WxT: C coordinator threads, W workers of T threads; transformers N: N threads; "
                   "vs transformers: prefill, decode (above 1x is "
-                  f"faster); transformers' experts implementation: "
+                  "faster); same tokens: greedy tokens equal to transformers' before the first difference; "
+                  "transformers' experts implementation: "
                   f"{', '.join(sorted({b['experts_implementation'] for b in result['transformers']})) or '-'}")
 
     parts = Table(title="one decode token, ms", box=box.SIMPLE_HEAD)
