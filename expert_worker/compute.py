@@ -41,8 +41,9 @@ def _onednn_bfloat16() -> bool:
 
 
 _FAST_PATHS = os.environ.get("FIDDLER_PACK_WEIGHTS", "1") != "0"
-PACK_BFLOAT16 = _FAST_PATHS and _onednn_bfloat16()  # re-lay bfloat16 weights out for oneDNN
-UPCAST_BFLOAT16 = _FAST_PATHS and not _onednn_bfloat16()  # multiply bfloat16 in float32 from UPCAST_ROWS rows on
+_ONEDNN_BFLOAT16 = _onednn_bfloat16()
+PACK_BFLOAT16 = _FAST_PATHS and _ONEDNN_BFLOAT16  # re-lay bfloat16 weights out for oneDNN
+UPCAST_BFLOAT16 = _FAST_PATHS and not _ONEDNN_BFLOAT16  # multiply bfloat16 in float32 from UPCAST_ROWS rows on
 UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-vector product is faster
 UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
 
