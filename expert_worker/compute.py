@@ -48,6 +48,18 @@ UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-v
 UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
 
 
+def _float32_blocks(weight: torch.Tensor):
+    """(first row, those rows of `weight` in float32) for consecutive blocks of UPCAST_BLOCK elements, converted
+    into one reused scratch buffer."""
+    rows, cols = weight.shape
+    block = max(1, UPCAST_BLOCK // cols)
+    scratch = torch.empty(min(block, rows), cols)
+    for start in range(0, rows, block):
+        w = scratch[: min(block, rows - start)]
+        w.copy_(weight[start : start + len(w)])
+        yield start, w
+
+
 @torch.no_grad()
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   transposed: bool = False) -> torch.Tensor:
@@ -57,22 +69,16 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     order of the sums may differ."""
     xf = x.float()
     if transposed:  # [in, out]: blocks of input features, accumulated
-        block = max(1, UPCAST_BLOCK // weight.shape[1])
         out = torch.zeros(x.shape[0], weight.shape[1])
-        scratch = torch.empty(min(block, weight.shape[0]), weight.shape[1])
-        for start in range(0, weight.shape[0], block):
-            w = scratch[: min(block, weight.shape[0] - start)]
-            w.copy_(weight[start : start + block])
+        for start, w in _float32_blocks(weight):
             out.addmm_(xf[:, start : start + len(w)], w)
-        return (out if bias is None else out + bias.float()).to(x.dtype)
-    block = max(1, UPCAST_BLOCK // weight.shape[1])  # [out, in]: blocks of output features, computed as out.T
-    out_t = torch.empty(weight.shape[0], x.shape[0])
-    scratch = torch.empty(min(block, weight.shape[0]), weight.shape[1])
-    for start in range(0, weight.shape[0], block):
-        w = scratch[: min(block, weight.shape[0] - start)]
-        w.copy_(weight[start : start + block])
-        torch.mm(w, xf.t(), out=out_t[start : start + len(w)])
-    out = out_t.t() if bias is None else out_t.t() + bias.float()
+    else:  # [out, in]: blocks of output features, computed as out.T
+        out_t = torch.empty(weight.shape[0], x.shape[0])
+        for start, w in _float32_blocks(weight):
+            torch.mm(w, xf.t(), out=out_t[start : start + len(w)])
+        out = out_t.t()
+    if bias is not None:
+        out = out + bias.float()
     return out.to(x.dtype, memory_format=torch.contiguous_format)
 
 
