@@ -4,8 +4,9 @@ On a CPU-only machine the coordinator runs attention, routers, shared experts an
 `nn.Linear` modules, and PyTorch's plain bfloat16 `linear` is slow on a CPU: about half the memory bandwidth with
 oneDNN bfloat16 support, and a loop of matrix-vector products without it (AVX2). The expert kernel has a fast path
 for each (expert_worker/compute.py, README "Performance"); this gives the coordinator's own linear layers the same,
-by giving each module a forward over its packed weight (oneDNN) or one that multiplies batches of rows in float32
-(AVX2). transformers' modeling code is untouched: the modules stay where they are and compute the same function.
+by giving each module a forward over its packed weight (oneDNN) or one that takes the AVX2 paths (decoding rows
+through expert_worker/gemv.py, batches of rows in float32). transformers' modeling code is untouched: the modules
+stay where they are and compute the same function.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import types
 import torch
 import torch.nn as nn
 
-from expert_worker.compute import PACK_BFLOAT16, UPCAST_BFLOAT16, upcast_linear, use_upcast
+from expert_worker import gemv
+from expert_worker.compute import PACK_BFLOAT16, UPCAST_BFLOAT16, fast_linear
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -25,19 +27,21 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.view(*shape[:-1], out.shape[-1])
 
 
-def _upcast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if not use_upcast(x, self.weight):  # a decoding row: PyTorch's matrix-vector product is the fastest
-        return nn.functional.linear(x, self.weight, self.bias)
+def _avx2_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
-    out = upcast_linear(x.reshape(-1, shape[-1]), self.weight, self.bias)
+    out = fast_linear(x.reshape(-1, shape[-1]), self.weight, self.bias)
+    if out is None:
+        return nn.functional.linear(x, self.weight, self.bias)
     return out.view(*shape[:-1], out.shape[-1])
 
 
 def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Give every bfloat16 nn.Linear on the CPU a fast forward: packed (oneDNN bfloat16), where no other module
-    shares its weight (a tied head keeps its embedding's dense weight), or upcast (AVX2). Returns how many."""
+    shares its weight (a tied head keeps its embedding's dense weight), or the AVX2 paths. Returns how many."""
     if not (PACK_BFLOAT16 or UPCAST_BFLOAT16):
         return 0
+    if UPCAST_BFLOAT16:
+        gemv.available()  # build the decoding kernel now (once per machine), not during the first token
     owners: dict[int, int] = {}
     for module in model.modules():
         for param in module.parameters(recurse=False):
@@ -50,7 +54,7 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
             continue
         if UPCAST_BFLOAT16:  # the dense weight stays: nothing to share or drop
-            module.forward = types.MethodType(_upcast_forward, module)
+            module.forward = types.MethodType(_avx2_forward, module)
             packed += 1
             continue
         if owners.get(id(weight), 0) > 1:

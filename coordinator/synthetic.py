@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from launch.numa import available_memory_bytes
+from launch.rundir import cache_dir
 
 
 @dataclass(frozen=True)
@@ -116,14 +117,6 @@ Numbers such as 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, 100 and 2024 appear here s
 so do punctuation marks like (parentheses), [brackets], {braces}, quotes "like these", 'and these', \
 colons: semicolons; dashes - and slashes / too!
 """
-
-
-def cache_dir() -> Path:
-    """$FIDDLER_CACHE, else $XDG_CACHE_HOME/fiddler-moe, else ~/.cache/fiddler-moe."""
-    if os.environ.get("FIDDLER_CACHE"):
-        return Path(os.environ["FIDDLER_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fiddler-moe"
 
 
 def builtin_model_path() -> Path:

@@ -14,11 +14,12 @@ are memory-bound matrix-vector products. Two CPU fast paths for bfloat16, chosen
   (memory another process maps too) are left alone, since the copy would double them.
 - Without it (AVX2 CPUs: most desktops and laptops, AMD before Zen 4), PyTorch's bfloat16 matmul is a loop of
   matrix-vector products: 2 ms per row for a 7168x1024 matrix, so a 128-row prefill batch takes 128 times one row.
-  From `UPCAST_ROWS` rows on, `upcast_linear` converts the weights to float32 a cache-sized block at a time and
-  multiplies in float32 (7x faster at 128 rows), rounding once to bfloat16 as PyTorch's own kernel does; fewer
-  rows keep PyTorch's matrix-vector product, the fastest there is for one row.
+  Up to `gemv.MAX_ROWS` rows (decoding) a small AVX2 kernel of our own streams the weights once for all rows at
+  1.2-1.3x PyTorch's speed for one row (expert_worker/gemv.py); from `UPCAST_ROWS` rows on (or where that kernel
+  cannot be built), `upcast_linear` converts the weights to float32 a cache-sized block at a time and multiplies
+  in float32 (7x faster at 128 rows). Both round once to bfloat16 as PyTorch's own kernel does.
 
-FIDDLER_PACK_WEIGHTS=0 turns both off. float32 weights are left as they are (the exactness tests compare them with
+FIDDLER_PACK_WEIGHTS=0 turns all of them off. float32 weights are left as they are (the exactness tests compare them with
 transformers to 1e-5), and so is anything on a GPU.
 """
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers.activations import ACT2FN
 
+from expert_worker import gemv
 from protocol.messages import KernelSpec
 
 
@@ -87,6 +89,19 @@ def use_upcast(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not weight.is_mkldnn and x.numel() >= UPCAST_ROWS * x.shape[-1])
 
 
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                transposed: bool = False) -> torch.Tensor | None:
+    """x @ weight.T + bias (x @ weight + bias when `transposed`) by the AVX2 fast paths for bfloat16 above, or None
+    where PyTorch's own kernel is the one to use."""
+    if not UPCAST_BFLOAT16:
+        return None
+    if not transposed and gemv.applies(x, weight):
+        return gemv.linear(x, weight, bias)
+    if use_upcast(x, weight):
+        return upcast_linear(x, weight, bias, transposed=transposed)
+    return None
+
+
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_dense() if t is not None and t.is_mkldnn else t
 
@@ -131,12 +146,14 @@ class ExpertKernel:
         self.spec = spec
         self.act = ACT2FN[spec.activation]
         self.pack = PACK_BFLOAT16 and spec.dtype == "bfloat16" and not spec.is_transposed
+        if UPCAST_BFLOAT16 and spec.dtype == "bfloat16":
+            gemv.available()  # build the decoding kernel now (once per machine), not during the first token
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.is_mkldnn:
             out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, None, "none", [None], "")
-        elif use_upcast(x, weight):
-            out = upcast_linear(x, weight, transposed=self.spec.is_transposed)
+        elif (fast := fast_linear(x, weight, transposed=self.spec.is_transposed)) is not None:
+            out = fast
         elif self.spec.is_transposed:
             out = x @ weight
         else:

@@ -72,9 +72,9 @@ def test_multi_shard_checkpoint_with_index(sharded_checkpoint):
 
 def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
     """bfloat16 on the CPU takes the fast paths (experts and the coordinator's linear layers): packed for oneDNN
-    where the CPU supports it, else float32 products for batches of rows (the prompt here); the tokens stay
-    transformers' own."""
-    from coordinator.cpu_linear import PACK_BFLOAT16, UPCAST_BFLOAT16, _upcast_forward
+    where the CPU supports it, else the AVX2 kernel for decoding rows and float32 products for batches of rows (the
+    prompt here); the tokens stay transformers' own."""
+    from coordinator.cpu_linear import PACK_BFLOAT16, UPCAST_BFLOAT16, _avx2_forward
     from coordinator.synthetic import write_checkpoint
 
     folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
@@ -87,7 +87,7 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
         got = cluster.generate(prompt[0].tolist(), max_new_tokens=16, ignore_eos=True)
         modules = list(cluster.coordinator.model.modules())
         packed = [m for m in modules if hasattr(m, "packed_weight")]
-        upcast = [m for m in modules if getattr(m.forward, "__func__", None) is _upcast_forward]
+        upcast = [m for m in modules if getattr(m.forward, "__func__", None) is _avx2_forward]
     assert got.token_ids == want.tolist()
     assert bool(packed) == PACK_BFLOAT16
     assert bool(upcast) == UPCAST_BFLOAT16

@@ -1,14 +1,18 @@
-"""The expert kernel's CPU fast paths for bfloat16 against PyTorch's plain matmuls: packed for oneDNN (bit-identical)
-and upcast to float32 in blocks (the same products, rounded once; sums in another order)."""
+"""The expert kernel's CPU fast paths for bfloat16 against PyTorch's plain matmuls: packed for oneDNN (bit-identical),
+the AVX2 kernel for decoding rows and the upcast to float32 in blocks (the same products, rounded once; sums in
+another order)."""
 
 from __future__ import annotations
+
+import logging
+import platform
 
 import pytest
 import torch
 import torch.nn as nn
 
 from coordinator.cpu_linear import pack_linear_layers
-from expert_worker import compute
+from expert_worker import compute, gemv
 from expert_worker.compute import PACK_BFLOAT16, ExpertKernel, ExpertWeights, upcast_linear
 from protocol.messages import KernelSpec
 
@@ -46,9 +50,74 @@ def test_upcast_linear_is_bfloat16_linear(monkeypatch, transposed, bias):
         assert (got == plain).float().mean() > 0.95
 
 
-def test_upcast_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
-    """From UPCAST_ROWS rows on, the expert kernel and the coordinator's nn.Linear take the float32 path; a
-    decoding row keeps PyTorch's bfloat16 matrix-vector product (bit-identical to transformers' own)."""
+def assert_rounded_product(got: torch.Tensor, x, weight, bias=None, transposed=False) -> None:
+    want = exact_bfloat16(x, weight, bias, transposed)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    same_sign = (got.sign() == want.sign()) & (want != 0)
+    assert ulps_apart(got[same_sign], want[same_sign]) <= 1
+
+
+AVX2_LINUX = (platform.system() == "Linux" and platform.machine() == "x86_64"
+              and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+@pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
+def test_gemv_kernel_is_bfloat16_linear():
+    """Every row count it takes, a row count that is not a multiple of its 4-row blocks, bias, batch dimensions."""
+    assert gemv.available(), "the AVX2 decoding kernel did not build (is a C compiler installed?)"
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(98, 160, generator=generator).bfloat16()  # 24 blocks of 4 rows and 2 rows over
+    bias = torch.randn(98, generator=generator).bfloat16()
+    for rows in range(1, gemv.MAX_ROWS + 1):
+        x = torch.randn(rows, 160, generator=generator).bfloat16()
+        assert gemv.applies(x, weight)
+        for b in (None, bias):
+            got = gemv.linear(x, weight, b)
+            assert_rounded_product(got, x, weight, b)
+            assert (got == nn.functional.linear(x, weight, b)).float().mean() > 0.95
+    x = torch.randn(2, 3, 160, generator=generator).bfloat16()
+    assert torch.equal(gemv.linear(x, weight), gemv.linear(x.reshape(6, 160), weight).view(2, 3, 98))
+    # what it does not take: too many rows, a transposed view, a width that is not whole 16-element blocks
+    assert not gemv.applies(torch.zeros(gemv.MAX_ROWS + 1, 160, dtype=torch.bfloat16), weight)
+    assert not gemv.applies(torch.zeros(1, 98, dtype=torch.bfloat16), weight.t())
+    assert not gemv.applies(torch.zeros(1, 40, dtype=torch.bfloat16), torch.zeros(8, 40, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
+def test_gemv_kernel_is_built_once_and_missing_compiler_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path))
+    gemv.library.cache_clear()
+    try:
+        assert gemv.available()
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"  # no build folder left behind
+        gemv.library.cache_clear()
+        mtime = built[0].stat().st_mtime_ns
+        assert gemv.available() and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+        monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path / "other"))
+        monkeypatch.setenv("CC", "no-such-compiler")
+        gemv.library.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="fiddler.gemv"):
+            assert not gemv.available()
+        assert "no C compiler found (install gcc or set CC)" in caplog.text
+        x, weight = torch.ones(1, 16, dtype=torch.bfloat16), torch.ones(4, 16, dtype=torch.bfloat16)
+        assert not gemv.applies(x, weight)
+        assert compute.fast_linear(x, weight) is None  # callers keep PyTorch's kernel
+
+        monkeypatch.setenv("CC", "false")  # a compiler that fails
+        gemv.library.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="fiddler.gemv"):
+            assert not gemv.available()
+        assert "building bf16_gemv.c failed" in caplog.text
+        assert not (tmp_path / "other" / "kernels").exists() or not any((tmp_path / "other" / "kernels").iterdir())
+    finally:
+        gemv.library.cache_clear()
+
+
+def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
+    """Up to gemv.MAX_ROWS rows the expert kernel and the coordinator's nn.Linear take the AVX2 decoding kernel
+    (where it builds; else PyTorch's bfloat16 product), from there on the float32 path."""
     monkeypatch.setattr(compute, "UPCAST_BFLOAT16", True)
     monkeypatch.setattr(compute, "PACK_BFLOAT16", False)
     spec = KernelSpec(activation="silu", dtype="bfloat16")
@@ -59,10 +128,17 @@ def test_upcast_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
     kernel.pack = False
     calls = []
     monkeypatch.setattr(compute, "upcast_linear", lambda *a, **k: calls.append(a[0].shape[0]) or upcast_linear(*a, **k))
+    decoding, linear = [], gemv.linear
+    monkeypatch.setattr(gemv, "linear", lambda *a, **k: decoding.append(a[0].shape[0]) or linear(*a, **k))
     one = torch.randn(1, 64, generator=generator).bfloat16()
-    want_one = nn.functional.linear(nn.functional.silu(nn.functional.linear(one, gate_up)[:, :96])
-                                    * nn.functional.linear(one, gate_up)[:, 96:], down)
-    assert torch.equal(kernel.forward(ExpertWeights(gate_up, down), one), want_one) and calls == []
+    h = nn.functional.linear(one, gate_up)
+    want_one = nn.functional.linear(nn.functional.silu(h[:, :96]) * h[:, 96:], down)
+    got_one = kernel.forward(ExpertWeights(gate_up, down), one)
+    assert calls == [] and decoding == ([1, 1] if gemv.available() else [])
+    if gemv.available():  # the same function, rounded once per product
+        assert (got_one - want_one).abs().max() <= 0.02 * want_one.abs().max()
+    else:
+        assert torch.equal(got_one, want_one)
     many = torch.randn(9, 64, generator=generator).bfloat16()
     assert kernel.forward(ExpertWeights(gate_up, down), many).shape == (9, 64) and calls == [9, 9]
 
@@ -70,11 +146,12 @@ def test_upcast_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
 
     monkeypatch.setattr(cpu_linear, "UPCAST_BFLOAT16", True)
     monkeypatch.setattr(cpu_linear, "PACK_BFLOAT16", False)
-    monkeypatch.setattr(cpu_linear, "upcast_linear", compute.upcast_linear)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8, bias=False)).bfloat16()
     want = [model(x) for x in (one, many)]
     assert pack_linear_layers(model) == 2
-    assert torch.equal(model(one), want[0])
+    decoding.clear()
+    assert (model(one) - want[0]).abs().max() <= 0.02 * want[0].abs().max()
+    assert decoding == ([1, 1] if gemv.available() else [])
     assert model(many.view(3, 3, 64)).shape == (3, 3, 8) and len(calls) == 4
     assert (model(many) == want[1]).float().mean() > 0.9
 
