@@ -263,7 +263,10 @@ class Coordinator:
         shm_rows: int = 4096,
         startup_timeout_s: float = 600.0,
         progress: bool = True,
+        spin_waits: bool = True,
     ):
+        """spin_waits: wait for shared-memory replies (and let workers wait for requests) by spinning briefly before
+        sleeping; False where this process and its local workers take turns on the same cores (protocol/shm.py)."""
         if transport not in ("shm", "zmq"):
             raise ValueError(f"unknown transport {transport!r}; use shm or zmq")
         self.prepared = prepared
@@ -284,6 +287,7 @@ class Coordinator:
         self.notes: list[str] = []
         self.scheduling_line = ""
         self.degraded: str | None = None  # set when a worker is down for good
+        self.spin_waits = spin_waits
         try:
             self._start(token, transport, shm_rows, startup_timeout_s, progress)
         except BaseException:
@@ -434,8 +438,9 @@ class Coordinator:
 
     def _attach_shm(self, link: WorkerLink, capacity: int, timeout_s: float) -> None:
         channel = shm.ShmChannel.create(capacity)
+        channel.spin = self.spin_waits
         try:
-            link.client.send(m.AttachShm(channel.path, capacity))
+            link.client.send(m.AttachShm(channel.path, capacity, spin=self.spin_waits))
             self._expect(link, m.Pong, timeout_s)
         except BaseException:
             channel.close()

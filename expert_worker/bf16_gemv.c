@@ -54,7 +54,10 @@ static void dot4(const uint16_t *w, int64_t cols, const float *xs, float *y) {
     const uint16_t *ahead = w + PREFETCH_ROWS * cols;
     for (int64_t c = 0; c < cols; c += 16) {
         if ((c & 31) == 0) { /* one 64-byte line per row every other step */
-            PREFETCH(ahead + c); PREFETCH(ahead + cols + c); PREFETCH(ahead + 2 * cols + c); PREFETCH(ahead + 3 * cols + c);
+            PREFETCH(ahead + c);
+            PREFETCH(ahead + cols + c);
+            PREFETCH(ahead + 2 * cols + c);
+            PREFETCH(ahead + 3 * cols + c);
         }
         __m256 xe = _mm256_loadu_ps(xs + c), xo = _mm256_loadu_ps(xs + c + 8);
         __m256i v0 = LOAD(w + c), v1 = LOAD(w + cols + c), v2 = LOAD(w + 2 * cols + c), v3 = LOAD(w + 3 * cols + c);

@@ -145,6 +145,7 @@ class Worker:
             raise RequestError("shm_failed", f"cannot map {msg.path}: {e}") from None
         if self.channel is not None:
             self.channel.close()
+        channel.spin = msg.spin
         self.channel = channel
         return m.Pong(os.getpid())
 

@@ -155,6 +155,7 @@ class Layout:
     workers: list[WorkerSlot]
     coordinator_cpus: list[int]
     warnings: list[str]
+    takes_turns: bool = False  # the coordinator shares cores with workers: each waits while the other computes
 
 
 def lay_out(
@@ -172,6 +173,7 @@ def lay_out(
     warnings = []
     free = {n.id: [core[0] for core in n.cores] for n in topology.nodes}
     first = topology.nodes[0].id
+    takes_turns = coordinator_cores == 0
     if coordinator_cores == 0:
         coordinator_cpus = list(free[first])
     else:
@@ -180,6 +182,7 @@ def lay_out(
             free[first] = free[first][coordinator_cores:]
         else:
             warnings.append(f"node {first} has no core left beside the coordinator's; workers share it")
+            takes_turns = True
     nodes = topology.nodes
     if workers_per_node is not None:
         counts = {n.id: workers_per_node for n in nodes}
@@ -200,10 +203,11 @@ def lay_out(
             )
         if k * t > len(cores):  # oversubscribed anyway: spread over every core of the node, the coordinator's too
             cores = [core[0] for core in node.cores]
+            takes_turns = takes_turns or node.id == first
         for i in range(k):
             cpus = sorted({cores[(i * t + j) % len(cores)] for j in range(t)}) if cores else []
             slots.append(WorkerSlot(len(slots), node.id if numa else None, cpus if numa else [], t))
-    return Layout(slots, coordinator_cpus, warnings)
+    return Layout(slots, coordinator_cpus, warnings, takes_turns)
 
 
 # --- binding a process's memory to its node ---

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 # Bump when any message below changes shape; peers with another version are refused with an Error.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 @dataclass
@@ -160,6 +160,7 @@ class AttachShm(Message):
     KIND: ClassVar[str] = "attach_shm"
     path: str
     capacity: int
+    spin: bool = True  # spin briefly before sleeping on the bell; False where the coordinator computes on its cores
 
 
 @dataclass

@@ -7,9 +7,11 @@ worker reads them as a tensor without a copy; the reply travels back the same wa
 
 Doorbells are 32-bit sequence numbers in the file's first cache lines. The writer fills the slot, then bumps the
 sequence and wakes the reader with a futex; the reader spins briefly on the sequence (a decode step's requests
-come in quick succession) and then sleeps in futex_wait, so an idle worker burns no core. A reply carries the
-sequence number of the request it answers and is published only after its data is written, so it can neither be
-read early nor matched to the wrong request.
+come in quick succession) and then sleeps in futex_wait, so an idle worker burns no core. Spinning saves a wake-up
+only where the waiter has a core to itself: where the coordinator and the workers take turns on the same cores
+(CPU-only, every expert cold) the spinner takes the core the other side computes on, so `spin = False` there.
+A reply carries the sequence number of the request it answers and is published only after its data is written,
+so it can neither be read early nor matched to the wrong request.
 
 The file is unlinked as soon as both sides have mapped it: no name is left in /dev/shm even if every process is
 killed. Futexes and the spin rely on x86-64's ordering of stores; elsewhere `available()` is False and the
@@ -91,6 +93,7 @@ class ShmChannel:
         self._meta = {_REQ_META: CONTROL_BYTES, _REP_META: CONTROL_BYTES + META_BYTES}
         self._data = {_REQ_DATA: CONTROL_BYTES + 2 * META_BYTES, _REP_DATA: CONTROL_BYTES + 2 * META_BYTES + capacity}
         self.last_request_seq = self._words[_REQ_SEQ].value
+        self.spin = True  # whether waits spin before sleeping (see the module docstring)
 
     @classmethod
     def create(cls, capacity: int, prefix: str = "fiddler") -> ShmChannel:
@@ -195,7 +198,7 @@ class ShmChannel:
         _futex_wake(ctypes.addressof(bell))
 
     def wait_reply(self, seq: int, timeout_s: float, spin_s: float = 200e-6) -> list[memoryview] | None:
-        if self._wait(_REP_SEQ, lambda v: v == seq, timeout_s, spin_s) is None:
+        if self._wait(_REP_SEQ, lambda v: v == seq, timeout_s, spin_s if self.spin else 0.0) is None:
             return None
         return self._frames(_REP_META, _REP_DATA)
 
@@ -204,7 +207,7 @@ class ShmChannel:
         """The next request, or None when the bell rang for something else (or timeout_s passed)."""
         last, request_seq, bell = self.last_request_seq, self._words[_REQ_SEQ], self._words[_BELL]
         rung = bell.value
-        if self._wait(_REQ_SEQ, lambda v: v != last, 0.0, spin_s) is None:
+        if self._wait(_REQ_SEQ, lambda v: v != last, 0.0, spin_s if self.spin else 0.0) is None:
             # Sleep on the bell; a request or a control message rings it. futex_wait returns at once if it
             # rang since we read it, so nothing is missed.
             _futex_wait(ctypes.addressof(bell), rung, timeout_s)

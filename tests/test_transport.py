@@ -63,10 +63,12 @@ def test_shm_slot_carries_every_dtype_bit_exact(dtype):
     assert not os.path.exists(coordinator.path)
 
 
-def test_shm_reply_is_matched_to_its_request_and_never_read_early():
+@pytest.mark.parametrize("spin", [True, False])
+def test_shm_reply_is_matched_to_its_request_and_never_read_early(spin):
     coordinator = ShmChannel.create(capacity=4096)
     worker = ShmChannel.attach(coordinator.path, 4096)
     coordinator.unlink()
+    coordinator.spin = worker.spin = spin  # sleeping at once (cores taken in turns) must not miss anything
     try:
         first = coordinator.post_request(encode(m.Ping())[0], 0)
         second_started = threading.Event()
@@ -90,6 +92,22 @@ def test_shm_reply_is_matched_to_its_request_and_never_read_early():
         coordinator.close()
 
 
+def test_worker_waits_as_the_coordinator_says(tmp_path):
+    """AttachShm.spin reaches the worker's channel: no spinning where it takes turns with the coordinator."""
+    from expert_worker.server import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig(listen=f"ipc://{tmp_path}/w.sock"))
+    channel = ShmChannel.create(capacity=4096)
+    try:
+        for spin in (False, True):
+            assert worker.on_attach_shm(b"", m.AttachShm(channel.path, 4096, spin=spin)) == m.Pong(os.getpid())
+            assert worker.channel.spin is spin
+    finally:
+        worker.channel.close()
+        channel.close()
+    assert shm_files() == set()
+
+
 # --- clusters over each transport ---
 
 
@@ -101,6 +119,9 @@ def test_exact_over_each_transport(checkpoints, transport):
         got = cluster.logits(IDS)
         channels = [link.channel for link in cluster.coordinator.links]
         assert all(c is not None for c in channels) if transport == "shm" else all(c is None for c in channels)
+        # CPU only, every expert cold: the coordinator and the workers take turns on the cores, so nobody spins
+        assert cluster.plan_workers().takes_turns and not cluster.coordinator.spin_waits
+        assert all(not c.spin for c in channels if c is not None)
         assert shm_files() == set(), "shared-memory names are dropped as soon as both sides map them"
     assert close(got, want)
 
@@ -213,11 +234,15 @@ def test_two_socket_topology_with_hyperthreads(tmp_path):
     assert topo.nodes[1].cores == [[4, 12], [5, 13], [6, 14], [7, 15]]
     assert topo.nodes[0].memory_bytes == 64 << 30
     layout = numa.lay_out(topo, workers_per_node=1)
-    assert layout.coordinator_cpus == [0]
+    assert layout.coordinator_cpus == [0] and not layout.takes_turns
     assert [(s.node, s.cpus, s.threads) for s in layout.workers] == [(0, [1, 2, 3], 3), (1, [4, 5, 6, 7], 4)]
     assert layout.warnings == []
     over = numa.lay_out(topo, workers_per_node=2, threads_per_worker=4)
     assert any("oversubscribed" in w for w in over.warnings)
+    assert over.takes_turns  # node 0's workers spread over the coordinator's core too
+    turns = numa.lay_out(topo, workers_per_node=1, coordinator_cores=0)  # CPU only, every expert cold
+    assert turns.takes_turns and turns.coordinator_cpus == [0, 1, 2, 3]
+    assert [(s.node, s.cpus) for s in turns.workers] == [(0, [0, 1, 2, 3]), (1, [4, 5, 6, 7])]
 
 
 def test_four_node_topology(tmp_path):
