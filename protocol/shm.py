@@ -145,7 +145,7 @@ class ShmChannel:
     # --- publishing and waiting ---
 
     def _publish(self, meta_word: int, data_word: int, seq_word: int, header: bytes, data_bytes: int,
-                 seq: int) -> None:
+                 seq: int, wake: bool) -> None:
         if len(header) > META_BYTES:
             raise ValueError(f"message header of {len(header)} bytes exceeds the {META_BYTES}-byte slot")
         start = self._meta[meta_word]
@@ -153,7 +153,8 @@ class ShmChannel:
         self._words[meta_word].value = len(header)
         self._sizes[data_word].value = data_bytes
         self._words[seq_word].value = seq  # last: the reader acts on this
-        _futex_wake(ctypes.addressof(self._words[seq_word]))
+        if wake:
+            _futex_wake(ctypes.addressof(self._words[seq_word]))
 
     def _frames(self, meta_word: int, data_word: int) -> list[memoryview]:
         start, length = self._meta[meta_word], self._words[meta_word].value
@@ -187,7 +188,8 @@ class ShmChannel:
     def post_request(self, header: bytes, data_bytes: int) -> int:
         seq = (self.last_request_seq + 1) & 0xFFFFFFFF
         self.last_request_seq = seq
-        self._publish(_REQ_META, _REQ_DATA, _REQ_SEQ, header, data_bytes, seq)
+        # The worker only spins on the request sequence; asleep, it waits on the bell.
+        self._publish(_REQ_META, _REQ_DATA, _REQ_SEQ, header, data_bytes, seq, wake=False)
         self.ring()
         return seq
 
@@ -218,4 +220,4 @@ class ShmChannel:
         return seq, self._frames(_REQ_META, _REQ_DATA)
 
     def post_reply(self, seq: int, header: bytes, data_bytes: int) -> None:
-        self._publish(_REP_META, _REP_DATA, _REP_SEQ, header, data_bytes, seq)
+        self._publish(_REP_META, _REP_DATA, _REP_SEQ, header, data_bytes, seq, wake=True)
