@@ -37,6 +37,7 @@ from coordinator import loading
 from coordinator.bench_runners import ClusterConfig, ClusterRunner, TransformersRunner
 from coordinator.placement import format_size
 from coordinator.synthetic import PRESETS, cache_dir, estimated_bytes, write_checkpoint
+from expert_worker import gemv
 from expert_worker.compute import PACK_BFLOAT16, UPCAST_BFLOAT16
 from launch.numa import available_memory_bytes
 
@@ -407,6 +408,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
             "pack_weights": os.environ.get("FIDDLER_PACK_WEIGHTS", "1") != "0",
             # which CPU bfloat16 fast path the expert kernel and a CPU coordinator take (expert_worker/compute.py)
             "cpu_bfloat16_path": "packed" if PACK_BFLOAT16 else "upcast" if UPCAST_BFLOAT16 else "plain",
+            # the AVX2 decoding kernel (expert_worker/gemv.py) serves rows up to gemv.MAX_ROWS on the upcast path
+            "cpu_bfloat16_decode_kernel": UPCAST_BFLOAT16 and gemv.available(),
         },
         "bandwidth": bandwidth,
         "ceiling": {
