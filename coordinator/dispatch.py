@@ -97,6 +97,28 @@ class DispatchStats:
         return max(0.0, self.round_trip_seconds - self.worker_compute_seconds)
 
 
+SMALL_CALL_PAIRS = 64  # routed pairs up to which grouping is done on Python lists (decoding): fewer tensor ops
+
+
+def _group_by_expert(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """The (token, k) pairs sorted by expert, stably: their positions among the flattened pairs, their tokens, and
+    (expert, row count) for each expert that has rows, in expert order."""
+    top_k = top_k_index.shape[1]
+    if top_k_index.numel() <= SMALL_CALL_PAIRS:  # a decode step: a dozen tensor ops cost more than the lists
+        ids = top_k_index.reshape(-1).tolist()
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        groups: dict[int, int] = {}
+        for i in order:
+            groups[ids[i]] = groups.get(ids[i], 0) + 1
+        device = top_k_index.device
+        return (torch.tensor(order, device=device), torch.tensor([i // top_k for i in order], device=device),
+                list(groups.items()))
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    return order, order // top_k, list(zip(experts.tolist(), counts.tolist()))
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -129,24 +151,21 @@ class Dispatcher:
     ) -> torch.Tensor:
         entered = time.perf_counter()
         num_tokens, top_k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        rows = hidden[order // top_k]  # (tokens * top_k, hidden), grouped by expert
-        counts = torch.bincount(flat, minlength=1).tolist()
+        order, tokens, groups = _group_by_expert(top_k_index)
+        rows = hidden[tokens]  # (tokens * top_k, hidden), grouped by expert
 
         # Where each expert's rows sit in `rows`, and who computes them.
         hot_spans: list[tuple[ExpertWeights, int, int]] = []
         by_worker: dict[int, list[tuple[int, int, int]]] = {}
         start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                key = (layer, expert)
-                self.stats.routed[key] = self.stats.routed.get(key, 0) + count
-                if key in self.hot:
-                    hot_spans.append((self.hot[key], start, start + count))
-                    self.stats.hot_pairs += count
-                else:
-                    by_worker.setdefault(self.owner[key], []).append((expert, start, start + count))
+        for expert, count in groups:
+            key = (layer, expert)
+            self.stats.routed[key] = self.stats.routed.get(key, 0) + count
+            if key in self.hot:
+                hot_spans.append((self.hot[key], start, start + count))
+                self.stats.hot_pairs += count
+            else:
+                by_worker.setdefault(self.owner[key], []).append((expert, start, start + count))
             start += count
         self.stats.layer_calls += 1
         if layer == self.first_layer:
@@ -183,10 +202,9 @@ class Dispatcher:
             self.stats.round_trip_seconds += done - sent
             self.stats.worker_compute_seconds += slowest
 
-        weighted = outputs * top_k_weights.reshape(-1)[order].unsqueeze(-1)
-        unsorted = torch.empty_like(weighted)
-        unsorted[order] = weighted
-        result = unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+        unsorted = torch.empty_like(outputs)
+        unsorted[order] = outputs  # back to (token, k) order, then weighted and summed over k
+        result = (unsorted * top_k_weights.reshape(-1, 1)).view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
         self.stats.dispatch_seconds += time.perf_counter() - entered
         return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,3 +93,23 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
     assert got.token_ids == want.tolist()
     assert bool(packed) == PACK_BFLOAT16
     assert bool(upcast) == UPCAST_BFLOAT16
+
+
+def test_grouping_by_expert_is_the_same_for_decode_steps_and_batches(monkeypatch):
+    """Decode steps group their few (token, k) pairs with Python lists, batches with tensor ops: same answer."""
+    from coordinator import dispatch
+
+    generator = torch.Generator().manual_seed(3)
+    for tokens, top_k, experts in [(1, 2, 8), (3, 2, 8), (5, 8, 64), (8, 8, 16)]:
+        index = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+        small = dispatch._group_by_expert(index)
+        monkeypatch.setattr(dispatch, "SMALL_CALL_PAIRS", 0)
+        large = dispatch._group_by_expert(index)
+        monkeypatch.undo()
+        for got in (small, large):
+            order, token_of, groups = got
+            flat = index.reshape(-1)
+            assert torch.equal(flat[order], flat.sort(stable=True).values)  # grouped by expert
+            assert torch.equal(order, torch.argsort(flat, stable=True))  # ties keep token order
+            assert torch.equal(token_of, order // top_k)
+            assert groups == sorted(collections.Counter(flat.tolist()).items())
