@@ -237,9 +237,9 @@ class TransformersRunner:
     running its own eager `generate` (min_new_tokens = max_new_tokens, greedy).
 
     It runs in a process of its own, with the environment the user started us with: OpenMP's wait policy is fixed
-    per process, and the fiddler commands set OMP_WAIT_POLICY=PASSIVE for the coordinator, which would slow
-    transformers down (see README, Performance). The parent sends one command per line, the child answers one JSON
-    line each, so runs still interleave with the cluster's."""
+    per process, and the fiddler commands set OMP_WAIT_POLICY=PASSIVE and a short GOMP_SPINCOUNT for the
+    coordinator, which would slow transformers down (see README, Performance). The parent sends one command per
+    line, the child answers one JSON line each, so runs still interleave with the cluster's."""
 
     def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, threads: int, prompt: list[int],
                  new_tokens: int):
@@ -252,12 +252,13 @@ class TransformersRunner:
         self.implementation = "default"
 
     def start(self) -> None:
-        from launch.cli import USER_OMP_WAIT_POLICY
+        from launch.cli import USER_OPENMP_SETTINGS
 
         env = dict(os.environ)
-        env.pop("OMP_WAIT_POLICY", None)
-        if USER_OMP_WAIT_POLICY is not None:
-            env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+        for name, value in USER_OPENMP_SETTINGS.items():  # the user's, not the fiddler commands' defaults
+            env.pop(name, None)
+            if value is not None:
+                env[name] = value
         spec = {"folder": str(self.folder), "dtype": str(self.dtype).removeprefix("torch."),
                 "device": str(self.device), "threads": self.threads, "prompt": self.prompt}
         self.process = subprocess.Popen([sys.executable, "-m", "coordinator.bench_runners", json.dumps(spec)],

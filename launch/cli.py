@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
-# The coordinator and its workers take turns on the same cores every layer: OpenMP threads that spin after their
-# parallel regions (the default) steal those cores from the other side. Set before anything imports torch; the
-# `fiddler` command imports this module first too. A user's own OMP_WAIT_POLICY wins.
-USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # what others (the benchmark's baseline) should get
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from launch.numa import OPENMP_SETTINGS
+
+# OpenMP's waiting for the coordinator (launch/numa.py), set before anything imports torch; the `fiddler` command
+# imports this module first too. A user's own settings win.
+USER_OPENMP_SETTINGS = {name: os.environ.get(name) for name in OPENMP_SETTINGS}  # for the benchmark's baseline
+for _name, _value in OPENMP_SETTINGS.items():
+    os.environ.setdefault(_name, _value)
 import signal
 import sys
 import time

@@ -192,8 +192,9 @@ class Cluster:
             command += ["--cpus", numa.format_cpu_list(slot.cpus)]
         if slot.node is not None:
             command += ["--numa-node", str(slot.node)]
-        # PASSIVE: OpenMP threads sleep between expert calls instead of spinning on cores others need.
-        env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads), OMP_WAIT_POLICY="PASSIVE")
+        # OpenMP threads spin briefly, then sleep between layers instead of spinning on cores others need.
+        env = {**numa.OPENMP_SETTINGS, **os.environ, "OMP_NUM_THREADS": str(slot.threads),
+               "OMP_WAIT_POLICY": "PASSIVE"}
         if self.config.quiet:
             env["FIDDLER_WORKER_QUIET"] = "1"
         # Own session: a Ctrl-C at the terminal reaches the launcher, which stops the workers in order.

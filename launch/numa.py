@@ -14,6 +14,12 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# How OpenMP threads wait, for the coordinator and the workers. They take turns on the same cores every layer:
+# threads that spin after their parallel regions for long (the default: milliseconds) steal those cores from the
+# other side, and threads that never spin (PASSIVE alone) are woken for every small op of a layer. So: a short spin
+# (GOMP_SPINCOUNT 3000, about 0.15 ms on a Zen 3 core), then sleep (README, Performance).
+OPENMP_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}
+
 SYS_ROOT = Path("/sys/devices/system")
 
 

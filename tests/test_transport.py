@@ -139,7 +139,11 @@ def test_worker_affinity_is_the_planned_one(checkpoints):
         planned = [slot.cpus for slot in cluster.plan_workers().workers]
         reported = [hello.cpus for hello in cluster.coordinator.hellos]  # sched_getaffinity inside each worker
         threads = [hello.threads for hello in cluster.coordinator.hellos]
+        environ = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in cluster.worker_pids]
     assert reported == planned and threads == [1, 1]
+    spin = os.environ.get("GOMP_SPINCOUNT", numa.OPENMP_SETTINGS["GOMP_SPINCOUNT"])
+    for env in environ:  # OpenMP threads spin briefly, then sleep: the workers take turns with the coordinator
+        assert b"OMP_WAIT_POLICY=PASSIVE" in env and f"GOMP_SPINCOUNT={spin}".encode() in env
 
 
 def test_shm_and_processes_cleaned_after_worker_sigkill(checkpoints):
