@@ -15,9 +15,9 @@ are memory-bound matrix-vector products. Two CPU fast paths for bfloat16, chosen
 - Without it (AVX2 CPUs: most desktops and laptops, AMD before Zen 4), PyTorch's bfloat16 matmul is a loop of
   matrix-vector products: 2 ms per row for a 7168x1024 matrix, so a 128-row prefill batch takes 128 times one row.
   Up to `gemv.MAX_ROWS` rows (decoding) a small AVX2 kernel of our own streams the weights once for all rows at
-  1.2-1.3x PyTorch's speed for one row (expert_worker/gemv.py); from `UPCAST_ROWS` rows on (or where that kernel
-  cannot be built), `upcast_linear` converts the weights to float32 a cache-sized block at a time and multiplies
-  in float32 (7x faster at 128 rows). Both round once to bfloat16 as PyTorch's own kernel does.
+  1.2-1.3x PyTorch's speed for one row (expert_worker/gemv.py); beyond them (from `UPCAST_ROWS` rows on where that
+  kernel cannot be built), `upcast_linear` converts the weights to float32 a cache-sized block at a time and
+  multiplies in float32 (7x faster at 128 rows). Both round once to bfloat16 as PyTorch's own kernel does.
 
 FIDDLER_PACK_WEIGHTS=0 turns all of them off. float32 weights are left as they are (the exactness tests compare them with
 transformers to 1e-5), and so is anything on a GPU.

@@ -42,10 +42,10 @@ def _openmp_runtime() -> str | None:
     except OSError:
         return None
     for line in maps.splitlines():
-        path = line.split()[-1] if len(line.split()) >= 6 else ""
-        name = os.path.basename(path)
+        fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path (when mapped from a file)
+        name = os.path.basename(fields[5]) if len(fields) == 6 else ""
         if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
-            return path
+            return fields[5]
     return None
 
 
