@@ -82,20 +82,24 @@ static float dot1(const uint16_t *w, int64_t cols, const float *xs) {
     return hsum(_mm256_add_ps(a, b));
 }
 
-/* weight [rows, cols] bfloat16, row-major; x [n, cols] bfloat16; bias [rows] bfloat16 or NULL; out [n, rows]
-   bfloat16. cols must be a multiple of 16. Returns 0, or -1 when scratch memory cannot be had. */
-int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
-                        const uint16_t *bias, uint16_t *out) {
-    /* The activations in float32, each 16-column block split into its 8 even then its 8 odd columns. */
+/* The activations in float32 for dot4/dot1, each 16-column block split into its 8 even then its 8 odd columns. */
+static float *split_rows(const uint16_t *x, int64_t n, int64_t cols) {
     float *xs = aligned_alloc(64, (size_t)(n * cols * sizeof(float) + 63) / 64 * 64);
-    if (xs == NULL) return -1;
+    if (xs == NULL) return NULL;
     for (int64_t i = 0; i < n * cols; i += 16)
         for (int k = 0; k < 8; k++) {
             xs[i + k] = bf16_to_float(x[i + 2 * k]);
             xs[i + 8 + k] = bf16_to_float(x[i + 2 * k + 1]);
         }
+    return xs;
+}
+
+/* out[i, r] for the rows r of `weight` this thread is given: call inside a parallel region (a worksharing loop,
+   ending with a barrier). */
+static void linear_rows(const uint16_t *weight, int64_t rows, int64_t cols, const float *xs, int64_t n,
+                        const uint16_t *bias, uint16_t *out) {
     int64_t blocks = (rows + 3) / 4;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t r = 4 * b;
         for (int64_t i = 0; i < n; i++) { /* the 4-row block stays in cache for the other activation rows */
@@ -109,6 +113,53 @@ int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, cons
                 out[i * rows + r + k] = float_to_bf16(bias ? y[k] + bf16_to_float(bias[r + k]) : y[k]);
         }
     }
+}
+
+/* weight [rows, cols] bfloat16, row-major; x [n, cols] bfloat16; bias [rows] bfloat16 or NULL; out [n, rows]
+   bfloat16. cols must be a multiple of 16. Returns 0, or -1 when scratch memory cannot be had. */
+int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
+                        const uint16_t *bias, uint16_t *out) {
+    float *xs = split_rows(x, n, cols);
+    if (xs == NULL) return -1;
+#pragma omp parallel
+    linear_rows(weight, rows, cols, xs, n, bias, out);
     free(xs);
+    return 0;
+}
+
+/* One gated expert with the SiLU activation, as transformers computes it in bfloat16:
+       h = x @ gate_up.T;  gate, up = h[:, :inter], h[:, inter:];  out = (silu(gate) * up) @ down.T
+   rounded to bfloat16 where PyTorch rounds (each product, the activation, the elementwise product), all in one
+   parallel region, so a decoding step wakes the thread team once per expert instead of once per operation.
+   gate_up [2 * inter, hidden], down [hidden, inter], x [n, hidden], out [n, hidden]; hidden and inter multiples
+   of 16. Returns 0, or -1 when scratch memory cannot be had. */
+int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
+                             const uint16_t *x, int64_t n, uint16_t *out) {
+    float *xs = split_rows(x, n, hidden);
+    uint16_t *h = malloc((size_t)(n * 2 * inter * sizeof(uint16_t)));
+    float *ps = aligned_alloc(64, (size_t)(n * inter * sizeof(float) + 63) / 64 * 64);
+    if (xs == NULL || h == NULL || ps == NULL) {
+        free(xs);
+        free(h);
+        free(ps);
+        return -1;
+    }
+#pragma omp parallel
+    {
+        linear_rows(gate_up, 2 * inter, hidden, xs, n, NULL, h);
+        /* silu(gate) * up, each rounded, written in the split layout the down product reads */
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n * inter; j++) {
+            int64_t i = j / inter, c = j % inter;
+            float g = bf16_to_float(h[i * 2 * inter + c]), u = bf16_to_float(h[i * 2 * inter + inter + c]);
+            float a = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
+            int64_t at = i * inter + (c & ~15) + ((c & 1) ? 8 : 0) + ((c & 15) >> 1);
+            ps[at] = bf16_to_float(float_to_bf16(a * u));
+        }
+        linear_rows(down, hidden, inter, ps, n, NULL, out);
+    }
+    free(xs);
+    free(h);
+    free(ps);
     return 0;
 }

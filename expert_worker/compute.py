@@ -148,6 +148,9 @@ class ExpertKernel:
         self.pack = PACK_BFLOAT16 and spec.dtype == "bfloat16" and not spec.is_transposed
         if UPCAST_BFLOAT16 and spec.dtype == "bfloat16":
             gemv.available()  # build the decoding kernel now (once per machine), not during the first token
+        # A gated SiLU expert without biases (Mixtral, Qwen-MoE, DeepSeek) decodes in one call of the kernel.
+        self.fused_silu = (UPCAST_BFLOAT16 and spec.dtype == "bfloat16" and spec.has_gate and not spec.has_bias
+                           and not spec.is_transposed and spec.activation in ("silu", "swish"))
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.is_mkldnn:
@@ -165,17 +168,23 @@ class ExpertKernel:
                 and weights.gate_up.dtype == torch.bfloat16 and weights.down.dtype == torch.bfloat16)
 
     @torch.inference_mode()
-    def forward(self, weights: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, weights: ExpertWeights, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert's output rows for x [rows, hidden], written into `out` when given (same shape and dtype)."""
         if self._packable(weights):
             weights.pack()
         x = x.to(weights.gate_up.dtype)
         if x.shape[0] == 0:  # oneDNN refuses empty matmuls; the answer is known
             hidden = weights.down.shape[1] if self.spec.is_transposed else weights.down.shape[0]
-            return x.new_empty((0, hidden))
+            return x.new_empty((0, hidden)) if out is None else out
+        if (self.fused_silu and weights.gate_up_bias is None and weights.down_bias is None
+                and (out is None or (out.dtype == torch.bfloat16 and out.is_contiguous()))
+                and gemv.applies_to_expert(x, weights.gate_up, weights.down)):
+            return gemv.silu_expert(x, weights.gate_up, weights.down, out)
         h = self._linear(x, weights.gate_up, weights.gate_up_bias)
         if self.spec.has_gate:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self._linear(h, weights.down, weights.down_bias)
+        h = self._linear(h, weights.down, weights.down_bias)
+        return h if out is None else out.copy_(h)

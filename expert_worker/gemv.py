@@ -100,6 +100,10 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_void_p]
     fn.restype = ctypes.c_int
+    fn = lib.fiddler_bf16_silu_expert
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p]
+    fn.restype = ctypes.c_int
     return lib
 
 
@@ -116,6 +120,13 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and 0 < x.numel() <= MAX_ROWS * weight.shape[1] and available())
 
 
+def applies_to_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether `silu_expert` takes this expert: `applies` to both of its products."""
+    return (applies(x, gate_up) and down.dtype == torch.bfloat16 and down.device.type == "cpu" and not down.is_mkldnn
+            and down.dim() == 2 and down.is_contiguous() and down.shape[1] % 16 == 0
+            and gate_up.shape[0] == 2 * down.shape[1] and x.shape[-1] == down.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """nn.functional.linear(x, weight, bias) for bfloat16 on the CPU, where `applies` says so."""
     rows, cols = weight.shape
@@ -128,3 +139,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if status != 0:
         raise MemoryError("no memory for the activations' float32 copy")
     return out.view(*x.shape[:-1], rows)
+
+
+def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """A gated SiLU expert without biases, `(silu(gate) * up) @ down.T` with `gate, up = (x @ gate_up.T).chunk(2)`,
+    for x [n, hidden] where `applies(x, gate_up)` and `applies(h, down)` do; rounded to bfloat16 where PyTorch's
+    operations round. One call (and one wake-up of the thread team) per expert. Writes into `out` when given (a
+    contiguous [n, hidden] bfloat16 tensor, e.g. a reply slot)."""
+    inter, hidden = down.shape[1], down.shape[0]
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16)
+    status = library().fiddler_bf16_silu_expert(gate_up.data_ptr(), down.data_ptr(), hidden, inter, x.data_ptr(),
+                                                x.shape[0], out.data_ptr())
+    if status != 0:
+        raise MemoryError("no memory for the expert's scratch rows")
+    return out

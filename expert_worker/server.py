@@ -112,18 +112,18 @@ class Worker:
 
     def on_expert_request(self, peer: bytes, msg: m.ExpertRequest) -> m.Message:
         started = time.perf_counter()
-        outputs = self.compute(msg)
-        out = torch.cat(outputs) if outputs else msg.rows.new_empty((0, msg.rows.shape[1]))
-        return m.ExpertReply(msg.request_id, msg.layer, out.to(msg.rows.dtype), time.perf_counter() - started)
+        out = torch.empty_like(msg.rows)
+        self.compute(msg, out)
+        return m.ExpertReply(msg.request_id, msg.layer, out, time.perf_counter() - started)
 
-    def compute(self, msg: m.ExpertRequest) -> list[torch.Tensor]:
-        """Each expert's output rows, in request order."""
+    def compute(self, msg: m.ExpertRequest, out: torch.Tensor) -> None:
+        """Each expert's output rows into `out` (shaped and typed as msg.rows), in request order."""
         if self.kernel is None:
             raise RequestError("not_loaded", "no shard loaded yet; send load_shard first")
         rows = msg.rows
         if rows.dim() != 2 or len(msg.expert_ids) != len(msg.row_counts) or sum(msg.row_counts) != rows.shape[0]:
             raise RequestError("bad_request", "rows must be 2-D and row_counts must sum to its number of rows")
-        outputs, offset = [], 0
+        offset = 0
         for expert, count in zip(msg.expert_ids, msg.row_counts):
             weights = self.shard.get((msg.layer, expert))
             if weights is None:
@@ -131,9 +131,8 @@ class Worker:
             hidden = weights.down.shape[1] if self.kernel.spec.is_transposed else weights.down.shape[0]
             if rows.shape[1] != hidden or count < 0:
                 raise RequestError("bad_request", f"rows have width {rows.shape[1]}, experts expect {hidden}")
-            outputs.append(self.kernel.forward(weights, rows[offset : offset + count]).to(rows.dtype))
+            self.kernel.forward(weights, rows[offset : offset + count], out[offset : offset + count])
             offset += count
-        return outputs
 
     def on_echo(self, peer: bytes, msg: m.Echo) -> m.Message:
         return m.ExpertReply(msg.request_id, -1, msg.rows.clone(), 0.0)
@@ -157,13 +156,13 @@ class Worker:
             msg = decode(frames)
             if not isinstance(msg, m.ExpertRequest | m.Echo):
                 raise RequestError("unexpected", f"only expert requests travel through shared memory, not {msg.KIND}")
-            outputs = self.compute(msg) if isinstance(msg, m.ExpertRequest) else [msg.rows]
-            rows = sum(o.shape[0] for o in outputs)
-            if not channel.fits(rows * msg.rows.shape[1] * msg.rows.element_size()):
+            if not channel.fits(msg.rows.numel() * msg.rows.element_size()):
                 raise RequestError("too_large", "reply does not fit the shared-memory slot")
-            view = channel.reply_view(msg.rows.dtype, (rows, msg.rows.shape[1]))
-            if outputs:
-                torch.cat(outputs, out=view)
+            view = channel.reply_view(msg.rows.dtype, tuple(msg.rows.shape))
+            if isinstance(msg, m.ExpertRequest):
+                self.compute(msg, view)
+            else:
+                view.copy_(msg.rows)
             layer = msg.layer if isinstance(msg, m.ExpertRequest) else -1
             reply: m.Message = m.ExpertReply(msg.request_id, layer, view, time.perf_counter() - started)
             data_bytes = view.numel() * view.element_size()

@@ -116,8 +116,9 @@ def test_gemv_kernel_is_built_once_and_missing_compiler_falls_back(tmp_path, mon
 
 
 def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
-    """Up to gemv.MAX_ROWS rows the expert kernel and the coordinator's nn.Linear take the AVX2 decoding kernel
-    (where it builds; else PyTorch's bfloat16 product), from there on the float32 path."""
+    """Up to gemv.MAX_ROWS rows the expert kernel (in one call for a gated SiLU expert) and the coordinator's
+    nn.Linear take the AVX2 decoding kernel (where it builds; else PyTorch's bfloat16 product), from there on the
+    float32 path."""
     monkeypatch.setattr(compute, "UPCAST_BFLOAT16", True)
     monkeypatch.setattr(compute, "PACK_BFLOAT16", False)
     spec = KernelSpec(activation="silu", dtype="bfloat16")
@@ -128,13 +129,14 @@ def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
     kernel.pack = False
     calls = []
     monkeypatch.setattr(compute, "upcast_linear", lambda *a, **k: calls.append(a[0].shape[0]) or upcast_linear(*a, **k))
-    decoding, linear = [], gemv.linear
+    decoding, linear, experts, silu_expert = [], gemv.linear, [], gemv.silu_expert
     monkeypatch.setattr(gemv, "linear", lambda *a, **k: decoding.append(a[0].shape[0]) or linear(*a, **k))
+    monkeypatch.setattr(gemv, "silu_expert", lambda *a, **k: experts.append(a[0].shape[0]) or silu_expert(*a, **k))
     one = torch.randn(1, 64, generator=generator).bfloat16()
     h = nn.functional.linear(one, gate_up)
     want_one = nn.functional.linear(nn.functional.silu(h[:, :96]) * h[:, 96:], down)
     got_one = kernel.forward(ExpertWeights(gate_up, down), one)
-    assert calls == [] and decoding == ([1, 1] if gemv.available() else [])
+    assert calls == [] and decoding == [] and experts == ([1] if gemv.available() else [])
     if gemv.available():  # the same function, rounded once per product
         assert (got_one - want_one).abs().max() <= 0.02 * want_one.abs().max()
     else:
@@ -154,6 +156,32 @@ def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
     assert decoding == ([1, 1] if gemv.available() else [])
     assert model(many.view(3, 3, 64)).shape == (3, 3, 8) and len(calls) == 4
     assert (model(many) == want[1]).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
+def test_fused_silu_expert_is_the_two_products(monkeypatch):
+    """One call per gated SiLU expert gives the bits of the two products with PyTorch's activation and product
+    between them, for every row count it takes, into a given output too; experts it does not take (biases, another
+    activation) keep the two products."""
+    monkeypatch.setattr(compute, "UPCAST_BFLOAT16", True)
+    monkeypatch.setattr(compute, "PACK_BFLOAT16", False)
+    generator = torch.Generator().manual_seed(3)
+    weights = ExpertWeights((torch.randn(2 * 96, 64, generator=generator) * 0.2).bfloat16(),
+                            (torch.randn(64, 96, generator=generator) * 0.2).bfloat16())
+    fused = ExpertKernel(KernelSpec(activation="silu", dtype="bfloat16"))
+    assert fused.fused_silu and gemv.available()
+    two_products = ExpertKernel(KernelSpec(activation="silu", dtype="bfloat16"))
+    two_products.fused_silu = False
+    for rows in range(1, gemv.MAX_ROWS + 1):
+        x = (torch.randn(rows, 64, generator=generator) * 3).bfloat16()
+        want = two_products.forward(weights, x)
+        assert torch.equal(fused.forward(weights, x), want)
+        out = torch.full((rows + 2, 64), 7.0, dtype=torch.bfloat16)
+        fused.forward(weights, x, out[1 : rows + 1])
+        assert torch.equal(out[1 : rows + 1], want) and (out[0] == 7).all() and (out[-1] == 7).all()
+    assert not ExpertKernel(KernelSpec(activation="gelu", dtype="bfloat16")).fused_silu
+    assert not ExpertKernel(KernelSpec(activation="silu", dtype="bfloat16", has_bias=True)).fused_silu
+    assert not ExpertKernel(KernelSpec(activation="silu", dtype="float32")).fused_silu
 
 
 @pytest.mark.skipif(not PACK_BFLOAT16, reason="no oneDNN bfloat16 support on this CPU")
