@@ -73,11 +73,19 @@ def parse_dtype(name: str) -> torch.dtype:
 # --- encoding ---
 
 
+_SCALARS = (int, float, str, bool, bytes, type(None))
+
+
 def _plain(value: Any) -> Any:
+    if type(value) in _SCALARS:
+        return value
+    if isinstance(value, list | tuple):
+        # lists of numbers (expert ids, row counts, token ids) are the common case on the hot path: no call per item
+        if all(type(v) in _SCALARS for v in value):
+            return list(value)
+        return [_plain(v) for v in value]
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
     return value
 
 
@@ -104,10 +112,8 @@ def _header(message: Message) -> tuple[bytes, list[torch.Tensor]]:
         if isinstance(value, torch.Tensor):
             specs.append({"field": name, "dtype": dtype_name(value.dtype), "shape": list(value.shape)})
             tensors.append(value)
-        elif isinstance(value, list | tuple) or dataclasses.is_dataclass(value):
-            body[name] = _plain(value)
         else:
-            body[name] = value
+            body[name] = _plain(value)
     header = {"v": PROTOCOL_VERSION, "kind": message.KIND, "body": body, "tensors": specs}
     return msgpack.packb(header, use_bin_type=True), tensors
 
@@ -259,8 +265,11 @@ def _build(cls: type, body: Any, where: str, tensors: dict[str, torch.Tensor] | 
     return cls(**kwargs)
 
 
+_SPEC_KEYS = frozenset({"field", "dtype", "shape"})
+
+
 def _tensor(spec: Any, frame: Any, where: str) -> tuple[str, torch.Tensor]:
-    if not isinstance(spec, dict) or set(spec) != {"field", "dtype", "shape"}:
+    if not isinstance(spec, dict) or spec.keys() != _SPEC_KEYS:
         raise ProtocolError("bad_header", f"{where}: tensor spec must be {{field, dtype, shape}}")
     name, shape = spec["field"], spec["shape"]
     if not isinstance(name, str):
@@ -268,11 +277,7 @@ def _tensor(spec: Any, frame: Any, where: str) -> tuple[str, torch.Tensor]:
     dtype = parse_dtype(spec["dtype"]) if isinstance(spec["dtype"], str) else None
     if dtype is None:
         raise ProtocolError("bad_dtype", f"{where}: dtype must be a string")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_TENSOR_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not _sizes(shape):
         raise ProtocolError("bad_shape", f"{where}: shape {_short(shape)} is not a list of up to 4 sizes")
     expected = math.prod(shape) * dtype.itemsize
     if expected > MAX_TENSOR_BYTES:
@@ -284,7 +289,14 @@ def _tensor(spec: Any, frame: Any, where: str) -> tuple[str, torch.Tensor]:
         )
     if expected == 0:
         return name, torch.empty(shape, dtype=dtype)
-    return name, torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+    return name, torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+def _sizes(shape: list) -> bool:
+    for d in shape:
+        if type(d) is not int or not 0 <= d < 2**40:  # type(), not isinstance: True is not a size
+            return False
+    return True
 
 
 def decode(frames: list[Any]) -> Message:
