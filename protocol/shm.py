@@ -33,6 +33,7 @@ import torch
 SHM_DIR = "/dev/shm"
 CONTROL_BYTES = 4096
 META_BYTES = 64 * 1024  # a request header for 256 experts is ~2 KB
+VIEW_CACHE_SIZE = 16
 
 # control words, each on its own cache line. The bell counts everything the worker should wake for: a request
 # in the slot, or a control message sent to it over ZeroMQ while it sleeps on the futex.
@@ -93,6 +94,7 @@ class ShmChannel:
         self._meta = {_REQ_META: CONTROL_BYTES, _REP_META: CONTROL_BYTES + META_BYTES}
         self._data = {_REQ_DATA: CONTROL_BYTES + 2 * META_BYTES, _REP_DATA: CONTROL_BYTES + 2 * META_BYTES + capacity}
         self.last_request_seq = self._words[_REQ_SEQ].value
+        self._views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
         self.spin = True  # whether waits spin before sleeping (see the module docstring)
 
     @classmethod
@@ -116,6 +118,7 @@ class ShmChannel:
     def close(self) -> None:
         if self.owner:
             self.unlink()
+        self._views.clear()
         self._words.clear()
         self._sizes.clear()
         try:
@@ -129,12 +132,22 @@ class ShmChannel:
         return nbytes <= self.capacity
 
     def _view(self, area: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor over the start of a data area. Decoding asks for the same few shapes every layer, so views
+        are kept (a handful: a prefill's shapes vary, and the cache is dropped when it grows)."""
+        key = (area, dtype, shape)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         count = 1
         for d in shape:
             count *= d
         if count == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self.mm, dtype=dtype, count=count, offset=self._data[area]).view(shape)
+        if len(self._views) >= VIEW_CACHE_SIZE:
+            self._views.clear()
+        view = self._views[key] = torch.frombuffer(self.mm, dtype=dtype, count=count,
+                                                   offset=self._data[area]).view(shape)
+        return view
 
     def request_view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         return self._view(_REQ_DATA, dtype, shape)
