@@ -173,12 +173,16 @@ class Dispatcher:
         moved = self._take_moved(layer, by_worker, hot_spans) if num_tokens >= MIN_ROWS_TO_MOVE else []
         self.stats.cold_pairs += sum(hi - lo for spans in by_worker.values() for _, lo, hi in spans)
 
-        # Every cold request goes out before anything waits.
+        # Every cold request goes out before anything waits. When one worker computes every pair (all experts
+        # cold on one worker: decoding on a CPU), its request is gathered straight from `hidden` and its reply is
+        # the grouped output, with no copies in between.
         sent = time.perf_counter()
-        pending = {w: self._send(w, layer, rows, spans) for w, spans in by_worker.items()}
-        outputs = torch.empty_like(rows)
+        whole = len(by_worker) == 1 and not hot_spans and not moved
+        rows = None if whole else hidden[tokens]  # (tokens * top_k, hidden), grouped by expert
+        pending = {w: self._send(w, layer, hidden, tokens, rows, spans) for w, spans in by_worker.items()}
+        outputs = None if whole else torch.empty_like(rows)
         for weights, lo, hi in hot_spans:
-            outputs[lo:hi] = self.kernel.forward(weights, rows[lo:hi])
+            self.kernel.forward(weights, rows[lo:hi], outputs[lo:hi])
         hot_done = time.perf_counter()
         self.stats.hot_seconds += hot_done - sent
         for expert, lo, hi in moved:  # copied into a staging buffer, computed here, while the workers run
@@ -191,7 +195,10 @@ class Dispatcher:
         for w, (request_id, seq, spans) in pending.items():
             reply = self._receive(w, request_id, seq, layer)
             slowest = max(slowest, reply.compute_seconds)
-            out = reply.outputs.to(device=outputs.device, dtype=outputs.dtype)
+            out = reply.outputs.to(device=hidden.device, dtype=hidden.dtype)
+            if whole:
+                outputs = out
+                continue
             offset = 0
             for _, lo, hi in spans:
                 outputs[lo:hi] = out[offset : offset + hi - lo]
@@ -230,19 +237,28 @@ class Dispatcher:
         self.stats.moved_pairs += sum(hi - lo for _, lo, hi in moved)
         return moved
 
-    def _send(self, w: int, layer: int, rows: torch.Tensor, spans: list[tuple[int, int, int]]):
-        """Send one worker its rows for this layer: straight into its shared-memory slot when they fit,
-        else as ZeroMQ frames. Returns what _receive needs to match the reply."""
+    def _send(self, w: int, layer: int, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None,
+              spans: list[tuple[int, int, int]]):
+        """Send one worker its rows for this layer: straight into its shared-memory slot when they fit, else as
+        ZeroMQ frames. `rows` are the call's grouped rows, or None when this worker takes every pair: then they are
+        gathered from `hidden` by `tokens` into the outgoing buffer. Returns what _receive needs to match the
+        reply."""
         self._next_id += 1
         link = self.workers[w]
         count = sum(hi - lo for _, lo, hi in spans)
-        shape = (count, rows.shape[1])
-        use_shm = link.channel is not None and link.channel.fits(count * rows.shape[1] * rows.element_size())
-        batch = link.channel.request_view(rows.dtype, shape) if use_shm else torch.empty(shape, dtype=rows.dtype)
-        offset = 0
-        for _, lo, hi in spans:  # one copy: from the grouped rows (on any device) into the outgoing buffer
-            batch[offset : offset + hi - lo].copy_(rows[lo:hi])
-            offset += hi - lo
+        shape = (count, hidden.shape[1])
+        use_shm = link.channel is not None and link.channel.fits(count * hidden.shape[1] * hidden.element_size())
+        batch = link.channel.request_view(hidden.dtype, shape) if use_shm else torch.empty(shape, dtype=hidden.dtype)
+        if rows is None:  # one copy: the gather itself, from any device
+            if hidden.device == batch.device:
+                torch.index_select(hidden, 0, tokens, out=batch)
+            else:
+                batch.copy_(hidden.index_select(0, tokens))
+        else:
+            offset = 0
+            for _, lo, hi in spans:  # one copy: from the grouped rows (on any device) into the outgoing buffer
+                batch[offset : offset + hi - lo].copy_(rows[lo:hi])
+                offset += hi - lo
         request = m.ExpertRequest(
             request_id=self._next_id,
             layer=layer,
