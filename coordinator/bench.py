@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -375,6 +376,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
                 "decode": result["decode_tokens_per_second"] / match["decode_tokens_per_second"],
                 "same_greedy_tokens": _same_prefix(result["token_ids"], match["token_ids"]),
             }
+            if interleave:  # run i of each contestant came in the same round, moments apart
+                result["vs_transformers"]["rounds"] = paired_ratios(result["runs"], match["runs"])
 
     config = layout.config
     return {
@@ -462,6 +465,18 @@ def play(runners: list, options: BenchOptions, interleave: bool, threads: int, l
     finally:
         for runner in runners:
             runner.stop()
+
+
+def paired_ratios(runs: list[dict], baseline_runs: list[dict]) -> dict:
+    """Per round, this contestant's rate over the baseline's: on a machine whose speed drifts with other load, the
+    median of these moves less than the ratio of the two medians. Median, min and max, prefill and decode."""
+    paired = {}
+    for phase in ("prefill", "decode"):
+        key = f"{phase}_tokens_per_second"
+        ratios = [a[key] / b[key] for a, b in zip(runs, baseline_runs) if b[key] > 0]
+        if ratios:
+            paired[phase] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return paired
 
 
 def _same_prefix(a: list[int], b: list[int]) -> int:

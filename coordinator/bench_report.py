@@ -15,6 +15,15 @@ from coordinator.bench_runners import BREAKDOWN_PARTS
 from coordinator.placement import format_size
 
 
+def _versus(versus: dict | None) -> str:
+    if not versus:
+        return ""
+    rounds = versus.get("rounds")
+    if not rounds:
+        return f"{versus['prefill']:.2f}x, {versus['decode']:.2f}x"
+    return f"{rounds['prefill']['median']:.2f}x, {rounds['decode']['median']:.2f}x"
+
+
 def _gbps(x: float) -> str:
     return f"{x / 1e9:.1f} GB/s"
 
@@ -50,7 +59,7 @@ def print_tables(result: dict, console: Console | None = None) -> None:
             f"{c['prefill_tokens_per_second']:.1f}",
             f"{c['decode_tokens_per_second']:.2f}",
             f"{c['share_of_ceiling']:.0%}",
-            f"{versus['prefill']:.2f}x, {versus['decode']:.2f}x" if versus else "",
+            _versus(versus),
             f"{versus['same_greedy_tokens']}/{len(c['token_ids'])}" if versus else "",
         )
     for b in result["transformers"]:
@@ -61,9 +70,15 @@ def print_tables(result: dict, console: Console | None = None) -> None:
         )
     table.add_row("ceiling", "", "", f"{result['ceiling']['decode_tokens_per_second']:.2f}", "100%", "", "")
     console.print(table)
+    for c in result["cluster"]:
+        rounds = (c.get("vs_transformers") or {}).get("rounds")
+        if rounds and "decode" in rounds:
+            console.print(f"fiddler {c['config']['label']} vs transformers, range over rounds: prefill "
+                          f"{rounds['prefill']['min']:.2f}-{rounds['prefill']['max']:.2f}x, decode "
+                          f"{rounds['decode']['min']:.2f}-{rounds['decode']['max']:.2f}x")
     console.print("fiddler C+WxT: C coordinator threads, W workers of T threads; transformers N: N threads; "
                   "vs transformers: prefill, decode (above 1x is "
-                  "faster); same tokens: greedy tokens equal to transformers' before the first difference; "
+                  "faster; interleaved runs: the median of each round's ratio); same tokens: greedy tokens equal to transformers' before the first difference; "
                   "transformers' experts implementation: "
                   f"{', '.join(sorted({b['experts_implementation'] for b in result['transformers']})) or '-'}")
 
