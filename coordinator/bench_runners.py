@@ -237,7 +237,7 @@ class TransformersRunner:
     running its own eager `generate` (min_new_tokens = max_new_tokens, greedy).
 
     It runs in a process of its own, with the environment the user started us with: OpenMP's wait policy is fixed
-    per process, and the fiddler commands set OMP_WAIT_POLICY=PASSIVE and a short GOMP_SPINCOUNT for the
+    per process, and the fiddler commands set OMP_WAIT_POLICY=PASSIVE and a bounded GOMP_SPINCOUNT for the
     coordinator, which would slow transformers down (see README, Performance). The parent sends one command per
     line, the child answers one JSON line each, so runs still interleave with the cluster's."""
 
