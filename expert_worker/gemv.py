@@ -1,5 +1,7 @@
 """nn.Linear for a few rows of bfloat16 activations on AVX2 CPUs, through bf16_gemv.c (built on first use).
 
+`silu_expert` computes a whole gated SiLU expert (both products and the activation between them) in one call.
+
 Decoding multiplies one row by every weight it passes, so its speed is how fast the weights stream from memory.
 On CPUs without oneDNN's bfloat16 support PyTorch's bfloat16 matrix-vector product reaches 11-13 GB/s on two Zen 3
 cores where a float32 sum reads 19; the kernel in bf16_gemv.c reaches 16-18 (README, "Performance"). Its results
@@ -144,8 +146,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """A gated SiLU expert without biases, `(silu(gate) * up) @ down.T` with `gate, up = (x @ gate_up.T).chunk(2)`,
-    for x [n, hidden] where `applies(x, gate_up)` and `applies(h, down)` do; rounded to bfloat16 where PyTorch's
-    operations round. One call (and one wake-up of the thread team) per expert. Writes into `out` when given (a
+    for x [n, hidden] where `applies_to_expert` says so; rounded to bfloat16 where PyTorch's operations round. One call (and one wake-up of the thread team) per expert. Writes into `out` when given (a
     contiguous [n, hidden] bfloat16 tensor, e.g. a reply slot)."""
     inter, hidden = down.shape[1], down.shape[0]
     x = x.contiguous()
