@@ -35,6 +35,12 @@ def test_bench_tiny_writes_json_and_png(tmp_path):
     breakdown = result["cluster"][0]["decode_ms_per_token"]
     assert set(breakdown) >= {"non_expert", "worker_compute", "transport", "sampling_overhead", "total"}
     assert result["cluster"][0]["hit_rate"] == 0.0  # on the CPU every expert is cold by default
+    assert result["settings"]["interleaved"] and "range over rounds" in done.stdout
+    for c in result["cluster"]:  # one round: its ratio is the ratio of the two runs
+        versus = c["vs_transformers"]
+        for phase in ("prefill", "decode"):
+            paired = versus["rounds"][phase]
+            assert paired["min"] == paired["median"] == paired["max"] == pytest.approx(versus[phase])
     assert result["bandwidth"]["bytes_per_second"] > 0 and "torch.sum" in result["bandwidth"]["method"]
     assert result["ceiling"]["decode_tokens_per_second"] > 0
     machine = result["machine"]
@@ -57,3 +63,14 @@ def test_bench_refuses_a_model_that_does_not_fit(tmp_path):
     assert done.returncode == 2
     assert "mixtral-8x7b" in done.stderr and "memory" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_paired_ratios_pair_runs_of_the_same_round():
+    from coordinator.bench import paired_ratios
+
+    def run(prefill, decode):
+        return {"prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode}
+
+    paired = paired_ratios([run(2, 4), run(3, 3), run(5, 1)], [run(1, 2), run(1, 6), run(1, 0)])
+    assert paired["prefill"] == {"median": 3, "min": 2, "max": 5}
+    assert paired["decode"] == {"median": 1.25, "min": 0.5, "max": 2}  # a round without a baseline rate is left out
