@@ -152,7 +152,6 @@ class Dispatcher:
         entered = time.perf_counter()
         num_tokens, top_k = top_k_index.shape
         order, tokens, groups = _group_by_expert(top_k_index)
-        rows = hidden[tokens]  # (tokens * top_k, hidden), grouped by expert
 
         # Where each expert's rows sit in `rows`, and who computes them.
         hot_spans: list[tuple[ExpertWeights, int, int]] = []
