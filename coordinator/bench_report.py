@@ -77,8 +77,8 @@ def print_tables(result: dict, console: Console | None = None) -> None:
                           f"{rounds['prefill']['min']:.2f}-{rounds['prefill']['max']:.2f}x, decode "
                           f"{rounds['decode']['min']:.2f}-{rounds['decode']['max']:.2f}x")
     console.print("fiddler C+WxT: C coordinator threads, W workers of T threads; transformers N: N threads; "
-                  "vs transformers: prefill, decode (above 1x is "
-                  "faster; interleaved runs: the median of each round's ratio); same tokens: greedy tokens equal to transformers' before the first difference; "
+                  "vs transformers: prefill, decode (above 1x is faster; interleaved runs: the median of each "
+                  "round's ratio); same tokens: greedy tokens equal to transformers' before the first difference; "
                   "transformers' experts implementation: "
                   f"{', '.join(sorted({b['experts_implementation'] for b in result['transformers']})) or '-'}")
 

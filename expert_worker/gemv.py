@@ -146,8 +146,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """A gated SiLU expert without biases, `(silu(gate) * up) @ down.T` with `gate, up = (x @ gate_up.T).chunk(2)`,
-    for x [n, hidden] where `applies_to_expert` says so; rounded to bfloat16 where PyTorch's operations round. One call (and one wake-up of the thread team) per expert. Writes into `out` when given (a
-    contiguous [n, hidden] bfloat16 tensor, e.g. a reply slot)."""
+    for x [n, hidden] where `applies_to_expert` says so; rounded to bfloat16 where PyTorch's operations round. One
+    call (and one wake-up of the thread team) per expert. Writes into `out` when given (a contiguous [n, hidden]
+    bfloat16 tensor, e.g. a reply slot)."""
     inter, hidden = down.shape[1], down.shape[0]
     x = x.contiguous()
     if out is None:
