@@ -23,7 +23,7 @@ from expert_worker import gemv
 
 
 def build_without_prefetch(folder: Path) -> ctypes.CDLL:
-    source = gemv.SOURCE.read_text().replace("#define PREFETCH_ROWS 12", "#define PREFETCH_ROWS 0")
+    source = gemv.SOURCES[0].read_text().replace("#define PREFETCH_ROWS 12", "#define PREFETCH_ROWS 0")
     source = source.replace("if ((c & 31) == 0) {", "if (PREFETCH_ROWS && (c & 31) == 0) {")
     (folder / "nopf.c").write_text(source)
     runtime = gemv._openmp_runtime()

@@ -28,6 +28,7 @@ from coordinator.placement import Placement, format_size, parse_size, plan
 from coordinator.profile import ExpertProfile
 from coordinator.scheduling import MoveEveryExpert, Scheduler, load_or_measure
 from coordinator.staging import STAGING_BUFFERS, MappedShard, Staging
+from expert_worker import gemv
 from expert_worker.checkpoint import CheckpointError, TensorReader
 from expert_worker.compute import ExpertKernel
 from expert_worker.shard import load_expert
@@ -439,6 +440,8 @@ class Coordinator:
     def _attach_shm(self, link: WorkerLink, capacity: int, timeout_s: float) -> None:
         channel = shm.ShmChannel.create(capacity)
         channel.spin = self.spin_waits
+        if not self.spin_waits and gemv.available():  # taking turns with the worker on the same cores
+            channel.sleep = gemv.parked_wait
         try:
             link.client.send(m.AttachShm(channel.path, capacity, spin=self.spin_waits))
             self._expect(link, m.Pong, timeout_s)

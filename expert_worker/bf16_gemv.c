@@ -163,3 +163,32 @@ int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int6
     free(ps);
     return 0;
 }
+
+/* The rows of a layer call's token-expert pairs, copied out of the hidden states: dst[i] = src[index[i]], rows of
+   row_bytes bytes (the gather that fills a worker's request slot). */
+void fiddler_gather_rows(const char *src, int64_t row_bytes, const int64_t *index, int64_t n, char *dst) {
+    for (int64_t i = 0; i < n; i++) memcpy(dst + i * row_bytes, src + index[i] * row_bytes, (size_t)row_bytes);
+}
+
+/* The experts' outputs weighted and summed over each token's top-k, as transformers' grouped_mm combines them:
+       result[t] = bf16(sum over k of outputs[row_of[t * top_k + k]] * weights[t * top_k + k])
+   outputs [pairs, hidden] bfloat16 in any row order (row_of says where each pair's row is); weights [tokens *
+   top_k] float32 (the product and the sum in float32, one rounding at the end) or bfloat16 (each product rounded
+   to bfloat16, the sum in float32 then rounded), PyTorch's type promotion in either case; the sum runs over k in
+   order from zero, as PyTorch's reduction over that dimension does. */
+void fiddler_combine(const uint16_t *outputs, const int64_t *row_of, const void *weights, int weights_bf16,
+                     int64_t tokens, int64_t top_k, int64_t hidden, uint16_t *result) {
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t c = 0; c < hidden; c++) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < top_k; k++) {
+                int64_t pair = t * top_k + k;
+                float v = bf16_to_float(outputs[row_of[pair] * hidden + c]);
+                if (weights_bf16)
+                    sum += bf16_to_float(float_to_bf16(v * bf16_to_float(((const uint16_t *)weights)[pair])));
+                else
+                    sum += v * ((const float *)weights)[pair];
+            }
+            result[t * hidden + c] = float_to_bf16(sum);
+        }
+}

@@ -32,9 +32,10 @@ from launch.rundir import cache_dir
 
 log = logging.getLogger("fiddler.gemv")
 
-SOURCE = Path(__file__).with_name("bf16_gemv.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("bf16_gemv.c", "parked_wait.c")]
 MAX_ROWS = 8  # activation rows per call; more take the float32 path (expert_worker/compute.py)
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC"]
+# No contraction of a*b+c into one rounding: the combine must round each product as PyTorch does.
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC"]
 
 
 def _openmp_runtime() -> str | None:
@@ -62,15 +63,16 @@ def _why_unavailable() -> str | None:
 
 
 def _build(target: Path, compiler: str, runtime: str | None) -> None:
-    """Compile bf16_gemv.c into `target`; several processes may race, the last rename wins with equal bytes."""
+    """Compile SOURCES into `target`; several processes may race, the last rename wins with equal bytes."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        obj, lib = Path(tmp) / "gemv.o", Path(tmp) / target.name
-        # Link the object against PyTorch's OpenMP library itself (not -fopenmp's default libgomp), which may be
+        objects = [str(Path(tmp) / source.with_suffix(".o").name) for source in SOURCES]
+        lib = Path(tmp) / target.name
+        # Link the objects against PyTorch's OpenMP library itself (not -fopenmp's default libgomp), which may be
         # a renamed copy inside the torch package.
         link = [runtime, f"-Wl,-rpath,{os.path.dirname(runtime)}"] if runtime else ["-fopenmp"]
-        for command in ([compiler, *_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                        [compiler, "-shared", str(obj), *link, "-o", str(lib)]):
+        compile_each = [[compiler, *_FLAGS, "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
+        for command in [*compile_each, [compiler, "-shared", *objects, *link, "-o", str(lib)]]:
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"`{' '.join(command)}` failed: {done.stderr.strip()[-500:]}")
@@ -89,14 +91,16 @@ def library() -> ctypes.CDLL | None:
         log.warning("decoding in bfloat16 uses PyTorch's slower kernel: no C compiler found (install gcc or set CC)")
         return None
     runtime = _openmp_runtime()
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((_FLAGS, compiler, runtime)).encode()).hexdigest()[:16]
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + repr((_FLAGS, compiler, runtime)).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"bf16_gemv-{key}.so"
     try:
         if not target.exists():
             _build(target, compiler, runtime)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("decoding in bfloat16 uses PyTorch's slower kernel: building %s failed: %s", SOURCE.name, e)
+        log.warning("decoding in bfloat16 uses PyTorch's slower kernel: building %s failed: %s",
+                    " and ".join(source.name for source in SOURCES), e)
         return None
     fn = lib.fiddler_bf16_linear
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -106,6 +110,14 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_void_p]
     fn.restype = ctypes.c_int
+    lib.fiddler_gather_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_void_p]
+    lib.fiddler_gather_rows.restype = None
+    lib.fiddler_combine.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.fiddler_combine.restype = None
+    lib.fiddler_parked_wait.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int64]
+    lib.fiddler_parked_wait.restype = ctypes.c_int
     return lib
 
 
@@ -158,3 +170,40 @@ def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out:
     if status != 0:
         raise MemoryError("no memory for the expert's scratch rows")
     return out
+
+
+def _int64_array(values: list[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def gather_rows(source: torch.Tensor, index: list[int], out: torch.Tensor) -> None:
+    """out[i] = source[index[i]] for a contiguous 2-D CPU `source` and `out` of one dtype and width (a few rows,
+    no tensor ops: a decoding step's gather into a worker's request slot). The caller checks the index."""
+    library().fiddler_gather_rows(source.data_ptr(), source.shape[1] * source.element_size(), _int64_array(index),
+                                  len(index), out.data_ptr())
+
+
+def combines(outputs: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether `combine` takes these: bfloat16 outputs, float32 or bfloat16 weights, contiguous, on the CPU."""
+    return (outputs.dtype == torch.bfloat16 and weights.dtype in (torch.float32, torch.bfloat16)
+            and outputs.device.type == "cpu" and weights.device.type == "cpu" and outputs.is_contiguous()
+            and weights.is_contiguous() and available())
+
+
+def combine(outputs: torch.Tensor, row_of: list[int], weights: torch.Tensor) -> torch.Tensor:
+    """The expert outputs weighted and summed over top-k, as transformers' grouped_mm combines them (bit-equal):
+    `(outputs[row_of] * weights.reshape(-1, 1)).view(tokens, top_k, -1).sum(dim=1)` in bfloat16, where
+    outputs [pairs, hidden], weights [tokens, top_k], and row_of[p] is the row of outputs holding pair p."""
+    tokens, top_k = weights.shape
+    result = torch.empty(tokens, outputs.shape[1], dtype=torch.bfloat16)
+    library().fiddler_combine(outputs.data_ptr(), _int64_array(row_of), weights.data_ptr(),
+                              int(weights.dtype == torch.bfloat16), tokens, top_k, outputs.shape[1],
+                              result.data_ptr())
+    return result
+
+
+def parked_wait(address: int, value: int, timeout_s: float) -> None:
+    """Sleep until the 32-bit word at `address` (in memory shared with another process) is no longer `value`,
+    for at most timeout_s or until a signal, with this process's OpenMP threads asleep too (parked_wait.c). The
+    caller rechecks the word. Only where `available()`."""
+    library().fiddler_parked_wait(address, value, int(timeout_s * 1e9))

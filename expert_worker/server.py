@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from expert_worker import gemv
 from expert_worker.checkpoint import CheckpointError, fingerprint
 from expert_worker.compute import ExpertKernel, ExpertWeights
 from expert_worker.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
@@ -145,6 +146,8 @@ class Worker:
         if self.channel is not None:
             self.channel.close()
         channel.spin = msg.spin
+        if not msg.spin and gemv.available():  # taking turns with the coordinator on the same cores
+            channel.sleep = gemv.parked_wait
         self.channel = channel
         return m.Pong(os.getpid())
 

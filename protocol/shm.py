@@ -9,7 +9,9 @@ Doorbells are 32-bit sequence numbers in the file's first cache lines. The write
 sequence and wakes the reader with a futex; the reader spins briefly on the sequence (a decode step's requests
 come in quick succession) and then sleeps in futex_wait, so an idle worker burns no core. Spinning saves a wake-up
 only where the waiter has a core to itself: where the coordinator and the workers take turns on the same cores
-(CPU-only, every expert cold) the spinner takes the core the other side computes on, so `spin = False` there.
+(CPU-only, every expert cold) the spinner takes the core the other side computes on, so `spin = False` there, and
+both sides set `sleep` to a futex wait that sends their OpenMP threads to sleep too (expert_worker/gemv.py,
+`parked_wait`).
 A reply carries the sequence number of the request it answers and is published only after its data is written,
 so it can neither be read early nor matched to the wrong request.
 
@@ -96,6 +98,7 @@ class ShmChannel:
         self.last_request_seq = self._words[_REQ_SEQ].value
         self._views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
         self.spin = True  # whether waits spin before sleeping (see the module docstring)
+        self.sleep: Callable[[int, int, float], None] = _futex_wait  # (address, value while asleep, timeout_s)
 
     @classmethod
     def create(cls, capacity: int, prefix: str = "fiddler") -> ShmChannel:
@@ -195,7 +198,7 @@ class ShmChannel:
             left = end - time.monotonic()
             if left <= 0:
                 return None
-            _futex_wait(address, value, min(left, 0.1))
+            self.sleep(address, value, min(left, 0.1))
 
     # coordinator side
     def post_request(self, header: bytes, data_bytes: int) -> int:
@@ -225,7 +228,7 @@ class ShmChannel:
         if self._wait(_REQ_SEQ, lambda v: v != last, 0.0, spin_s if self.spin else 0.0) is None:
             # Sleep on the bell; a request or a control message rings it. futex_wait returns at once if it
             # rang since we read it, so nothing is missed.
-            _futex_wait(ctypes.addressof(bell), rung, timeout_s)
+            self.sleep(ctypes.addressof(bell), rung, timeout_s)
         seq = request_seq.value
         if seq == last:
             return None

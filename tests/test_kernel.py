@@ -109,7 +109,7 @@ def test_gemv_kernel_is_built_once_and_missing_compiler_falls_back(tmp_path, mon
         gemv.library.cache_clear()
         with caplog.at_level(logging.WARNING, logger="fiddler.gemv"):
             assert not gemv.available()
-        assert "building bf16_gemv.c failed" in caplog.text
+        assert "building bf16_gemv.c and parked_wait.c failed" in caplog.text
         assert not (tmp_path / "other" / "kernels").exists() or not any((tmp_path / "other" / "kernels").iterdir())
     finally:
         gemv.library.cache_clear()
@@ -182,6 +182,54 @@ def test_fused_silu_expert_is_the_two_products(monkeypatch):
     assert not ExpertKernel(KernelSpec(activation="gelu", dtype="bfloat16")).fused_silu
     assert not ExpertKernel(KernelSpec(activation="silu", dtype="bfloat16", has_bias=True)).fused_silu
     assert not ExpertKernel(KernelSpec(activation="silu", dtype="float32")).fused_silu
+
+
+@pytest.mark.skipif(not gemv.available(), reason="the bfloat16 kernel library is not built on this machine")
+def test_combine_and_gather_are_the_tensor_ops():
+    """A decoding step's gather into the request slot and its weighted sum over top-k, without tensor ops: the
+    bits of the ops the dispatcher uses for larger calls (transformers' grouped_mm combine), for float32 weights
+    (Mixtral's router) and bfloat16 ones, top-k 1 to 8."""
+    from coordinator.dispatch import _combine
+
+    generator = torch.Generator().manual_seed(5)
+    for top_k in (1, 2, 4, 8):
+        for weight_dtype in (torch.float32, torch.bfloat16):
+            for tokens in (1, 3):
+                pairs = tokens * top_k
+                outputs = (torch.randn(pairs, 48, generator=generator) * 4).bfloat16()
+                order = torch.randperm(pairs, generator=generator)
+                weights = torch.rand(tokens, top_k, generator=generator).to(weight_dtype)
+                tensor_ops = _combine(outputs, order, weights).to(torch.bfloat16)  # a tensor order: the ops
+                assert torch.equal(_combine(outputs, order.tolist(), weights), tensor_ops)
+    hidden = torch.randn(5, 32, generator=generator).bfloat16()
+    out = torch.empty(4, 32, dtype=torch.bfloat16)
+    gemv.gather_rows(hidden, [3, 0, 3, 4], out)
+    assert torch.equal(out, hidden[[3, 0, 3, 4]])
+
+
+@pytest.mark.skipif(not gemv.available(), reason="the bfloat16 kernel library is not built on this machine")
+def test_parked_wait_returns_when_the_word_changes_or_the_time_is_up():
+    """The wait that sends this process's OpenMP threads to sleep: it returns when another thread (another
+    process, in the cluster) changes the word, and at its timeout when nobody does; PyTorch's thread team works
+    as before afterwards."""
+    import ctypes
+    import threading
+    import time
+
+    x, weight = torch.randn(3, 64).bfloat16(), torch.randn(128, 64).bfloat16()
+    before = gemv.linear(x, weight)
+    word = ctypes.c_uint32(7)
+    changer = threading.Timer(0.05, lambda: setattr(word, "value", 8))
+    changer.start()
+    deadline = time.monotonic() + 10
+    while word.value == 7 and time.monotonic() < deadline:  # the caller's loop, as ShmChannel._wait has it
+        gemv.parked_wait(ctypes.addressof(word), 7, 1.0)
+    changer.join()
+    assert word.value == 8
+    started = time.monotonic()
+    gemv.parked_wait(ctypes.addressof(word), 8, 0.02)  # nobody changes it: back after the timeout
+    assert word.value == 8 and time.monotonic() - started >= 0.015
+    assert torch.equal(gemv.linear(x, weight), before)  # the thread team answers as before
 
 
 @pytest.mark.skipif(not PACK_BFLOAT16, reason="no oneDNN bfloat16 support on this CPU")

@@ -1,0 +1,46 @@
+/* Waiting for the other process with this process's OpenMP threads asleep.
+
+   Where the coordinator and its workers take turns on the same cores (a CPU-only machine, every expert cold), each
+   side's OpenMP helper threads spin for a while (GOMP_SPINCOUNT) after every parallel region, so that the next
+   product of the same layer finds them awake. When a side hands the layer over and waits, that spin takes a core
+   the other side is computing on: the first ~0.9 ms of every expert call and of every attention block ran at about
+   half speed (README, "Performance"). OpenMP has no call that sends idle threads to sleep, so the wait itself runs
+   inside a parallel region: the calling thread sleeps on the shared-memory futex, the helpers on a private one,
+   and when the reply comes the calling thread wakes them on its way out, ready for the next product.
+
+   Built into the same library as bf16_gemv.c (expert_worker/gemv.py), against the OpenMP runtime PyTorch has
+   loaded, so the threads parked are PyTorch's own. */
+
+#include <limits.h>
+#include <linux/futex.h>
+#include <omp.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static long futex(uint32_t *address, int op, uint32_t value, const struct timespec *timeout) {
+    return syscall(SYS_futex, address, op, value, timeout, NULL, 0);
+}
+
+/* Sleep until *word differs from `value`, timeout_ns passes or a signal arrives (one FUTEX_WAIT on a word shared
+   with another process; the caller loops). Returns 1 when *word changed, else 0. Call from one thread at a time. */
+int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns) {
+    static uint32_t released; /* bumped once per wait: the helpers sleep while it holds the value they read */
+    uint32_t round = __atomic_load_n(&released, __ATOMIC_ACQUIRE);
+    int changed = 0;
+#pragma omp parallel
+    {
+        if (omp_get_thread_num() == 0) {
+            struct timespec timeout = {timeout_ns / 1000000000, timeout_ns % 1000000000};
+            if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == value) futex(word, FUTEX_WAIT, value, &timeout);
+            changed = __atomic_load_n(word, __ATOMIC_ACQUIRE) != value;
+            __atomic_store_n(&released, round + 1, __ATOMIC_RELEASE);
+            futex(&released, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
+        } else {
+            while (__atomic_load_n(&released, __ATOMIC_ACQUIRE) == round)
+                futex(&released, FUTEX_WAIT_PRIVATE, round, NULL);
+        }
+    }
+    return changed;
+}
