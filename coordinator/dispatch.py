@@ -20,11 +20,14 @@ import torch
 
 from coordinator.placement import Expert
 from coordinator.scheduling import MIN_ROWS_TO_MOVE
+from expert_worker import gemv
 from expert_worker.compute import ExpertKernel, ExpertWeights
 from protocol import messages as m
 from protocol.shm import ShmChannel
 from protocol.transport import Client
 from protocol.wire import decode, encode_header
+
+
 
 
 class WorkerFailed(RuntimeError):
@@ -100,7 +103,10 @@ class DispatchStats:
 SMALL_CALL_PAIRS = 64  # routed pairs up to which grouping is done on Python lists (decoding): fewer tensor ops
 
 
-def _group_by_expert(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+Index = torch.Tensor | list[int]  # positions or tokens: a list for a small call, a tensor on the device otherwise
+
+
+def _group_by_expert(top_k_index: torch.Tensor) -> tuple[Index, Index, list[tuple[int, int]]]:
     """The (token, k) pairs sorted by expert, stably: their positions among the flattened pairs, their tokens, and
     (expert, row count) for each expert that has rows, in expert order."""
     top_k = top_k_index.shape[1]
@@ -110,13 +116,30 @@ def _group_by_expert(top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         groups: dict[int, int] = {}
         for i in order:
             groups[ids[i]] = groups.get(ids[i], 0) + 1
-        device = top_k_index.device
-        return (torch.tensor(order, device=device), torch.tensor([i // top_k for i in order], device=device),
-                list(groups.items()))
+        return order, [i // top_k for i in order], list(groups.items())
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
     return order, order // top_k, list(zip(experts.tolist(), counts.tolist()))
+
+
+def _on(device: torch.device, index: Index) -> torch.Tensor:
+    return torch.tensor(index, device=device) if isinstance(index, list) else index
+
+
+def _combine(outputs: torch.Tensor, order: Index, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The call's result from the grouped outputs: back to (token, k) order, weighted, summed over k, as
+    transformers' grouped_mm does it. A decoding step's few rows take one call of the bfloat16 kernel library
+    instead of five tensor ops (which cost ~40 us each right after a worker's turn has flushed the caches)."""
+    num_tokens, top_k = top_k_weights.shape
+    if isinstance(order, list) and gemv.combines(outputs, top_k_weights):
+        row_of = [0] * len(order)
+        for row, pair in enumerate(order):
+            row_of[pair] = row
+        return gemv.combine(outputs, row_of, top_k_weights)
+    unsorted = torch.empty_like(outputs)
+    unsorted[_on(outputs.device, order)] = outputs
+    return (unsorted * top_k_weights.reshape(-1, 1)).view(num_tokens, top_k, -1).sum(dim=1)
 
 
 class Dispatcher:
@@ -177,7 +200,7 @@ class Dispatcher:
         # the grouped output, with no copies in between.
         sent = time.perf_counter()
         whole = len(by_worker) == 1 and not hot_spans and not moved
-        rows = None if whole else hidden[tokens]  # (tokens * top_k, hidden), grouped by expert
+        rows = None if whole else hidden[_on(hidden.device, tokens)]  # (tokens * top_k, hidden), grouped by expert
         pending = {w: self._send(w, layer, hidden, tokens, rows, spans) for w, spans in by_worker.items()}
         outputs = None if whole else torch.empty_like(rows)
         for weights, lo, hi in hot_spans:
@@ -208,9 +231,7 @@ class Dispatcher:
             self.stats.round_trip_seconds += done - sent
             self.stats.worker_compute_seconds += slowest
 
-        unsorted = torch.empty_like(outputs)
-        unsorted[order] = outputs  # back to (token, k) order, then weighted and summed over k
-        result = (unsorted * top_k_weights.reshape(-1, 1)).view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+        result = _combine(outputs, order, top_k_weights).to(hidden.dtype)
         self.stats.dispatch_seconds += time.perf_counter() - entered
         return result
 
@@ -236,7 +257,7 @@ class Dispatcher:
         self.stats.moved_pairs += sum(hi - lo for _, lo, hi in moved)
         return moved
 
-    def _send(self, w: int, layer: int, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None,
+    def _send(self, w: int, layer: int, hidden: torch.Tensor, tokens: Index, rows: torch.Tensor | None,
               spans: list[tuple[int, int, int]]):
         """Send one worker its rows for this layer: straight into its shared-memory slot when they fit, else as
         ZeroMQ frames. `rows` are the call's grouped rows, or None when this worker takes every pair: then they are
@@ -249,10 +270,13 @@ class Dispatcher:
         use_shm = link.channel is not None and link.channel.fits(count * hidden.shape[1] * hidden.element_size())
         batch = link.channel.request_view(hidden.dtype, shape) if use_shm else torch.empty(shape, dtype=hidden.dtype)
         if rows is None:  # one copy: the gather itself, from any device
-            if hidden.device == batch.device:
-                torch.index_select(hidden, 0, tokens, out=batch)
+            if (isinstance(tokens, list) and hidden.device == batch.device and hidden.is_contiguous()
+                    and hidden.dtype == batch.dtype and gemv.available()):
+                gemv.gather_rows(hidden, tokens, batch)  # a decoding step: no tensor ops
+            elif hidden.device == batch.device:
+                torch.index_select(hidden, 0, _on(hidden.device, tokens), out=batch)
             else:
-                batch.copy_(hidden.index_select(0, tokens))
+                batch.copy_(hidden.index_select(0, _on(hidden.device, tokens)))
         else:
             offset = 0
             for _, lo, hi in spans:  # one copy: from the grouped rows (on any device) into the outgoing buffer

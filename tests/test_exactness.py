@@ -106,8 +106,9 @@ def test_grouping_by_expert_is_the_same_for_decode_steps_and_batches(monkeypatch
         monkeypatch.setattr(dispatch, "SMALL_CALL_PAIRS", 0)
         large = dispatch._group_by_expert(index)
         monkeypatch.undo()
+        assert isinstance(small[0], list) and isinstance(large[0], torch.Tensor)
         for got in (small, large):
-            order, token_of, groups = got
+            order, token_of, groups = (torch.as_tensor(got[0]), torch.as_tensor(got[1]), got[2])
             flat = index.reshape(-1)
             assert torch.equal(flat[order], flat.sort(stable=True).values)  # grouped by expert
             assert torch.equal(order, torch.argsort(flat, stable=True))  # ties keep token order
