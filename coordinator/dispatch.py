@@ -306,7 +306,7 @@ class Dispatcher:
                 raise WorkerFailed(f"{link.describe()} did not reply within {self.reply_timeout_s:.0f}s", w)
             if seq is not None:
                 frames = link.channel.wait_reply(seq, timeout_s=min(left, 1.0))
-                reply = None if frames is None else decode(frames)
+                reply = None if frames is None else decode(frames, link.channel.reply_view)
             else:
                 reply = link.client.receive(timeout_s=min(left, 1.0))
             if reply is None:

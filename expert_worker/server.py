@@ -156,7 +156,7 @@ class Worker:
         channel = self.channel
         started = time.perf_counter()
         try:
-            msg = decode(frames)
+            msg = decode(frames, channel.request_view)
             if not isinstance(msg, m.ExpertRequest | m.Echo):
                 raise RequestError("unexpected", f"only expert requests travel through shared memory, not {msg.KIND}")
             if not channel.fits(msg.rows.numel() * msg.rows.element_size()):

@@ -27,6 +27,24 @@ def test_tensors_round_trip_bit_exact(dtype):
     assert (back.request_id, back.layer, back.expert_ids, back.row_counts) == (7, 3, [1, 4], [2, 3])
 
 
+def test_decoding_into_a_given_view():
+    """The shared-memory transport decodes a layer call's tensor as a view it keeps, after the same checks."""
+    rows = torch.randn(2, 8).bfloat16()
+    slot = torch.zeros(2, 8, dtype=torch.bfloat16)
+    frames = encode(m.ExpertReply(request_id=3, layer=1, outputs=rows, compute_seconds=1))  # an int: still a float
+    seen = []
+
+    def view(dtype, shape):
+        seen.append((dtype, shape))
+        return slot.copy_(rows)
+
+    back = decode(frames, view)
+    assert back.outputs is slot and seen == [(torch.bfloat16, (2, 8))] and back.compute_seconds == 1.0
+    with pytest.raises(ProtocolError) as info:
+        decode([frames[0], bytes(frames[1])[:-2]], view)
+    assert info.value.code == "truncated" and len(seen) == 1
+
+
 def test_nested_messages_round_trip():
     source = m.ExpertSource(2, 5, [m.TensorRef("a.safetensors", "w1"), m.TensorRef("a.safetensors", "w3")],
                             [m.TensorRef("b.safetensors", "down", 5)])
@@ -61,6 +79,25 @@ BAD_FRAMES = {
         [header(kind="expert_reply", body={"request_id": 1, "layer": 0, "compute_seconds": 0.0},
                 tensors=[{"field": "outputs", "dtype": "float32", "shape": [1 << 20, 1 << 20]}]), b""], "too_large"),
     "empty": ([], "empty"),
+    # the messages of every layer call take a shorter path through decode; lookalikes get the generic checks
+    "request id not an int": (
+        [header(kind="expert_request", body={"request_id": True, "layer": 0, "expert_ids": [1], "row_counts": [1]},
+                tensors=[{"field": "rows", "dtype": "float32", "shape": [1, 4]}]), b"\0" * 16], "bad_field"),
+    "expert id not an int": (
+        [header(kind="expert_request", body={"request_id": 1, "layer": 0, "expert_ids": ["1"], "row_counts": [1]},
+                tensors=[{"field": "rows", "dtype": "float32", "shape": [1, 4]}]), b"\0" * 16], "bad_field"),
+    "extra request field": (
+        [header(kind="expert_request", body={"request_id": 1, "layer": 0, "expert_ids": [1], "row_counts": [1],
+                                             "x": 0}, tensors=[{"field": "rows", "dtype": "float32", "shape": [1, 4]}]),
+         b"\0" * 16], "bad_field"),
+    "request tensor misnamed": (
+        [header(kind="expert_request", body={"request_id": 1, "layer": 0, "expert_ids": [1], "row_counts": [1]},
+                tensors=[{"field": "outputs", "dtype": "float32", "shape": [1, 4]}]), b"\0" * 16], "missing_tensor"),
+    "reply from another version": (
+        [header(v=m.PROTOCOL_VERSION - 1, kind="expert_reply", body={"request_id": 1, "layer": 0,
+                                                                     "compute_seconds": 0.0},
+                tensors=[{"field": "outputs", "dtype": "float32", "shape": [1, 4]}]), b"\0" * 16],
+        "version_mismatch"),
 }
 
 
