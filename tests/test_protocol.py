@@ -27,6 +27,18 @@ def test_tensors_round_trip_bit_exact(dtype):
     assert (back.request_id, back.layer, back.expert_ids, back.row_counts) == (7, 3, [1, 4], [2, 3])
 
 
+def test_layer_call_headers_are_the_generic_ones():
+    """Expert requests and replies have their own header encoder (the hot path): the same bytes as the generic
+    one, and they decode back."""
+    from protocol.wire import _header, encode_header
+
+    for msg in (m.ExpertRequest(5, 3, [1, 6], [2, 1], torch.randn(3, 16).bfloat16()),
+                m.ExpertReply(5, 3, torch.randn(3, 16), 0.25)):
+        assert encode_header(msg) == _header(msg)[0]
+        back = decode(encode(msg))
+        assert (back.request_id, back.layer) == (5, 3)
+
+
 def test_decoding_into_a_given_view():
     """The shared-memory transport decodes a layer call's tensor as a view it keeps, after the same checks."""
     rows = torch.randn(2, 8).bfloat16()
