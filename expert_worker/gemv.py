@@ -32,7 +32,7 @@ from launch.rundir import cache_dir
 
 log = logging.getLogger("fiddler.gemv")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("bf16_gemv.c", "parked_wait.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("bf16_gemv.c", "parked_wait.c", "shm_serve.c")]
 MAX_ROWS = 8  # activation rows per call; more take the float32 path (expert_worker/compute.py)
 # No contraction of a*b+c into one rounding: the combine must round each product as PyTorch does.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC"]
@@ -100,7 +100,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("decoding in bfloat16 uses PyTorch's slower kernel: building %s failed: %s",
-                    " and ".join(source.name for source in SOURCES), e)
+                    ", ".join(source.name for source in SOURCES), e)
         return None
     fn = lib.fiddler_bf16_linear
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -118,6 +118,9 @@ def library() -> ctypes.CDLL | None:
     lib.fiddler_combine.restype = None
     lib.fiddler_parked_wait.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int64]
     lib.fiddler_parked_wait.restype = ctypes.c_int
+    lib.fiddler_serve_requests.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 7,
+                                           ctypes.c_int]
+    lib.fiddler_serve_requests.restype = ctypes.c_int64
     return lib
 
 

@@ -18,6 +18,7 @@ import torch
 from expert_worker import gemv
 from expert_worker.checkpoint import CheckpointError, fingerprint
 from expert_worker.compute import ExpertKernel, ExpertWeights
+from expert_worker.shm_serve import ShmServeLoop
 from expert_worker.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
 from launch.numa import available_memory_bytes
 from protocol import messages as m
@@ -52,6 +53,7 @@ class Worker:
         self.kernel: ExpertKernel | None = None
         self.authenticated: set[bytes] = set()
         self.channel: ShmChannel | None = None
+        self.serve_loop: ShmServeLoop | None = None  # decoding requests served in C; rebuilt with shard or channel
         self.running = True
 
     # --- handlers: each returns the reply message ---
@@ -81,6 +83,7 @@ class Worker:
                     f"checkpoint at {folder} differs from the coordinator's; copy the same checkpoint to this host",
                 )
             kernel = ExpertKernel(msg.kernel)
+            self.serve_loop = None  # it points into the old shard
             self.shard = {}  # drop an old shard before loading the new one
             self._drop_shared()
             note = ""
@@ -95,6 +98,7 @@ class Worker:
         except (CheckpointError, ValueError, ProtocolError, OSError) as e:
             raise RequestError("load_failed", str(e)) from None
         self.kernel = kernel
+        self._build_serve_loop()
         nbytes = sum(w.nbytes for w in self.shard.values())
         seconds = time.perf_counter() - started
         where = " in shared memory" if self.shared is not None else ""
@@ -104,6 +108,10 @@ class Worker:
             return m.Ready(len(self.shard), nbytes, seconds, shared_note=note)
         return m.Ready(len(self.shard), nbytes, seconds, shared_path=self.shared.path, shared_bytes=self.shared.size,
                        shared_tensors=self.shared.tensors)
+
+    def _build_serve_loop(self) -> None:
+        if self.channel is not None and self.kernel is not None:
+            self.serve_loop = ShmServeLoop.build(self.channel, self.shard, self.kernel)
 
     def _drop_shared(self) -> None:
         """Forget the shared file of an earlier shard (the coordinator has normally unlinked its name already)."""
@@ -143,12 +151,14 @@ class Worker:
             channel = ShmChannel.attach(msg.path, msg.capacity)
         except (OSError, ValueError) as e:
             raise RequestError("shm_failed", f"cannot map {msg.path}: {e}") from None
+        self.serve_loop = None  # it points into the old channel
         if self.channel is not None:
             self.channel.close()
         channel.spin = msg.spin
         if not msg.spin and gemv.available():  # taking turns with the coordinator on the same cores
             channel.sleep = gemv.parked_wait
         self.channel = channel
+        self._build_serve_loop()
         return m.Pong(os.getpid())
 
     def serve_shm_request(self, seq: int, frames: list) -> None:
@@ -220,7 +230,10 @@ class Worker:
             while self.running:
                 if self.channel is not None:
                     # Expert requests ring the shared-memory doorbell; control messages still come over ZeroMQ.
-                    request = self.channel.wait_request(timeout_s=0.5)
+                    # Decoding requests are served in C as they come; the loop returns for anything else.
+                    if self.serve_loop is not None:
+                        self.serve_loop.serve(timeout_s=0.5)
+                    request = self.channel.wait_request(timeout_s=0.5 if self.serve_loop is None else 0.0)
                     if request is not None:
                         self.serve_shm_request(*request)
                         envelope = server.receive(timeout_s=0)
@@ -236,6 +249,7 @@ class Worker:
                     continue
                 server.reply(envelope.identity, self.handle(envelope.identity, envelope.frames))
         finally:
+            self.serve_loop = None
             if self.channel is not None:
                 self.channel.close()
             if self.shared is not None:  # the coordinator unlinks it once mapped; this covers it never doing so

@@ -158,6 +158,17 @@ class ShmChannel:
     def reply_view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         return self._view(_REP_DATA, dtype, shape)
 
+    def slot_addresses(self) -> dict[str, int]:
+        """Where each control word and area lies in this process (for a serving loop outside Python: the worker's
+        shm_serve.c), with the capacities of the areas."""
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        return {"request_seq": base + _REQ_SEQ, "reply_seq": base + _REP_SEQ, "request_meta_len": base + _REQ_META,
+                "reply_meta_len": base + _REP_META, "bell": base + _BELL, "request_data_len": base + _REQ_DATA,
+                "reply_data_len": base + _REP_DATA, "request_meta": base + self._meta[_REQ_META],
+                "reply_meta": base + self._meta[_REP_META], "request_data": base + self._data[_REQ_DATA],
+                "reply_data": base + self._data[_REP_DATA], "meta_capacity": META_BYTES,
+                "data_capacity": self.capacity}
+
     # --- publishing and waiting ---
 
     def _publish(self, meta_word: int, data_word: int, seq_word: int, header: bytes, data_bytes: int,

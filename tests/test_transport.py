@@ -108,6 +108,55 @@ def test_worker_waits_as_the_coordinator_says(tmp_path):
     assert shm_files() == set()
 
 
+def test_decoding_requests_are_served_in_c_as_in_python():
+    """The worker's C loop over the slot (shm_serve.c) answers the requests it takes with the bits the Python path
+    computes, and leaves every other one in the slot for Python, unconsumed."""
+    from expert_worker import gemv
+    from expert_worker.compute import ExpertKernel, ExpertWeights
+    from expert_worker.shm_serve import ShmServeLoop
+    from protocol.wire import encode_header
+
+    if not gemv.available():
+        pytest.skip("the bfloat16 kernel library is not built on this machine")
+    generator = torch.Generator().manual_seed(4)
+    shard = {(layer, expert): ExpertWeights((torch.randn(2 * 96, 64, generator=generator) * 0.2).bfloat16(),
+                                            (torch.randn(64, 96, generator=generator) * 0.2).bfloat16())
+             for layer in (0, 1) for expert in (0, 2, 3)}
+    kernel = ExpertKernel(m.KernelSpec(activation="silu", dtype="bfloat16"))
+    coordinator = ShmChannel.create(capacity=1 << 16)
+    worker = ShmChannel.attach(coordinator.path, 1 << 16)
+    coordinator.unlink()
+    worker.spin = False
+    try:
+        loop = ShmServeLoop.build(worker, shard, kernel)
+        assert loop is not None
+
+        def post(request):
+            coordinator.request_view(request.rows.dtype, tuple(request.rows.shape)).copy_(request.rows)
+            return coordinator.post_request(encode_header(request), request.rows.numel() * 2)
+
+        rows = (torch.randn(4, 64, generator=generator) * 2).bfloat16()
+        seq = post(m.ExpertRequest(request_id=2**40, layer=1, expert_ids=[3, 0, 2], row_counts=[1, 0, 3], rows=rows))
+        assert loop.serve(timeout_s=0.01) == 1 and worker.last_request_seq == seq
+        reply = decode(coordinator.wait_reply(seq, timeout_s=1))
+        assert (reply.request_id, reply.layer, reply.compute_seconds > 0) == (2**40, 1, True)
+        want = torch.cat([kernel.forward(shard[(1, 3)], rows[:1]), kernel.forward(shard[(1, 2)], rows[1:])])
+        assert torch.equal(reply.outputs, want)
+
+        refused = [m.ExpertRequest(1, 0, [1], [1], rows[:1]),  # an expert this worker does not hold
+                   m.ExpertRequest(1, 0, [0], [9], torch.zeros(9, 64, dtype=torch.bfloat16)),  # more rows than it takes
+                   m.ExpertRequest(1, 0, [0], [1], rows[:1].float()),  # float32 rows
+                   m.ExpertRequest(1, 5, [0], [1], rows[:1]),  # a layer it does not hold
+                   m.Echo(1, rows[:1])]  # another message
+        for request in refused:
+            seq = post(request)
+            assert loop.serve(timeout_s=0.01) == 0
+            assert worker.wait_request(timeout_s=0)[0] == seq  # still there for Python
+    finally:
+        worker.close()
+        coordinator.close()
+
+
 # --- clusters over each transport ---
 
 

@@ -1,0 +1,308 @@
+/* A worker's decoding requests served from the shared-memory slot without Python.
+
+   A decoding step sends each worker one small request per layer: a dozen rows at most, a few experts. In Python
+   its handling (decode the header, look the experts up, call the kernel per expert, encode and publish the reply)
+   cost ~250 us per layer call on the CPUs measured, because the expert weights just streamed through the caches
+   have evicted the interpreter's working set (README, "Performance"). This loop does the same for the requests
+   it fully understands and hands everything else back to Python untouched:
+
+   - the request header is msgpack exactly as protocol/wire.py writes an ExpertRequest (same version, keys, types),
+     naming bfloat16 rows of the experts' width, every expert one the worker registered (`fiddler_serve_requests`'
+     table: gated SiLU experts without biases, the fused kernel of bf16_gemv.c), at most MAX_ROWS rows each;
+   - the reply is the msgpack header of an ExpertReply, published as protocol/shm.py publishes one.
+
+   Anything else (another message, a malformed or unexpected request, an expert outside the table) is left in the
+   slot unconsumed and the function returns: Python's generic path then answers it, errors included. The slot layout
+   comes from Python (`lane_slots`), so protocol/shm.py stays its only definition. */
+
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_ROWS 8        /* as expert_worker/gemv.py: more rows per expert take the float32 path in Python */
+#define MAX_EXPERTS 256   /* per request: more is left to Python */
+
+int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
+                             const uint16_t *x, int64_t n, uint16_t *out);
+int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);
+
+typedef struct { /* addresses in one worker's shared-memory file (protocol/shm.py) */
+    uint32_t *request_seq, *reply_seq, *request_meta_len, *reply_meta_len, *bell;
+    uint64_t *request_data_len, *reply_data_len;
+    const uint8_t *request_meta;
+    uint8_t *reply_meta;
+    const uint16_t *request_data;
+    uint16_t *reply_data;
+    uint64_t meta_capacity, data_capacity;
+} lane_slots;
+
+typedef struct { /* one registered expert; NULL where the worker does not hold it or cannot serve it here */
+    const uint16_t *gate_up, *down;
+} lane_expert;
+
+static double now_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* --- reading the msgpack header: only the forms msgpack.packb writes for ints, strings, lists and maps --- */
+
+typedef struct {
+    const uint8_t *p, *end;
+} reader;
+
+static int take(reader *r, size_t n, const uint8_t **out) {
+    if ((size_t)(r->end - r->p) < n) return 0;
+    *out = r->p;
+    r->p += n;
+    return 1;
+}
+
+static uint64_t big_endian(const uint8_t *b, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = v << 8 | b[i];
+    return v;
+}
+
+static int read_int(reader *r, int64_t *value) {
+    const uint8_t *b;
+    if (!take(r, 1, &b)) return 0;
+    uint8_t t = b[0];
+    if (t <= 0x7f) { *value = t; return 1; }
+    if (t >= 0xe0) { *value = (int8_t)t; return 1; }
+    int n = t == 0xcc || t == 0xd0 ? 1 : t == 0xcd || t == 0xd1 ? 2 : t == 0xce || t == 0xd2 ? 4
+            : t == 0xcf || t == 0xd3 ? 8 : 0;
+    if (n == 0 || !take(r, n, &b)) return 0;
+    uint64_t u = big_endian(b, n);
+    if (t >= 0xd0) { /* signed: extend from n bytes */
+        int shift = 64 - 8 * n;
+        *value = (int64_t)(u << shift) >> shift;
+    } else {
+        if (u > INT64_MAX) return 0;
+        *value = (int64_t)u;
+    }
+    return 1;
+}
+
+static int read_str(reader *r, const char **s, uint32_t *len) {
+    const uint8_t *b;
+    if (!take(r, 1, &b)) return 0;
+    uint8_t t = b[0];
+    if ((t & 0xe0) == 0xa0) *len = t & 0x1f;
+    else if (t == 0xd9 && take(r, 1, &b)) *len = b[0];
+    else return 0;
+    if (!take(r, *len, &b)) return 0;
+    *s = (const char *)b;
+    return 1;
+}
+
+static int read_head(reader *r, uint8_t fix, uint8_t fix_mask, uint8_t wide16, uint32_t *count) {
+    const uint8_t *b;
+    if (!take(r, 1, &b)) return 0;
+    if ((b[0] & fix_mask) == fix) { *count = b[0] & (uint8_t)~fix_mask; return 1; }
+    if (b[0] == wide16 && take(r, 2, &b)) { *count = (uint32_t)big_endian(b, 2); return 1; }
+    return 0;
+}
+
+static int read_map(reader *r, uint32_t *count) { return read_head(r, 0x80, 0xf0, 0xde, count); }
+static int read_array(reader *r, uint32_t *count) { return read_head(r, 0x90, 0xf0, 0xdc, count); }
+
+static int is(const char *s, uint32_t len, const char *name) { return strlen(name) == len && !memcmp(s, name, len); }
+
+static int read_int_list(reader *r, int64_t *values, uint32_t *count) {
+    if (!read_array(r, count) || *count > MAX_EXPERTS) return 0;
+    for (uint32_t i = 0; i < *count; i++)
+        if (!read_int(r, &values[i])) return 0;
+    return 1;
+}
+
+typedef struct {
+    int64_t request_id, layer, rows, width;
+    uint32_t experts;
+    int64_t expert_ids[MAX_EXPERTS], row_counts[MAX_EXPERTS];
+} request;
+
+/* body: {request_id, layer, expert_ids, row_counts}, each once */
+static int read_body(reader *r, request *q) {
+    uint32_t n, len, ids = 0, counts = 0, seen = 0;
+    const char *key;
+    if (!read_map(r, &n) || n != 4) return 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!read_str(r, &key, &len)) return 0;
+        int bit = is(key, len, "request_id") ? 1 : is(key, len, "layer") ? 2 : is(key, len, "expert_ids") ? 4
+                  : is(key, len, "row_counts") ? 8 : 0;
+        if (bit == 0 || (seen & bit)) return 0;
+        seen |= bit;
+        int ok = bit == 1 ? read_int(r, &q->request_id) : bit == 2 ? read_int(r, &q->layer)
+                 : bit == 4 ? read_int_list(r, q->expert_ids, &ids) : read_int_list(r, q->row_counts, &counts);
+        if (!ok) return 0;
+    }
+    q->experts = ids;
+    return seen == 15 && ids == counts;
+}
+
+/* tensors: [{field: "rows", dtype: "bfloat16", shape: [rows, width]}] */
+static int read_tensors(reader *r, request *q) {
+    uint32_t n, len, seen = 0;
+    const char *s;
+    if (!read_array(r, &n) || n != 1 || !read_map(r, &n) || n != 3) return 0;
+    for (uint32_t i = 0; i < 3; i++) {
+        if (!read_str(r, &s, &len)) return 0;
+        int bit = is(s, len, "field") ? 1 : is(s, len, "dtype") ? 2 : is(s, len, "shape") ? 4 : 0;
+        if (bit == 0 || (seen & bit)) return 0;
+        seen |= bit;
+        if (bit == 4) {
+            if (!read_array(r, &n) || n != 2 || !read_int(r, &q->rows) || !read_int(r, &q->width)) return 0;
+        } else {
+            if (!read_str(r, &s, &len) || !is(s, len, bit == 1 ? "rows" : "bfloat16")) return 0;
+        }
+    }
+    return seen == 7;
+}
+
+/* The whole header: {v, kind: "expert_request", body, tensors}. */
+static int read_request(const uint8_t *meta, uint32_t meta_len, int64_t version, request *q) {
+    reader r = {meta, meta + meta_len};
+    uint32_t n, len, seen = 0;
+    const char *key, *s;
+    int64_t v;
+    if (!read_map(&r, &n) || n != 4) return 0;
+    for (uint32_t i = 0; i < 4; i++) {
+        if (!read_str(&r, &key, &len)) return 0;
+        int bit = is(key, len, "v") ? 1 : is(key, len, "kind") ? 2 : is(key, len, "body") ? 4
+                  : is(key, len, "tensors") ? 8 : 0;
+        if (bit == 0 || (seen & bit)) return 0;
+        seen |= bit;
+        int ok = bit == 1 ? read_int(&r, &v) && v == version
+                 : bit == 2 ? read_str(&r, &s, &len) && is(s, len, "expert_request")
+                 : bit == 4 ? read_body(&r, q) : read_tensors(&r, q);
+        if (!ok) return 0;
+    }
+    return seen == 15 && r.p == r.end;
+}
+
+/* --- writing the reply header as msgpack.packb writes an ExpertReply's --- */
+
+static uint8_t *put_int(uint8_t *p, int64_t v) {
+    if (v >= 0 && v <= 0x7f) { *p++ = (uint8_t)v; return p; }
+    if (v < 0 && v >= -32) { *p++ = (uint8_t)(int8_t)v; return p; }
+    int n;
+    uint8_t t;
+    if (v >= 0) {
+        n = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffLL ? 4 : 8;
+        t = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
+    } else {
+        n = v >= -128 ? 1 : v >= -32768 ? 2 : v >= INT32_MIN ? 4 : 8;
+        t = n == 1 ? 0xd0 : n == 2 ? 0xd1 : n == 4 ? 0xd2 : 0xd3;
+    }
+    *p++ = t;
+    for (int i = n - 1; i >= 0; i--) *p++ = (uint8_t)((uint64_t)v >> (8 * i));
+    return p;
+}
+
+static uint8_t *put_str(uint8_t *p, const char *s) {
+    size_t n = strlen(s); /* every string here is under 32 bytes: fixstr */
+    *p++ = (uint8_t)(0xa0 | n);
+    memcpy(p, s, n);
+    return p + n;
+}
+
+static size_t write_reply(uint8_t *p0, int64_t version, const request *q, double seconds) {
+    uint8_t *p = p0;
+    uint64_t bits;
+    memcpy(&bits, &seconds, 8);
+    *p++ = 0x84;
+    p = put_str(p, "v"), p = put_int(p, version);
+    p = put_str(p, "kind"), p = put_str(p, "expert_reply");
+    p = put_str(p, "body"), *p++ = 0x83;
+    p = put_str(p, "request_id"), p = put_int(p, q->request_id);
+    p = put_str(p, "layer"), p = put_int(p, q->layer);
+    p = put_str(p, "compute_seconds"), *p++ = 0xcb;
+    for (int i = 7; i >= 0; i--) *p++ = (uint8_t)(bits >> (8 * i));
+    p = put_str(p, "tensors"), *p++ = 0x91, *p++ = 0x83;
+    p = put_str(p, "field"), p = put_str(p, "outputs");
+    p = put_str(p, "dtype"), p = put_str(p, "bfloat16");
+    p = put_str(p, "shape"), *p++ = 0x92, p = put_int(p, q->rows), p = put_int(p, q->width);
+    return (size_t)(p - p0);
+}
+
+/* --- the loop --- */
+
+static void sleep_on(uint32_t *word, uint32_t value, int64_t timeout_ns, int park) {
+    if (park) {
+        fiddler_parked_wait(word, value, timeout_ns);
+    } else {
+        struct timespec t = {timeout_ns / 1000000000, timeout_ns % 1000000000};
+        syscall(SYS_futex, word, FUTEX_WAIT, value, &t, NULL, 0);
+    }
+}
+
+/* Whether this worker can compute `q` here, every expert in `table` [layers, experts] and within the slots. */
+static int servable(const request *q, const lane_slots *s, const lane_expert *table, int64_t layers,
+                    int64_t experts, int64_t hidden, uint64_t data_len) {
+    if (q->layer < 0 || q->layer >= layers || q->width != hidden || q->rows < 0) return 0;
+    if ((uint64_t)q->rows * (uint64_t)hidden * 2 != data_len || data_len > s->data_capacity) return 0;
+    int64_t total = 0;
+    for (uint32_t i = 0; i < q->experts; i++) {
+        int64_t e = q->expert_ids[i], n = q->row_counts[i];
+        if (e < 0 || e >= experts || n < 0 || n > MAX_ROWS || table[q->layer * experts + e].gate_up == NULL) return 0;
+        total += n;
+    }
+    return total == q->rows;
+}
+
+/* Serve requests until one is not for this loop (left in the slot), the bell rings for something else (a ZeroMQ
+   control message), timeout_ns passes with nothing to do, or a signal arrives. *last_seq is the sequence number of
+   the last request answered (ShmChannel.last_request_seq), updated for each one served here. spin_ns: how long to
+   watch the request sequence before sleeping (ShmChannel.spin); park: sleep with the OpenMP threads parked.
+   Returns the number of requests served. */
+int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const lane_expert *table, int64_t layers,
+                               int64_t experts, int64_t hidden, int64_t inter, int64_t version, int64_t timeout_ns,
+                               int64_t spin_ns, int park) {
+    int64_t served = 0;
+    static request q; /* one request at a time per process; its lists are too large for the stack of every call */
+    for (;;) {
+        uint32_t seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
+        if (seq == *last_seq) {
+            double until = now_seconds() + spin_ns * 1e-9;
+            while (seq == *last_seq && spin_ns > 0 && now_seconds() < until)
+                seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
+        }
+        if (seq == *last_seq) { /* asleep on the bell, as ShmChannel.wait_request: a request or a message rings */
+            uint32_t rung = __atomic_load_n(s->bell, __ATOMIC_ACQUIRE);
+            seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
+            if (seq == *last_seq) {
+                sleep_on(s->bell, rung, timeout_ns, park);
+                seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
+                if (seq == *last_seq) return served;
+            }
+        }
+        double started = now_seconds();
+        uint32_t meta_len = __atomic_load_n(s->request_meta_len, __ATOMIC_ACQUIRE);
+        uint64_t data_len = __atomic_load_n(s->request_data_len, __ATOMIC_ACQUIRE);
+        if (meta_len > s->meta_capacity || !read_request(s->request_meta, meta_len, version, &q)
+            || !servable(&q, s, table, layers, experts, hidden, data_len))
+            return served;
+        int64_t offset = 0;
+        for (uint32_t i = 0; i < q.experts; i++) {
+            const lane_expert *e = &table[q.layer * experts + q.expert_ids[i]];
+            int64_t n = q.row_counts[i];
+            if (n > 0 && fiddler_bf16_silu_expert(e->gate_up, e->down, hidden, inter, s->request_data + offset * hidden,
+                                                  n, s->reply_data + offset * hidden) != 0)
+                return served; /* no scratch memory: Python answers this request (with the error) */
+            offset += n;
+        }
+        size_t reply_len = write_reply(s->reply_meta, version, &q, now_seconds() - started);
+        __atomic_store_n(s->reply_meta_len, (uint32_t)reply_len, __ATOMIC_RELEASE);
+        __atomic_store_n(s->reply_data_len, data_len, __ATOMIC_RELEASE);
+        __atomic_store_n(s->reply_seq, seq, __ATOMIC_RELEASE); /* last: the coordinator acts on this */
+        syscall(SYS_futex, s->reply_seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        *last_seq = seq;
+        served++;
+    }
+}

@@ -1,0 +1,77 @@
+"""A worker's decoding requests served from the shared-memory slot by shm_serve.c, without Python per request.
+
+The worker registers the experts the C loop can compute (gated SiLU experts without biases in bfloat16, the fused
+kernel of bf16_gemv.c, on CPUs where expert_worker/gemv.py builds it) and hands the slot to the loop; the loop
+returns whenever something needs Python: a request it does not take (left in the slot for the generic path), a
+control message, a timeout. Built into the kernel library; where it is not built, `ShmServeLoop.build` gives None
+and Python serves every request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from expert_worker import gemv
+from expert_worker.compute import ExpertKernel, ExpertWeights
+from protocol.messages import PROTOCOL_VERSION
+from protocol.shm import ShmChannel
+
+_SLOT_FIELDS = ["request_seq", "reply_seq", "request_meta_len", "reply_meta_len", "bell", "request_data_len",
+                "reply_data_len", "request_meta", "reply_meta", "request_data", "reply_data"]
+
+
+class _Slots(ctypes.Structure):  # lane_slots in shm_serve.c
+    _fields_ = [(name, ctypes.c_void_p) for name in _SLOT_FIELDS] + [("meta_capacity", ctypes.c_uint64),
+                                                                     ("data_capacity", ctypes.c_uint64)]
+
+
+class _Expert(ctypes.Structure):  # lane_expert
+    _fields_ = [("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p)]
+
+
+class ShmServeLoop:
+    """The C loop over one channel and one shard. Rebuild it when either changes: it holds their addresses."""
+
+    def __init__(self, channel: ShmChannel, table: ctypes.Array, layers: int, experts: int, hidden: int,
+                 inter: int):
+        self.channel = channel
+        addresses = channel.slot_addresses()
+        self._slots = _Slots(**addresses)
+        self._table, self.layers, self.experts, self.hidden, self.inter = table, layers, experts, hidden, inter
+        self._last = ctypes.c_uint32(0)
+        self.served = 0
+
+    @classmethod
+    def build(cls, channel: ShmChannel, shard: dict[tuple[int, int], ExpertWeights],
+              kernel: ExpertKernel) -> ShmServeLoop | None:
+        """The loop for the experts of `shard` it can compute, or None when it takes none of them."""
+        if not (kernel.fused_silu and shard and gemv.available()):
+            return None
+        first = next(iter(shard.values()))
+        hidden, inter = first.down.shape
+        probe = torch.empty(1, hidden, dtype=torch.bfloat16)
+        served = {key: w for key, w in shard.items()
+                  if w.gate_up_bias is None and w.down_bias is None and w.down.shape == (hidden, inter)
+                  and gemv.applies_to_expert(probe, w.gate_up, w.down)}
+        if not served:
+            return None
+        layers = 1 + max(layer for layer, _ in served)
+        experts = 1 + max(expert for _, expert in served)
+        table = (_Expert * (layers * experts))()
+        for (layer, expert), w in served.items():
+            table[layer * experts + expert] = _Expert(w.gate_up.data_ptr(), w.down.data_ptr())
+        return cls(channel, table, layers, experts, hidden, inter)
+
+    def serve(self, timeout_s: float) -> int:
+        """Serve requests until one needs Python, a control message rings the bell or timeout_s passes idle.
+        Returns how many were served; the channel's request bookkeeping follows."""
+        self._last.value = self.channel.last_request_seq
+        served = gemv.library().fiddler_serve_requests(
+            ctypes.byref(self._slots), ctypes.byref(self._last), self._table, self.layers, self.experts,
+            self.hidden, self.inter, PROTOCOL_VERSION, int(timeout_s * 1e9),
+            int(50e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is gemv.parked_wait))
+        self.channel.last_request_seq = self._last.value
+        self.served += served
+        return served
