@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve_turns(folder: str, tokens: int, contestant: str) -> None:
+def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str) -> None:
     """The child: load the contestant, then time one greedy run of `tokens` new tokens per line on stdin."""
     if contestant == "cluster":  # OpenMP's waiting as the fiddler commands set it, before torch loads OpenMP
         from launch.numa import OPENMP_SETTINGS
@@ -36,7 +36,7 @@ def serve_turns(folder: str, tokens: int, contestant: str) -> None:
             os.environ.setdefault(name, value)
     import torch
 
-    prompt = list(range(10, 42))
+    prompt = [10 + i % 1000 for i in range(prompt_len)]
     if contestant == "transformers":
         import transformers
         from transformers.generation.streamers import BaseStreamer
@@ -84,7 +84,7 @@ def serve_turns(folder: str, tokens: int, contestant: str) -> None:
             cluster.stop()
 
 
-def start(spec: str, folder: str, tokens: int) -> subprocess.Popen:
+def start(spec: str, folder: str, tokens: int, prompt_len: int) -> subprocess.Popen:
     env, tree = dict(os.environ), ROOT
     if spec != "transformers":
         for item in filter(None, spec.split(",")):
@@ -95,7 +95,7 @@ def start(spec: str, folder: str, tokens: int) -> subprocess.Popen:
                 env[name] = value
         env["PYTHONPATH"] = str(tree)
     command = [sys.executable, str(Path(__file__).resolve()), "-", "-", "--model", folder, "--tokens", str(tokens),
-               "--serve", "transformers" if spec == "transformers" else "cluster"]
+               "--prompt-len", str(prompt_len), "--serve", "transformers" if spec == "transformers" else "cluster"]
     return subprocess.Popen(command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -107,10 +107,11 @@ def main() -> None:
     parser.add_argument("--model", help="a checkpoint folder instead of a preset")
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per turn")
     parser.add_argument("--turns", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before each turn's decoding")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # in the child processes: transformers or cluster
     args = parser.parse_args()
     if args.serve:
-        serve_turns(args.model, args.tokens, args.serve)
+        serve_turns(args.model, args.tokens, args.prompt_len, args.serve)
         return
     if args.model:
         folder = args.model
@@ -121,7 +122,7 @@ def main() -> None:
         from launch.rundir import cache_dir
 
         folder = str(write_checkpoint(args.preset, cache_dir() / "bench" / f"{args.preset}-bfloat16", torch.bfloat16))
-    sides = {spec: start(spec, folder, args.tokens) for spec in (args.a, args.b)}
+    sides = {spec: start(spec, folder, args.tokens, args.prompt_len) for spec in (args.a, args.b)}
     times: dict[str, list[float]] = {spec: [] for spec in sides}
     try:
         for side in sides.values():
