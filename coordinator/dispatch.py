@@ -20,6 +20,8 @@ import torch
 
 from coordinator.placement import Expert
 from coordinator.scheduling import MIN_ROWS_TO_MOVE
+from coordinator import shm_call
+from coordinator.shm_call import ShmCall
 from expert_worker import gemv
 from expert_worker.compute import ExpertKernel, ExpertWeights
 from protocol import messages as m
@@ -168,12 +170,24 @@ class Dispatcher:
         self.first_layer = min((layer for layer, _ in [*hot, *owner]), default=None)
         self.stats = DispatchStats()
         self._next_id = 0
+        # Layers whose experts are all cold on one worker: a decoding step's call to it may go through shm_call.c.
+        owners: dict[int, set[int]] = {}
+        for (layer, _), w in owner.items():
+            owners.setdefault(layer, set()).add(w)
+        hot_layers = {layer for layer, _ in hot}
+        self.sole_worker = {layer: ws.pop() for layer, ws in owners.items() if len(ws) == 1 and layer not in hot_layers}
+        self._shm_calls: dict[int, ShmCall] = {}  # per worker, for its current channel
 
     def forward(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         entered = time.perf_counter()
         num_tokens, top_k = top_k_index.shape
+        if num_tokens < MIN_ROWS_TO_MOVE and layer in self.sole_worker and shm_call.takes(hidden, top_k_index,
+                                                                                           top_k_weights):
+            result = self._call_in_c(self.sole_worker[layer], layer, hidden, top_k_index, top_k_weights, entered)
+            if result is not None:
+                return result
         order, tokens, groups = _group_by_expert(top_k_index)
 
         # Where each expert's rows sit in `rows`, and who computes them.
@@ -237,6 +251,54 @@ class Dispatcher:
         if result.dtype != hidden.dtype:
             result = result.to(hidden.dtype)
         self.stats.dispatch_seconds += time.perf_counter() - entered
+        return result
+
+    def _call_in_c(self, w: int, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor, entered: float) -> torch.Tensor | None:
+        """The whole call through shm_call.c (see coordinator/shm_call.py), or None when it does not take it."""
+        link = self.workers[w]
+        if link.channel is None:
+            return None
+        lane = self._shm_calls.get(w)
+        if lane is None or lane.channel is not link.channel:  # a restarted worker has a new channel
+            lane = self._shm_calls[w] = ShmCall(link.channel)
+        sent = time.perf_counter()
+        if not lane.post(hidden, top_k_index, self._next_id + 1, layer):
+            return None
+        self._next_id += 1
+        link.requests += 1
+        num_tokens = top_k_index.shape[0]
+        result = torch.empty(num_tokens, hidden.shape[1], dtype=hidden.dtype)
+        for expert, count in lane.routed():  # the statistics while the worker computes
+            key = (layer, expert)
+            self.stats.routed[key] = self.stats.routed.get(key, 0) + count
+            self.stats.cold_pairs += count
+        self.stats.layer_calls += 1
+        if layer == self.first_layer:
+            self.stats.tokens += num_tokens
+        waited = time.perf_counter()
+        deadline = time.monotonic() + self.reply_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFailed(f"{link.describe()} did not reply within {self.reply_timeout_s:.0f}s", w)
+            status = lane.finish(top_k_weights, layer, hidden.shape[1], min(left, 1.0), result)
+            if status == 1:
+                seconds = lane.call.compute_seconds
+                break
+            if status == -1:  # not a plain reply to this call (an error, say): the Python path reads it
+                reply = self._receive(w, self._next_id, lane.call.seq, layer)
+                result = _combine(reply.outputs, lane.order(), top_k_weights).to(hidden.dtype)
+                seconds = reply.compute_seconds
+                break
+            if not link.alive():
+                raise WorkerFailed(f"{link.describe()} died while computing layer {layer}", w)
+        link.busy_seconds += seconds
+        done = time.perf_counter()
+        self.stats.wait_seconds += done - waited
+        self.stats.round_trip_seconds += done - sent
+        self.stats.worker_compute_seconds += seconds
+        self.stats.dispatch_seconds += done - entered
         return result
 
     def _take_moved(self, layer: int, by_worker: dict[int, list[tuple[int, int, int]]],

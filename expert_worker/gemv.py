@@ -32,7 +32,8 @@ from launch.rundir import cache_dir
 
 log = logging.getLogger("fiddler.gemv")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("bf16_gemv.c", "parked_wait.c", "shm_serve.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("bf16_gemv.c", "parked_wait.c", "shm_serve.c", "shm_call.c")]
+HEADERS = [Path(__file__).with_name("shm_lane.h")]
 MAX_ROWS = 8  # activation rows per call; more take the float32 path (expert_worker/compute.py)
 # No contraction of a*b+c into one rounding: the combine must round each product as PyTorch does.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC"]
@@ -91,7 +92,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("decoding in bfloat16 uses PyTorch's slower kernel: no C compiler found (install gcc or set CC)")
         return None
     runtime = _openmp_runtime()
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in [*SOURCES, *HEADERS])
     key = hashlib.sha256(sources + repr((_FLAGS, compiler, runtime)).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"bf16_gemv-{key}.so"
     try:
@@ -121,6 +122,12 @@ def library() -> ctypes.CDLL | None:
     lib.fiddler_serve_requests.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 7,
                                            ctypes.c_int]
     lib.fiddler_serve_requests.restype = ctypes.c_int64
+    lib.fiddler_post_layer_call.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+    lib.fiddler_post_layer_call.restype = ctypes.c_int
+    lib.fiddler_finish_layer_call.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5,
+                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_int, ctypes.c_void_p]
+    lib.fiddler_finish_layer_call.restype = ctypes.c_int
     return lib
 
 

@@ -15,111 +15,16 @@
    slot unconsumed and the function returns: Python's generic path then answers it, errors included. The slot layout
    comes from Python (`lane_slots`), so protocol/shm.py stays its only definition. */
 
-#include <limits.h>
-#include <linux/futex.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
+#include "shm_lane.h"
 
-#define MAX_ROWS 8        /* as expert_worker/gemv.py: more rows per expert take the float32 path in Python */
-#define MAX_EXPERTS 256   /* per request: more is left to Python */
+#define MAX_ROWS 8 /* as expert_worker/gemv.py: more rows per expert take the float32 path in Python */
 
 int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
                              const uint16_t *x, int64_t n, uint16_t *out);
-int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);
-
-typedef struct { /* addresses in one worker's shared-memory file (protocol/shm.py) */
-    uint32_t *request_seq, *reply_seq, *request_meta_len, *reply_meta_len, *bell;
-    uint64_t *request_data_len, *reply_data_len;
-    const uint8_t *request_meta;
-    uint8_t *reply_meta;
-    const uint16_t *request_data;
-    uint16_t *reply_data;
-    uint64_t meta_capacity, data_capacity;
-} lane_slots;
 
 typedef struct { /* one registered expert; NULL where the worker does not hold it or cannot serve it here */
     const uint16_t *gate_up, *down;
 } lane_expert;
-
-static double now_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-/* --- reading the msgpack header: only the forms msgpack.packb writes for ints, strings, lists and maps --- */
-
-typedef struct {
-    const uint8_t *p, *end;
-} reader;
-
-static int take(reader *r, size_t n, const uint8_t **out) {
-    if ((size_t)(r->end - r->p) < n) return 0;
-    *out = r->p;
-    r->p += n;
-    return 1;
-}
-
-static uint64_t big_endian(const uint8_t *b, int n) {
-    uint64_t v = 0;
-    for (int i = 0; i < n; i++) v = v << 8 | b[i];
-    return v;
-}
-
-static int read_int(reader *r, int64_t *value) {
-    const uint8_t *b;
-    if (!take(r, 1, &b)) return 0;
-    uint8_t t = b[0];
-    if (t <= 0x7f) { *value = t; return 1; }
-    if (t >= 0xe0) { *value = (int8_t)t; return 1; }
-    int n = t == 0xcc || t == 0xd0 ? 1 : t == 0xcd || t == 0xd1 ? 2 : t == 0xce || t == 0xd2 ? 4
-            : t == 0xcf || t == 0xd3 ? 8 : 0;
-    if (n == 0 || !take(r, n, &b)) return 0;
-    uint64_t u = big_endian(b, n);
-    if (t >= 0xd0) { /* signed: extend from n bytes */
-        int shift = 64 - 8 * n;
-        *value = (int64_t)(u << shift) >> shift;
-    } else {
-        if (u > INT64_MAX) return 0;
-        *value = (int64_t)u;
-    }
-    return 1;
-}
-
-static int read_str(reader *r, const char **s, uint32_t *len) {
-    const uint8_t *b;
-    if (!take(r, 1, &b)) return 0;
-    uint8_t t = b[0];
-    if ((t & 0xe0) == 0xa0) *len = t & 0x1f;
-    else if (t == 0xd9 && take(r, 1, &b)) *len = b[0];
-    else return 0;
-    if (!take(r, *len, &b)) return 0;
-    *s = (const char *)b;
-    return 1;
-}
-
-static int read_head(reader *r, uint8_t fix, uint8_t fix_mask, uint8_t wide16, uint32_t *count) {
-    const uint8_t *b;
-    if (!take(r, 1, &b)) return 0;
-    if ((b[0] & fix_mask) == fix) { *count = b[0] & (uint8_t)~fix_mask; return 1; }
-    if (b[0] == wide16 && take(r, 2, &b)) { *count = (uint32_t)big_endian(b, 2); return 1; }
-    return 0;
-}
-
-static int read_map(reader *r, uint32_t *count) { return read_head(r, 0x80, 0xf0, 0xde, count); }
-static int read_array(reader *r, uint32_t *count) { return read_head(r, 0x90, 0xf0, 0xdc, count); }
-
-static int is(const char *s, uint32_t len, const char *name) { return strlen(name) == len && !memcmp(s, name, len); }
-
-static int read_int_list(reader *r, int64_t *values, uint32_t *count) {
-    if (!read_array(r, count) || *count > MAX_EXPERTS) return 0;
-    for (uint32_t i = 0; i < *count; i++)
-        if (!read_int(r, &values[i])) return 0;
-    return 1;
-}
 
 typedef struct {
     int64_t request_id, layer, rows, width;
@@ -186,44 +91,15 @@ static int read_request(const uint8_t *meta, uint32_t meta_len, int64_t version,
     return seen == 15 && r.p == r.end;
 }
 
-/* --- writing the reply header as msgpack.packb writes an ExpertReply's --- */
-
-static uint8_t *put_int(uint8_t *p, int64_t v) {
-    if (v >= 0 && v <= 0x7f) { *p++ = (uint8_t)v; return p; }
-    if (v < 0 && v >= -32) { *p++ = (uint8_t)(int8_t)v; return p; }
-    int n;
-    uint8_t t;
-    if (v >= 0) {
-        n = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffLL ? 4 : 8;
-        t = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
-    } else {
-        n = v >= -128 ? 1 : v >= -32768 ? 2 : v >= INT32_MIN ? 4 : 8;
-        t = n == 1 ? 0xd0 : n == 2 ? 0xd1 : n == 4 ? 0xd2 : 0xd3;
-    }
-    *p++ = t;
-    for (int i = n - 1; i >= 0; i--) *p++ = (uint8_t)((uint64_t)v >> (8 * i));
-    return p;
-}
-
-static uint8_t *put_str(uint8_t *p, const char *s) {
-    size_t n = strlen(s); /* every string here is under 32 bytes: fixstr */
-    *p++ = (uint8_t)(0xa0 | n);
-    memcpy(p, s, n);
-    return p + n;
-}
-
 static size_t write_reply(uint8_t *p0, int64_t version, const request *q, double seconds) {
     uint8_t *p = p0;
-    uint64_t bits;
-    memcpy(&bits, &seconds, 8);
     *p++ = 0x84;
     p = put_str(p, "v"), p = put_int(p, version);
     p = put_str(p, "kind"), p = put_str(p, "expert_reply");
     p = put_str(p, "body"), *p++ = 0x83;
     p = put_str(p, "request_id"), p = put_int(p, q->request_id);
     p = put_str(p, "layer"), p = put_int(p, q->layer);
-    p = put_str(p, "compute_seconds"), *p++ = 0xcb;
-    for (int i = 7; i >= 0; i--) *p++ = (uint8_t)(bits >> (8 * i));
+    p = put_str(p, "compute_seconds"), p = put_float64(p, seconds);
     p = put_str(p, "tensors"), *p++ = 0x91, *p++ = 0x83;
     p = put_str(p, "field"), p = put_str(p, "outputs");
     p = put_str(p, "dtype"), p = put_str(p, "bfloat16");
@@ -232,15 +108,6 @@ static size_t write_reply(uint8_t *p0, int64_t version, const request *q, double
 }
 
 /* --- the loop --- */
-
-static void sleep_on(uint32_t *word, uint32_t value, int64_t timeout_ns, int park) {
-    if (park) {
-        fiddler_parked_wait(word, value, timeout_ns);
-    } else {
-        struct timespec t = {timeout_ns / 1000000000, timeout_ns % 1000000000};
-        syscall(SYS_futex, word, FUTEX_WAIT, value, &t, NULL, 0);
-    }
-}
 
 /* Whether this worker can compute `q` here, every expert in `table` [layers, experts] and within the slots. */
 static int servable(const request *q, const lane_slots *s, const lane_expert *table, int64_t layers,
@@ -301,7 +168,7 @@ int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const la
         __atomic_store_n(s->reply_meta_len, (uint32_t)reply_len, __ATOMIC_RELEASE);
         __atomic_store_n(s->reply_data_len, data_len, __ATOMIC_RELEASE);
         __atomic_store_n(s->reply_seq, seq, __ATOMIC_RELEASE); /* last: the coordinator acts on this */
-        syscall(SYS_futex, s->reply_seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        wake_all(s->reply_seq);
         *last_seq = seq;
         served++;
     }

@@ -18,15 +18,6 @@ from expert_worker.compute import ExpertKernel, ExpertWeights
 from protocol.messages import PROTOCOL_VERSION
 from protocol.shm import ShmChannel
 
-_SLOT_FIELDS = ["request_seq", "reply_seq", "request_meta_len", "reply_meta_len", "bell", "request_data_len",
-                "reply_data_len", "request_meta", "reply_meta", "request_data", "reply_data"]
-
-
-class _Slots(ctypes.Structure):  # lane_slots in shm_serve.c
-    _fields_ = [(name, ctypes.c_void_p) for name in _SLOT_FIELDS] + [("meta_capacity", ctypes.c_uint64),
-                                                                     ("data_capacity", ctypes.c_uint64)]
-
-
 class _Expert(ctypes.Structure):  # lane_expert
     _fields_ = [("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p)]
 
@@ -37,8 +28,7 @@ class ShmServeLoop:
     def __init__(self, channel: ShmChannel, table: ctypes.Array, layers: int, experts: int, hidden: int,
                  inter: int):
         self.channel = channel
-        addresses = channel.slot_addresses()
-        self._slots = _Slots(**addresses)
+        self._slots = channel.slot_addresses()
         self._table, self.layers, self.experts, self.hidden, self.inter = table, layers, experts, hidden, inter
         self._last = ctypes.c_uint32(0)
         self.served = 0

@@ -72,6 +72,13 @@ def region_bytes(capacity: int) -> int:
     return CONTROL_BYTES + 2 * META_BYTES + 2 * capacity
 
 
+class SlotAddresses(ctypes.Structure):  # lane_slots in expert_worker/shm_lane.h
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "request_seq", "reply_seq", "request_meta_len", "reply_meta_len", "bell", "request_data_len",
+        "reply_data_len", "request_meta", "reply_meta", "request_data", "reply_data")] + [
+        ("meta_capacity", ctypes.c_uint64), ("data_capacity", ctypes.c_uint64)]
+
+
 class ShmChannel:
     """One worker's request and reply slots. `capacity` is the data bytes of each slot."""
 
@@ -158,16 +165,16 @@ class ShmChannel:
     def reply_view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         return self._view(_REP_DATA, dtype, shape)
 
-    def slot_addresses(self) -> dict[str, int]:
-        """Where each control word and area lies in this process (for a serving loop outside Python: the worker's
-        shm_serve.c), with the capacities of the areas."""
+    def slot_addresses(self) -> SlotAddresses:
+        """Where each control word and area lies in this process, for the C paths over the slot (the worker's
+        shm_serve.c, the coordinator's shm_call.c). Valid while the channel is open."""
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
-        return {"request_seq": base + _REQ_SEQ, "reply_seq": base + _REP_SEQ, "request_meta_len": base + _REQ_META,
-                "reply_meta_len": base + _REP_META, "bell": base + _BELL, "request_data_len": base + _REQ_DATA,
-                "reply_data_len": base + _REP_DATA, "request_meta": base + self._meta[_REQ_META],
-                "reply_meta": base + self._meta[_REP_META], "request_data": base + self._data[_REQ_DATA],
-                "reply_data": base + self._data[_REP_DATA], "meta_capacity": META_BYTES,
-                "data_capacity": self.capacity}
+        return SlotAddresses(
+            request_seq=base + _REQ_SEQ, reply_seq=base + _REP_SEQ, request_meta_len=base + _REQ_META,
+            reply_meta_len=base + _REP_META, bell=base + _BELL, request_data_len=base + _REQ_DATA,
+            reply_data_len=base + _REP_DATA, request_meta=base + self._meta[_REQ_META],
+            reply_meta=base + self._meta[_REP_META], request_data=base + self._data[_REQ_DATA],
+            reply_data=base + self._data[_REP_DATA], meta_capacity=META_BYTES, data_capacity=self.capacity)
 
     # --- publishing and waiting ---
 

@@ -157,6 +157,64 @@ def test_decoding_requests_are_served_in_c_as_in_python():
         coordinator.close()
 
 
+def test_decoding_layer_calls_in_c_are_the_python_path():
+    """A decoding step's layer call through shm_call.c (grouping, gather, request, wait, combine in C), answered
+    by the worker's C loop: the bits of the dispatcher's Python path, for Mixtral's float32 routing weights and
+    bfloat16 ones. A reply that is not the call's ExpertReply (an error) is left for Python."""
+    import threading
+
+    from coordinator.dispatch import _combine, _group_by_expert
+    from coordinator.shm_call import ShmCall
+    from expert_worker import gemv
+    from expert_worker.compute import ExpertKernel, ExpertWeights
+    from expert_worker.shm_serve import ShmServeLoop
+    from protocol.wire import encode_header
+
+    if not gemv.available():
+        pytest.skip("the bfloat16 kernel library is not built on this machine")
+    generator = torch.Generator().manual_seed(6)
+    shard = {(2, expert): ExpertWeights((torch.randn(2 * 96, 64, generator=generator) * 0.2).bfloat16(),
+                                        (torch.randn(64, 96, generator=generator) * 0.2).bfloat16())
+             for expert in range(4)}
+    kernel = ExpertKernel(m.KernelSpec(activation="silu", dtype="bfloat16"))
+    coordinator = ShmChannel.create(capacity=1 << 16)
+    worker = ShmChannel.attach(coordinator.path, 1 << 16)
+    coordinator.unlink()
+    coordinator.spin = worker.spin = False
+    try:
+        loop = ShmServeLoop.build(worker, shard, kernel)
+        lane = ShmCall(coordinator)
+        for tokens, weight_dtype in [(1, torch.float32), (3, torch.float32), (2, torch.bfloat16)]:
+            hidden = (torch.randn(tokens, 64, generator=generator) * 2).bfloat16()
+            top_k_index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(tokens)])
+            weights = torch.rand(tokens, 2, generator=generator).to(weight_dtype)
+            serving = threading.Thread(target=loop.serve, args=(0.2,))
+            serving.start()
+            assert lane.post(hidden, top_k_index, request_id=9, layer=2)
+            result = torch.empty(tokens, 64, dtype=torch.bfloat16)
+            while (status := lane.finish(weights, 2, 64, 1.0, result)) == 0:
+                pass
+            serving.join()
+            order, token_of, groups = _group_by_expert(top_k_index)
+            rows = hidden[token_of]
+            outputs, start = [], 0
+            for expert, count in groups:
+                outputs.append(kernel.forward(shard[(2, expert)], rows[start : start + count]))
+                start += count
+            assert status == 1 and lane.routed() == groups and lane.order() == order
+            assert torch.equal(result, _combine(torch.cat(outputs), order, weights))
+            assert lane.call.compute_seconds > 0
+
+        assert lane.post(hidden, top_k_index, request_id=10, layer=2)  # answered with an error this time
+        seq, _ = worker.wait_request(timeout_s=1)
+        worker.post_reply(seq, encode_header(m.Error(code="internal", message="no")), 0)
+        assert lane.finish(weights, 2, 64, 1.0, result) == -1
+        assert decode(coordinator.wait_reply(seq, timeout_s=0)) == m.Error(code="internal", message="no")
+    finally:
+        worker.close()
+        coordinator.close()
+
+
 # --- clusters over each transport ---
 
 
