@@ -342,9 +342,9 @@ def _int_list(value: Any) -> bool:
 def _decode_layer_call(header: dict, frames: list[Any], view: View | None) -> Message | None:
     """An ExpertRequest or ExpertReply in exactly the form `encode` writes, else None (the generic path then
     decodes the message or says what is wrong with it)."""
-    entry = _LAYER_CALL_KINDS.get(header.get("kind"))
+    entry = _LAYER_CALL_KINDS[header["kind"]]
     body, specs = header.get("body"), header.get("tensors")
-    if (entry is None or header.get("v") != PROTOCOL_VERSION or len(header) != 4 or type(body) is not dict
+    if (header.get("v") != PROTOCOL_VERSION or len(header) != 4 or type(body) is not dict
             or body.keys() != entry[1] or type(specs) is not list or len(specs) != 1 or len(frames) != 2):
         return None
     cls, _, field = entry
@@ -377,7 +377,7 @@ def decode(frames: list[Any], view: View | None = None) -> Message:
         header = msgpack.unpackb(head, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises many types for garbage
         raise ProtocolError("bad_header", f"header is not valid msgpack: {type(e).__name__}") from None
-    if isinstance(header, dict) and header.get("kind") in _LAYER_CALL_KINDS:
+    if isinstance(header, dict) and type(header.get("kind")) is str and header["kind"] in _LAYER_CALL_KINDS:
         message = _decode_layer_call(header, frames, view)
         if message is not None:
             return message
