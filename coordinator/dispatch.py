@@ -262,22 +262,14 @@ class Dispatcher:
         lane = self._shm_calls.get(w)
         if lane is None or lane.channel is not link.channel:  # a restarted worker has a new channel
             lane = self._shm_calls[w] = ShmCall(link.channel)
-        sent = time.perf_counter()
-        if not lane.post(hidden, top_k_index, self._next_id + 1, layer):
-            return None
-        self._next_id += 1
-        link.requests += 1
         num_tokens = top_k_index.shape[0]
         result = torch.empty(num_tokens, hidden.shape[1], dtype=hidden.dtype)
-        for expert, count in lane.routed():  # the statistics while the worker computes
-            key = (layer, expert)
-            self.stats.routed[key] = self.stats.routed.get(key, 0) + count
-            self.stats.cold_pairs += count
-        self.stats.layer_calls += 1
-        if layer == self.first_layer:
-            self.stats.tokens += num_tokens
-        waited = time.perf_counter()
         deadline = time.monotonic() + self.reply_timeout_s
+        # Nothing between posting and waiting: the worker's threads take every core as soon as they wake.
+        self._next_id += 1
+        sent = time.perf_counter()
+        if not lane.post(hidden, top_k_index, self._next_id, layer):
+            return None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -293,12 +285,20 @@ class Dispatcher:
                 break
             if not link.alive():
                 raise WorkerFailed(f"{link.describe()} died while computing layer {layer}", w)
-        link.busy_seconds += seconds
         done = time.perf_counter()
-        self.stats.wait_seconds += done - waited
+        link.requests += 1
+        link.busy_seconds += seconds
+        for expert, count in lane.routed():
+            key = (layer, expert)
+            self.stats.routed[key] = self.stats.routed.get(key, 0) + count
+            self.stats.cold_pairs += count
+        self.stats.layer_calls += 1
+        if layer == self.first_layer:
+            self.stats.tokens += num_tokens
+        self.stats.wait_seconds += done - sent
         self.stats.round_trip_seconds += done - sent
         self.stats.worker_compute_seconds += seconds
-        self.stats.dispatch_seconds += done - entered
+        self.stats.dispatch_seconds += time.perf_counter() - entered
         return result
 
     def _take_moved(self, layer: int, by_worker: dict[int, list[tuple[int, int, int]]],
