@@ -15,6 +15,9 @@ both sides set `sleep` to a futex wait that sends their OpenMP threads to sleep 
 A reply carries the sequence number of the request it answers and is published only after its data is written,
 so it can neither be read early nor matched to the wrong request.
 
+Decoding steps may be posted, served and answered by C code in both processes (expert_worker/shm_serve.c and
+shm_call.c, through `slot_addresses`); they write and read the same headers and words as the methods here.
+
 The file is unlinked as soon as both sides have mapped it: no name is left in /dev/shm even if every process is
 killed. Futexes and the spin rely on x86-64's ordering of stores; elsewhere `available()` is False and the
 ZeroMQ transport carries the data.
