@@ -439,9 +439,7 @@ class Coordinator:
 
     def _attach_shm(self, link: WorkerLink, capacity: int, timeout_s: float) -> None:
         channel = shm.ShmChannel.create(capacity)
-        channel.spin = self.spin_waits
-        if not self.spin_waits and gemv.available():  # taking turns with the worker on the same cores
-            channel.sleep = gemv.parked_wait
+        gemv.set_waiting(channel, self.spin_waits)
         try:
             link.client.send(m.AttachShm(channel.path, capacity, spin=self.spin_waits))
             self._expect(link, m.Pong, timeout_s)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from coordinator import shm_call
 from coordinator.placement import Expert
 from coordinator.scheduling import MIN_ROWS_TO_MOVE
-from coordinator import shm_call
 from coordinator.shm_call import ShmCall
 from expert_worker import gemv
 from expert_worker.compute import ExpertKernel, ExpertWeights
@@ -31,8 +31,6 @@ from protocol import messages as m
 from protocol.shm import ShmChannel
 from protocol.transport import Client
 from protocol.wire import decode, encode_header
-
-
 
 
 class WorkerFailed(RuntimeError):

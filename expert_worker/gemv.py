@@ -212,6 +212,15 @@ def combine(outputs: torch.Tensor, row_of: list[int], weights: torch.Tensor) -> 
     return result
 
 
+def set_waiting(channel, spin: bool) -> None:
+    """How a shared-memory channel (protocol.shm.ShmChannel) waits: spinning briefly first where this side has a
+    core to itself (`spin`), else sleeping at once, with this process's OpenMP threads parked where the library is
+    built (the coordinator and the workers take turns on the same cores)."""
+    channel.spin = spin
+    if not spin and available():
+        channel.sleep = parked_wait
+
+
 def parked_wait(address: int, value: int, timeout_s: float) -> None:
     """Sleep until the 32-bit word at `address` (in memory shared with another process) is no longer `value`,
     for at most timeout_s or until a signal, with this process's OpenMP threads asleep too (parked_wait.c). The

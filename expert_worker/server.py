@@ -18,8 +18,8 @@ import torch
 from expert_worker import gemv
 from expert_worker.checkpoint import CheckpointError, fingerprint
 from expert_worker.compute import ExpertKernel, ExpertWeights
-from expert_worker.shm_serve import ShmServeLoop
 from expert_worker.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
+from expert_worker.shm_serve import ShmServeLoop
 from launch.numa import available_memory_bytes
 from protocol import messages as m
 from protocol.shm import ShmChannel
@@ -154,9 +154,7 @@ class Worker:
         self.serve_loop = None  # it points into the old channel
         if self.channel is not None:
             self.channel.close()
-        channel.spin = msg.spin
-        if not msg.spin and gemv.available():  # taking turns with the coordinator on the same cores
-            channel.sleep = gemv.parked_wait
+        gemv.set_waiting(channel, msg.spin)
         self.channel = channel
         self._build_serve_loop()
         return m.Pong(os.getpid())

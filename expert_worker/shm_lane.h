@@ -108,7 +108,9 @@ static inline int read_head(reader *r, uint8_t fix, uint8_t fix_mask, uint8_t wi
 static inline int read_map(reader *r, uint32_t *count) { return read_head(r, 0x80, 0xf0, 0xde, count); }
 static inline int read_array(reader *r, uint32_t *count) { return read_head(r, 0x90, 0xf0, 0xdc, count); }
 
-static inline int is(const char *s, uint32_t len, const char *name) { return strlen(name) == len && !memcmp(s, name, len); }
+static inline int is(const char *s, uint32_t len, const char *name) {
+    return strlen(name) == len && !memcmp(s, name, len);
+}
 
 static inline int read_int_list(reader *r, int64_t *values, uint32_t *count) {
     if (!read_array(r, count) || *count > MAX_EXPERTS) return 0;

@@ -323,11 +323,10 @@ def _sizes(shape: list) -> bool:
 
 # The two messages of every layer call, decoded field by field with the same checks as `_build` makes: right after
 # a worker's turn has flushed the caches, the generic path costs ~150 us per message, this one about a third.
-_LAYER_CALL_BODIES = {
-    ExpertRequest: ("expert_request", frozenset({"request_id", "layer", "expert_ids", "row_counts"}), "rows"),
-    ExpertReply: ("expert_reply", frozenset({"request_id", "layer", "compute_seconds"}), "outputs"),
+_LAYER_CALL_KINDS = {  # kind: (class, its body's keys, its tensor's field)
+    ExpertRequest.KIND: (ExpertRequest, frozenset({"request_id", "layer", "expert_ids", "row_counts"}), "rows"),
+    ExpertReply.KIND: (ExpertReply, frozenset({"request_id", "layer", "compute_seconds"}), "outputs"),
 }
-_LAYER_CALL_KINDS = {kind: (cls, keys, field) for cls, (kind, keys, field) in _LAYER_CALL_BODIES.items()}
 
 
 def _int_list(value: Any) -> bool:
