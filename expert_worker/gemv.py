@@ -1,6 +1,9 @@
 """nn.Linear for a few rows of bfloat16 activations on AVX2 CPUs, through bf16_gemv.c (built on first use).
 
 `silu_expert` computes a whole gated SiLU expert (both products and the activation between them) in one call.
+The same library holds the small C pieces of a decoding step's hand-over between processes: `gather_rows` and
+`combine` (bit-equal to the dispatcher's tensor ops), `parked_wait` (parked_wait.c), the worker's serving loop
+(shm_serve.c, expert_worker/shm_serve.py) and the coordinator's layer call (shm_call.c, coordinator/shm_call.py).
 
 Decoding multiplies one row by every weight it passes, so its speed is how fast the weights stream from memory.
 On CPUs without oneDNN's bfloat16 support PyTorch's bfloat16 matrix-vector product reaches 11-13 GB/s on two Zen 3
@@ -10,7 +13,7 @@ equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in ano
 The kernel is compiled once per machine with the system C compiler ($CC, else cc) into the cache folder
 (launch/rundir.py), against the OpenMP runtime PyTorch has loaded, so it shares PyTorch's threads. Without a
 compiler, on other CPUs, or with FIDDLER_PACK_WEIGHTS=0, `available()` is False and callers keep PyTorch's
-kernel: slower decoding, same results. Import torch before this module builds or loads the kernel.
+kernel and the Python paths: slower decoding, same results. Import torch before this module builds or loads it.
 """
 
 from __future__ import annotations
