@@ -31,7 +31,6 @@ class ShmServeLoop:
         self._slots = channel.slot_addresses()
         self._table, self.layers, self.experts, self.hidden, self.inter = table, layers, experts, hidden, inter
         self._last = ctypes.c_uint32(0)
-        self.served = 0
 
     @classmethod
     def build(cls, channel: ShmChannel, shard: dict[tuple[int, int], ExpertWeights],
@@ -63,5 +62,4 @@ class ShmServeLoop:
             self.hidden, self.inter, PROTOCOL_VERSION, int(timeout_s * 1e9),
             int(50e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is gemv.parked_wait))
         self.channel.last_request_seq = self._last.value
-        self.served += served
         return served
