@@ -62,19 +62,13 @@ int fiddler_post_layer_call(const lane_slots *s, const uint16_t *hidden, const i
         call->row_of[pair] = row;
         memcpy((uint16_t *)s->request_data + row * width, hidden + (pair / top_k) * width, (size_t)width * 2);
     }
-    uint8_t *p0 = (uint8_t *)s->request_meta, *p = p0;
+    uint8_t *p0 = (uint8_t *)s->request_meta, *p = put_message_start(p0, version, "expert_request");
     *p++ = 0x84;
-    p = put_str(p, "v"), p = put_int(p, version);
-    p = put_str(p, "kind"), p = put_str(p, "expert_request");
-    p = put_str(p, "body"), *p++ = 0x84;
     p = put_str(p, "request_id"), p = put_int(p, request_id);
     p = put_str(p, "layer"), p = put_int(p, layer);
     p = put_str(p, "expert_ids"), p = put_int_list(p, call->expert_ids, call->experts);
     p = put_str(p, "row_counts"), p = put_int_list(p, call->row_counts, call->experts);
-    p = put_str(p, "tensors"), *p++ = 0x91, *p++ = 0x83;
-    p = put_str(p, "field"), p = put_str(p, "rows");
-    p = put_str(p, "dtype"), p = put_str(p, "bfloat16");
-    p = put_str(p, "shape"), *p++ = 0x92, p = put_int(p, pairs), p = put_int(p, width);
+    p = put_tensors(p, "rows", pairs, width);
     call->request_id = request_id;
     call->seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE) + 1;
     __atomic_store_n(s->request_meta_len, (uint32_t)(p - p0), __ATOMIC_RELEASE);
@@ -85,60 +79,42 @@ int fiddler_post_layer_call(const lane_slots *s, const uint16_t *hidden, const i
     return 1;
 }
 
-/* The reply header {v, kind: "expert_reply", body: {request_id, layer, compute_seconds}, tensors: [{field:
-   "outputs", dtype: "bfloat16", shape: [pairs, width]}]} for `call`, or 0. */
-static int read_reply(const lane_slots *s, const layer_call *call, int64_t layer, int64_t pairs, int64_t width,
-                      int64_t version, double *seconds) {
-    uint32_t meta_len = __atomic_load_n(s->reply_meta_len, __ATOMIC_ACQUIRE);
-    if (meta_len > s->meta_capacity) return 0;
-    reader r = {s->reply_meta, s->reply_meta + meta_len};
+typedef struct {
+    int64_t request_id, layer;
+    double seconds;
+} reply_body;
+
+/* body: {request_id, layer, compute_seconds}, each once */
+static int read_reply_body(reader *r, void *body) {
+    reply_body *b = body;
     uint32_t n, len, seen = 0;
-    const char *key, *str;
-    int64_t v, id = -1, got_layer = -1, rows = -1, cols = -1;
-    if (!read_map(&r, &n) || n != 4) return 0;
-    for (uint32_t i = 0; i < 4; i++) {
-        if (!read_str(&r, &key, &len)) return 0;
-        if (is(key, len, "v") && !(seen & 1)) {
-            if (!read_int(&r, &v) || v != version) return 0;
-            seen |= 1;
-        } else if (is(key, len, "kind") && !(seen & 2)) {
-            if (!read_str(&r, &str, &len) || !is(str, len, "expert_reply")) return 0;
-            seen |= 2;
-        } else if (is(key, len, "body") && !(seen & 4)) {
-            uint32_t fields, body_seen = 0;
-            if (!read_map(&r, &fields) || fields != 3) return 0;
-            for (uint32_t f = 0; f < 3; f++) {
-                if (!read_str(&r, &key, &len)) return 0;
-                int bit = is(key, len, "request_id") ? 1 : is(key, len, "layer") ? 2
-                          : is(key, len, "compute_seconds") ? 4 : 0;
-                if (bit == 0 || (body_seen & bit)) return 0;
-                body_seen |= bit;
-                int ok = bit == 1 ? read_int(&r, &id) : bit == 2 ? read_int(&r, &got_layer) : read_float64(&r, seconds);
-                if (!ok) return 0;
-            }
-            seen |= 4;
-        } else if (is(key, len, "tensors") && !(seen & 8)) {
-            uint32_t spec_seen = 0;
-            if (!read_array(&r, &n) || n != 1 || !read_map(&r, &n) || n != 3) return 0;
-            for (uint32_t f = 0; f < 3; f++) {
-                if (!read_str(&r, &key, &len)) return 0;
-                int bit = is(key, len, "field") ? 1 : is(key, len, "dtype") ? 2 : is(key, len, "shape") ? 4 : 0;
-                if (bit == 0 || (spec_seen & bit)) return 0;
-                spec_seen |= bit;
-                if (bit == 4) {
-                    if (!read_array(&r, &n) || n != 2 || !read_int(&r, &rows) || !read_int(&r, &cols)) return 0;
-                } else if (!read_str(&r, &str, &len) || !is(str, len, bit == 1 ? "outputs" : "bfloat16")) {
-                    return 0;
-                }
-            }
-            seen |= 8;
-        } else {
-            return 0;
-        }
+    const char *key;
+    if (!read_map(r, &n) || n != 3) return 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!read_str(r, &key, &len)) return 0;
+        int bit = is(key, len, "request_id") ? 1 : is(key, len, "layer") ? 2 : is(key, len, "compute_seconds") ? 4 : 0;
+        if (bit == 0 || (seen & bit)) return 0;
+        seen |= bit;
+        int ok = bit == 1 ? read_int(r, &b->request_id) : bit == 2 ? read_int(r, &b->layer)
+                 : read_float64(r, &b->seconds);
+        if (!ok) return 0;
     }
+    return seen == 7;
+}
+
+/* Whether the reply in the slot is the ExpertReply for `call`: its header, request, layer and rows. */
+static int read_reply(const lane_slots *s, layer_call *call, int64_t layer, int64_t pairs, int64_t width,
+                      int64_t version) {
+    uint32_t meta_len = __atomic_load_n(s->reply_meta_len, __ATOMIC_ACQUIRE);
     uint64_t data_len = __atomic_load_n(s->reply_data_len, __ATOMIC_ACQUIRE);
-    return seen == 15 && r.p == r.end && id == call->request_id && got_layer == layer && rows == pairs
-           && cols == width && data_len == (uint64_t)pairs * (uint64_t)width * 2;
+    reply_body body = {-1, -1, 0.0};
+    int64_t rows = -1, cols = -1;
+    if (meta_len > s->meta_capacity || !read_message(s->reply_meta, meta_len, version, "expert_reply",
+                                                     read_reply_body, &body, "outputs", &rows, &cols))
+        return 0;
+    call->compute_seconds = body.seconds;
+    return body.request_id == call->request_id && body.layer == layer && rows == pairs && cols == width
+           && data_len == (uint64_t)pairs * (uint64_t)width * 2;
 }
 
 /* Wait up to timeout_ns for the call's reply (spinning spin_ns first; `park`: see parked_wait.c), then combine it:
@@ -157,7 +133,7 @@ int fiddler_finish_layer_call(const lane_slots *s, layer_call *call, int64_t tok
         sleep_on(s->reply_seq, seq, timeout_ns, park);
         if (__atomic_load_n(s->reply_seq, __ATOMIC_ACQUIRE) != call->seq) return 0;
     }
-    if (!read_reply(s, call, layer, tokens * top_k, width, version, &call->compute_seconds)) return -1;
+    if (!read_reply(s, call, layer, tokens * top_k, width, version)) return -1;
     fiddler_combine(s->reply_data, call->row_of, weights, weights_bf16, tokens, top_k, width, result);
     return 1;
 }

@@ -127,7 +127,51 @@ static inline int read_float64(reader *r, double *value) {
     return 1;
 }
 
-/* --- writing the reply header as msgpack.packb writes an ExpertReply's --- */
+/* The one tensor spec of a layer-call message: [{field: <field>, dtype: "bfloat16", shape: [rows, cols]}]. */
+static inline int read_tensors(reader *r, const char *field, int64_t *rows, int64_t *cols) {
+    uint32_t n, len, seen = 0;
+    const char *s;
+    if (!read_array(r, &n) || n != 1 || !read_map(r, &n) || n != 3) return 0;
+    for (uint32_t i = 0; i < 3; i++) {
+        if (!read_str(r, &s, &len)) return 0;
+        int bit = is(s, len, "field") ? 1 : is(s, len, "dtype") ? 2 : is(s, len, "shape") ? 4 : 0;
+        if (bit == 0 || (seen & bit)) return 0;
+        seen |= bit;
+        if (bit == 4) {
+            if (!read_array(r, &n) || n != 2 || !read_int(r, rows) || !read_int(r, cols)) return 0;
+        } else if (!read_str(r, &s, &len) || !is(s, len, bit == 1 ? field : "bfloat16")) {
+            return 0;
+        }
+    }
+    return seen == 7;
+}
+
+typedef int (*body_reader)(reader *r, void *body);
+
+/* A whole layer-call header {v: version, kind: <kind>, body, tensors}, each key once and nothing after it; the
+   body map is read by read_body into `body`, the tensor's shape into rows and cols. */
+static inline int read_message(const uint8_t *meta, uint32_t meta_len, int64_t version, const char *kind,
+                               body_reader read_body, void *body, const char *field, int64_t *rows, int64_t *cols) {
+    reader r = {meta, meta + meta_len};
+    uint32_t n, len, seen = 0;
+    const char *key, *s;
+    int64_t v;
+    if (!read_map(&r, &n) || n != 4) return 0;
+    for (uint32_t i = 0; i < 4; i++) {
+        if (!read_str(&r, &key, &len)) return 0;
+        int bit = is(key, len, "v") ? 1 : is(key, len, "kind") ? 2 : is(key, len, "body") ? 4
+                  : is(key, len, "tensors") ? 8 : 0;
+        if (bit == 0 || (seen & bit)) return 0;
+        seen |= bit;
+        int ok = bit == 1 ? read_int(&r, &v) && v == version
+                 : bit == 2 ? read_str(&r, &s, &len) && is(s, len, kind)
+                 : bit == 4 ? read_body(&r, body) : read_tensors(&r, field, rows, cols);
+        if (!ok) return 0;
+    }
+    return seen == 15 && r.p == r.end;
+}
+
+/* --- writing headers as msgpack.packb writes them --- */
 
 static inline uint8_t *put_int(uint8_t *p, int64_t v) {
     if (v >= 0 && v <= 0x7f) { *p++ = (uint8_t)v; return p; }
@@ -159,6 +203,23 @@ static inline uint8_t *put_float64(uint8_t *p, double v) {
     *p++ = 0xcb;
     for (int i = 7; i >= 0; i--) *p++ = (uint8_t)(bits >> (8 * i));
     return p;
+}
+
+/* {v: version, kind: <kind>, body: then the body map's own bytes (the caller writes them). */
+static inline uint8_t *put_message_start(uint8_t *p, int64_t version, const char *kind) {
+    *p++ = 0x84;
+    p = put_str(p, "v"), p = put_int(p, version);
+    p = put_str(p, "kind"), p = put_str(p, kind);
+    return put_str(p, "body");
+}
+
+/* tensors: [{field: <field>, dtype: "bfloat16", shape: [rows, cols]}], the end of a layer-call header. */
+static inline uint8_t *put_tensors(uint8_t *p, const char *field, int64_t rows, int64_t cols) {
+    p = put_str(p, "tensors"), *p++ = 0x91, *p++ = 0x83;
+    p = put_str(p, "field"), p = put_str(p, field);
+    p = put_str(p, "dtype"), p = put_str(p, "bfloat16");
+    p = put_str(p, "shape"), *p++ = 0x92, p = put_int(p, rows);
+    return put_int(p, cols);
 }
 
 #endif

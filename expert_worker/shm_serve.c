@@ -33,7 +33,8 @@ typedef struct {
 } request;
 
 /* body: {request_id, layer, expert_ids, row_counts}, each once */
-static int read_body(reader *r, request *q) {
+static int read_body(reader *r, void *body) {
+    request *q = body;
     uint32_t n, len, ids = 0, counts = 0, seen = 0;
     const char *key;
     if (!read_map(r, &n) || n != 4) return 0;
@@ -51,59 +52,17 @@ static int read_body(reader *r, request *q) {
     return seen == 15 && ids == counts;
 }
 
-/* tensors: [{field: "rows", dtype: "bfloat16", shape: [rows, width]}] */
-static int read_tensors(reader *r, request *q) {
-    uint32_t n, len, seen = 0;
-    const char *s;
-    if (!read_array(r, &n) || n != 1 || !read_map(r, &n) || n != 3) return 0;
-    for (uint32_t i = 0; i < 3; i++) {
-        if (!read_str(r, &s, &len)) return 0;
-        int bit = is(s, len, "field") ? 1 : is(s, len, "dtype") ? 2 : is(s, len, "shape") ? 4 : 0;
-        if (bit == 0 || (seen & bit)) return 0;
-        seen |= bit;
-        if (bit == 4) {
-            if (!read_array(r, &n) || n != 2 || !read_int(r, &q->rows) || !read_int(r, &q->width)) return 0;
-        } else {
-            if (!read_str(r, &s, &len) || !is(s, len, bit == 1 ? "rows" : "bfloat16")) return 0;
-        }
-    }
-    return seen == 7;
-}
-
-/* The whole header: {v, kind: "expert_request", body, tensors}. */
 static int read_request(const uint8_t *meta, uint32_t meta_len, int64_t version, request *q) {
-    reader r = {meta, meta + meta_len};
-    uint32_t n, len, seen = 0;
-    const char *key, *s;
-    int64_t v;
-    if (!read_map(&r, &n) || n != 4) return 0;
-    for (uint32_t i = 0; i < 4; i++) {
-        if (!read_str(&r, &key, &len)) return 0;
-        int bit = is(key, len, "v") ? 1 : is(key, len, "kind") ? 2 : is(key, len, "body") ? 4
-                  : is(key, len, "tensors") ? 8 : 0;
-        if (bit == 0 || (seen & bit)) return 0;
-        seen |= bit;
-        int ok = bit == 1 ? read_int(&r, &v) && v == version
-                 : bit == 2 ? read_str(&r, &s, &len) && is(s, len, "expert_request")
-                 : bit == 4 ? read_body(&r, q) : read_tensors(&r, q);
-        if (!ok) return 0;
-    }
-    return seen == 15 && r.p == r.end;
+    return read_message(meta, meta_len, version, "expert_request", read_body, q, "rows", &q->rows, &q->width);
 }
 
 static size_t write_reply(uint8_t *p0, int64_t version, const request *q, double seconds) {
-    uint8_t *p = p0;
-    *p++ = 0x84;
-    p = put_str(p, "v"), p = put_int(p, version);
-    p = put_str(p, "kind"), p = put_str(p, "expert_reply");
-    p = put_str(p, "body"), *p++ = 0x83;
+    uint8_t *p = put_message_start(p0, version, "expert_reply");
+    *p++ = 0x83;
     p = put_str(p, "request_id"), p = put_int(p, q->request_id);
     p = put_str(p, "layer"), p = put_int(p, q->layer);
     p = put_str(p, "compute_seconds"), p = put_float64(p, seconds);
-    p = put_str(p, "tensors"), *p++ = 0x91, *p++ = 0x83;
-    p = put_str(p, "field"), p = put_str(p, "outputs");
-    p = put_str(p, "dtype"), p = put_str(p, "bfloat16");
-    p = put_str(p, "shape"), *p++ = 0x92, p = put_int(p, q->rows), p = put_int(p, q->width);
+    p = put_tensors(p, "outputs", q->rows, q->width);
     return (size_t)(p - p0);
 }
 
