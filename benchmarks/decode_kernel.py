@@ -1,5 +1,5 @@
 """One expert's decoding products, side by side: PyTorch's bfloat16 `linear`, the AVX2 decoding kernel
-(expert_worker/bf16_gemv.c) and the same kernel built without its prefetching.
+(native/bf16_gemv.c) and the same kernel built without its prefetching.
 
     .venv/bin/python benchmarks/decode_kernel.py                 # mini's shapes, 1 and 2 threads
     .venv/bin/python benchmarks/decode_kernel.py --hidden 4096 --intermediate 14336 --threads 8
@@ -19,20 +19,20 @@ from pathlib import Path
 
 import torch
 
-from expert_worker import gemv
+from fiddler_moe.native import kernels
 
 
 def build_without_prefetch(folder: Path) -> ctypes.CDLL:
-    source = gemv.SOURCES[0].read_text().replace("#define PREFETCH_ROWS 12", "#define PREFETCH_ROWS 0")
+    source = kernels.SOURCES[0].read_text().replace("#define PREFETCH_ROWS 12", "#define PREFETCH_ROWS 0")
     source = source.replace("if ((c & 31) == 0) {", "if (PREFETCH_ROWS && (c & 31) == 0) {")
     (folder / "nopf.c").write_text(source)
-    runtime = gemv._openmp_runtime()
+    runtime = kernels._openmp_runtime()
     subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-c", str(folder / "nopf.c"), "-o",
                     str(folder / "nopf.o")], check=True)
     subprocess.run(["cc", "-shared", str(folder / "nopf.o"), *([runtime] if runtime else ["-fopenmp"]), "-o",
                     str(folder / "nopf.so")], check=True)
     lib = ctypes.CDLL(str(folder / "nopf.so"))
-    lib.fiddler_bf16_linear.argtypes = gemv.library().fiddler_bf16_linear.argtypes
+    lib.fiddler_bf16_linear.argtypes = kernels.library().fiddler_bf16_linear.argtypes
     return lib
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--calls", type=int, default=32)
     args = parser.parse_args()
-    if not gemv.available():
+    if not kernels.available():
         raise SystemExit("the decoding kernel is not available here (see the log above)")
     h, i = args.hidden, args.intermediate
     gate_up = [torch.randn(2 * i, h).bfloat16() for _ in range(8)]
@@ -56,7 +56,7 @@ def main() -> None:
         plain = build_without_prefetch(Path(tmp)).fiddler_bf16_linear
         contestants = {
             "PyTorch linear": lambda e: (linear(x, gate_up[e]), linear(mid, down[e])),
-            "kernel": lambda e: (gemv.linear(x, gate_up[e]), gemv.linear(mid, down[e])),
+            "kernel": lambda e: (kernels.linear(x, gate_up[e]), kernels.linear(mid, down[e])),
             "kernel without prefetch": lambda e: (
                 plain(gate_up[e].data_ptr(), 2 * i, h, x.data_ptr(), 1, None, out_up.data_ptr()),
                 plain(down[e].data_ptr(), h, i, mid.data_ptr(), 1, None, out_down.data_ptr())),

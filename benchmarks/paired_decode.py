@@ -9,8 +9,9 @@ process (OpenMP reads its settings once per process) and answers one turn per li
     .venv/bin/python benchmarks/paired_decode.py --preset mini "tree=../old-checkout" ""
 
 A contestant is `transformers` (its own generate, 2 threads, the environment this script was started with), or a
-cluster of this checkout (or of `tree=PATH`) with `fiddler-launch`'s default layout and the environment settings
-given as NAME=VALUE, comma-separated. Prints each side's ms per decode token and the median of the per-turn ratios.
+cluster of this checkout (or of `tree=PATH`, run by that checkout's own .venv) with `fiddler-launch`'s default
+layout and the environment settings given as NAME=VALUE, comma-separated. Prints each side's ms per decode token
+and the median of the per-turn ratios.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str) -> None:
     """The child: load the contestant, then time one greedy run of `tokens` new tokens per line on stdin."""
     if contestant == "cluster":  # OpenMP's waiting as the fiddler commands set it, before torch loads OpenMP
-        from launch.numa import OPENMP_SETTINGS
+        from fiddler_moe.host import numa
 
-        for name, value in OPENMP_SETTINGS.items():
-            os.environ.setdefault(name, value)
+        numa.use_openmp_settings()
     import torch
 
     prompt = [10 + i % 1000 for i in range(prompt_len)]
@@ -65,7 +65,7 @@ def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str) -> N
 
         run = turn
     else:
-        from launch.cluster import Cluster
+        from fiddler_moe.launch.cluster import Cluster
 
         cluster = Cluster(folder, workers=1, device="cpu", dtype="bfloat16", quiet=True)
         cluster.start()
@@ -93,8 +93,11 @@ def start(spec: str, folder: str, tokens: int, prompt_len: int) -> subprocess.Po
                 tree = Path(value).resolve()
             else:
                 env[name] = value
-        env["PYTHONPATH"] = str(tree)
-    command = [sys.executable, str(Path(__file__).resolve()), "-", "-", "--model", folder, "--tokens", str(tokens),
+    # Another checkout runs in its own environment (`make setup` there), whose editable install imports its code.
+    python = Path(sys.executable) if tree == ROOT else tree / ".venv" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"tree={tree}: no {python}; run `make setup` in that checkout first")
+    command = [str(python), str(Path(__file__).resolve()), "-", "-", "--model", folder, "--tokens", str(tokens),
                "--prompt-len", str(prompt_len), "--serve", "transformers" if spec == "transformers" else "cluster"]
     return subprocess.Popen(command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -118,8 +121,8 @@ def main() -> None:
     else:
         import torch
 
-        from coordinator.synthetic import write_checkpoint
-        from launch.rundir import cache_dir
+        from fiddler_moe.launch.synthetic import write_checkpoint
+        from fiddler_moe.host.paths import cache_dir
 
         folder = str(write_checkpoint(args.preset, cache_dir() / "bench" / f"{args.preset}-bfloat16", torch.bfloat16))
     sides = {spec: start(spec, folder, args.tokens, args.prompt_len) for spec in (args.a, args.b)}

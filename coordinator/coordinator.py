@@ -21,20 +21,20 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from coordinator import loading
-from coordinator.cpu_linear import pack_linear_layers
-from coordinator.dispatch import ClusterDegraded, Dispatcher, WorkerFailed, WorkerLink
-from coordinator.placement import Placement, format_size, parse_size, plan
-from coordinator.profile import ExpertProfile
-from coordinator.scheduling import MoveEveryExpert, Scheduler, load_or_measure
-from coordinator.staging import STAGING_BUFFERS, MappedShard, Staging
-from expert_worker import gemv
-from expert_worker.checkpoint import CheckpointError, TensorReader
-from expert_worker.compute import ExpertKernel
-from expert_worker.shard import load_expert
-from protocol import messages as m
-from protocol import shm
-from protocol.transport import Client
+from fiddler_moe.coordinator import loading
+from fiddler_moe.coordinator.cpu_linear import pack_linear_layers
+from fiddler_moe.coordinator.dispatch import ClusterDegraded, Dispatcher, WorkerFailed, WorkerLink
+from fiddler_moe.coordinator.placement import Placement, format_size, parse_size, plan
+from fiddler_moe.coordinator.profile import ExpertProfile
+from fiddler_moe.coordinator.scheduling import MoveEveryExpert, Scheduler, load_or_measure
+from fiddler_moe.coordinator.staging import STAGING_BUFFERS, MappedShard, Staging
+from fiddler_moe.native import kernels
+from fiddler_moe.experts.checkpoint import CheckpointError, TensorReader
+from fiddler_moe.experts.compute import ExpertKernel
+from fiddler_moe.experts.shard import load_expert
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol import shm
+from fiddler_moe.protocol.transport import Client
 
 DEVICE_MEMORY_MARGIN = 2 << 30  # left free on a CUDA device for activations, KV cache and the allocator
 
@@ -403,7 +403,7 @@ class Coordinator:
                                     f"({staging.nbytes / 2**20:.1f} MiB staging)")
             return MoveEveryExpert(), staging
         threads = [h.threads for h in self.hellos]
-        # template is shared: timed as the workers compute it, never re-laid out (expert_worker/compute.py)
+        # template is shared: timed as the workers compute it, never re-laid out (experts/compute.py)
         cost = load_or_measure(ExpertKernel(layout.kernel), template, self.device, worker_threads=max(threads))
         per_layer = max(layer.num_experts for layer in layout.moe_layers)
         scheduler = Scheduler(cost, placement.owner, placement.num_workers, staging_slots=per_layer,
@@ -439,7 +439,7 @@ class Coordinator:
 
     def _attach_shm(self, link: WorkerLink, capacity: int, timeout_s: float) -> None:
         channel = shm.ShmChannel.create(capacity)
-        gemv.set_waiting(channel, self.spin_waits)
+        kernels.set_waiting(channel, self.spin_waits)
         try:
             link.client.send(m.AttachShm(channel.path, capacity, spin=self.spin_waits))
             self._expect(link, m.Pong, timeout_s)

@@ -3,9 +3,9 @@
 On a CPU-only machine the coordinator runs attention, routers, shared experts and the head through transformers'
 `nn.Linear` modules, and PyTorch's plain bfloat16 `linear` is slow on a CPU: about half the memory bandwidth with
 oneDNN bfloat16 support, and a loop of matrix-vector products without it (AVX2). The expert kernel has a fast path
-for each (expert_worker/compute.py, README "Performance"); this gives the coordinator's own linear layers the same,
+for each (experts/compute.py, README "Performance"); this gives the coordinator's own linear layers the same,
 by giving each module a forward over its packed weight (oneDNN) or one that takes the AVX2 paths (decoding rows
-through expert_worker/gemv.py, batches of rows in float32). transformers' modeling code is untouched: the modules
+through native/kernels.py, batches of rows in float32). transformers' modeling code is untouched: the modules
 stay where they are and compute the same function.
 """
 
@@ -16,8 +16,8 @@ import types
 import torch
 import torch.nn as nn
 
-from expert_worker import gemv
-from expert_worker.compute import PACK_BFLOAT16, UPCAST_BFLOAT16, fast_linear
+from fiddler_moe.native import kernels
+from fiddler_moe.experts.compute import PACK_BFLOAT16, UPCAST_BFLOAT16, fast_linear
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     if not (PACK_BFLOAT16 or UPCAST_BFLOAT16):
         return 0
     if UPCAST_BFLOAT16:
-        gemv.available()  # build the decoding kernel now (once per machine), not during the first token
+        kernels.available()  # build the decoding kernel now (once per machine), not during the first token
     owners: dict[int, int] = {}
     for module in model.modules():
         for param in module.parameters(recurse=False):

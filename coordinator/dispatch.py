@@ -10,7 +10,7 @@ The combination mirrors transformers' grouped_mm implementation (weighted rows, 
 routing weights' precision), so results match transformers' own model.
 
 A decoding step whose layer is all cold on one local worker (CPU-only, every expert cold) takes the same steps in
-C instead (`_call_in_c`, coordinator/shm_call.py): right after the worker's turn each step here costs tens of us.
+C instead (`_call_in_c`, native/shm_call.py): right after the worker's turn each step here costs tens of us.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordinator import shm_call
-from coordinator.placement import Expert
-from coordinator.scheduling import MIN_ROWS_TO_MOVE
-from coordinator.shm_call import ShmCall
-from expert_worker import gemv
-from expert_worker.compute import ExpertKernel, ExpertWeights
-from protocol import messages as m
-from protocol.shm import ShmChannel
-from protocol.transport import Client
-from protocol.wire import decode, encode_header
+from fiddler_moe.native import shm_call
+from fiddler_moe.coordinator.placement import Expert
+from fiddler_moe.coordinator.scheduling import MIN_ROWS_TO_MOVE
+from fiddler_moe.native.shm_call import ShmCall
+from fiddler_moe.native import kernels
+from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol.shm import ShmChannel
+from fiddler_moe.protocol.transport import Client
+from fiddler_moe.protocol.wire import decode, encode_header
 
 
 class WorkerFailed(RuntimeError):
@@ -135,11 +135,11 @@ def _combine(outputs: torch.Tensor, order: Index, top_k_weights: torch.Tensor) -
     transformers' grouped_mm does it. A decoding step's few rows take one call of the bfloat16 kernel library
     instead of five tensor ops (which cost ~40 us each right after a worker's turn has flushed the caches)."""
     num_tokens, top_k = top_k_weights.shape
-    if isinstance(order, list) and gemv.combines(outputs, top_k_weights):
+    if isinstance(order, list) and kernels.combines(outputs, top_k_weights):
         row_of = [0] * len(order)
         for row, pair in enumerate(order):
             row_of[pair] = row
-        return gemv.combine(outputs, row_of, top_k_weights)
+        return kernels.combine(outputs, row_of, top_k_weights)
     unsorted = torch.empty_like(outputs)
     unsorted[_on(outputs.device, order)] = outputs
     return (unsorted * top_k_weights.reshape(-1, 1)).view(num_tokens, top_k, -1).sum(dim=1)
@@ -256,7 +256,7 @@ class Dispatcher:
 
     def _call_in_c(self, w: int, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor, entered: float) -> torch.Tensor | None:
-        """The whole call through shm_call.c (see coordinator/shm_call.py), or None when it does not take it."""
+        """The whole call through shm_call.c (see native/shm_call.py), or None when it does not take it."""
         link = self.workers[w]
         if link.channel is None:
             return None
@@ -338,8 +338,8 @@ class Dispatcher:
         batch = link.channel.request_view(hidden.dtype, shape) if use_shm else torch.empty(shape, dtype=hidden.dtype)
         if rows is None:  # one copy: the gather itself, from any device
             if (isinstance(tokens, list) and hidden.device == batch.device and hidden.is_contiguous()
-                    and hidden.dtype == batch.dtype and gemv.available()):
-                gemv.gather_rows(hidden, tokens, batch)  # a decoding step: no tensor ops
+                    and hidden.dtype == batch.dtype and kernels.available()):
+                kernels.gather_rows(hidden, tokens, batch)  # a decoding step: no tensor ops
             elif hidden.device == batch.device:
                 torch.index_select(hidden, 0, _on(hidden.device, tokens), out=batch)
             else:

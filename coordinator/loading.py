@@ -31,10 +31,10 @@ from transformers.core_model_loading import (
 )
 from transformers.integrations.moe import _default_apply_gate
 
-from coordinator.experts import IMPLEMENTATION_NAME
-from expert_worker.checkpoint import CheckpointError, TensorReader, fingerprint, tensor_table
-from protocol.messages import ExpertSource, KernelSpec, TensorRef
-from protocol.wire import dtype_name
+from fiddler_moe.coordinator.experts import IMPLEMENTATION_NAME
+from fiddler_moe.experts.checkpoint import CheckpointError, TensorReader, fingerprint, tensor_table
+from fiddler_moe.protocol.messages import ExpertSource, KernelSpec, TensorRef
+from fiddler_moe.protocol.wire import dtype_name
 
 
 @dataclass

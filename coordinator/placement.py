@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from coordinator.profile import ExpertProfile
+    from fiddler_moe.coordinator.profile import ExpertProfile
 
 Expert = tuple[int, int]  # (layer, expert)
 

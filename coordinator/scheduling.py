@@ -53,8 +53,8 @@ from pathlib import Path
 
 import torch
 
-from expert_worker.compute import ExpertKernel, ExpertWeights
-from protocol.messages import KernelSpec
+from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+from fiddler_moe.protocol.messages import KernelSpec
 
 log = logging.getLogger("fiddler.scheduling")
 

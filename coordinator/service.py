@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from coordinator import stats
-from coordinator.coordinator import Coordinator, check_sampling
-from coordinator.dispatch import ClusterDegraded, WorkerFailed
-from protocol import messages as m
-from protocol.transport import Server
-from protocol.wire import ProtocolError, decode
+from fiddler_moe.coordinator import stats
+from fiddler_moe.coordinator.coordinator import Coordinator, check_sampling
+from fiddler_moe.coordinator.dispatch import ClusterDegraded, WorkerFailed
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol.transport import Server
+from fiddler_moe.protocol.wire import ProtocolError, decode
 
 log = logging.getLogger("fiddler.service")
 

@@ -1,7 +1,7 @@
 """Cold experts within the coordinator's reach, for the scheduler's moves (coordinator/scheduling.py).
 
 A local worker asked to share its shard (LoadShard.shared) keeps it in one /dev/shm file, every tensor at a known
-offset (expert_worker/shard.py). The coordinator maps that file read-only (`MappedShard`) and unlinks its name at
+offset (experts/shard.py). The coordinator maps that file read-only (`MappedShard`) and unlinks its name at
 once: both processes keep their mapping, nothing is left in /dev/shm, and the weights exist once in memory. On CUDA
 the mapping is page-locked (cudaHostRegister, read-only) so that copies from it run at DMA speed.
 
@@ -24,9 +24,9 @@ import os
 
 import torch
 
-from expert_worker.compute import ExpertWeights
-from expert_worker.shard import SHARED_DIR, WEIGHT_NAMES, shared_views
-from protocol import messages as m
+from fiddler_moe.experts.compute import ExpertWeights
+from fiddler_moe.experts.shard import SHARED_DIR, WEIGHT_NAMES, shared_views
+from fiddler_moe.protocol import messages as m
 
 log = logging.getLogger("fiddler.staging")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from coordinator.dispatch import DispatchStats
-from coordinator.profile import ExpertProfile
-from protocol import messages as m
+from fiddler_moe.coordinator.dispatch import DispatchStats
+from fiddler_moe.coordinator.profile import ExpertProfile
+from fiddler_moe.protocol import messages as m
 
 
 def snapshot(coordinator) -> m.StatsReply:

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from expert_worker import gemv
-from expert_worker.checkpoint import CheckpointError, fingerprint
-from expert_worker.compute import ExpertKernel, ExpertWeights
-from expert_worker.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
-from expert_worker.shm_serve import ShmServeLoop
-from launch.numa import available_memory_bytes
-from protocol import messages as m
-from protocol.shm import ShmChannel
-from protocol.transport import Server
-from protocol.wire import ProtocolError, decode, encode_header
+from fiddler_moe.native import kernels
+from fiddler_moe.experts.checkpoint import CheckpointError, fingerprint
+from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+from fiddler_moe.experts.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
+from fiddler_moe.native.shm_serve import ShmServeLoop
+from fiddler_moe.host.numa import available_memory_bytes
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol.shm import ShmChannel
+from fiddler_moe.protocol.transport import Server
+from fiddler_moe.protocol.wire import ProtocolError, decode, encode_header
 
 log = logging.getLogger("fiddler.worker")
 
@@ -154,7 +154,7 @@ class Worker:
         self.serve_loop = None  # it points into the old channel
         if self.channel is not None:
             self.channel.close()
-        gemv.set_waiting(channel, msg.spin)
+        kernels.set_waiting(channel, msg.spin)
         self.channel = channel
         self._build_serve_loop()
         return m.Pong(os.getpid())

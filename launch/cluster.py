@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from coordinator.coordinator import Coordinator, Generation, prepare
-from coordinator.dispatch import WorkerFailed
-from coordinator.placement import format_size, parse_size
-from coordinator.profile import ExpertProfile
-from launch import numa, rundir
+from fiddler_moe.coordinator.coordinator import Coordinator, Generation, prepare
+from fiddler_moe.coordinator.dispatch import WorkerFailed
+from fiddler_moe.coordinator.placement import format_size, parse_size
+from fiddler_moe.coordinator.profile import ExpertProfile
+from fiddler_moe.host import numa
+from fiddler_moe.launch import rundir
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Cluster:
         """The plan, as `fiddler-launch --dry-run` prints it: nothing is started."""
         cfg = self.config
         if cfg.model is None:
-            from coordinator.synthetic import builtin_model_path
+            from fiddler_moe.launch.synthetic import builtin_model_path
 
             cfg.model = builtin_model_path()
         topology = numa.read_topology()
@@ -145,7 +146,7 @@ class Cluster:
         if (cfg.workers is not None and cfg.workers < 0) or (cfg.threads_per_worker is not None and cfg.threads_per_worker < 1):
             raise ValueError("--workers must be 0 or more and --threads-per-worker 1 or more")
         if cfg.model is None:
-            from coordinator.synthetic import builtin_model_path
+            from fiddler_moe.launch.synthetic import builtin_model_path
 
             cfg.model = builtin_model_path()
             self.log(f"using the built-in tiny model at {cfg.model} (random weights: its text is gibberish)")
@@ -182,7 +183,7 @@ class Cluster:
 
     def _spawn_worker(self, slot: numa.WorkerSlot, address: str) -> subprocess.Popen:
         command = [
-            sys.executable, "-m", "expert_worker",
+            sys.executable, "-m", "fiddler_moe.cli.worker",
             "--listen", address,
             "--threads", str(slot.threads),
             "--parent-pid", str(os.getpid()),

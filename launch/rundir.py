@@ -3,7 +3,7 @@
 Layout: <base>/cluster-<pid>-<random>/{cluster.json, coordinator.sock, worker-N.sock}. <base> is
 $FIDDLER_RUNTIME_DIR, else $XDG_RUNTIME_DIR/fiddler-moe, else /tmp/fiddler-moe-<uid>. Folders of clusters whose
 launcher is gone are stale and removed at the next launch; live ones are never touched. Files kept between runs
-(checkpoints the project writes, kernels it builds) go to `cache_dir()` instead.
+(checkpoints the project writes, kernels it builds) go to host/paths.py's `cache_dir()` instead.
 """
 
 from __future__ import annotations
@@ -23,15 +23,6 @@ class ClusterInfo:
     address: str
     model: str
     started: float
-
-
-def cache_dir() -> Path:
-    """Where files worth keeping between runs go (written checkpoints, built kernels): $FIDDLER_CACHE, else
-    $XDG_CACHE_HOME/fiddler-moe, else ~/.cache/fiddler-moe."""
-    if os.environ.get("FIDDLER_CACHE"):
-        return Path(os.environ["FIDDLER_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fiddler-moe"
 
 
 def base_dir() -> Path:

@@ -10,12 +10,12 @@ sequence and wakes the reader with a futex; the reader spins briefly on the sequ
 come in quick succession) and then sleeps in futex_wait, so an idle worker burns no core. Spinning saves a wake-up
 only where the waiter has a core to itself: where the coordinator and the workers take turns on the same cores
 (CPU-only, every expert cold) the spinner takes the core the other side computes on, so `spin = False` there, and
-both sides set `sleep` to a futex wait that sends their OpenMP threads to sleep too (expert_worker/gemv.py,
+both sides set `sleep` to a futex wait that sends their OpenMP threads to sleep too (native/kernels.py,
 `parked_wait`).
 A reply carries the sequence number of the request it answers and is published only after its data is written,
 so it can neither be read early nor matched to the wrong request.
 
-Decoding steps may be posted, served and answered by C code in both processes (expert_worker/shm_serve.c and
+Decoding steps may be posted, served and answered by C code in both processes (native/shm_serve.c and
 shm_call.c, through `slot_addresses`); they write and read the same headers and words as the methods here.
 
 The file is unlinked as soon as both sides have mapped it: no name is left in /dev/shm even if every process is
@@ -75,7 +75,7 @@ def region_bytes(capacity: int) -> int:
     return CONTROL_BYTES + 2 * META_BYTES + 2 * capacity
 
 
-class SlotAddresses(ctypes.Structure):  # lane_slots in expert_worker/shm_lane.h
+class SlotAddresses(ctypes.Structure):  # lane_slots in native/shm_lane.h
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "request_seq", "reply_seq", "request_meta_len", "reply_meta_len", "bell", "request_data_len",
         "reply_data_len", "request_meta", "reply_meta", "request_data", "reply_data")] + [

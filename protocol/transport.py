@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol.messages import Message
-from protocol.wire import decode, encode
+from fiddler_moe.protocol.messages import Message
+from fiddler_moe.protocol.wire import decode, encode
 
 # A received frame above this size is dropped by ZeroMQ itself, before we allocate for it.
 MAX_MESSAGE_BYTES = 4 << 30

@@ -20,7 +20,7 @@ from typing import Any, Union
 import msgpack
 import torch
 
-from protocol.messages import ALL_MESSAGES, PROTOCOL_VERSION, ExpertReply, ExpertRequest, Message
+from fiddler_moe.protocol.messages import ALL_MESSAGES, PROTOCOL_VERSION, ExpertReply, ExpertRequest, Message
 
 # The receive path wraps read-only ZeroMQ buffers; we never write into them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.synthetic import write_checkpoint
+from fiddler_moe.launch.synthetic import write_checkpoint
 
 TINY_PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"]
 

@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, JetMoeConfig, MistralConfig
 
 from conftest import children_of, process_gone, runtime_leftovers, shm_files
-from expert_worker.checkpoint import CheckpointError
-from launch.cluster import Cluster
-from protocol import messages as m
-from protocol.transport import Client
+from fiddler_moe.experts.checkpoint import CheckpointError
+from fiddler_moe.launch.cluster import Cluster
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol.transport import Client
 
 BIN = Path(sys.executable).parent
 
@@ -383,10 +383,10 @@ def test_local_only_by_default(launched, tmp_path):
     # Beyond loopback without a token: refused before listening.
     env = {k: v for k, v in os.environ.items() if k != "FIDDLER_TOKEN"}
     for listen in (f"tcp://0.0.0.0:{free_port()}", f"tcp://*:{free_port()}"):
-        out = subprocess.run([sys.executable, "-m", "expert_worker", "--listen", listen], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", listen], capture_output=True,
                              text=True, timeout=60, env=env)
         assert out.returncode != 0 and "token" in one_error_line(out.stderr)
-    from expert_worker.__main__ import _check_listen
+    from fiddler_moe.cli.worker import _check_listen
 
     _check_listen(f"tcp://0.0.0.0:{free_port()}", token="a-token")  # with a token it is allowed
 
@@ -394,7 +394,7 @@ def test_local_only_by_default(launched, tmp_path):
     token = "k7Qx-cluster-token-9f2"
     (tmp_path / "token").write_text(token + "\n")
     listen = f"tcp://127.0.0.1:{free_port()}"
-    worker = subprocess.Popen([sys.executable, "-m", "expert_worker", "--listen", listen, "--token-file",
+    worker = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", listen, "--token-file",
                                str(tmp_path / "token")], stderr=subprocess.PIPE, text=True, env=env)
     client = Client(listen)
     try:
@@ -420,6 +420,6 @@ def test_local_only_by_default(launched, tmp_path):
     # The comparison takes the same time however much of the token matches.
     import inspect
 
-    from expert_worker.server import Worker
+    from fiddler_moe.expert_worker.server import Worker
 
     assert "hmac.compare_digest" in inspect.getsource(Worker.on_hello)

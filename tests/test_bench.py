@@ -17,7 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_bench_tiny_writes_json_and_png(tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "bench", "--preset", "tiny", "--prompt-len", "16", "--new-tokens",
+        [sys.executable, "-m", "fiddler_moe.cli.fiddler", "bench", "--preset", "tiny", "--prompt-len", "16", "--new-tokens",
          "2", "--repeats", "1", "--workers", "1,2", "--threads-per-worker", "1", "--coordinator-threads", "1",
          "--device", "cpu", "--bandwidth-mib", "64", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
@@ -55,7 +55,7 @@ def test_bench_tiny_writes_json_and_png(tmp_path):
 
 def test_bench_refuses_a_model_that_does_not_fit(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "bench", "--preset", "mixtral-8x7b", "--out", str(tmp_path)],
+        [sys.executable, "-m", "fiddler_moe.cli.fiddler", "bench", "--preset", "mixtral-8x7b", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )
     if done.returncode == 0:
@@ -66,7 +66,7 @@ def test_bench_refuses_a_model_that_does_not_fit(tmp_path):
 
 
 def test_paired_ratios_pair_runs_of_the_same_round():
-    from coordinator.bench import paired_ratios
+    from fiddler_moe.benchmarks.bench import paired_ratios
 
     def run(prefill, decode):
         return {"prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from launch.cluster import Cluster
+from fiddler_moe.launch.cluster import Cluster
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -99,7 +99,7 @@ def test_cuda_cost_model_scheduler_moves_long_prefill_and_keeps_decode_on_worker
 def test_cuda_bfloat16_greedy_tokens(tmp_path):
     """bfloat16 on the GPU, every expert cold on CPU workers: the greedy tokens stay those of transformers' model
     on the same GPU."""
-    from coordinator.synthetic import write_checkpoint
+    from fiddler_moe.launch.synthetic import write_checkpoint
 
     folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to("cuda").eval()

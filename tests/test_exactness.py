@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launch.cluster import Cluster
+from fiddler_moe.launch.cluster import Cluster
 
 PROMPTS = ["The mixture of experts", "Hello", "Offloading experts to the CPU saves memory bandwidth on small GPUs"]
 PLACEMENTS = {"all-cold": 0, "mixed": 5, "all-hot": 10_000}
@@ -76,8 +76,8 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
     """bfloat16 on the CPU takes the fast paths (experts and the coordinator's linear layers): packed for oneDNN
     where the CPU supports it, else the AVX2 kernel for decoding rows and float32 products for batches of rows (the
     prompt here); the tokens stay transformers' own."""
-    from coordinator.cpu_linear import PACK_BFLOAT16, UPCAST_BFLOAT16, _avx2_forward
-    from coordinator.synthetic import write_checkpoint
+    from fiddler_moe.coordinator.cpu_linear import PACK_BFLOAT16, UPCAST_BFLOAT16, _avx2_forward
+    from fiddler_moe.launch.synthetic import write_checkpoint
 
     folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
@@ -97,7 +97,7 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
 
 def test_grouping_by_expert_is_the_same_for_decode_steps_and_batches(monkeypatch):
     """Decode steps group their few (token, k) pairs with Python lists, batches with tensor ops: same answer."""
-    from coordinator import dispatch
+    from fiddler_moe.coordinator import dispatch
 
     generator = torch.Generator().manual_seed(3)
     for tokens, top_k, experts in [(1, 2, 8), (3, 2, 8), (5, 8, 64), (8, 8, 16)]:

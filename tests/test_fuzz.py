@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import process_gone, runtime_leftovers
-from coordinator import loading
-from protocol import messages as m
-from protocol import transport
-from protocol.transport import MAX_MESSAGE_BYTES, Client, Server
-from protocol.wire import MAX_HEADER_BYTES, MAX_TENSOR_BYTES, ProtocolError, decode, encode
+from fiddler_moe.coordinator import loading
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol import transport
+from fiddler_moe.protocol.transport import MAX_MESSAGE_BYTES, Client, Server
+from fiddler_moe.protocol.wire import MAX_HEADER_BYTES, MAX_TENSOR_BYTES, ProtocolError, decode, encode
 
 BIN = Path(sys.executable).parent
 
@@ -210,13 +210,13 @@ def test_c_paths_over_the_slot_take_only_what_the_decoder_accepts():
     """The worker's C loop (shm_serve.c) and the coordinator's reply check (shm_call.c) read msgpack headers of
     their own: mutated requests and replies never crash them, and what they take the Python decoder accepts as
     that very message (anything else they leave to Python)."""
-    from coordinator.shm_call import ShmCall
-    from expert_worker import gemv
-    from expert_worker.compute import ExpertKernel, ExpertWeights
-    from expert_worker.shm_serve import ShmServeLoop
-    from protocol.shm import ShmChannel
+    from fiddler_moe.native.shm_call import ShmCall
+    from fiddler_moe.native import kernels
+    from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+    from fiddler_moe.native.shm_serve import ShmServeLoop
+    from fiddler_moe.protocol.shm import ShmChannel
 
-    if not gemv.available():
+    if not kernels.available():
         pytest.skip("the bfloat16 kernel library is not built on this machine")
     shard = {(0, e): ExpertWeights(torch.randn(32, 16).bfloat16(), torch.randn(16, 16).bfloat16()) for e in (0, 1)}
     coordinator = ShmChannel.create(capacity=4096)
@@ -352,7 +352,7 @@ def test_worker_answers_thousands_of_bad_frames_and_keeps_serving(checkpoints, t
     socket_file = tmp_path / "w.sock"
     log_file = tmp_path / "worker.log"  # a file, not a pipe: thousands of refusals are logged, none read meanwhile
     with open(log_file, "w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "expert_worker", "--listen", f"ipc://{socket_file}"],
+        worker = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", f"ipc://{socket_file}"],
                                   stderr=log)
     client = Client(f"ipc://{socket_file}")
     shm_before = {n for n in os.listdir("/dev/shm") if "fiddler" in n}

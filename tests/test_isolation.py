@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from coordinator.placement import parse_size, plan
-from launch.cluster import Cluster
+from fiddler_moe.coordinator.placement import parse_size, plan
+from fiddler_moe.launch.cluster import Cluster
 
 
 def test_workers_are_processes_and_coordinator_holds_no_cold_expert(checkpoints):

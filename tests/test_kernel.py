@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from coordinator.cpu_linear import pack_linear_layers
-from expert_worker import compute, gemv
-from expert_worker.compute import PACK_BFLOAT16, ExpertKernel, ExpertWeights, upcast_linear
-from protocol.messages import KernelSpec
+from fiddler_moe.coordinator.cpu_linear import pack_linear_layers
+from fiddler_moe.experts import compute
+from fiddler_moe.native import kernels
+from fiddler_moe.experts.compute import PACK_BFLOAT16, ExpertKernel, ExpertWeights, upcast_linear
+from fiddler_moe.protocol.messages import KernelSpec
 
 
 def exact_bfloat16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -64,59 +65,59 @@ AVX2_LINUX = (platform.system() == "Linux" and platform.machine() == "x86_64"
 @pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
 def test_gemv_kernel_is_bfloat16_linear():
     """Every row count it takes, a row count that is not a multiple of its 4-row blocks, bias, batch dimensions."""
-    assert gemv.available(), "the AVX2 decoding kernel did not build (is a C compiler installed?)"
+    assert kernels.available(), "the AVX2 decoding kernel did not build (is a C compiler installed?)"
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(98, 160, generator=generator).bfloat16()  # 24 blocks of 4 rows and 2 rows over
     bias = torch.randn(98, generator=generator).bfloat16()
-    for rows in range(1, gemv.MAX_ROWS + 1):
+    for rows in range(1, kernels.MAX_ROWS + 1):
         x = torch.randn(rows, 160, generator=generator).bfloat16()
-        assert gemv.applies(x, weight)
+        assert kernels.applies(x, weight)
         for b in (None, bias):
-            got = gemv.linear(x, weight, b)
+            got = kernels.linear(x, weight, b)
             assert_rounded_product(got, x, weight, b)
             assert (got == nn.functional.linear(x, weight, b)).float().mean() > 0.95
     x = torch.randn(2, 3, 160, generator=generator).bfloat16()
-    assert torch.equal(gemv.linear(x, weight), gemv.linear(x.reshape(6, 160), weight).view(2, 3, 98))
+    assert torch.equal(kernels.linear(x, weight), kernels.linear(x.reshape(6, 160), weight).view(2, 3, 98))
     # what it does not take: too many rows, a transposed view, a width that is not whole 16-element blocks
-    assert not gemv.applies(torch.zeros(gemv.MAX_ROWS + 1, 160, dtype=torch.bfloat16), weight)
-    assert not gemv.applies(torch.zeros(1, 98, dtype=torch.bfloat16), weight.t())
-    assert not gemv.applies(torch.zeros(1, 40, dtype=torch.bfloat16), torch.zeros(8, 40, dtype=torch.bfloat16))
+    assert not kernels.applies(torch.zeros(kernels.MAX_ROWS + 1, 160, dtype=torch.bfloat16), weight)
+    assert not kernels.applies(torch.zeros(1, 98, dtype=torch.bfloat16), weight.t())
+    assert not kernels.applies(torch.zeros(1, 40, dtype=torch.bfloat16), torch.zeros(8, 40, dtype=torch.bfloat16))
 
 
 @pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
 def test_gemv_kernel_is_built_once_and_missing_compiler_falls_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path))
-    gemv.library.cache_clear()
+    kernels.library.cache_clear()
     try:
-        assert gemv.available()
+        assert kernels.available()
         built = list((tmp_path / "kernels").iterdir())
         assert len(built) == 1 and built[0].suffix == ".so"  # no build folder left behind
-        gemv.library.cache_clear()
+        kernels.library.cache_clear()
         mtime = built[0].stat().st_mtime_ns
-        assert gemv.available() and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+        assert kernels.available() and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
 
         monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path / "other"))
         monkeypatch.setenv("CC", "no-such-compiler")
-        gemv.library.cache_clear()
-        with caplog.at_level(logging.WARNING, logger="fiddler.gemv"):
-            assert not gemv.available()
+        kernels.library.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="fiddler.kernels"):
+            assert not kernels.available()
         assert "no C compiler found (install gcc or set CC)" in caplog.text
         x, weight = torch.ones(1, 16, dtype=torch.bfloat16), torch.ones(4, 16, dtype=torch.bfloat16)
-        assert not gemv.applies(x, weight)
+        assert not kernels.applies(x, weight)
         assert compute.fast_linear(x, weight) is None  # callers keep PyTorch's kernel
 
         monkeypatch.setenv("CC", "false")  # a compiler that fails
-        gemv.library.cache_clear()
-        with caplog.at_level(logging.WARNING, logger="fiddler.gemv"):
-            assert not gemv.available()
-        assert f"building {', '.join(source.name for source in gemv.SOURCES)} failed" in caplog.text
+        kernels.library.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="fiddler.kernels"):
+            assert not kernels.available()
+        assert f"building {', '.join(source.name for source in kernels.SOURCES)} failed" in caplog.text
         assert not (tmp_path / "other" / "kernels").exists() or not any((tmp_path / "other" / "kernels").iterdir())
     finally:
-        gemv.library.cache_clear()
+        kernels.library.cache_clear()
 
 
 def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
-    """Up to gemv.MAX_ROWS rows the expert kernel (in one call for a gated SiLU expert) and the coordinator's
+    """Up to kernels.MAX_ROWS rows the expert kernel (in one call for a gated SiLU expert) and the coordinator's
     nn.Linear take the AVX2 decoding kernel (where it builds; else PyTorch's bfloat16 product), from there on the
     float32 path."""
     monkeypatch.setattr(compute, "UPCAST_BFLOAT16", True)
@@ -129,22 +130,22 @@ def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
     kernel.pack = False
     calls = []
     monkeypatch.setattr(compute, "upcast_linear", lambda *a, **k: calls.append(a[0].shape[0]) or upcast_linear(*a, **k))
-    decoding, linear, experts, silu_expert = [], gemv.linear, [], gemv.silu_expert
-    monkeypatch.setattr(gemv, "linear", lambda *a, **k: decoding.append(a[0].shape[0]) or linear(*a, **k))
-    monkeypatch.setattr(gemv, "silu_expert", lambda *a, **k: experts.append(a[0].shape[0]) or silu_expert(*a, **k))
+    decoding, linear, experts, silu_expert = [], kernels.linear, [], kernels.silu_expert
+    monkeypatch.setattr(kernels, "linear", lambda *a, **k: decoding.append(a[0].shape[0]) or linear(*a, **k))
+    monkeypatch.setattr(kernels, "silu_expert", lambda *a, **k: experts.append(a[0].shape[0]) or silu_expert(*a, **k))
     one = torch.randn(1, 64, generator=generator).bfloat16()
     h = nn.functional.linear(one, gate_up)
     want_one = nn.functional.linear(nn.functional.silu(h[:, :96]) * h[:, 96:], down)
     got_one = kernel.forward(ExpertWeights(gate_up, down), one)
-    assert calls == [] and decoding == [] and experts == ([1] if gemv.available() else [])
-    if gemv.available():  # the same function, rounded once per product
+    assert calls == [] and decoding == [] and experts == ([1] if kernels.available() else [])
+    if kernels.available():  # the same function, rounded once per product
         assert (got_one - want_one).abs().max() <= 0.02 * want_one.abs().max()
     else:
         assert torch.equal(got_one, want_one)
     many = torch.randn(9, 64, generator=generator).bfloat16()
     assert kernel.forward(ExpertWeights(gate_up, down), many).shape == (9, 64) and calls == [9, 9]
 
-    import coordinator.cpu_linear as cpu_linear
+    import fiddler_moe.coordinator.cpu_linear as cpu_linear
 
     monkeypatch.setattr(cpu_linear, "UPCAST_BFLOAT16", True)
     monkeypatch.setattr(cpu_linear, "PACK_BFLOAT16", False)
@@ -153,7 +154,7 @@ def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
     assert pack_linear_layers(model) == 2
     decoding.clear()
     assert (model(one) - want[0]).abs().max() <= 0.02 * want[0].abs().max()
-    assert decoding == ([1, 1] if gemv.available() else [])
+    assert decoding == ([1, 1] if kernels.available() else [])
     assert model(many.view(3, 3, 64)).shape == (3, 3, 8) and len(calls) == 4
     assert (model(many) == want[1]).float().mean() > 0.9
 
@@ -169,10 +170,10 @@ def test_fused_silu_expert_is_the_two_products(monkeypatch):
     weights = ExpertWeights((torch.randn(2 * 96, 64, generator=generator) * 0.2).bfloat16(),
                             (torch.randn(64, 96, generator=generator) * 0.2).bfloat16())
     fused = ExpertKernel(KernelSpec(activation="silu", dtype="bfloat16"))
-    assert fused.fused_silu and gemv.available()
+    assert fused.fused_silu and kernels.available()
     two_products = ExpertKernel(KernelSpec(activation="silu", dtype="bfloat16"))
     two_products.fused_silu = False
-    for rows in range(1, gemv.MAX_ROWS + 1):
+    for rows in range(1, kernels.MAX_ROWS + 1):
         x = (torch.randn(rows, 64, generator=generator) * 3).bfloat16()
         want = two_products.forward(weights, x)
         assert torch.equal(fused.forward(weights, x), want)
@@ -184,12 +185,12 @@ def test_fused_silu_expert_is_the_two_products(monkeypatch):
     assert not ExpertKernel(KernelSpec(activation="silu", dtype="float32")).fused_silu
 
 
-@pytest.mark.skipif(not gemv.available(), reason="the bfloat16 kernel library is not built on this machine")
+@pytest.mark.skipif(not kernels.available(), reason="the bfloat16 kernel library is not built on this machine")
 def test_combine_and_gather_are_the_tensor_ops():
     """A decoding step's gather into the request slot and its weighted sum over top-k, without tensor ops: the
     bits of the ops the dispatcher uses for larger calls (transformers' grouped_mm combine), for float32 weights
     (Mixtral's router) and bfloat16 ones, top-k 1 to 8."""
-    from coordinator.dispatch import _combine
+    from fiddler_moe.coordinator.dispatch import _combine
 
     generator = torch.Generator().manual_seed(5)
     for top_k in (1, 2, 4, 8):
@@ -203,11 +204,11 @@ def test_combine_and_gather_are_the_tensor_ops():
                 assert torch.equal(_combine(outputs, order.tolist(), weights), tensor_ops)
     hidden = torch.randn(5, 32, generator=generator).bfloat16()
     out = torch.empty(4, 32, dtype=torch.bfloat16)
-    gemv.gather_rows(hidden, [3, 0, 3, 4], out)
+    kernels.gather_rows(hidden, [3, 0, 3, 4], out)
     assert torch.equal(out, hidden[[3, 0, 3, 4]])
 
 
-@pytest.mark.skipif(not gemv.available(), reason="the bfloat16 kernel library is not built on this machine")
+@pytest.mark.skipif(not kernels.available(), reason="the bfloat16 kernel library is not built on this machine")
 def test_parked_wait_returns_when_the_word_changes_or_the_time_is_up():
     """The wait that sends this process's OpenMP threads to sleep: it returns when another thread (another
     process, in the cluster) changes the word, and at its timeout when nobody does; PyTorch's thread team works
@@ -217,19 +218,19 @@ def test_parked_wait_returns_when_the_word_changes_or_the_time_is_up():
     import time
 
     x, weight = torch.randn(3, 64).bfloat16(), torch.randn(128, 64).bfloat16()
-    before = gemv.linear(x, weight)
+    before = kernels.linear(x, weight)
     word = ctypes.c_uint32(7)
     changer = threading.Timer(0.05, lambda: setattr(word, "value", 8))
     changer.start()
     deadline = time.monotonic() + 10
     while word.value == 7 and time.monotonic() < deadline:  # the caller's loop, as ShmChannel._wait has it
-        gemv.parked_wait(ctypes.addressof(word), 7, 1.0)
+        kernels.parked_wait(ctypes.addressof(word), 7, 1.0)
     changer.join()
     assert word.value == 8
     started = time.monotonic()
-    gemv.parked_wait(ctypes.addressof(word), 8, 0.02)  # nobody changes it: back after the timeout
+    kernels.parked_wait(ctypes.addressof(word), 8, 0.02)  # nobody changes it: back after the timeout
     assert word.value == 8 and time.monotonic() - started >= 0.015
-    assert torch.equal(gemv.linear(x, weight), before)  # the thread team answers as before
+    assert torch.equal(kernels.linear(x, weight), before)  # the thread team answers as before
 
 
 @pytest.mark.skipif(not PACK_BFLOAT16, reason="no oneDNN bfloat16 support on this CPU")

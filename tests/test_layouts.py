@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from launch.cluster import Cluster
+from fiddler_moe.launch.cluster import Cluster
 
 
 def test_fused_expert_tensors(checkpoints, tmp_path):

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from coordinator.scheduling import CostModel, Curve, Scheduler
-from expert_worker.shard import load_shard, load_shard_shared
-from launch.cluster import Cluster
+from fiddler_moe.coordinator.scheduling import CostModel, Curve, Scheduler
+from fiddler_moe.experts.shard import load_shard, load_shard_shared
+from fiddler_moe.launch.cluster import Cluster
 
 PROMPT = [1, 5, 9, 30, 44, 12, 7, 7, 8, 100, 3, 17, 64, 2, 90, 33]
 
@@ -125,7 +125,7 @@ def test_shared_shard_holds_what_the_private_shard_holds(checkpoints, tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, fused / "model.safetensors",
               metadata={"format": "pt"})
-    from coordinator.loading import inspect
+    from fiddler_moe.coordinator.loading import inspect
 
     for folder in (source, fused):
         _, layout = inspect(folder, "float32")

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from coordinator.placement import plan
-from coordinator.profile import ExpertProfile
+from fiddler_moe.coordinator.placement import plan
+from fiddler_moe.coordinator.profile import ExpertProfile
 
 
 def skewed_profile(layers: int, experts: int, seed: int = 0, exponent: float = 1.2) -> ExpertProfile:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coordinator.profile import ExpertProfile, ProfileError, read_calibration_prompts
+from fiddler_moe.coordinator.profile import ExpertProfile, ProfileError, read_calibration_prompts
 
 
 def make_profile(fingerprint: str = "abc123", **overrides) -> ExpertProfile:

@@ -16,10 +16,10 @@ import torch
 from conftest import runtime_leftovers
 from transformers import AutoModelForCausalLM
 
-from coordinator.loading import inspect
-from coordinator.profile import ExpertProfile
-from expert_worker.checkpoint import fingerprint
-from launch.cluster import Cluster
+from fiddler_moe.coordinator.loading import inspect
+from fiddler_moe.coordinator.profile import ExpertProfile
+from fiddler_moe.experts.checkpoint import fingerprint
+from fiddler_moe.launch.cluster import Cluster
 
 BIN = Path(sys.executable).parent
 

@@ -9,9 +9,9 @@ import msgpack
 import pytest
 import torch
 
-from protocol import messages as m
-from protocol.transport import Client
-from protocol.wire import ProtocolError, decode, encode
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol.transport import Client
+from fiddler_moe.protocol.wire import ProtocolError, decode, encode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -30,7 +30,7 @@ def test_tensors_round_trip_bit_exact(dtype):
 def test_layer_call_headers_are_the_generic_ones():
     """Expert requests and replies have their own header encoder (the hot path): the same bytes as the generic
     one, and they decode back."""
-    from protocol.wire import _header, encode_header
+    from fiddler_moe.protocol.wire import _header, encode_header
 
     for msg in (m.ExpertRequest(5, 3, [1, 6], [2, 1], torch.randn(3, 16).bfloat16()),
                 m.ExpertReply(5, 3, torch.randn(3, 16), 0.25)):
@@ -124,7 +124,7 @@ def test_malformed_frames_are_refused_with_a_code(case):
 @pytest.fixture
 def worker(tmp_path):
     address = f"ipc://{tmp_path}/w.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "expert_worker", "--listen", address, "--name", "test-worker"],
+    proc = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", address, "--name", "test-worker"],
                             stderr=subprocess.PIPE, text=True)
     client = Client(address)
     yield proc, client, tmp_path / "w.sock"

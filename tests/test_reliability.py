@@ -16,10 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import children_of, process_gone, runtime_leftovers, shm_files
-from coordinator.dispatch import ClusterDegraded, WorkerFailed
-from launch.cluster import Cluster
-from protocol import messages as m
-from protocol.transport import Client
+from fiddler_moe.coordinator.dispatch import ClusterDegraded, WorkerFailed
+from fiddler_moe.launch.cluster import Cluster
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol.transport import Client
 
 BIN = Path(sys.executable).parent
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from coordinator.scheduling import (
+from fiddler_moe.coordinator.scheduling import (
     CostModel,
     CostModelError,
     Curve,
@@ -25,8 +25,8 @@ from coordinator.scheduling import (
     measure_worker_curve,
     shape_key,
 )
-from expert_worker.compute import ExpertKernel, ExpertWeights
-from protocol.messages import KernelSpec
+from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+from fiddler_moe.protocol.messages import KernelSpec
 
 MS = 1e-3
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from coordinator import synthetic
-from coordinator.synthetic import PRESETS, build_tokenizer, estimated_bytes, write_checkpoint
+from fiddler_moe.host import paths
+from fiddler_moe.launch import synthetic
+from fiddler_moe.launch.synthetic import PRESETS, build_tokenizer, estimated_bytes, write_checkpoint
 
 TINY = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"]
 PROMPT = "The router picks two experts for every token, and the rest stay cold."
@@ -167,7 +168,7 @@ def test_refuses_when_disk_is_short(tmp_path, monkeypatch):
 
 def test_builtin_model_is_written_once_in_fiddler_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path))
-    assert synthetic.cache_dir() == tmp_path
+    assert paths.cache_dir() == tmp_path
     first = synthetic.builtin_model_path()
     assert first.parent == tmp_path
     mtimes = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
@@ -181,10 +182,10 @@ def test_builtin_model_is_written_once_in_fiddler_cache(tmp_path, monkeypatch):
 def test_cache_dir_fallbacks(tmp_path, monkeypatch):
     monkeypatch.delenv("FIDDLER_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert synthetic.cache_dir() == tmp_path / "xdg" / "fiddler-moe"
+    assert paths.cache_dir() == tmp_path / "xdg" / "fiddler-moe"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert synthetic.cache_dir() == tmp_path / "home" / ".cache" / "fiddler-moe"
+    assert paths.cache_dir() == tmp_path / "home" / ".cache" / "fiddler-moe"
 
 
 def test_incomplete_folder_is_not_overwritten(tmp_path):

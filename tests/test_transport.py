@@ -16,12 +16,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import process_gone, runtime_leftovers, shm_files
-from coordinator.dispatch import WorkerFailed
-from launch import numa
-from launch.cluster import Cluster
-from protocol import messages as m
-from protocol.shm import ShmChannel
-from protocol.wire import decode, encode
+from fiddler_moe.coordinator.dispatch import WorkerFailed
+from fiddler_moe.host import numa
+from fiddler_moe.launch.cluster import Cluster
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol.shm import ShmChannel
+from fiddler_moe.protocol.wire import decode, encode
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51, 52, 53, 54, 55, 56]])
 BIN = Path(sys.executable).parent
@@ -94,7 +94,7 @@ def test_shm_reply_is_matched_to_its_request_and_never_read_early(spin):
 
 def test_worker_waits_as_the_coordinator_says(tmp_path):
     """AttachShm.spin reaches the worker's channel: no spinning where it takes turns with the coordinator."""
-    from expert_worker.server import Worker, WorkerConfig
+    from fiddler_moe.expert_worker.server import Worker, WorkerConfig
 
     worker = Worker(WorkerConfig(listen=f"ipc://{tmp_path}/w.sock"))
     channel = ShmChannel.create(capacity=4096)
@@ -111,12 +111,12 @@ def test_worker_waits_as_the_coordinator_says(tmp_path):
 def test_decoding_requests_are_served_in_c_as_in_python():
     """The worker's C loop over the slot (shm_serve.c) answers the requests it takes with the bits the Python path
     computes, and leaves every other one in the slot for Python, unconsumed."""
-    from expert_worker import gemv
-    from expert_worker.compute import ExpertKernel, ExpertWeights
-    from expert_worker.shm_serve import ShmServeLoop
-    from protocol.wire import encode_header
+    from fiddler_moe.native import kernels
+    from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+    from fiddler_moe.native.shm_serve import ShmServeLoop
+    from fiddler_moe.protocol.wire import encode_header
 
-    if not gemv.available():
+    if not kernels.available():
         pytest.skip("the bfloat16 kernel library is not built on this machine")
     generator = torch.Generator().manual_seed(4)
     shard = {(layer, expert): ExpertWeights((torch.randn(2 * 96, 64, generator=generator) * 0.2).bfloat16(),
@@ -163,14 +163,14 @@ def test_decoding_layer_calls_in_c_are_the_python_path():
     bfloat16 ones. A reply that is not the call's ExpertReply (an error) is left for Python."""
     import threading
 
-    from coordinator.dispatch import _combine, _group_by_expert
-    from coordinator.shm_call import ShmCall
-    from expert_worker import gemv
-    from expert_worker.compute import ExpertKernel, ExpertWeights
-    from expert_worker.shm_serve import ShmServeLoop
-    from protocol.wire import encode_header
+    from fiddler_moe.coordinator.dispatch import _combine, _group_by_expert
+    from fiddler_moe.native.shm_call import ShmCall
+    from fiddler_moe.native import kernels
+    from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+    from fiddler_moe.native.shm_serve import ShmServeLoop
+    from fiddler_moe.protocol.wire import encode_header
 
-    if not gemv.available():
+    if not kernels.available():
         pytest.skip("the bfloat16 kernel library is not built on this machine")
     generator = torch.Generator().manual_seed(6)
     shard = {(2, expert): ExpertWeights((torch.randn(2 * 96, 64, generator=generator) * 0.2).bfloat16(),
@@ -290,7 +290,7 @@ def remote_worker(checkpoints, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-cluster-token\n")
     address = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "expert_worker", "--listen", address, "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", address, "--model",
                              str(checkpoints["tiny"]), "--token-file", str(token_file), "--threads", "1"],
                             stderr=subprocess.PIPE, text=True)
     yield address, "s3cret-cluster-token"

@@ -34,13 +34,14 @@ from pathlib import Path
 
 import torch
 
-from coordinator import loading
-from coordinator.bench_runners import ClusterConfig, ClusterRunner, TransformersRunner
-from coordinator.placement import format_size
-from coordinator.synthetic import PRESETS, cache_dir, estimated_bytes, write_checkpoint
-from expert_worker import gemv
-from expert_worker.compute import PACK_BFLOAT16, UPCAST_BFLOAT16
-from launch.numa import available_memory_bytes
+from fiddler_moe.coordinator import loading
+from fiddler_moe.benchmarks.runners import ClusterConfig, ClusterRunner, TransformersRunner
+from fiddler_moe.coordinator.placement import format_size
+from fiddler_moe.host.paths import cache_dir
+from fiddler_moe.launch.synthetic import PRESETS, estimated_bytes, write_checkpoint
+from fiddler_moe.native import kernels
+from fiddler_moe.experts.compute import PACK_BFLOAT16, UPCAST_BFLOAT16
+from fiddler_moe.host.numa import available_memory_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BANDWIDTH_METHOD = ("torch.sum over a {size} float32 tensor (read once per sum), best of {repeats} sums at each "
@@ -276,7 +277,7 @@ def best_bandwidth(first: dict, second: dict) -> dict:
 def launcher_threads(device: str, workers: int, threads_per_worker: int | None,
                      device_memory: str | None) -> tuple[int, int]:
     """What `fiddler-launch` would give this many workers: (threads per worker, coordinator threads)."""
-    from launch.cluster import Cluster
+    from fiddler_moe.launch.cluster import Cluster
 
     layout = Cluster(workers=workers, threads_per_worker=threads_per_worker, device=device,
                      device_memory=device_memory).plan_workers()
@@ -312,7 +313,7 @@ def check_options(options: BenchOptions) -> None:
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> dict:
     """Run every configuration and the baseline; return the result (what the JSON file holds)."""
-    from coordinator.coordinator import resolve_device
+    from fiddler_moe.coordinator.coordinator import resolve_device
 
     check_options(options)
     configs = grid(options)
@@ -323,7 +324,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
     if context and options.prompt_len + options.new_tokens > context:
         raise BenchError(f"--prompt-len {options.prompt_len} plus --new-tokens {options.new_tokens} exceeds the "
                          f"model's context of {context} tokens")
-    from coordinator.coordinator import load_tokenizer
+    from fiddler_moe.coordinator.coordinator import load_tokenizer
 
     tokenizer = load_tokenizer(layout.folder)
     prompt = random_prompt(layout.config.vocab_size, options.prompt_len, options.seed,
@@ -409,10 +410,10 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
             "device": str(device),
             "interleaved": interleave,
             "pack_weights": os.environ.get("FIDDLER_PACK_WEIGHTS", "1") != "0",
-            # which CPU bfloat16 fast path the expert kernel and a CPU coordinator take (expert_worker/compute.py)
+            # which CPU bfloat16 fast path the expert kernel and a CPU coordinator take (experts/compute.py)
             "cpu_bfloat16_path": "packed" if PACK_BFLOAT16 else "upcast" if UPCAST_BFLOAT16 else "plain",
-            # the AVX2 decoding kernel (expert_worker/gemv.py) serves rows up to gemv.MAX_ROWS on the upcast path
-            "cpu_bfloat16_decode_kernel": UPCAST_BFLOAT16 and gemv.available(),
+            # the AVX2 decoding kernel (native/kernels.py) serves rows up to kernels.MAX_ROWS on the upcast path
+            "cpu_bfloat16_decode_kernel": UPCAST_BFLOAT16 and kernels.available(),
         },
         "bandwidth": bandwidth,
         "ceiling": {

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fiddler_moe.host import numa
+
 BREAKDOWN_PARTS = {  # key -> label, in the order of the stacked bars
     "non_expert": "non-expert layers",
     "hot_experts": "hot experts",
@@ -146,7 +148,7 @@ class ClusterRunner:
         return self.threads + self.config.workers * self.config.threads_per_worker
 
     def start(self) -> None:
-        from launch.cluster import Cluster
+        from fiddler_moe.launch.cluster import Cluster
 
         c = self.config
         self.cluster = Cluster(self.folder, workers=c.workers, threads_per_worker=c.threads_per_worker,
@@ -171,7 +173,7 @@ class ClusterRunner:
                 "busy": [w.busy_seconds for w in workers], "requests": [w.requests for w in workers]}
 
     def run_once(self) -> None:
-        from coordinator.dispatch import DispatchStats
+        from fiddler_moe.coordinator.dispatch import DispatchStats
 
         marks: dict[str, dict] = {}
 
@@ -252,16 +254,14 @@ class TransformersRunner:
         self.implementation = "default"
 
     def start(self) -> None:
-        from launch.cli import USER_OPENMP_SETTINGS
-
         env = dict(os.environ)
-        for name, value in USER_OPENMP_SETTINGS.items():  # the user's, not the fiddler commands' defaults
+        for name, value in numa.user_openmp_settings().items():  # the user's, not the fiddler commands' defaults
             env.pop(name, None)
             if value is not None:
                 env[name] = value
         spec = {"folder": str(self.folder), "dtype": str(self.dtype).removeprefix("torch."),
                 "device": str(self.device), "threads": self.threads, "prompt": self.prompt}
-        self.process = subprocess.Popen([sys.executable, "-m", "coordinator.bench_runners", json.dumps(spec)],
+        self.process = subprocess.Popen([sys.executable, "-m", "fiddler_moe.benchmarks.runners", json.dumps(spec)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.implementation = self._ask("ready")["experts_implementation"]
 

@@ -12,7 +12,9 @@ from typing import Annotated
 
 import typer
 
-from launch.cli import (
+from fiddler_moe.host import numa
+
+from fiddler_moe.cli.launch import (
     CoordinatorThreadsOption,
     DeviceMemoryOption,
     DeviceOption,
@@ -85,7 +87,7 @@ def _print_piece(text: str) -> None:
 
 def _find_cluster(address: str | None) -> tuple[str, int | None]:
     """(address, pid of the launcher when known): the given address, else the newest running local cluster."""
-    from launch import rundir
+    from fiddler_moe.launch import rundir
 
     if address is not None:
         return address, None
@@ -97,8 +99,8 @@ def _find_cluster(address: str | None) -> tuple[str, int | None]:
 
 def _ask_stats(client, address: str, owner_pid: int | None, timeout: float, reset: bool = False):
     """Send a StatsRequest and wait for the StatsReply."""
-    from launch import rundir
-    from protocol import messages as m
+    from fiddler_moe.launch import rundir
+    from fiddler_moe.protocol import messages as m
 
     client.send(m.StatsRequest(reset=reset))
     waited = 0.0
@@ -132,11 +134,11 @@ def generate(
                                              "hit rate, moved experts, per-worker busy time and requests.")] = False,
 ) -> None:
     """Send a prompt to the running cluster and stream the answer."""
-    from coordinator import stats
-    from coordinator.coordinator import check_sampling
-    from launch import rundir
-    from protocol import messages as m
-    from protocol.transport import Client
+    from fiddler_moe.coordinator import stats
+    from fiddler_moe.coordinator.coordinator import check_sampling
+    from fiddler_moe.launch import rundir
+    from fiddler_moe.protocol import messages as m
+    from fiddler_moe.protocol.transport import Client
 
     try:
         check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
@@ -204,11 +206,11 @@ def run(
     as_json: JsonOption = False,
 ) -> None:
     """Launch a cluster, generate for one prompt, and stop everything."""
-    from coordinator.coordinator import check_sampling
-    from coordinator.dispatch import WorkerFailed
-    from coordinator.service import TextStream
-    from expert_worker.checkpoint import CheckpointError
-    from launch.cli import _terminate_as_interrupt
+    from fiddler_moe.coordinator.coordinator import check_sampling
+    from fiddler_moe.coordinator.dispatch import WorkerFailed
+    from fiddler_moe.coordinator.service import TextStream
+    from fiddler_moe.experts.checkpoint import CheckpointError
+    from fiddler_moe.cli.launch import _terminate_as_interrupt
 
     _terminate_as_interrupt()
     try:
@@ -245,9 +247,9 @@ def stats(
     = 600.0,
 ) -> None:
     """Show the running cluster's live statistics: hit rate, per-worker busy time and requests, routing counts."""
-    from coordinator import stats as live
-    from coordinator.profile import ProfileError
-    from protocol.transport import Client
+    from fiddler_moe.coordinator import stats as live
+    from fiddler_moe.coordinator.profile import ProfileError
+    from fiddler_moe.protocol.transport import Client
 
     address, owner_pid = _find_cluster(address)
     client = Client(address)
@@ -294,11 +296,11 @@ def profile(
     """Run calibration prompts through a cluster and write how often each expert was routed (an expert profile)."""
     import torch
 
-    from coordinator import stats as live
-    from coordinator.dispatch import WorkerFailed
-    from coordinator.profile import ProfileError, read_calibration_prompts
-    from expert_worker.checkpoint import CheckpointError
-    from launch.cli import _terminate_as_interrupt
+    from fiddler_moe.coordinator import stats as live
+    from fiddler_moe.coordinator.dispatch import WorkerFailed
+    from fiddler_moe.coordinator.profile import ProfileError, read_calibration_prompts
+    from fiddler_moe.experts.checkpoint import CheckpointError
+    from fiddler_moe.cli.launch import _terminate_as_interrupt
 
     _terminate_as_interrupt()
     if max_tokens < 0:
@@ -382,7 +384,7 @@ def _bench_transport(out) -> None:
     import json
     import platform
 
-    from coordinator import bench_transport
+    from fiddler_moe.benchmarks import transport as bench_transport
 
     results = bench_transport.run()
     print(bench_transport.table(results))
@@ -435,11 +437,11 @@ def bench(
     if what != "model":
         raise fail(f"unknown benchmark {what!r}; use `fiddler bench` (model) or `fiddler bench transport`")
 
-    from coordinator import bench as bench_module
-    from coordinator import bench_report
-    from coordinator.dispatch import WorkerFailed
-    from expert_worker.checkpoint import CheckpointError
-    from launch.cli import _terminate_as_interrupt
+    from fiddler_moe.benchmarks import bench as bench_module
+    from fiddler_moe.benchmarks import report as bench_report
+    from fiddler_moe.coordinator.dispatch import WorkerFailed
+    from fiddler_moe.experts.checkpoint import CheckpointError
+    from fiddler_moe.cli.launch import _terminate_as_interrupt
 
     _terminate_as_interrupt()
     options = bench_module.BenchOptions(
@@ -471,6 +473,7 @@ def bench(
 
 
 def main() -> None:
+    numa.use_openmp_settings()  # before anything imports torch
     app()
 
 

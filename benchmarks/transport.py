@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from protocol import messages as m
-from protocol.shm import ShmChannel, available
-from protocol.transport import Client
-from protocol.wire import decode, encode_header
+from fiddler_moe.protocol import messages as m
+from fiddler_moe.protocol.shm import ShmChannel, available
+from fiddler_moe.protocol.transport import Client
+from fiddler_moe.protocol.wire import decode, encode_header
 
 
 @dataclass
@@ -61,7 +61,7 @@ def _measure(name: str, rows: torch.Tensor, round_trip: Callable[[], None], iter
 
 def _spawn_worker(address: str) -> subprocess.Popen:
     env = dict(os.environ, FIDDLER_WORKER_QUIET="1")
-    return subprocess.Popen([sys.executable, "-m", "expert_worker", "--listen", address, "--parent-pid",
+    return subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", address, "--parent-pid",
                              str(os.getpid())], env=env)
 
 
@@ -99,7 +99,7 @@ def _shm_round_trip(channel: ShmChannel, rows: torch.Tensor) -> Callable[[], Non
 
 _DOORBELL_ECHO = """
 import sys
-from protocol.shm import ShmChannel
+from fiddler_moe.protocol.shm import ShmChannel
 channel = ShmChannel.attach(sys.argv[1], int(sys.argv[2]))
 while True:
     request = channel.wait_request(timeout_s=5.0)

@@ -12,9 +12,9 @@ import ctypes
 
 import torch
 
-from expert_worker import gemv
-from protocol.messages import PROTOCOL_VERSION
-from protocol.shm import ShmChannel
+from fiddler_moe.native import kernels
+from fiddler_moe.protocol.messages import PROTOCOL_VERSION
+from fiddler_moe.protocol.shm import ShmChannel
 
 MAX_PAIRS = 64  # shm_call.c's MAX_PAIRS: (token, k) pairs of one call
 
@@ -30,7 +30,7 @@ def takes(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.
     return (hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and hidden.dim() == 2
             and hidden.is_contiguous() and top_k_index.dtype == torch.int64 and top_k_index.is_contiguous()
             and top_k_index.numel() <= MAX_PAIRS and top_k_weights.dtype in (torch.float32, torch.bfloat16)
-            and top_k_weights.is_contiguous() and top_k_weights.device.type == "cpu" and gemv.available())
+            and top_k_weights.is_contiguous() and top_k_weights.device.type == "cpu" and kernels.available())
 
 
 class ShmCall:
@@ -44,7 +44,7 @@ class ShmCall:
     def post(self, hidden: torch.Tensor, top_k_index: torch.Tensor, request_id: int, layer: int) -> bool:
         """Send the call; False (nothing sent) when shm_call.c does not take it."""
         tokens, top_k = top_k_index.shape
-        posted = gemv.library().fiddler_post_layer_call(
+        posted = kernels.library().fiddler_post_layer_call(
             ctypes.byref(self._slots), hidden.data_ptr(), top_k_index.data_ptr(), tokens, top_k, hidden.shape[1],
             request_id, layer, PROTOCOL_VERSION, ctypes.byref(self.call))
         if posted:
@@ -69,8 +69,8 @@ class ShmCall:
         """Wait up to timeout_s for the reply and combine it into `result`: 1 done, 0 not yet, -1 the reply is
         something else (decode it in Python)."""
         tokens, top_k = top_k_weights.shape
-        return gemv.library().fiddler_finish_layer_call(
+        return kernels.library().fiddler_finish_layer_call(
             ctypes.byref(self._slots), ctypes.byref(self.call), tokens, top_k, width, layer, PROTOCOL_VERSION,
             top_k_weights.data_ptr(), int(top_k_weights.dtype == torch.bfloat16), int(timeout_s * 1e9),
-            int(200e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is gemv.parked_wait),
+            int(200e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is kernels.parked_wait),
             result.data_ptr())

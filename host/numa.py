@@ -21,6 +21,25 @@ from pathlib import Path
 # on a Zen 3 core. Measured side by side on mini (README, Performance): 3000 took 1.08-1.24x the time per decode
 # token, 10000 1.18x, 20000 the same, 60000 1.22x, 300000 2.1x; the coordinator's spin matters most.
 OPENMP_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"}
+_user_openmp_settings: dict[str, str | None] | None = None  # as the user set them, before use_openmp_settings()
+
+
+def use_openmp_settings() -> None:
+    """Set OPENMP_SETTINGS in this process's environment where the user has not set them. The commands call it
+    first thing in main(), before anything imports torch (OpenMP reads them once, when it loads)."""
+    global _user_openmp_settings
+    if _user_openmp_settings is None:
+        _user_openmp_settings = {name: os.environ.get(name) for name in OPENMP_SETTINGS}
+    for name, value in OPENMP_SETTINGS.items():
+        os.environ.setdefault(name, value)
+
+
+def user_openmp_settings() -> dict[str, str | None]:
+    """The OpenMP variables as the user set them (None: unset), for a benchmark's baseline, which should run as
+    the user would run it rather than with our defaults."""
+    if _user_openmp_settings is None:
+        return {name: os.environ.get(name) for name in OPENMP_SETTINGS}
+    return dict(_user_openmp_settings)
 
 SYS_ROOT = Path("/sys/devices/system")
 

@@ -3,14 +3,6 @@
 from __future__ import annotations
 
 import os
-
-from launch.numa import OPENMP_SETTINGS
-
-# OpenMP's waiting for the coordinator (launch/numa.py), set before anything imports torch; the `fiddler` command
-# imports this module first too. A user's own settings win.
-USER_OPENMP_SETTINGS = {name: os.environ.get(name) for name in OPENMP_SETTINGS}  # for the benchmark's baseline
-for _name, _value in OPENMP_SETTINGS.items():
-    os.environ.setdefault(_name, _value)
 import signal
 import sys
 import time
@@ -18,6 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from fiddler_moe.host import numa
 
 # Cluster flags, shared with `fiddler run`.
 ModelOption = Annotated[
@@ -96,7 +90,7 @@ def cluster_from_options(model, workers, threads, device, device_memory, dtype, 
                          quiet=False, workers_per_socket=None, numa="on", transport="shm", remote_workers=None,
                          token_file=None, profile=None):
     """A Cluster for the command-line flags; a bad flag ends the command with one line saying how to fix it."""
-    from launch.cluster import Cluster
+    from fiddler_moe.launch.cluster import Cluster
 
     try:
         if numa not in ("on", "off"):
@@ -162,10 +156,10 @@ def launch(
                                               "degraded.")] = 3,
 ) -> None:
     """Start a cluster and serve prompts (send them with `fiddler generate`)."""
-    from coordinator.dispatch import WorkerFailed
-    from coordinator.service import PromptService
-    from expert_worker.checkpoint import CheckpointError
-    from launch import rundir
+    from fiddler_moe.coordinator.dispatch import WorkerFailed
+    from fiddler_moe.coordinator.service import PromptService
+    from fiddler_moe.experts.checkpoint import CheckpointError
+    from fiddler_moe.launch import rundir
 
     _terminate_as_interrupt()
     cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
@@ -198,6 +192,7 @@ def launch(
 
 
 def main() -> None:
+    numa.use_openmp_settings()  # before anything imports torch
     app()
 
 

@@ -8,7 +8,7 @@
    inside a parallel region: the calling thread sleeps on the shared-memory futex, the helpers on a private one,
    and when the reply comes the calling thread wakes them on its way out, ready for the next product.
 
-   Built into the same library as bf16_gemv.c (expert_worker/gemv.py), against the OpenMP runtime PyTorch has
+   Built into the same library as bf16_gemv.c (native/kernels.py), against the OpenMP runtime PyTorch has
    loaded, so the threads parked are PyTorch's own. */
 
 #include <limits.h>

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from expert_worker.checkpoint import CheckpointError, TensorInfo, TensorReader, tensor_table
-from expert_worker.compute import ExpertWeights
-from protocol.messages import ExpertSource, SharedTensor, TensorRef
-from protocol.wire import parse_dtype
+from fiddler_moe.experts.checkpoint import CheckpointError, TensorInfo, TensorReader, tensor_table
+from fiddler_moe.experts.compute import ExpertWeights
+from fiddler_moe.protocol.messages import ExpertSource, SharedTensor, TensorRef
+from fiddler_moe.protocol.wire import parse_dtype
 
 
 def _gather(reader: TensorReader, refs: list[TensorRef], dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
 """A worker's decoding requests served from the shared-memory slot by shm_serve.c, without Python per request.
 
 The worker registers the experts the C loop can compute (gated SiLU experts without biases in bfloat16, the fused
-kernel of bf16_gemv.c, on CPUs where expert_worker/gemv.py builds it) and hands the slot to the loop; the loop
+kernel of bf16_gemv.c, on CPUs where native/kernels.py builds it) and hands the slot to the loop; the loop
 returns whenever something needs Python: a request it does not take (left in the slot for the generic path), a
 control message, a timeout. Built into the kernel library; where it is not built, `ShmServeLoop.build` gives None
 and Python serves every request.
@@ -10,13 +10,13 @@ and Python serves every request.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 
-from expert_worker import gemv
-from expert_worker.compute import ExpertKernel, ExpertWeights
-from protocol.messages import PROTOCOL_VERSION
-from protocol.shm import ShmChannel
+from fiddler_moe.native import kernels
+from fiddler_moe.protocol.messages import PROTOCOL_VERSION
+from fiddler_moe.protocol.shm import ShmChannel
 
 class _Expert(ctypes.Structure):  # lane_expert
     _fields_ = [("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p)]
@@ -33,17 +33,18 @@ class ShmServeLoop:
         self._last = ctypes.c_uint32(0)
 
     @classmethod
-    def build(cls, channel: ShmChannel, shard: dict[tuple[int, int], ExpertWeights],
-              kernel: ExpertKernel) -> ShmServeLoop | None:
-        """The loop for the experts of `shard` it can compute, or None when it takes none of them."""
-        if not (kernel.fused_silu and shard and gemv.available()):
+    def build(cls, channel: ShmChannel, shard: dict[tuple[int, int], Any], kernel: Any) -> ShmServeLoop | None:
+        """The loop for the experts of `shard` it can compute, or None when it takes none of them. `shard` maps
+        (layer, expert) to experts.compute.ExpertWeights and `kernel` is the worker's experts.compute.ExpertKernel
+        (duck-typed: this package sits below the expert math)."""
+        if not (kernel.fused_silu and shard and kernels.available()):
             return None
         first = next(iter(shard.values()))
         hidden, inter = first.down.shape
         probe = torch.empty(1, hidden, dtype=torch.bfloat16)
         served = {key: w for key, w in shard.items()
                   if w.gate_up_bias is None and w.down_bias is None and w.down.shape == (hidden, inter)
-                  and gemv.applies_to_expert(probe, w.gate_up, w.down)}
+                  and kernels.applies_to_expert(probe, w.gate_up, w.down)}
         if not served:
             return None
         layers = 1 + max(layer for layer, _ in served)
@@ -57,9 +58,9 @@ class ShmServeLoop:
         """Serve requests until one needs Python, a control message rings the bell or timeout_s passes idle.
         Returns how many were served; the channel's request bookkeeping follows."""
         self._last.value = self.channel.last_request_seq
-        served = gemv.library().fiddler_serve_requests(
+        served = kernels.library().fiddler_serve_requests(
             ctypes.byref(self._slots), ctypes.byref(self._last), self._table, self.layers, self.experts,
             self.hidden, self.inter, PROTOCOL_VERSION, int(timeout_s * 1e9),
-            int(50e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is gemv.parked_wait))
+            int(50e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is kernels.parked_wait))
         self.channel.last_request_seq = self._last.value
         return served

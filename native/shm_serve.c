@@ -17,7 +17,7 @@
 
 #include "shm_lane.h"
 
-#define MAX_ROWS 8 /* as expert_worker/gemv.py: more rows per expert take the float32 path in Python */
+#define MAX_ROWS 8 /* as native/kernels.py: more rows per expert take the float32 path in Python */
 
 int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
                              const uint16_t *x, int64_t n, uint16_t *out);

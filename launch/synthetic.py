@@ -26,8 +26,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-from launch.numa import available_memory_bytes
-from launch.rundir import cache_dir
+from fiddler_moe.host.numa import available_memory_bytes
+from fiddler_moe.host.paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -395,7 +395,6 @@ __all__ = [
     "build_config",
     "build_tokenizer",
     "builtin_model_path",
-    "cache_dir",
     "estimated_bytes",
     "write_checkpoint",
 ]

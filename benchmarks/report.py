@@ -11,8 +11,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.bench_runners import BREAKDOWN_PARTS
-from coordinator.placement import format_size
+from fiddler_moe.benchmarks.runners import BREAKDOWN_PARTS
+from fiddler_moe.coordinator.placement import format_size
 
 
 def _versus(versus: dict | None) -> str:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import typer
 
-from launch.cli import read_token
-from launch.numa import bind_memory_to_node, parse_cpu_list
+from fiddler_moe.cli.launch import read_token
+from fiddler_moe.host.numa import bind_memory_to_node, parse_cpu_list
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
@@ -80,7 +80,7 @@ def serve(
     parent_pid: int | None = typer.Option(None, help="Exit when this process (the launcher) is gone"),
     name: str = typer.Option("worker", help="Name used in logs"),
 ) -> None:
-    from expert_worker.server import Worker, WorkerConfig
+    from fiddler_moe.expert_worker.server import Worker, WorkerConfig
 
     try:
         token = read_token(token_file)

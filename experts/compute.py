@@ -14,8 +14,8 @@ are memory-bound matrix-vector products. Two CPU fast paths for bfloat16, chosen
   (memory another process maps too) are left alone, since the copy would double them.
 - Without it (AVX2 CPUs: most desktops and laptops, AMD before Zen 4), PyTorch's bfloat16 matmul is a loop of
   matrix-vector products: 2 ms per row for a 7168x1024 matrix, so a 128-row prefill batch takes 128 times one row.
-  Up to `gemv.MAX_ROWS` rows (decoding) a small AVX2 kernel of our own streams the weights once for all rows at
-  1.2-1.3x PyTorch's speed for one row (expert_worker/gemv.py); beyond them (from `UPCAST_ROWS` rows on where that
+  Up to `kernels.MAX_ROWS` rows (decoding) a small AVX2 kernel of our own streams the weights once for all rows at
+  1.2-1.3x PyTorch's speed for one row (native/kernels.py); beyond them (from `UPCAST_ROWS` rows on where that
   kernel cannot be built), `upcast_linear` converts the weights to float32 a cache-sized block at a time and
   multiplies in float32 (7x faster at 128 rows). Both round once to bfloat16 as PyTorch's own kernel does.
 
@@ -29,10 +29,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers.activations import ACT2FN
 
-from expert_worker import gemv
-from protocol.messages import KernelSpec
+from fiddler_moe.native import kernels
+from fiddler_moe.protocol.messages import KernelSpec
 
 
 def _onednn_bfloat16() -> bool:
@@ -95,8 +94,8 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     where PyTorch's own kernel is the one to use."""
     if not UPCAST_BFLOAT16:
         return None
-    if not transposed and gemv.applies(x, weight):
-        return gemv.linear(x, weight, bias)
+    if not transposed and kernels.applies(x, weight):
+        return kernels.linear(x, weight, bias)
     if use_upcast(x, weight):
         return upcast_linear(x, weight, bias, transposed=transposed)
     return None
@@ -137,17 +136,32 @@ class ExpertWeights:
                              shared=self.shared and torch.device(device).type == "cpu")
 
 
+# The activations of the common MoE families, as transformers' ACT2FN computes them (nn.functional.silu for both
+# names, nn.ReLU), without importing transformers: a worker starts in half the time without it.
+_PLAIN_ACTIVATIONS = {"silu": torch.nn.functional.silu, "swish": torch.nn.functional.silu,
+                      "relu": torch.nn.functional.relu}
+
+
+def activation(name: str):
+    """The activation function transformers' ACT2FN gives for `name`."""
+    if name in _PLAIN_ACTIVATIONS:
+        return _PLAIN_ACTIVATIONS[name]
+    from transformers.activations import ACT2FN  # the rest (GELU variants, ...), from the model definition itself
+
+    if name not in ACT2FN:
+        raise ValueError(f"unknown activation {name!r} in the model config")
+    return ACT2FN[name]
+
+
 class ExpertKernel:
     """Computes experts for rows of activations according to a KernelSpec."""
 
     def __init__(self, spec: KernelSpec):
-        if spec.activation not in ACT2FN:
-            raise ValueError(f"unknown activation {spec.activation!r} in the model config")
+        self.act = activation(spec.activation)
         self.spec = spec
-        self.act = ACT2FN[spec.activation]
         self.pack = PACK_BFLOAT16 and spec.dtype == "bfloat16" and not spec.is_transposed
         if UPCAST_BFLOAT16 and spec.dtype == "bfloat16":
-            gemv.available()  # build the decoding kernel now (once per machine), not during the first token
+            kernels.available()  # build the decoding kernel now (once per machine), not during the first token
         # A gated SiLU expert without biases (Mixtral, Qwen-MoE, DeepSeek) decodes in one call of the kernel.
         self.fused_silu = (UPCAST_BFLOAT16 and spec.dtype == "bfloat16" and spec.has_gate and not spec.has_bias
                            and not spec.is_transposed and spec.activation in ("silu", "swish"))
@@ -179,8 +193,8 @@ class ExpertKernel:
             return x.new_empty((0, hidden)) if out is None else out
         if (self.fused_silu and weights.gate_up_bias is None and weights.down_bias is None
                 and (out is None or (out.dtype == torch.bfloat16 and out.is_contiguous()))
-                and gemv.applies_to_expert(x, weights.gate_up, weights.down)):
-            return gemv.silu_expert(x, weights.gate_up, weights.down, out)
+                and kernels.applies_to_expert(x, weights.gate_up, weights.down)):
+            return kernels.silu_expert(x, weights.gate_up, weights.down, out)
         h = self._linear(x, weights.gate_up, weights.gate_up_bias)
         if self.spec.has_gate:
             gate, up = h.chunk(2, dim=-1)

@@ -3,7 +3,7 @@
 `silu_expert` computes a whole gated SiLU expert (both products and the activation between them) in one call.
 The same library holds the small C pieces of a decoding step's hand-over between processes: `gather_rows` and
 `combine` (bit-equal to the dispatcher's tensor ops), `parked_wait` (parked_wait.c), the worker's serving loop
-(shm_serve.c, expert_worker/shm_serve.py) and the coordinator's layer call (shm_call.c, coordinator/shm_call.py).
+(shm_serve.c, native/shm_serve.py) and the coordinator's layer call (shm_call.c, native/shm_call.py).
 
 Decoding multiplies one row by every weight it passes, so its speed is how fast the weights stream from memory.
 On CPUs without oneDNN's bfloat16 support PyTorch's bfloat16 matrix-vector product reaches 11-13 GB/s on two Zen 3
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from launch.rundir import cache_dir
+from fiddler_moe.host.paths import cache_dir
 
-log = logging.getLogger("fiddler.gemv")
+log = logging.getLogger("fiddler.kernels")
 
 SOURCES = [Path(__file__).with_name(name) for name in ("bf16_gemv.c", "parked_wait.c", "shm_serve.c", "shm_call.c")]
 HEADERS = [Path(__file__).with_name("shm_lane.h")]
-MAX_ROWS = 8  # activation rows per call; more take the float32 path (expert_worker/compute.py)
+MAX_ROWS = 8  # activation rows per call; more take the float32 path (experts/compute.py)
 # No contraction of a*b+c into one rounding: the combine must round each product as PyTorch does.
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC"]
 

@@ -10,7 +10,7 @@
    - each thread prefetches the weight rows it reads PREFETCH_ROWS rows ahead, which keeps more memory reads in
      flight than the hardware prefetcher alone does on the CPUs measured.
    Threads: OpenMP, linked against the runtime PyTorch has loaded, so the product uses PyTorch's thread team and
-   torch.set_num_threads. Built on first use by expert_worker/gemv.py. */
+   torch.set_num_threads. Built on first use by native/kernels.py. */
 
 #include <immintrin.h>
 #include <math.h>
