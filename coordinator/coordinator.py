@@ -35,6 +35,7 @@ from fiddler_moe.experts.shard import load_expert
 from fiddler_moe.protocol import messages as m
 from fiddler_moe.protocol import shm
 from fiddler_moe.protocol.transport import Client
+from fiddler_moe.protocol.wire import ProtocolError
 
 DEVICE_MEMORY_MARGIN = 2 << 30  # left free on a CUDA device for activations, KV cache and the allocator
 
@@ -452,7 +453,11 @@ class Coordinator:
     def _expect(self, link: WorkerLink, kind: type, timeout_s: float) -> m.Message:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            reply = link.client.receive(timeout_s=0.5)
+            try:
+                reply = link.client.receive(timeout_s=0.5)
+            except ProtocolError as e:  # not a fiddler-moe worker, or another version of it
+                raise WorkerFailed(f"{link.describe()} answered start-up with a message that cannot be read: "
+                                   f"{e.message}", self.links.index(link)) from None
             if reply is None:
                 if not link.alive():
                     raise WorkerFailed(f"{link.describe()} exited during start-up; see its log above",

@@ -85,6 +85,10 @@ class PromptService:
             log.warning("refused a request: %s", e.message)
             reply(m.Error(e.code, e.message))
             return
+        except Exception as e:  # whatever a client sends, it gets an error and the service goes on
+            log.exception("refused a request that could not be read")
+            reply(m.Error("bad_request", f"the request could not be read: {type(e).__name__}"))
+            return
         stream = TextStream(self.coordinator.tokenizer, lambda text, ids: reply(m.TokenChunk(text, list(ids))))
         try:
             result = self.coordinator.generate(
@@ -126,12 +130,19 @@ class PromptService:
             )
         )
 
+    def _handle_safely(self, identity: bytes, frames: list) -> None:
+        """One request; nothing one client sends can end the loop (Ctrl-C and SIGTERM still do)."""
+        try:
+            self.handle(identity, frames)
+        except Exception:
+            log.exception("a request failed outside its own error handling; serving on")
+
     def serve(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         try:
             while not should_stop():
                 envelope = self.server.receive(timeout_s=0.5)
                 if envelope is not None:
-                    self.handle(envelope.identity, envelope.frames)
+                    self._handle_safely(envelope.identity, envelope.frames)
                 else:
                     self.on_idle()
         finally:

@@ -60,7 +60,8 @@ class Worker:
 
     def on_hello(self, peer: bytes, msg: m.Hello) -> m.Message:
         if self.config.token and not hmac.compare_digest(msg.token.encode(), self.config.token.encode()):
-            raise RequestError("unauthorized", "wrong or missing cluster token; pass the cluster's --token")
+            raise RequestError("unauthorized", "wrong or missing cluster token; start the cluster with the "
+                               "worker's token in --token-file FILE or FIDDLER_TOKEN")
         self.authenticated.add(peer)
         cpus = sorted(os.sched_getaffinity(0))
         return m.HelloReply(m.PROTOCOL_VERSION, os.getpid(), torch.get_num_threads(), cpus, available_memory_bytes() or 0)
@@ -245,7 +246,10 @@ class Worker:
                                     self.config.parent_pid)
                         break
                     continue
-                server.reply(envelope.identity, self.handle(envelope.identity, envelope.frames))
+                try:
+                    server.reply(envelope.identity, self.handle(envelope.identity, envelope.frames))
+                except Exception:  # handle() answers every error; this covers the reply itself failing
+                    log.exception("%s: could not answer a request; serving on", self.config.name)
         finally:
             self.serve_loop = None
             if self.channel is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import reprlib
 import types
 import typing
 import warnings
@@ -40,11 +41,37 @@ MAX_HEADER_BYTES = 16 << 20  # a LoadShard for DeepSeek-V3's ~15k experts is a f
 MAX_TENSOR_BYTES = 4 << 30
 MAX_TENSOR_DIMS = 4
 MAX_ERROR_CHARS = 400  # an error quoting a hostile value must not be as large as the value
+# Nesting of maps and lists in a header. Our deepest message (LoadShard: header, body, experts, an ExpertSource, its
+# tensor list, a TensorRef) nests 6 deep; a hostile header nested thousands deep would otherwise reach recursion
+# limits in whatever walks it.
+MAX_HEADER_DEPTH = 16
+
+# Quoting an untrusted value in an error: bounded in depth, items and length, never recursing without a bound.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxdict, _QUOTE.maxtuple = 2, 4, 4, 4
+_QUOTE.maxstring = _QUOTE.maxother = _QUOTE.maxlong = 40
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _QUOTE.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _nesting_within(value: Any, limit: int) -> bool:
+    """Whether maps and lists in `value` nest at most `limit` deep; walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list | tuple))
+    return True
 
 
 class ProtocolError(Exception):
@@ -377,9 +404,11 @@ def decode(frames: list[Any], view: View | None = None) -> Message:
     except Exception as e:  # msgpack raises many types for garbage
         raise ProtocolError("bad_header", f"header is not valid msgpack: {type(e).__name__}") from None
     if isinstance(header, dict) and type(header.get("kind")) is str and header["kind"] in _LAYER_CALL_KINDS:
-        message = _decode_layer_call(header, frames, view)
+        message = _decode_layer_call(header, frames, view)  # checks the type of every value before using it
         if message is not None:
             return message
+    if not _nesting_within(header, MAX_HEADER_DEPTH):
+        raise ProtocolError("bad_header", f"header nests maps and lists more than {MAX_HEADER_DEPTH} deep")
     if not isinstance(header, dict) or not {"v", "kind", "body"} <= set(header) <= HEADER_KEYS:
         raise ProtocolError("bad_header", "header must be a map with v, kind, body, tensors")
     if header["v"] != PROTOCOL_VERSION:
