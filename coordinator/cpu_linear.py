@@ -3,7 +3,7 @@
 On a CPU-only machine the coordinator runs attention, routers, shared experts and the head through transformers'
 `nn.Linear` modules, and PyTorch's plain bfloat16 `linear` is slow on a CPU: about half the memory bandwidth with
 oneDNN bfloat16 support, and a loop of matrix-vector products without it (AVX2). The expert kernel has a fast path
-for each (experts/compute.py, README "Performance"); this gives the coordinator's own linear layers the same,
+for each (experts/compute.py, docs/performance-log.md); this gives the coordinator's own linear layers the same,
 by giving each module a forward over its packed weight (oneDNN) or one that takes the AVX2 paths (decoding rows
 through native/kernels.py, batches of rows in float32). transformers' modeling code is untouched: the modules
 stay where they are and compute the same function.

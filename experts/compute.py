@@ -7,17 +7,18 @@ the gate half first (or [hidden, 2 * intermediate] when transposed), down is [hi
 Speed: decoding reads every routed expert's weights once per token with one row of activations, so the matmuls
 are memory-bound matrix-vector products. Two CPU fast paths for bfloat16, chosen by what the CPU has:
 
-- With oneDNN's bfloat16 support (AVX512-BF16 or AMX), PyTorch's plain `linear` reaches about half the memory
-  bandwidth; the same oneDNN matmul on weights reordered once into its blocked layout reaches it (README,
-  "Performance"). So the first forward of an expert on such a CPU re-lays its weights out in place
+- With oneDNN's bfloat16 support (AVX512-BF16 or AMX), PyTorch's plain `linear` falls well short of the memory
+  bandwidth; the same oneDNN matmul on weights reordered once into its blocked layout reaches it
+  (docs/performance-log.md). So the first forward of an expert on such a CPU re-lays its weights out in place
   (`ExpertWeights.pack`: a private copy replaces the dense tensors, bit-identical results). Weights marked `shared`
   (memory another process maps too) are left alone, since the copy would double them.
 - Without it (AVX2 CPUs: most desktops and laptops, AMD before Zen 4), PyTorch's bfloat16 matmul is a loop of
-  matrix-vector products: 2 ms per row for a 7168x1024 matrix, so a 128-row prefill batch takes 128 times one row.
-  Up to `kernels.MAX_ROWS` rows (decoding) a small AVX2 kernel of our own streams the weights once for all rows at
-  1.2-1.3x PyTorch's speed for one row (native/kernels.py); beyond them (from `UPCAST_ROWS` rows on where that
-  kernel cannot be built), `upcast_linear` converts the weights to float32 a cache-sized block at a time and
-  multiplies in float32 (7x faster at 128 rows). Both round once to bfloat16 as PyTorch's own kernel does.
+  matrix-vector products, so a 128-row prefill batch takes 128 times one row. Up to `kernels.MAX_ROWS` rows
+  (decoding) a small AVX2 kernel of our own streams the weights once for all rows, faster than PyTorch's for one
+  row (native/kernels.py); beyond them (from `UPCAST_ROWS` rows on where that kernel cannot be built),
+  `upcast_linear` converts the weights to float32 a cache-sized block at a time and multiplies in float32, several
+  times faster for a prefill batch. Both round once to bfloat16 as PyTorch's own kernel does. Measurements:
+  docs/performance-log.md.
 
 FIDDLER_PACK_WEIGHTS=0 turns all of them off. float32 weights are left as they are (the exactness tests compare them with
 transformers to 1e-5), and so is anything on a GPU.
@@ -186,7 +187,7 @@ class ExpertKernel:
         """The expert's output rows for x [rows, hidden], written into `out` when given (same shape and dtype)."""
         if self._packable(weights):
             weights.pack()
-        if x.dtype != weights.gate_up.dtype:  # not a no-op .to(): it costs ~30 us of a decoding step's layer call
+        if x.dtype != weights.gate_up.dtype:  # a no-op .to() is not free on a decoding step's layer call
             x = x.to(weights.gate_up.dtype)
         if x.shape[0] == 0:  # oneDNN refuses empty matmuls; the answer is known
             hidden = weights.down.shape[1] if self.spec.is_transposed else weights.down.shape[0]

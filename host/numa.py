@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # How OpenMP threads wait, for the coordinator and the workers. They take turns on the same cores every layer:
-# threads that spin after their parallel regions for long (the default: ~9 ms) steal those cores from the other
-# side, and threads that sleep soon are woken, on a virtual machine slowly, for each product of the next layer. So
-# they spin about as long as the gaps between one layer's products, then sleep: GOMP_SPINCOUNT 30000 pauses, ~0.9 ms
-# on a Zen 3 core. Measured side by side on mini (README, Performance): 3000 took 1.08-1.24x the time per decode
-# token, 10000 1.18x, 20000 the same, 60000 1.22x, 300000 2.1x; the coordinator's spin matters most.
+# threads that spin long after their parallel regions (libgomp's default) steal those cores from the other side,
+# and threads that sleep at once are woken, on a virtual machine slowly, for each product of the next layer. So they
+# spin about as long as the gaps between one layer's products, then sleep. The count was chosen by paired runs of
+# several values (docs/performance-log.md, item 8); the coordinator's spin matters most.
 OPENMP_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"}
 _user_openmp_settings: dict[str, str | None] | None = None  # as the user set them, before use_openmp_settings()
 

@@ -348,8 +348,8 @@ def _sizes(shape: list) -> bool:
     return True
 
 
-# The two messages of every layer call, decoded field by field with the same checks as `_build` makes: right after
-# a worker's turn has flushed the caches, the generic path costs ~150 us per message, this one about a third.
+# The two messages of every layer call, decoded field by field with the same checks as `_build` makes, in a fraction
+# of the generic path's time right after a worker's turn has flushed the caches (docs/performance-log.md).
 _LAYER_CALL_KINDS = {  # kind: (class, its body's keys, its tensor's field)
     ExpertRequest.KIND: (ExpertRequest, frozenset({"request_id", "layer", "expert_ids", "row_counts"}), "rows"),
     ExpertReply.KIND: (ExpertReply, frozenset({"request_id", "layer", "compute_seconds"}), "outputs"),
