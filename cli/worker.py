@@ -110,8 +110,19 @@ def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, leave)
-    Worker(WorkerConfig(listen=listen, threads=threads, model_dir=model, token=token, parent_pid=parent_pid,
-                        name=name)).serve()
+    try:
+        Worker(WorkerConfig(listen=listen, threads=threads, model_dir=model, token=token, parent_pid=parent_pid,
+                            name=name)).serve()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    else:
+        code = 0
+    # The serve loop's `finally` has closed the socket and the shared memory; the interpreter's own shutdown with
+    # torch loaded would add a second or more before the process is gone, which a relaunch or a test waits for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:
