@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 
 from fiddler_moe.coordinator import loading
-from fiddler_moe.benchmarks.runners import ClusterConfig, ClusterRunner, TransformersRunner
+from fiddler_moe.benchmarks.runners import ClusterRunner, SweepPoint, TransformersRunner
 from fiddler_moe.coordinator.placement import format_size
 from fiddler_moe.host.paths import cache_dir
+from fiddler_moe.launch.options import ClusterOptions
 from fiddler_moe.launch.synthetic import PRESETS, estimated_bytes, write_checkpoint
 from fiddler_moe.native import kernels
 from fiddler_moe.experts.compute import PACK_BFLOAT16, UPCAST_BFLOAT16
@@ -274,30 +275,26 @@ def best_bandwidth(first: dict, second: dict) -> dict:
 # --- the whole benchmark ---
 
 
-def launcher_threads(device: str, workers: int, threads_per_worker: int | None,
-                     device_memory: str | None) -> tuple[int, int]:
-    """What `fiddler-launch` would give this many workers: (threads per worker, coordinator threads)."""
+def launcher_threads(cluster: ClusterOptions) -> tuple[int, int]:
+    """What `fiddler-launch` would give a cluster of these options: (threads per worker, coordinator threads)."""
     from fiddler_moe.launch.cluster import Cluster
 
-    layout = Cluster(workers=workers, threads_per_worker=threads_per_worker, device=device,
-                     device_memory=device_memory).plan_workers()
-    return layout.workers[0].threads, len(layout.coordinator_cpus)
+    layout = Cluster(cluster).plan_workers()
+    return layout.workers[0].threads, cluster.coordinator_threads or len(layout.coordinator_cpus)
 
 
-def grid(options: BenchOptions) -> list[ClusterConfig]:
-    configs = []
+def grid(options: BenchOptions) -> list[SweepPoint]:
+    points = []
     for workers, threads, coordinator, memory in itertools.product(
         options.workers, options.threads_per_worker, options.coordinator_threads, options.device_memory
     ):
         if workers < 1:
             raise BenchError(f"--workers {workers}: the benchmark needs at least one worker")
-        if threads is not None and threads < 1:
-            raise BenchError(f"--threads-per-worker {threads}: use 1 or more")
-        if coordinator is not None and coordinator < 1:
-            raise BenchError(f"--coordinator-threads {coordinator}: use 1 or more")
-        default_threads, default_coordinator = launcher_threads(options.device, workers, threads, memory)
-        configs.append(ClusterConfig(workers, threads or default_threads, memory, coordinator or default_coordinator))
-    return configs
+        cluster = ClusterOptions(workers=workers, threads_per_worker=threads, device=options.device,
+                                 device_memory=memory, coordinator_threads=coordinator)
+        threads_each, coordinator_threads = launcher_threads(cluster)
+        points.append(SweepPoint(workers, threads_each, memory, coordinator_threads))
+    return points
 
 
 def check_options(options: BenchOptions) -> None:
@@ -316,7 +313,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
     from fiddler_moe.coordinator.coordinator import resolve_device
 
     check_options(options)
-    configs = grid(options)
+    points = grid(options)
     folder, dtype = prepare_checkpoint(options, log)
     device = resolve_device(options.device)
     skeleton, layout = loading.inspect(folder, dtype)
@@ -336,8 +333,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
     bandwidth = measure_read_bandwidth(threads_seen, options.bandwidth_mib)
     initial_threads = torch.get_num_threads()
 
-    clusters = [ClusterRunner(folder, dtype, options.device, config, prompt, options.new_tokens)
-                for config in configs]
+    clusters = [ClusterRunner(folder, dtype, options.device, point, prompt, options.new_tokens) for point in points]
     cores = os.cpu_count() or 1
     baselines = []
     if options.baseline:  # the same total threads as each cluster, up to the cores there are

@@ -66,8 +66,9 @@ def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str) -> N
         run = turn
     else:
         from fiddler_moe.launch.cluster import Cluster
+        from fiddler_moe.launch.options import ClusterOptions
 
-        cluster = Cluster(folder, workers=1, device="cpu", dtype="bfloat16", quiet=True)
+        cluster = Cluster(ClusterOptions(model=folder, workers=1, device="cpu", dtype="bfloat16", quiet=True))
         cluster.start()
 
         def run(n: int) -> float:

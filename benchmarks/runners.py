@@ -31,7 +31,9 @@ BREAKDOWN_PARTS = {  # key -> label, in the order of the stacked bars
 
 
 @dataclass
-class ClusterConfig:
+class SweepPoint:
+    """One cluster configuration of the sweep, with the launcher's defaults filled in."""
+
     workers: int
     threads_per_worker: int
     device_memory: str | None
@@ -132,12 +134,12 @@ def breakdown(decode_seconds: float, forward_seconds: float, hot_compute: float,
 
 
 class ClusterRunner:
-    def __init__(self, folder: Path, dtype: str, device: str, config: ClusterConfig, prompt: list[int],
+    def __init__(self, folder: Path, dtype: str, device: str, point: SweepPoint, prompt: list[int],
                  new_tokens: int):
-        self.folder, self.dtype, self.device, self.config = folder, dtype, device, config
+        self.folder, self.dtype, self.device, self.point = folder, dtype, device, point
         self.prompt, self.new_tokens = prompt, new_tokens
-        self.threads = config.coordinator_threads  # the coordinator's torch threads
-        self.label = f"fiddler {config.label(self.threads)}"
+        self.threads = point.coordinator_threads  # the coordinator's torch threads
+        self.label = f"fiddler {point.label(self.threads)}"
         self.cluster = None
         self.runs: list[Run] = []
         self.decode: list[dict] = []
@@ -145,15 +147,17 @@ class ClusterRunner:
 
     @property
     def total_threads(self) -> int:
-        return self.threads + self.config.workers * self.config.threads_per_worker
+        return self.threads + self.point.workers * self.point.threads_per_worker
 
     def start(self) -> None:
         from fiddler_moe.launch.cluster import Cluster
+        from fiddler_moe.launch.options import ClusterOptions
 
-        c = self.config
-        self.cluster = Cluster(self.folder, workers=c.workers, threads_per_worker=c.threads_per_worker,
-                               device=self.device, dtype=self.dtype, device_memory=c.device_memory,
-                               coordinator_threads=self.threads, quiet=True)
+        point = self.point
+        self.cluster = Cluster(ClusterOptions(model=self.folder, workers=point.workers,
+                                              threads_per_worker=point.threads_per_worker, device=self.device,
+                                              dtype=self.dtype, device_memory=point.device_memory,
+                                              coordinator_threads=self.threads, quiet=True))
         self.cluster.start()
         coordinator = self.cluster.coordinator
         self.dispatcher = coordinator.dispatcher
@@ -214,8 +218,8 @@ class ClusterRunner:
         per_token = lambda total: 1e3 * total / steps if steps else 0.0  # noqa: E731
         pairs = sum(d["hot_pairs"] + d["cold_pairs"] for d in self.decode)
         return {
-            "config": asdict(self.config) | {"coordinator_threads": self.threads,
-                                             "label": self.config.label(self.threads)},
+            "config": asdict(self.point) | {"coordinator_threads": self.threads,
+                                            "label": self.point.label(self.threads)},
             "total_threads": self.total_threads,
             "hot_experts": self.hot,
             "hot_share": self.hot / self.total_experts if self.total_experts else 0.0,

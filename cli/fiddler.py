@@ -12,26 +12,9 @@ from typing import Annotated
 
 import typer
 
+from fiddler_moe.cli.options import cluster_options_command, fail
 from fiddler_moe.host import numa
-
-from fiddler_moe.cli.launch import (
-    CoordinatorThreadsOption,
-    DeviceMemoryOption,
-    DeviceOption,
-    DtypeOption,
-    HotExpertsOption,
-    ModelOption,
-    NumaOption,
-    ProfileOption,
-    RemoteWorkerOption,
-    ThreadsOption,
-    TokenFileOption,
-    TransportOption,
-    WorkersOption,
-    WorkersPerSocketOption,
-    cluster_from_options,
-    fail,
-)
+from fiddler_moe.launch.options import ClusterOptions
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, rich_markup_mode=None)
 
@@ -181,22 +164,10 @@ def generate(
 
 
 @app.command()
+@cluster_options_command(exclude=("restart_workers", "max_restarts"))  # one prompt: a dead worker ends it anyway
 def run(
     prompt: PromptArg,
-    model: ModelOption = None,
-    workers: WorkersOption = None,
-    workers_per_socket: WorkersPerSocketOption = None,
-    threads_per_worker: ThreadsOption = None,
-    numa: NumaOption = "on",
-    device: DeviceOption = "auto",
-    device_memory: DeviceMemoryOption = None,
-    dtype: DtypeOption = "auto",
-    hot_experts: HotExpertsOption = None,
-    coordinator_threads: CoordinatorThreadsOption = None,
-    transport: TransportOption = "shm",
-    remote_worker: RemoteWorkerOption = None,
-    token_file: TokenFileOption = None,
-    profile: ProfileOption = None,
+    options: ClusterOptions,
     max_new_tokens: MaxNewTokensOption = 128,
     temperature: TemperatureOption = 0.0,
     top_p: TopPOption = 1.0,
@@ -211,15 +182,13 @@ def run(
     from fiddler_moe.coordinator.service import TextStream
     from fiddler_moe.experts.checkpoint import CheckpointError
     from fiddler_moe.cli.launch import _terminate_as_interrupt
+    from fiddler_moe.launch.cluster import Cluster
 
     _terminate_as_interrupt()
     try:
         check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
-        cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
-                                       coordinator_threads, quiet=as_json, workers_per_socket=workers_per_socket,
-                                       numa=numa, transport=transport, remote_workers=remote_worker,
-                                       token_file=token_file, profile=profile)
-        with cluster:
+        options.quiet = as_json
+        with Cluster(options) as cluster:
             stream = None if as_json else TextStream(cluster.tokenizer, lambda text, ids: _print_piece(text))
             out = cluster.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                    top_k=top_k, seed=seed, chat=chat, on_token=stream)
@@ -272,6 +241,7 @@ def stats(
 
 
 @app.command()
+@cluster_options_command(exclude=("profile", "restart_workers", "max_restarts"))  # it records a profile, once
 def profile(
     prompts: Annotated[Path, typer.Option("--prompts", help="Calibration prompts: a text file with one prompt per "
                                           'line, or JSONL with {"prompt": ...}, {"text": ...} or {"messages": [...]} '
@@ -279,19 +249,8 @@ def profile(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the profile.")] = Path("profile.json"),
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate after each prompt, so that "
                                             "decoding is counted too; 0 reads the prompts only.")] = 0,
-    model: ModelOption = None,
-    workers: WorkersOption = None,
-    workers_per_socket: WorkersPerSocketOption = None,
-    threads_per_worker: ThreadsOption = None,
-    numa: NumaOption = "on",
-    device: DeviceOption = "auto",
-    device_memory: DeviceMemoryOption = None,
-    dtype: DtypeOption = "auto",
-    hot_experts: HotExpertsOption = None,
-    coordinator_threads: CoordinatorThreadsOption = None,
-    transport: TransportOption = "shm",
-    remote_worker: RemoteWorkerOption = None,
-    token_file: TokenFileOption = None,
+    *,
+    options: ClusterOptions,
 ) -> None:
     """Run calibration prompts through a cluster and write how often each expert was routed (an expert profile)."""
     import torch
@@ -301,6 +260,7 @@ def profile(
     from fiddler_moe.coordinator.profile import ProfileError, read_calibration_prompts
     from fiddler_moe.experts.checkpoint import CheckpointError
     from fiddler_moe.cli.launch import _terminate_as_interrupt
+    from fiddler_moe.launch.cluster import Cluster
 
     _terminate_as_interrupt()
     if max_tokens < 0:
@@ -310,10 +270,7 @@ def profile(
     except ProfileError as e:
         raise fail(str(e)) from None
     try:
-        cluster = cluster_from_options(model, workers, threads_per_worker, device, device_memory, dtype, hot_experts,
-                                       coordinator_threads, workers_per_socket=workers_per_socket, numa=numa,
-                                       transport=transport, remote_workers=remote_worker, token_file=token_file)
-        with cluster:
+        with Cluster(options) as cluster:
             coordinator = cluster.coordinator
             shortened = 0
             for number, prompt in enumerate(calibration, start=1):
@@ -413,7 +370,7 @@ def bench(
                                   "to sweep, e.g. 1,2. Default: fiddler-launch's.")] = None,
     device_memory: Annotated[str | None, typer.Option(help="Device memory budgets to sweep (hot share), e.g. "
                              "0,500MiB,all. Default: the device's default.")] = None,
-    device: DeviceOption = "auto",
+    device: Annotated[str, typer.Option(help="Coordinator device: cuda, cpu or auto.")] = "auto",
     coordinator_threads: Annotated[str | None, typer.Option(help="Coordinator torch threads to sweep, e.g. 1,2. "
                                    "Default: fiddler-launch's (the cores it keeps for the coordinator).")] = None,
     interleave: Annotated[bool, typer.Option(help="Load every contestant at once and run them in turns, so "

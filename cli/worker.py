@@ -13,8 +13,8 @@ from pathlib import Path
 
 import typer
 
-from fiddler_moe.cli.launch import read_token
 from fiddler_moe.host.numa import bind_memory_to_node, parse_cpu_list
+from fiddler_moe.launch.options import read_token
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import transformers
@@ -24,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 from fiddler_moe.coordinator import loading
 from fiddler_moe.coordinator.cpu_linear import pack_linear_layers
 from fiddler_moe.coordinator.dispatch import ClusterDegraded, Dispatcher, WorkerFailed, WorkerLink
-from fiddler_moe.coordinator.placement import Placement, format_size, parse_size, plan
+from fiddler_moe.coordinator.placement import Placement, format_size, plan
 from fiddler_moe.coordinator.profile import ExpertProfile
 from fiddler_moe.coordinator.scheduling import MoveEveryExpert, Scheduler, load_or_measure
 from fiddler_moe.coordinator.staging import STAGING_BUFFERS, MappedShard, Staging
@@ -109,35 +110,24 @@ def _memory_total() -> int | None:
         return None
 
 
-def _parse_budget(device_memory: str) -> int:
-    try:
-        return parse_size(device_memory)
-    except ValueError as e:
-        raise ValueError(f"--device-memory: {e}, or 'all'") from None
-
-
 def prepare(
     model: Path,
     workers: int,
     device: str = "auto",
     dtype: str | None = None,
-    device_memory: str | None = None,
+    device_memory: int | Literal["all"] | None = None,
     hot_experts: int | None = None,
     profile: str | os.PathLike | ExpertProfile | None = None,
     scheduling: str = "auto",
 ) -> Prepared:
-    """profile: a profile file (`fiddler profile`) or an ExpertProfile, refused unless recorded on this checkpoint.
+    """device_memory: bytes for weights on the device, "all" (every expert hot), or None (the device's default).
+    profile: a profile file (`fiddler profile`) or an ExpertProfile, refused unless recorded on this checkpoint.
     scheduling: auto (the scheduler moves cold experts to a GPU when that finishes a layer call sooner), never, or
-    always (every cold expert with several rows moves, also to a CPU device: for tests of the move path)."""
-    # Flags first (cheap), then the checkpoint: every mistake is found here, before any process starts.
-    if scheduling not in ("auto", "never", "always"):
-        raise ValueError(f"scheduling must be auto, never or always, got {scheduling!r}")
-    if workers < 0:
-        raise ValueError(f"--workers must be 0 or more, got {workers}")
-    if hot_experts is not None and hot_experts < 0:
-        raise ValueError(f"--hot-experts must be 0 or more, got {hot_experts}")
+    always (every cold expert with several rows moves, also to a CPU device: for tests of the move path).
+    The caller has checked each value on its own (sizes read, counts not negative); here they meet the device and
+    the checkpoint, so that every mistake is found before any process starts."""
     torch_device = resolve_device(device)
-    requested = None if device_memory in (None, "", "all") else _parse_budget(device_memory)
+    requested = device_memory if isinstance(device_memory, int) else None
     if requested is not None:
         if torch_device.type == "cuda":
             total, where = torch.cuda.get_device_properties(torch_device).total_memory, "the GPU has"
@@ -145,12 +135,12 @@ def prepare(
             total, where = _memory_total(), "this machine has"
         if total is not None and requested > total:
             raise ValueError(
-                f"--device-memory {device_memory} is more than {where} ({format_size(total)}); lower it or leave "
-                "it out for the default"
+                f"--device-memory {format_size(requested)} is more than {where} ({format_size(total)}); lower it "
+                "or leave it out for the default"
             )
     skeleton, layout = loading.inspect(Path(model), dtype)
     tokenizer = load_tokenizer(layout.folder)
-    if device_memory in (None, ""):
+    if device_memory is None:
         if torch_device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(torch_device)
             budget: int | None = max(0, free - DEVICE_MEMORY_MARGIN)

@@ -1,7 +1,9 @@
 """A cluster: expert worker processes plus the coordinator in this process, started and stopped together.
 
-    with Cluster(model="path/to/mixtral", workers=4, threads_per_worker=8) as cluster:
+    with Cluster(ClusterOptions(model="path/to/mixtral", workers=4, threads_per_worker=8)) as cluster:
         print(cluster.generate("The capital of France is").text)
+
+`Cluster("path/to/mixtral", workers=4)` is the short form: the model, then ClusterOptions' fields by name.
 
 Everything the cluster starts (processes, sockets, its private run folder) is gone when the block exits, also on
 errors and Ctrl-C.
@@ -9,67 +11,45 @@ errors and Ctrl-C.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fiddler_moe.coordinator.coordinator import Coordinator, Generation, prepare
 from fiddler_moe.coordinator.dispatch import WorkerFailed
-from fiddler_moe.coordinator.placement import format_size, parse_size
-from fiddler_moe.coordinator.profile import ExpertProfile
+from fiddler_moe.coordinator.placement import format_size
 from fiddler_moe.host import numa
 from fiddler_moe.launch import rundir
+from fiddler_moe.launch.options import ClusterOptions
 
 
-@dataclass
-class ClusterConfig:
-    model: Path | None = None  # None: the built-in tiny model (random weights)
-    workers: int | None = None  # local workers in total; None: one per NUMA node (or workers_per_socket each)
-    workers_per_socket: int | None = None
-    threads_per_worker: int | None = None  # None: the node's free physical cores shared evenly
-    numa: bool = True  # pin workers to their node's cores and bind their memory there
-    device: str = "auto"
-    dtype: str | None = None
-    device_memory: str | None = None  # a size, "all", or None for the device's default
-    hot_experts: int | None = None  # overrides device_memory with an explicit count
-    coordinator_threads: int | None = None
-    transport: str = "shm"  # shm (local workers) or zmq
-    shm_rows: int = 4096  # rows per shared-memory slot; larger batches travel over ZeroMQ
-    remote_workers: list[str] = field(default_factory=list)  # tcp://host:port of fiddler-worker --listen
-    token: str = ""  # presented to remote workers
-    profile: Path | str | ExpertProfile | None = None  # expert popularity (`fiddler profile`): picks the hot set
-    scheduling: str = "auto"  # auto: move cold experts to a GPU when it pays; never; always (tests of the move path)
-    restart_workers: bool = True  # a local worker that dies is started again with the same shard
-    max_restarts: int = 3  # per worker; past it the cluster reports itself degraded
-    quiet: bool = False
-
-
-def coordinator_cores(config: ClusterConfig, topology: numa.Topology) -> int:
+def coordinator_cores(options: ClusterOptions, topology: numa.Topology) -> int:
     """Cores kept for the coordinator alone. Driving a GPU: one. On a CPU-only machine with every expert cold, the
     coordinator and the workers take turns (it waits while they compute a layer's experts, they wait while it runs
     attention and the head), so it keeps none and runs on node 0's cores in the workers' gaps: each side gets every
     core when it computes (README, "Performance"). With hot experts on the CPU it computes beside the workers, so
     it keeps an eighth of the cores."""
-    device = config.device
+    device = options.device
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return 1
-    hot = bool(config.hot_experts) or config.device_memory == "all"
-    if not hot and config.device_memory not in (None, ""):
-        with contextlib.suppress(ValueError):  # an unreadable size is reported by prepare(), with its fix
-            hot = parse_size(config.device_memory) > 0
+    hot = bool(options.hot_experts or options.device_budget)  # a count, a size above 0, or "all"
     return max(1, topology.physical_cores // 8) if hot else 0
 
 
 class Cluster:
-    def __init__(self, model: str | Path | None = None, **kwargs):
-        self.config = ClusterConfig(model=Path(model) if model else None, **kwargs)
+    def __init__(self, options: ClusterOptions | str | Path | None = None, /, **kwargs):
+        """Cluster(ClusterOptions(...)), or Cluster(model, **fields of ClusterOptions)."""
+        if isinstance(options, ClusterOptions):
+            if kwargs:
+                raise TypeError("give Cluster a ClusterOptions or its fields by name, not both")
+        else:
+            options = ClusterOptions(**kwargs) if options is None else ClusterOptions(model=options, **kwargs)
+        self.options = options
         self.processes: list[subprocess.Popen] = []  # local workers, index = worker index
         self.slots: list[numa.WorkerSlot] = []
         self.addresses: list[str] = []  # local workers' sockets, then the remote workers
@@ -87,18 +67,18 @@ class Cluster:
         self.stop()
 
     def log(self, text: str) -> None:
-        if not self.config.quiet:
+        if not self.options.quiet:
             print(text, file=sys.stderr, flush=True)
 
     def plan_workers(self, topology: numa.Topology | None = None) -> numa.Layout:
-        cfg = self.config
+        cfg = self.options
         topology = topology or numa.read_topology()
         return numa.lay_out(topology, cfg.workers, cfg.workers_per_socket, cfg.threads_per_worker,
-                            coordinator_cores=coordinator_cores(cfg, topology), numa=cfg.numa)
+                            coordinator_cores=coordinator_cores(cfg, topology), numa=cfg.numa == "on")
 
     def dry_run(self) -> list[str]:
         """The plan, as `fiddler-launch --dry-run` prints it: nothing is started."""
-        cfg = self.config
+        cfg = self.options
         if cfg.model is None:
             from fiddler_moe.launch.synthetic import builtin_model_path
 
@@ -106,7 +86,7 @@ class Cluster:
         topology = numa.read_topology()
         layout = self.plan_workers(topology)
         prepared = prepare(cfg.model, len(layout.workers) + len(cfg.remote_workers), cfg.device, cfg.dtype,
-                           cfg.device_memory, cfg.hot_experts, cfg.profile, cfg.scheduling)
+                           cfg.device_budget, cfg.hot_experts, cfg.profile, cfg.scheduling)
         placement = prepared.plan([float(slot.threads) for slot in layout.workers] + [1.0] * len(cfg.remote_workers))
         model = prepared.layout
         lines = [
@@ -114,7 +94,7 @@ class Cluster:
             f"{model.num_experts} experts of {format_size(model.expert_bytes)}",
             f"device: {prepared.device}: non-expert weights {format_size(model.non_expert_bytes)}, "
             f"{len(placement.hot)} hot experts ({format_size(len(placement.hot) * model.expert_bytes)})",
-            f"transport: {cfg.transport}; numa: {'on' if cfg.numa else 'off'}",
+            f"transport: {cfg.transport}; numa: {cfg.numa}",
             f"machine: {len(topology.nodes)} NUMA node(s), {topology.physical_cores} physical cores; "
             f"coordinator on cpu {numa.format_cpu_list(layout.coordinator_cpus)}"
             + (", taking turns with the workers" if coordinator_cores(cfg, topology) == 0 else ""),
@@ -125,7 +105,7 @@ class Cluster:
             shard_bytes = sum(len(placement.shard(s.index)) for s in slots) * model.expert_bytes
             lines.append(f"  node {node.id}: cpus {numa.format_cpu_list(node.cpus)}, {len(node.cores)} cores, "
                          f"{format_size(node.memory_bytes)}, {len(slots)} worker(s), shards {format_size(shard_bytes)}")
-            if cfg.numa and node.memory_bytes and shard_bytes > node.memory_bytes:
+            if cfg.numa == "on" and node.memory_bytes and shard_bytes > node.memory_bytes:
                 warnings.append(f"node {node.id}: its workers' shards ({format_size(shard_bytes)}) do not fit its "
                                 f"memory ({format_size(node.memory_bytes)}); add workers on other nodes or hot experts")
         for slot in layout.workers:
@@ -142,9 +122,7 @@ class Cluster:
         return lines + [f"warning: {w}" for w in warnings]
 
     def start(self) -> None:
-        cfg = self.config
-        if (cfg.workers is not None and cfg.workers < 0) or (cfg.threads_per_worker is not None and cfg.threads_per_worker < 1):
-            raise ValueError("--workers must be 0 or more and --threads-per-worker 1 or more")
+        cfg = self.options
         if cfg.model is None:
             from fiddler_moe.launch.synthetic import builtin_model_path
 
@@ -155,7 +133,7 @@ class Cluster:
             self.log(f"warning: {warning}")
         # Everything that can be wrong with the checkpoint or flags is found here, before any process starts.
         num_workers = len(layout.workers) + len(cfg.remote_workers)
-        prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_memory, cfg.hot_experts,
+        prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_budget, cfg.hot_experts,
                            cfg.profile, cfg.scheduling)
         # The coordinator's threads are counted among the cores: left at torch's default (every core) they fight
         # the workers for the cores the layout gave them.
@@ -196,7 +174,7 @@ class Cluster:
         # OpenMP threads spin briefly, then sleep between layers instead of spinning on cores others need.
         env = {**numa.OPENMP_SETTINGS, **os.environ, "OMP_NUM_THREADS": str(slot.threads),
                "OMP_WAIT_POLICY": "PASSIVE"}
-        if self.config.quiet:
+        if self.options.quiet:
             env["FIDDLER_WORKER_QUIET"] = "1"
         # Own session: a Ctrl-C at the terminal reaches the launcher, which stops the workers in order.
         return subprocess.Popen(command, env=env, start_new_session=True)
@@ -253,8 +231,8 @@ class Cluster:
         if coordinator.degraded:
             return
         local = index < len(self.processes)
-        if local and (not self.config.restart_workers or self.restarts[index] >= self.config.max_restarts):
-            why = "restarts are off" if not self.config.restart_workers else f"{self.restarts[index]} restarts used"
+        if local and (not self.options.restart_workers or self.restarts[index] >= self.options.max_restarts):
+            why = "restarts are off" if not self.options.restart_workers else f"{self.restarts[index]} restarts used"
             coordinator.degraded = f"{name} ({self.addresses[index]}) {reason}; {why}"
             self.log(f"error: cluster degraded: {coordinator.degraded}")
             return
