@@ -84,9 +84,10 @@ class DispatchStats:
     tokens: int = 0  # tokens the model read (counted at its first MoE layer)
     layer_calls: int = 0
     dispatch_seconds: float = 0.0  # all time inside MoE expert calls
+    send_seconds: float = 0.0  # gathering and sending the cold requests (the Python path; the C path's is waiting)
     hot_seconds: float = 0.0  # computing hot experts (overlaps the workers)
     moved_seconds: float = 0.0  # copying moved experts to the device and computing them (overlaps the workers)
-    wait_seconds: float = 0.0  # blocked on worker replies after the hot experts were done
+    wait_seconds: float = 0.0  # blocked on worker replies after the device's part was done
     round_trip_seconds: float = 0.0  # first request sent -> last reply in, summed over layer calls
     worker_compute_seconds: float = 0.0  # the slowest worker's compute per layer call, summed
     routed: dict[Expert, int] = field(default_factory=dict)
@@ -216,11 +217,13 @@ class Dispatcher:
         whole = len(by_worker) == 1 and not hot_spans and not moved
         rows = None if whole else hidden[_on(hidden.device, tokens)]  # (tokens * top_k, hidden), grouped by expert
         pending = {w: self._send(w, layer, hidden, tokens, rows, spans) for w, spans in by_worker.items()}
+        hot_started = time.perf_counter()
         outputs = None if whole else torch.empty_like(rows)
         for weights, lo, hi in hot_spans:
             self.kernel.forward(weights, rows[lo:hi], outputs[lo:hi])
         hot_done = time.perf_counter()
-        self.stats.hot_seconds += hot_done - sent
+        self.stats.send_seconds += hot_started - sent
+        self.stats.hot_seconds += hot_done - hot_started
         for expert, lo, hi in moved:  # copied into a staging buffer, computed here, while the workers run
             slot, weights = self.staging.load(self.reachable[(layer, expert)])
             outputs[lo:hi] = self.kernel.forward(weights, rows[lo:hi])
