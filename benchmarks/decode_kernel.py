@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from fiddler_moe.native import kernels
+from fiddler_moe.native import build, kernels
 
 
 def build_without_prefetch(folder: Path) -> ctypes.CDLL:
     source = kernels.SOURCES[0].read_text().replace("#define PREFETCH_ROWS 12", "#define PREFETCH_ROWS 0")
     source = source.replace("if ((c & 31) == 0) {", "if (PREFETCH_ROWS && (c & 31) == 0) {")
     (folder / "nopf.c").write_text(source)
-    runtime = kernels._openmp_runtime()
-    subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-c", str(folder / "nopf.c"), "-o",
-                    str(folder / "nopf.o")], check=True)
+    runtime = build.openmp_runtime()
+    subprocess.run(["cc", *build.compiler_flags(), "-I", str(build.HEADER.parent), "-c", str(folder / "nopf.c"),
+                    "-o", str(folder / "nopf.o")], check=True)
     subprocess.run(["cc", "-shared", str(folder / "nopf.o"), *([runtime] if runtime else ["-fopenmp"]), "-o",
                     str(folder / "nopf.so")], check=True)
     lib = ctypes.CDLL(str(folder / "nopf.so"))

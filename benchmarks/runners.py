@@ -94,39 +94,20 @@ class ForwardTimer:
             handle.remove()
 
 
-class TimedKernel:
-    """Stands in for the dispatcher's expert kernel to time the hot experts alone (the dispatcher's hot_seconds
-    also holds the sending of the cold requests)."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.seconds = 0.0
-
-    def forward(self, weights, x):
-        started = time.perf_counter()
-        try:
-            return self.kernel.forward(weights, x)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-    def __getattr__(self, name):
-        return getattr(self.kernel, name)
-
-
-def breakdown(decode_seconds: float, forward_seconds: float, hot_compute: float, stats) -> dict[str, float]:
+def breakdown(decode_seconds: float, forward_seconds: float, stats) -> dict[str, float]:
     """Seconds of decode per part; they add up to decode_seconds (each clamped at 0 where clocks disagree).
 
     Inside an MoE layer call (the dispatcher's stats): the cold requests are sent, the hot experts computed, then
     the replies awaited. Sending plus awaiting is the time spent on the workers; of it, the round trips beyond the
     slowest worker's own compute are transport, the rest worker compute."""
     get = lambda name: float(getattr(stats, name, 0.0) or 0.0)  # noqa: E731
-    dispatch, hot, wait = get("dispatch_seconds"), get("hot_seconds"), get("wait_seconds")
-    waiting = max(0.0, hot - hot_compute) + wait
+    dispatch, hot = get("dispatch_seconds"), get("hot_seconds")
+    waiting = get("send_seconds") + get("wait_seconds")
     transport = min(waiting, get("transport_seconds"))
     return {
         "non_expert": max(0.0, forward_seconds - dispatch),
-        "hot_experts": hot_compute,
-        "routing": max(0.0, dispatch - hot - wait),
+        "hot_experts": hot,
+        "routing": max(0.0, dispatch - hot - waiting),
         "worker_compute": waiting - transport,
         "transport": transport,
         "sampling_overhead": max(0.0, decode_seconds - forward_seconds),
@@ -162,8 +143,6 @@ class ClusterRunner:
         coordinator = self.cluster.coordinator
         self.dispatcher = coordinator.dispatcher
         self.timer = ForwardTimer(coordinator.model)
-        self.kernel = TimedKernel(self.dispatcher.kernel)
-        self.dispatcher.kernel = self.kernel
         self.hot = len(self.dispatcher.hot)
         self.total_experts = coordinator.layout.num_experts
         self.worker_names = [link.name for link in self.dispatcher.workers]
@@ -173,8 +152,8 @@ class ClusterRunner:
 
     def _mark(self) -> dict:
         workers = self.dispatcher.workers
-        return {"forward": self.timer.seconds, "hot": self.kernel.seconds,
-                "busy": [w.busy_seconds for w in workers], "requests": [w.requests for w in workers]}
+        return {"forward": self.timer.seconds, "busy": [w.busy_seconds for w in workers],
+                "requests": [w.requests for w in workers]}
 
     def run_once(self) -> None:
         from fiddler_moe.coordinator.dispatch import DispatchStats
@@ -194,8 +173,7 @@ class ClusterRunner:
         self.runs.append(Run(out.prefill_seconds, out.decode_seconds, len(self.prompt), len(out.token_ids)))
         self.decode.append({
             "seconds": out.decode_seconds,
-            "parts": breakdown(out.decode_seconds, end["forward"] - start["forward"], end["hot"] - start["hot"],
-                               stats),
+            "parts": breakdown(out.decode_seconds, end["forward"] - start["forward"], stats),
             "busy": [b - a for a, b in zip(start["busy"], end["busy"])],
             "requests": [b - a for a, b in zip(start["requests"], end["requests"])],
             "hot_pairs": stats.hot_pairs,
@@ -208,7 +186,6 @@ class ClusterRunner:
             return
         if getattr(self, "timer", None):
             self.timer.remove()
-            self.dispatcher.kernel = self.kernel.kernel
         self.cluster.stop()
         self.cluster = None
 

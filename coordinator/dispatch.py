@@ -15,6 +15,7 @@ C instead (`_call_in_c`, native/shm_call.py): right after the worker's turn each
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -83,9 +84,10 @@ class DispatchStats:
     tokens: int = 0  # tokens the model read (counted at its first MoE layer)
     layer_calls: int = 0
     dispatch_seconds: float = 0.0  # all time inside MoE expert calls
+    send_seconds: float = 0.0  # gathering and sending the cold requests (the Python path; the C path's is waiting)
     hot_seconds: float = 0.0  # computing hot experts (overlaps the workers)
     moved_seconds: float = 0.0  # copying moved experts to the device and computing them (overlaps the workers)
-    wait_seconds: float = 0.0  # blocked on worker replies after the hot experts were done
+    wait_seconds: float = 0.0  # blocked on worker replies after the device's part was done
     round_trip_seconds: float = 0.0  # first request sent -> last reply in, summed over layer calls
     worker_compute_seconds: float = 0.0  # the slowest worker's compute per layer call, summed
     routed: dict[Expert, int] = field(default_factory=dict)
@@ -103,7 +105,10 @@ class DispatchStats:
         return max(0.0, self.round_trip_seconds - self.worker_compute_seconds)
 
 
-SMALL_CALL_PAIRS = 64  # routed pairs up to which grouping is done on Python lists (decoding): fewer tensor ops
+# Routed pairs up to which grouping is done on Python lists (decoding): fewer tensor ops. A speed threshold, not a
+# capacity: native/limits.py's MAX_PAIRS (the most pairs a call through shm_call.c takes) is set apart from it, and
+# a call on either side of either gives the same bits.
+SMALL_CALL_PAIRS = 64
 
 
 Index = torch.Tensor | list[int]  # positions or tokens: a list for a small call, a tensor on the device otherwise
@@ -197,18 +202,13 @@ class Dispatcher:
         start = 0
         for expert, count in groups:
             key = (layer, expert)
-            self.stats.routed[key] = self.stats.routed.get(key, 0) + count
             if key in self.hot:
                 hot_spans.append((self.hot[key], start, start + count))
                 self.stats.hot_pairs += count
             else:
                 by_worker.setdefault(self.owner[key], []).append((expert, start, start + count))
             start += count
-        self.stats.layer_calls += 1
-        if layer == self.first_layer:
-            self.stats.tokens += num_tokens
         moved = self._take_moved(layer, by_worker, hot_spans) if num_tokens >= MIN_ROWS_TO_MOVE else []
-        self.stats.cold_pairs += sum(hi - lo for spans in by_worker.values() for _, lo, hi in spans)
 
         # Every cold request goes out before anything waits. When one worker computes every pair (all experts
         # cold on one worker: decoding on a CPU), its request is gathered straight from `hidden` and its reply is
@@ -217,21 +217,23 @@ class Dispatcher:
         whole = len(by_worker) == 1 and not hot_spans and not moved
         rows = None if whole else hidden[_on(hidden.device, tokens)]  # (tokens * top_k, hidden), grouped by expert
         pending = {w: self._send(w, layer, hidden, tokens, rows, spans) for w, spans in by_worker.items()}
+        hot_started = time.perf_counter()
         outputs = None if whole else torch.empty_like(rows)
         for weights, lo, hi in hot_spans:
             self.kernel.forward(weights, rows[lo:hi], outputs[lo:hi])
         hot_done = time.perf_counter()
-        self.stats.hot_seconds += hot_done - sent
+        self.stats.send_seconds += hot_started - sent
+        self.stats.hot_seconds += hot_done - hot_started
         for expert, lo, hi in moved:  # copied into a staging buffer, computed here, while the workers run
             slot, weights = self.staging.load(self.reachable[(layer, expert)])
             outputs[lo:hi] = self.kernel.forward(weights, rows[lo:hi])
             self.staging.release(slot)
         waited = time.perf_counter()
         self.stats.moved_seconds += waited - hot_done
-        slowest = 0.0
+        computed: dict[int, float] = {}
         for w, (request_id, seq, spans) in pending.items():
             reply = self._receive(w, request_id, seq, layer)
-            slowest = max(slowest, reply.compute_seconds)
+            computed[w] = reply.compute_seconds
             out = reply.outputs
             if out.dtype != hidden.dtype or out.device != hidden.device:  # a no-op .to() costs ~30 us here
                 out = out.to(device=hidden.device, dtype=hidden.dtype)
@@ -243,15 +245,12 @@ class Dispatcher:
                 outputs[lo:hi] = out[offset : offset + hi - lo]
                 offset += hi - lo
         done = time.perf_counter()
-        self.stats.wait_seconds += done - waited
-        if pending:
-            self.stats.round_trip_seconds += done - sent
-            self.stats.worker_compute_seconds += slowest
 
         result = _combine(outputs, order, top_k_weights)
         if result.dtype != hidden.dtype:
             result = result.to(hidden.dtype)
-        self.stats.dispatch_seconds += time.perf_counter() - entered
+        cold_pairs = sum(hi - lo for spans in by_worker.values() for _, lo, hi in spans)
+        self._record(layer, num_tokens, groups, cold_pairs, computed, entered, sent, waited, done)
         return result
 
     def _call_in_c(self, w: int, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -265,42 +264,46 @@ class Dispatcher:
             lane = self._shm_calls[w] = ShmCall(link.channel)
         num_tokens = top_k_index.shape[0]
         result = torch.empty(num_tokens, hidden.shape[1], dtype=hidden.dtype)
-        deadline = time.monotonic() + self.reply_timeout_s
+        finish = functools.partial(lane.finish, top_k_weights, layer, hidden.shape[1], result=result)
         # Nothing between posting and waiting: the worker's threads take every core as soon as they wake.
         self._next_id += 1
         sent = time.perf_counter()
         if not lane.post(hidden, top_k_index, self._next_id, layer):
             return None
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerFailed(f"{link.describe()} did not reply within {self.reply_timeout_s:.0f}s", w)
-            status = lane.finish(top_k_weights, layer, hidden.shape[1], min(left, 1.0), result)
-            if status == 1:
-                seconds = lane.call.compute_seconds
-                break
-            if status == -1:  # not a plain reply to this call (an error, say): the Python path reads it
-                reply = self._receive(w, self._next_id, lane.call.seq, layer)
-                result = _combine(reply.outputs, lane.order(), top_k_weights).to(hidden.dtype)
-                seconds = reply.compute_seconds
-                break
-            if not link.alive():
-                raise WorkerFailed(f"{link.describe()} died while computing layer {layer}", w)
+        if self._wait(w, layer, finish) == 1:
+            seconds = lane.call.compute_seconds
+        else:  # not a plain reply to this call (an error, say): the Python path reads it
+            reply = self._receive(w, self._next_id, lane.call.seq, layer)
+            result = _combine(reply.outputs, lane.order(), top_k_weights).to(hidden.dtype)
+            seconds = reply.compute_seconds
         done = time.perf_counter()
-        link.requests += 1
-        link.busy_seconds += seconds
-        for expert, count in lane.routed():
-            key = (layer, expert)
-            self.stats.routed[key] = self.stats.routed.get(key, 0) + count
-            self.stats.cold_pairs += count
-        self.stats.layer_calls += 1
-        if layer == self.first_layer:
-            self.stats.tokens += num_tokens
-        self.stats.wait_seconds += done - sent
-        self.stats.round_trip_seconds += done - sent
-        self.stats.worker_compute_seconds += seconds
-        self.stats.dispatch_seconds += time.perf_counter() - entered
+        # No device work to overlap here: the wait runs from the post.
+        self._record(layer, num_tokens, lane.routed(), top_k_index.numel(), {w: seconds}, entered, sent, sent, done)
         return result
+
+    def _record(self, layer: int, num_tokens: int, routed: list[tuple[int, int]], cold_pairs: int,
+                computed: dict[int, float], entered: float, sent: float, waited: float, done: float) -> None:
+        """The statistics of a finished layer call, either path's: the pairs `routed` to each expert (expert,
+        pairs) and those the workers computed, the call and its tokens (counted at the first layer), the wait for
+        the workers from `waited` to `done` and their round trip from `sent`, the slowest one's compute, and each
+        worker's request and busy seconds (`computed`: its reply's compute seconds, per worker asked)."""
+        stats = self.stats
+        for expert, count in routed:
+            key = (layer, expert)
+            stats.routed[key] = stats.routed.get(key, 0) + count
+        stats.cold_pairs += cold_pairs
+        stats.layer_calls += 1
+        if layer == self.first_layer:
+            stats.tokens += num_tokens
+        stats.wait_seconds += done - waited
+        if computed:
+            stats.round_trip_seconds += done - sent
+            stats.worker_compute_seconds += max(computed.values())
+        for w, seconds in computed.items():
+            link = self.workers[w]
+            link.requests += 1
+            link.busy_seconds += seconds
+        stats.dispatch_seconds += time.perf_counter() - entered
 
     def _take_moved(self, layer: int, by_worker: dict[int, list[tuple[int, int, int]]],
                     hot_spans: list[tuple[ExpertWeights, int, int]]) -> list[tuple[int, int, int]]:
@@ -361,28 +364,38 @@ class Dispatcher:
         else:
             seq = None
             link.send(request)
-        link.requests += 1
         return self._next_id, seq, spans
 
     def _receive(self, w: int, request_id: int, seq: int | None, layer: int) -> m.ExpertReply:
+        """The worker's ExpertReply to request_id: from its shared-memory slot (`seq`, the request's sequence
+        number there) or over ZeroMQ (seq None). An Error from the worker raises WorkerFailed."""
+        link = self.workers[w]
+
+        def poll(timeout_s: float) -> m.ExpertReply | None:
+            if seq is not None:
+                frames = link.channel.wait_reply(seq, timeout_s=timeout_s)
+                reply = None if frames is None else decode(frames, link.channel.reply_view)
+            else:
+                reply = link.client.receive(timeout_s=timeout_s)
+            if isinstance(reply, m.Error):
+                raise WorkerFailed(f"{link.describe()} failed layer {layer}: {reply.message}", w)
+            if isinstance(reply, m.ExpertReply) and reply.request_id == request_id:
+                return reply
+            return None  # nothing yet, or a late reply to an abandoned request: dropped, ours is still to come
+
+        return self._wait(w, layer, poll)
+
+    def _wait(self, w: int, layer: int, poll: Callable[[float], object]):
+        """poll(timeout_s) until it gives something true (a reply; shm_call's status 1 or -1), within
+        reply_timeout_s; WorkerFailed, naming the worker, when the time is up or the worker has died."""
         link = self.workers[w]
         deadline = time.monotonic() + self.reply_timeout_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WorkerFailed(f"{link.describe()} did not reply within {self.reply_timeout_s:.0f}s", w)
-            if seq is not None:
-                frames = link.channel.wait_reply(seq, timeout_s=min(left, 1.0))
-                reply = None if frames is None else decode(frames, link.channel.reply_view)
-            else:
-                reply = link.client.receive(timeout_s=min(left, 1.0))
-            if reply is None:
-                if not link.alive():
-                    raise WorkerFailed(f"{link.describe()} died while computing layer {layer}", w)
-                continue
-            if isinstance(reply, m.Error):
-                raise WorkerFailed(f"{link.describe()} failed layer {layer}: {reply.message}", w)
-            if isinstance(reply, m.ExpertReply) and reply.request_id == request_id:
-                link.busy_seconds += reply.compute_seconds
-                return reply
-            # a late reply to an abandoned request: drop it and keep waiting for ours
+            got = poll(min(left, 1.0))
+            if got:
+                return got
+            if not link.alive():
+                raise WorkerFailed(f"{link.describe()} died while computing layer {layer}", w)

@@ -10,13 +10,15 @@
    - each thread prefetches the weight rows it reads PREFETCH_ROWS rows ahead, which keeps more memory reads in
      flight than the hardware prefetcher alone does on the CPUs measured.
    Threads: OpenMP, linked against the runtime PyTorch has loaded, so the product uses PyTorch's thread team and
-   torch.set_num_threads. Built on first use by native/kernels.py. */
+   torch.set_num_threads. Built on first use by native/build.py. */
 
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "fiddler_native.h"
 
 #define PREFETCH_ROWS 12 /* measured on Zen 3: 6 to 32 alike, 16.6-16.9 GB/s at 2 threads, 12-13.4 without */
 

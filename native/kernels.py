@@ -1,141 +1,28 @@
-"""nn.Linear for a few rows of bfloat16 activations on AVX2 CPUs, through bf16_gemv.c (built on first use).
+"""The Python wrappers over the kernel library (built and loaded by native/build.py).
 
-`silu_expert` computes a whole gated SiLU expert (both products and the activation between them) in one call.
-The same library holds the small C pieces of a decoding step's hand-over between processes: `gather_rows` and
-`combine` (bit-equal to the dispatcher's tensor ops), `parked_wait` (parked_wait.c), the worker's serving loop
-(shm_serve.c, native/shm_serve.py) and the coordinator's layer call (shm_call.c, native/shm_call.py).
+`linear` is nn.Linear for a few rows of bfloat16 activations on AVX2 CPUs (bf16_gemv.c), and `silu_expert` a whole
+gated SiLU expert (both products and the activation between them) in one call. Decoding multiplies one row by
+every weight it passes, so its speed is how fast the weights stream from memory, which this kernel does faster
+than PyTorch's bfloat16 matrix-vector product on CPUs without oneDNN's bfloat16 support (README, "Performance").
+Its results equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in another order).
 
-Decoding multiplies one row by every weight it passes, so its speed is how fast the weights stream from memory.
-On CPUs without oneDNN's bfloat16 support PyTorch's bfloat16 matrix-vector product reaches 11-13 GB/s on two Zen 3
-cores where a float32 sum reads 19; the kernel in bf16_gemv.c reaches 16-18 (README, "Performance"). Its results
-equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in another order).
+The rest are the small C pieces of a decoding step's hand-over between processes: `gather_rows` and `combine`
+(bit-equal to the dispatcher's tensor ops) and `parked_wait` (parked_wait.c); the worker's serving loop and the
+coordinator's layer call have bindings of their own (native/shm_serve.py, native/shm_call.py).
 
-The kernel is compiled once per machine with the system C compiler ($CC, else cc) into the cache folder
-(launch/rundir.py), against the OpenMP runtime PyTorch has loaded, so it shares PyTorch's threads. Without a
-compiler, on other CPUs, or with FIDDLER_PACK_WEIGHTS=0, `available()` is False and callers keep PyTorch's
-kernel and the Python paths: slower decoding, same results. Import torch before this module builds or loads it.
+Where the library is not built, `available()` is False and callers keep PyTorch's kernels and the Python paths
+(native/build.py says why, once).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from fiddler_moe.host.paths import cache_dir
-
-log = logging.getLogger("fiddler.kernels")
-
-SOURCES = [Path(__file__).with_name(name) for name in ("bf16_gemv.c", "parked_wait.c", "shm_serve.c", "shm_call.c")]
-HEADERS = [Path(__file__).with_name("shm_lane.h")]
-MAX_ROWS = 8  # activation rows per call; more take the float32 path (experts/compute.py)
-# No contraction of a*b+c into one rounding: the combine must round each product as PyTorch does.
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC"]
-
-
-def _openmp_runtime() -> str | None:
-    """The OpenMP library this process has loaded (PyTorch's), so the kernel joins its thread team."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for line in maps.splitlines():
-        fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path (when mapped from a file)
-        name = os.path.basename(fields[5]) if len(fields) == 6 else ""
-        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
-            return fields[5]
-    return None
-
-
-def _why_unavailable() -> str | None:
-    if os.environ.get("FIDDLER_PACK_WEIGHTS", "1") == "0":
-        return "FIDDLER_PACK_WEIGHTS=0"
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return f"it is built for x86-64 Linux, not {platform.system()} {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "this CPU has no AVX2 and FMA"
-    return None
-
-
-def _build(target: Path, compiler: str, runtime: str | None) -> None:
-    """Compile SOURCES into `target`; several processes may race, the last rename wins with equal bytes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        objects = [str(Path(tmp) / source.with_suffix(".o").name) for source in SOURCES]
-        lib = Path(tmp) / target.name
-        # Link the objects against PyTorch's OpenMP library itself (not -fopenmp's default libgomp), which may be
-        # a renamed copy inside the torch package.
-        link = [runtime, f"-Wl,-rpath,{os.path.dirname(runtime)}"] if runtime else ["-fopenmp"]
-        compile_each = [[compiler, *_FLAGS, "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
-        for command in [*compile_each, [compiler, "-shared", *objects, *link, "-o", str(lib)]]:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise RuntimeError(f"`{' '.join(command)}` failed: {done.stderr.strip()[-500:]}")
-        os.replace(lib, target)
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernel, or None (logged once, with what to do about it)."""
-    why = _why_unavailable()
-    if why:
-        log.info("PyTorch's bfloat16 kernel serves decoding: %s", why)
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.warning("decoding in bfloat16 uses PyTorch's slower kernel: no C compiler found (install gcc or set CC)")
-        return None
-    runtime = _openmp_runtime()
-    sources = b"".join(source.read_bytes() for source in [*SOURCES, *HEADERS])
-    key = hashlib.sha256(sources + repr((_FLAGS, compiler, runtime)).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"bf16_gemv-{key}.so"
-    try:
-        if not target.exists():
-            _build(target, compiler, runtime)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("decoding in bfloat16 uses PyTorch's slower kernel: building %s failed: %s",
-                    ", ".join(source.name for source in SOURCES), e)
-        return None
-    fn = lib.fiddler_bf16_linear
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    fn = lib.fiddler_bf16_silu_expert
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    lib.fiddler_gather_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_void_p]
-    lib.fiddler_gather_rows.restype = None
-    lib.fiddler_combine.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.fiddler_combine.restype = None
-    lib.fiddler_parked_wait.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int64]
-    lib.fiddler_parked_wait.restype = ctypes.c_int
-    lib.fiddler_serve_requests.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 7,
-                                           ctypes.c_int]
-    lib.fiddler_serve_requests.restype = ctypes.c_int64
-    lib.fiddler_post_layer_call.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
-    lib.fiddler_post_layer_call.restype = ctypes.c_int
-    lib.fiddler_finish_layer_call.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5,
-                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                              ctypes.c_int, ctypes.c_void_p]
-    lib.fiddler_finish_layer_call.restype = ctypes.c_int
-    return lib
-
-
-def available() -> bool:
-    return library() is not None
+# SOURCES and library are read through this module too (benchmarks/decode_kernel.py, tests).
+from fiddler_moe.native.build import SOURCES, available, library  # noqa: F401
+from fiddler_moe.native.limits import MAX_ROWS  # rows per call; more take the float32 path (experts/compute.py)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@
    inside a parallel region: the calling thread sleeps on the shared-memory futex, the helpers on a private one,
    and when the reply comes the calling thread wakes them on its way out, ready for the next product.
 
-   Built into the same library as bf16_gemv.c (native/kernels.py), against the OpenMP runtime PyTorch has
+   Built into the same library as bf16_gemv.c (native/build.py), against the OpenMP runtime PyTorch has
    loaded, so the threads parked are PyTorch's own. */
 
 #include <limits.h>
@@ -18,6 +18,8 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "fiddler_native.h"
 
 static long futex(uint32_t *address, int op, uint32_t value, const struct timespec *timeout) {
     return syscall(SYS_futex, address, op, value, timeout, NULL, 0);

@@ -14,21 +14,8 @@
    A reply that is anything else (an error from the worker, say) is left for Python to decode. coordinator/
    dispatch.py decides when a call takes this path and keeps every other case. */
 
+#include "fiddler_native.h" /* layer_call; MAX_PAIRS: (token, k) pairs of one call, more take the Python path */
 #include "shm_lane.h"
-
-#define MAX_PAIRS 64 /* (token, k) pairs of one call: dispatch.py's SMALL_CALL_PAIRS */
-
-void fiddler_combine(const uint16_t *outputs, const int64_t *row_of, const void *weights, int weights_bf16,
-                     int64_t tokens, int64_t top_k, int64_t hidden, uint16_t *result);
-
-typedef struct { /* one layer call, between posting and finishing; read by dispatch.py for its statistics */
-    uint32_t seq;         /* the request's sequence number in the slot */
-    int64_t request_id;
-    int64_t experts;      /* experts routed to, in expert order: */
-    int64_t expert_ids[MAX_PAIRS], row_counts[MAX_PAIRS];
-    int64_t row_of[MAX_PAIRS]; /* the request row of each (token, k) pair */
-    double compute_seconds;    /* the worker's, from its reply */
-} layer_call;
 
 static uint8_t *put_int_list(uint8_t *p, const int64_t *values, int64_t n) {
     if (n < 16) *p++ = (uint8_t)(0x90 | n);

@@ -13,13 +13,12 @@ import ctypes
 import torch
 
 from fiddler_moe.native import kernels
+from fiddler_moe.native.limits import MAX_PAIRS
 from fiddler_moe.protocol.messages import PROTOCOL_VERSION
 from fiddler_moe.protocol.shm import ShmChannel
 
-MAX_PAIRS = 64  # shm_call.c's MAX_PAIRS: (token, k) pairs of one call
 
-
-class LayerCall(ctypes.Structure):  # layer_call in shm_call.c
+class LayerCall(ctypes.Structure):  # layer_call in fiddler_native.h (its size is checked by tests/test_native.py)
     _fields_ = [("seq", ctypes.c_uint32), ("request_id", ctypes.c_int64), ("experts", ctypes.c_int64),
                 ("expert_ids", ctypes.c_int64 * MAX_PAIRS), ("row_counts", ctypes.c_int64 * MAX_PAIRS),
                 ("row_of", ctypes.c_int64 * MAX_PAIRS), ("compute_seconds", ctypes.c_double)]

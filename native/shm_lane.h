@@ -1,6 +1,7 @@
 /* What the C paths over the shared-memory slot share (shm_serve.c in the worker, shm_call.c in the coordinator):
-   the slot addresses, and reading and writing the few msgpack forms protocol/wire.py writes for the messages of a
-   layer call (ints, short strings, lists and maps), so the format stays the one Python decodes and checks. */
+   waiting on and waking the slot's words (whose addresses are fiddler_native.h's lane_slots), and reading and
+   writing the few msgpack forms protocol/wire.py writes for the messages of a layer call (ints, short strings,
+   lists and maps), so the format stays the one Python decodes and checks. */
 
 #ifndef FIDDLER_SHM_LANE_H
 #define FIDDLER_SHM_LANE_H
@@ -13,19 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_EXPERTS 256 /* per request: more is left to Python */
-
-int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);
-
-typedef struct { /* addresses in one worker's shared-memory file (protocol/shm.py, slot_addresses) */
-    uint32_t *request_seq, *reply_seq, *request_meta_len, *reply_meta_len, *bell;
-    uint64_t *request_data_len, *reply_data_len;
-    const uint8_t *request_meta;
-    uint8_t *reply_meta;
-    const uint16_t *request_data;
-    uint16_t *reply_data;
-    uint64_t meta_capacity, data_capacity;
-} lane_slots;
+#include "fiddler_native.h" /* lane_slots, fiddler_parked_wait, MAX_EXPERTS (per request: more is left to Python) */
 
 static inline double now_seconds(void) {
     struct timespec t;

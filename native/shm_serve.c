@@ -15,16 +15,8 @@
    slot unconsumed and the function returns: Python's generic path then answers it, errors included. The slot layout
    comes from Python (`lane_slots`), so protocol/shm.py stays its only definition. */
 
+#include "fiddler_native.h" /* lane_expert; MAX_ROWS: more rows per expert take the float32 path in Python */
 #include "shm_lane.h"
-
-#define MAX_ROWS 8 /* as native/kernels.py: more rows per expert take the float32 path in Python */
-
-int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
-                             const uint16_t *x, int64_t n, uint16_t *out);
-
-typedef struct { /* one registered expert; NULL where the worker does not hold it or cannot serve it here */
-    const uint16_t *gate_up, *down;
-} lane_expert;
 
 typedef struct {
     int64_t request_id, layer, rows, width;

@@ -1,7 +1,7 @@
 """A worker's decoding requests served from the shared-memory slot by shm_serve.c, without Python per request.
 
 The worker registers the experts the C loop can compute (gated SiLU experts without biases in bfloat16, the fused
-kernel of bf16_gemv.c, on CPUs where native/kernels.py builds it) and hands the slot to the loop; the loop
+kernel of bf16_gemv.c, on CPUs where native/build.py builds it) and hands the slot to the loop; the loop
 returns whenever something needs Python: a request it does not take (left in the slot for the generic path), a
 control message, a timeout. Built into the kernel library; where it is not built, `ShmServeLoop.build` gives None
 and Python serves every request.
@@ -18,7 +18,7 @@ from fiddler_moe.native import kernels
 from fiddler_moe.protocol.messages import PROTOCOL_VERSION
 from fiddler_moe.protocol.shm import ShmChannel
 
-class _Expert(ctypes.Structure):  # lane_expert
+class _Expert(ctypes.Structure):  # lane_expert in fiddler_native.h
     _fields_ = [("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p)]
 
 

@@ -75,7 +75,7 @@ def region_bytes(capacity: int) -> int:
     return CONTROL_BYTES + 2 * META_BYTES + 2 * capacity
 
 
-class SlotAddresses(ctypes.Structure):  # lane_slots in native/shm_lane.h
+class SlotAddresses(ctypes.Structure):  # lane_slots in native/fiddler_native.h
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "request_seq", "reply_seq", "request_meta_len", "reply_meta_len", "bell", "request_data_len",
         "reply_data_len", "request_meta", "reply_meta", "request_data", "reply_data")] + [
