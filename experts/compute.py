@@ -20,8 +20,8 @@ are memory-bound matrix-vector products. Two CPU fast paths for bfloat16, chosen
   times faster for a prefill batch. Both round once to bfloat16 as PyTorch's own kernel does. Measurements:
   docs/performance-log.md.
 
-FIDDLER_PACK_WEIGHTS=0 turns all of them off. float32 weights are left as they are (the exactness tests compare them with
-transformers to 1e-5), and so is anything on a GPU.
+FIDDLER_BF16_PATH chooses one (`bfloat16_path`); FIDDLER_PACK_WEIGHTS=0 turns all of them off. float32 weights
+are left as they are (the exactness tests compare them with transformers to 1e-5), and so is anything on a GPU.
 """
 
 from __future__ import annotations
@@ -42,10 +42,41 @@ def _onednn_bfloat16() -> bool:
         return False
 
 
-_FAST_PATHS = os.environ.get("FIDDLER_PACK_WEIGHTS", "1") != "0"
-_ONEDNN_BFLOAT16 = _onednn_bfloat16()
-PACK_BFLOAT16 = _FAST_PATHS and _ONEDNN_BFLOAT16  # re-lay bfloat16 weights out for oneDNN
-UPCAST_BFLOAT16 = _FAST_PATHS and not _ONEDNN_BFLOAT16  # multiply bfloat16 in float32 from UPCAST_ROWS rows on
+BFLOAT16_PATHS = ("auto", "onednn", "avx2", "off")
+
+
+def bfloat16_path() -> str:
+    """The CPU bfloat16 path this process takes: FIDDLER_BF16_PATH (auto, onednn, avx2 or off; auto picks oneDNN
+    where the CPU has its bfloat16 support, else avx2), or off with FIDDLER_PACK_WEIGHTS=0. `avx2` runs on any AVX2
+    CPU, also one with oneDNN bfloat16 support, to compare the two or to use the C hand-over paths there."""
+    chosen = os.environ.get("FIDDLER_BF16_PATH", "auto").strip().lower() or "auto"
+    if chosen not in BFLOAT16_PATHS:
+        raise ValueError(f"FIDDLER_BF16_PATH={chosen!r}: use one of {', '.join(BFLOAT16_PATHS)}")
+    if os.environ.get("FIDDLER_PACK_WEIGHTS", "1") == "0":
+        return "off"
+    if chosen == "auto":
+        return "onednn" if _onednn_bfloat16() else "avx2"
+    if chosen == "onednn" and not _onednn_bfloat16():
+        raise ValueError("FIDDLER_BF16_PATH=onednn: this CPU (or this PyTorch build) has no oneDNN bfloat16 "
+                         "support; use auto or avx2")
+    return chosen
+
+
+try:
+    _PATH = bfloat16_path()
+    BFLOAT16_PATH_ERROR = ""
+except ValueError as e:  # importing must not fail: a cluster's start reports it (check_bfloat16_path)
+    _PATH, BFLOAT16_PATH_ERROR = ("onednn" if _onednn_bfloat16() else "avx2"), str(e)
+
+
+def check_bfloat16_path() -> None:
+    """Raise the ValueError of a bad FIDDLER_BF16_PATH, if it is one."""
+    if BFLOAT16_PATH_ERROR:
+        raise ValueError(BFLOAT16_PATH_ERROR)
+
+
+PACK_BFLOAT16 = _PATH == "onednn"  # re-lay bfloat16 weights out for oneDNN
+UPCAST_BFLOAT16 = _PATH == "avx2"  # the AVX2 decoding kernel, and float32 products from UPCAST_ROWS rows on
 UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-vector product is faster
 UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
 

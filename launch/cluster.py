@@ -23,6 +23,7 @@ import torch
 from fiddler_moe.coordinator.coordinator import Coordinator, Generation, prepare
 from fiddler_moe.coordinator.dispatch import WorkerFailed
 from fiddler_moe.coordinator.placement import format_size
+from fiddler_moe.experts.compute import check_bfloat16_path
 from fiddler_moe.host import numa
 from fiddler_moe.launch import rundir
 from fiddler_moe.launch.options import ClusterOptions
@@ -123,6 +124,7 @@ class Cluster:
 
     def start(self) -> None:
         cfg = self.options
+        check_bfloat16_path()  # the workers read the same environment
         if cfg.model is None:
             from fiddler_moe.launch.synthetic import builtin_model_path
 
