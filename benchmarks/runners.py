@@ -221,7 +221,7 @@ class TransformersRunner:
 
     It runs in a process of its own, with the environment the user started us with: OpenMP's wait policy is fixed
     per process, and the fiddler commands set OMP_WAIT_POLICY=PASSIVE and a bounded GOMP_SPINCOUNT for the
-    coordinator, which would slow transformers down (see README, Performance). The parent sends one command per
+    coordinator, which would slow transformers down (docs/performance-log.md, item 8). The parent sends one command per
     line, the child answers one JSON line each, so runs still interleave with the cluster's."""
 
     def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, threads: int, prompt: list[int],

@@ -10,7 +10,7 @@ The combination mirrors transformers' grouped_mm implementation (weighted rows, 
 routing weights' precision), so results match transformers' own model.
 
 A decoding step whose layer is all cold on one local worker (CPU-only, every expert cold) takes the same steps in
-C instead (`_call_in_c`, native/shm_call.py): right after the worker's turn each step here costs tens of us.
+C instead (`_call_in_c`, native/shm_call.py): right after the worker's turn each Python step here is slow.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _on(device: torch.device, index: Index) -> torch.Tensor:
 def _combine(outputs: torch.Tensor, order: Index, top_k_weights: torch.Tensor) -> torch.Tensor:
     """The call's result from the grouped outputs: back to (token, k) order, weighted, summed over k, as
     transformers' grouped_mm does it. A decoding step's few rows take one call of the bfloat16 kernel library
-    instead of five tensor ops (which cost ~40 us each right after a worker's turn has flushed the caches)."""
+    instead of five tensor ops (each slow right after a worker's turn has flushed the caches)."""
     num_tokens, top_k = top_k_weights.shape
     if isinstance(order, list) and kernels.combines(outputs, top_k_weights):
         row_of = [0] * len(order)
@@ -235,7 +235,7 @@ class Dispatcher:
             reply = self._receive(w, request_id, seq, layer)
             computed[w] = reply.compute_seconds
             out = reply.outputs
-            if out.dtype != hidden.dtype or out.device != hidden.device:  # a no-op .to() costs ~30 us here
+            if out.dtype != hidden.dtype or out.device != hidden.device:  # even a no-op .to() costs time here
                 out = out.to(device=hidden.device, dtype=hidden.dtype)
             if whole:
                 outputs = out

@@ -33,7 +33,7 @@ def coordinator_cores(options: ClusterOptions, topology: numa.Topology) -> int:
     """Cores kept for the coordinator alone. Driving a GPU: one. On a CPU-only machine with every expert cold, the
     coordinator and the workers take turns (it waits while they compute a layer's experts, they wait while it runs
     attention and the head), so it keeps none and runs on node 0's cores in the workers' gaps: each side gets every
-    core when it computes (README, "Performance"). With hot experts on the CPU it computes beside the workers, so
+    core when it computes (docs/performance-log.md, item 6). With hot experts on the CPU it computes beside the workers, so
     it keeps an eighth of the cores."""
     device = options.device
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):

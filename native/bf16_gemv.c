@@ -4,7 +4,7 @@
    weight, accumulated in float32 and rounded once to nearest-even, as PyTorch's own kernel does.
 
    Decoding reads every weight once per token, so the speed is how fast one core streams memory. Two things make
-   this faster than PyTorch's bfloat16 matrix-vector product on such CPUs (README, "Performance"):
+   this faster than PyTorch's bfloat16 matrix-vector product on such CPUs (docs/performance-log.md, item 7):
    - bfloat16 is the upper half of a float32, so a 256-bit load of 16 weights becomes two float32 vectors with one
      shift (even elements) and one mask (odd elements); the activations are split the same way once per call.
    - each thread prefetches the weight rows it reads PREFETCH_ROWS rows ahead, which keeps more memory reads in
@@ -20,7 +20,7 @@
 
 #include "fiddler_native.h"
 
-#define PREFETCH_ROWS 12 /* measured on Zen 3: 6 to 32 alike, 16.6-16.9 GB/s at 2 threads, 12-13.4 without */
+#define PREFETCH_ROWS 12 /* a flat optimum between 6 and 32 rows (docs/performance-log.md, item 7) */
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

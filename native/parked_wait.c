@@ -3,8 +3,8 @@
    Where the coordinator and its workers take turns on the same cores (a CPU-only machine, every expert cold), each
    side's OpenMP helper threads spin for a while (GOMP_SPINCOUNT) after every parallel region, so that the next
    product of the same layer finds them awake. When a side hands the layer over and waits, that spin takes a core
-   the other side is computing on: the first ~0.9 ms of every expert call and of every attention block ran at about
-   half speed (README, "Performance"). OpenMP has no call that sends idle threads to sleep, so the wait itself runs
+   the other side is computing on, and the start of every expert call and of every attention block ran slowly
+   (docs/performance-log.md, item 11). OpenMP has no call that sends idle threads to sleep, so the wait itself runs
    inside a parallel region: the calling thread sleeps on the shared-memory futex, the helpers on a private one,
    and when the reply comes the calling thread wakes them on its way out, ready for the next product.
 

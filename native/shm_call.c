@@ -1,9 +1,9 @@
 /* A decoding step's layer call from the coordinator to the one worker holding every expert of the layer, without
    Python between the routing and the combined result.
 
-   In Python the call cost ~400 us besides the worker's own time (grouping the pairs, gathering their rows,
+   In Python the call costs several times the worker's hand-over itself (grouping the pairs, gathering their rows,
    writing and publishing the request, decoding the reply, combining): each tensor op, ctypes call or header codec
-   runs with the caches just flushed by the worker's expert weights (README, "Performance"). Here:
+   runs with the caches just flushed by the worker's expert weights (docs/performance-log.md, item 11). Here:
 
    - `fiddler_post_layer_call` groups the (token, k) pairs by expert (stable, as the dispatcher does), copies their
      rows into the request slot, writes the ExpertRequest header as protocol/wire.py would and publishes it as

@@ -2,8 +2,8 @@
 
    A decoding step sends each worker one small request per layer: a dozen rows at most, a few experts. In Python
    its handling (decode the header, look the experts up, call the kernel per expert, encode and publish the reply)
-   cost ~250 us per layer call on the CPUs measured, because the expert weights just streamed through the caches
-   have evicted the interpreter's working set (README, "Performance"). This loop does the same for the requests
+   is slow right after the expert weights have streamed through the caches and evicted the interpreter's working
+   set (docs/performance-log.md, item 11). This loop does the same for the requests
    it fully understands and hands everything else back to Python untouched:
 
    - the request header is msgpack exactly as protocol/wire.py writes an ExpertRequest (same version, keys, types),
