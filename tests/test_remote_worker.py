@@ -79,6 +79,58 @@ def cluster_of(folder: Path, worker: RemoteWorker, **options) -> Cluster:
                    **options)
 
 
+def test_a_remote_worker_serves_one_cluster_after_another_keeping_its_shard(checkpoints, tmp_path):
+    folder = checkpoints["tiny"]
+    want = reference_logits(folder)
+    worker = RemoteWorker(folder, tmp_path)
+    try:
+        with cluster_of(folder, worker) as cluster:
+            assert close(cluster.logits(IDS), want)
+        # The launch after it, with the same checkpoint: the same worker, still running, serves it too.
+        with cluster_of(folder, worker) as cluster:
+            assert close(cluster.logits(IDS), want)
+            # Another cluster while this one is served is refused, and the one served goes on.
+            with pytest.raises(WorkerFailed, match=r"refused start-up: this worker serves another cluster"):
+                with cluster_of(folder, worker):
+                    pass
+            assert close(cluster.logits(IDS), want)
+        assert worker.proc.poll() is None
+    finally:
+        code = worker.stop()
+    log = worker.log()
+    assert code == 0 and process_gone(worker.proc.pid), log
+    assert len(re.findall(r"loaded \d+ experts", log)) == 1, log  # read once, by the first cluster
+    assert "kept its shard of" in log, log
+    assert "Traceback" not in log and TOKEN not in log
+    assert runtime_leftovers() == [] and shm_files() == set()
+
+
+def test_a_remote_worker_whose_cluster_was_killed_serves_the_next(checkpoints, tmp_path):
+    folder = checkpoints["tiny"]
+    worker = RemoteWorker(folder, tmp_path)
+    launcher = subprocess.Popen([BIN / "fiddler-launch", "--model", str(folder), "--device", "cpu", "--workers", "0",
+                                 "--remote-worker", worker.address, "--token-file", str(worker.token_file)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        while "ready" not in (line := launcher.stdout.readline()):
+            assert line, "the launcher exited before it was ready"
+        launcher.kill()  # no Shutdown is sent: the worker sees its coordinator's connection close
+        launcher.wait()
+        worker.wait_for_log("is gone; waiting for the next cluster")
+        with cluster_of(folder, worker) as cluster:
+            assert close(cluster.logits(IDS), reference_logits(folder))
+            code = worker.stop()  # SIGTERM while it serves a cluster
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        worker.stop()
+    log = worker.log()
+    assert code == 0 and process_gone(worker.proc.pid), log
+    assert "Traceback" not in log
+    assert runtime_leftovers() == [] and shm_files() == set()  # the killed launcher's folder went at the next launch
+
+
 def test_no_worker_at_a_remote_address_fails_the_start_within_the_handshake_bound(checkpoints):
     address = f"tcp://127.0.0.1:{free_port()}"
     out = subprocess.run([BIN / "fiddler", "run", "--model", str(checkpoints["tiny"]), "--device", "cpu",
