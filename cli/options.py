@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, fields
@@ -29,13 +28,6 @@ def fail(message: str) -> typer.Exit:
     """Print one line, `error: <what and how to fix it>`, and give the exit to raise (status 2)."""
     typer.echo(f"error: {' '.join(message.split())}", err=True)
     return typer.Exit(2)
-
-
-def check_workers(workers: int) -> None:
-    """Checked on the command line only: a Python caller may oversubscribe the cores on purpose."""
-    cores = len(os.sched_getaffinity(0))
-    if workers > cores:
-        raise ValueError(f"--workers {workers} is more than the {cores} cores of this machine; use at most {cores}")
 
 
 def cluster_flags(exclude: Iterable[str] = (), kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) -> list[inspect.Parameter]:
@@ -71,9 +63,8 @@ def cluster_options_command(exclude: Iterable[str] = ()) -> Callable[[Callable],
         @functools.wraps(command)
         def with_options(**kwargs):
             try:
+                # More workers or threads than cores is allowed: the plan warns (host/numa.py, lay_out).
                 options = ClusterOptions(**{name: kwargs.pop(name) for name in names})
-                if options.workers is not None:
-                    check_workers(options.workers)
             except ValueError as e:
                 raise fail(str(e)) from None
             return command(options=options, **kwargs)

@@ -1,4 +1,6 @@
-"""`python -m expert_worker` / `fiddler-worker`: one CPU process serving a shard of cold experts."""
+"""`fiddler-worker`: one CPU process serving a shard of cold experts. Started by hand (on another machine) it serves
+one cluster at a time, one after another, until Ctrl-C or SIGTERM; started by a launcher (--parent-pid) it exits
+with its cluster."""
 
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def serve(
     cpus: str = typer.Option("", help="Pin to these cpus, e.g. 0-7,16-23"),
     numa_node: int | None = typer.Option(None, help="Allocate this worker's memory (its shard) on this NUMA node"),
     token_file: Path | None = typer.Option(None, help="File holding the cluster token required in the handshake"),
-    parent_pid: int | None = typer.Option(None, help="Exit when this process (the launcher) is gone"),
+    parent_pid: int | None = typer.Option(None, help="Exit with its cluster, or when this process (the launcher) is "
+                                          "gone. Without it: serve one cluster after another until stopped"),
     name: str = typer.Option("worker", help="Name used in logs"),
 ) -> None:
     from fiddler_moe.expert_worker.server import Worker, WorkerConfig

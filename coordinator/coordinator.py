@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,10 +36,11 @@ from fiddler_moe.experts.compute import ExpertKernel
 from fiddler_moe.experts.shard import load_expert
 from fiddler_moe.protocol import messages as m
 from fiddler_moe.protocol import shm
-from fiddler_moe.protocol.transport import Client
+from fiddler_moe.protocol.transport import Client, readable
 from fiddler_moe.protocol.wire import ProtocolError
 
 DEVICE_MEMORY_MARGIN = 2 << 30  # left free on a CUDA device for activations, KV cache and the allocator
+LOAD_NOTE_EVERY_S = 10.0  # while workers load their shards, a line this often says which are still at it
 
 
 @dataclass
@@ -241,6 +243,11 @@ class Generation:
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
+def _who(link: WorkerLink) -> str:
+    """A worker named in a start-up error: with its shard once it has one."""
+    return link.describe() if link.shard else f"{link.name} ({link.client.address})"
+
+
 class Coordinator:
     """Connects to the workers (local ones on ipc:// sockets, remote ones on tcp://), hands out the shards, loads
     the device's weights and attaches the dispatcher to transformers' experts modules."""
@@ -256,8 +263,11 @@ class Coordinator:
         startup_timeout_s: float = 600.0,
         progress: bool = True,
         spin_waits: bool = True,
+        handshake_timeout_s: float = 10.0,
     ):
-        """spin_waits: wait for shared-memory replies (and let workers wait for requests) by spinning briefly before
+        """startup_timeout_s: what a worker has to start and load its shard (a big one takes minutes);
+        handshake_timeout_s: what a remote worker has to answer Hello (a local one is watched as a process).
+        spin_waits: wait for shared-memory replies (and let workers wait for requests) by spinning briefly before
         sleeping; False where this process and its local workers take turns on the same cores (protocol/shm.py)."""
         if transport not in ("shm", "zmq"):
             raise ValueError(f"unknown transport {transport!r}; use shm or zmq")
@@ -280,6 +290,7 @@ class Coordinator:
         self.scheduling_line = ""
         self.degraded: str | None = None  # set when a worker is down for good
         self.spin_waits = spin_waits
+        self.handshake_timeout_s = handshake_timeout_s
         try:
             self._start(token, transport, shm_rows, startup_timeout_s, progress)
         except BaseException:
@@ -294,7 +305,9 @@ class Coordinator:
             self._shm_capacity = shm_rows * layout.config.hidden_size * layout.dtype.itemsize
         for link in self.links:
             link.client.send(m.Hello(m.PROTOCOL_VERSION, token))
-        hellos = [self._expect(link, m.HelloReply, timeout_s) for link in self.links]
+        bounds = {i: self._hello_bound(link, timeout_s) for i, link in enumerate(self.links)}
+        answers = self._gather(m.HelloReply, bounds)
+        hellos = [answers[i] for i in range(len(self.links))]
         self.hellos = hellos  # what each worker reports of itself: pid, threads, cpus, memory
         for link in self.links:
             if self._shm_capacity and link.is_local:  # same host; tcp workers keep ZeroMQ
@@ -327,15 +340,37 @@ class Coordinator:
                     bar.update(layout.expert_bytes)
             finally:
                 reader.close()
-            for i, link in enumerate(self.links):
-                self._adopt_shard(i, self._expect(link, m.Ready, timeout_s))
-                bar.update(layout.expert_bytes * len(link.shard))
+            readies = self._gather(m.Ready, dict.fromkeys(range(len(self.links)), timeout_s),
+                                   self._loading_progress(bar) if progress else None)
+            for i in range(len(self.links)):
+                self._adopt_shard(i, readies[i])
         scheduler, staging = self._make_scheduler(placement)
         self.dispatcher = Dispatcher(ExpertKernel(layout.kernel), hot, placement.owner, self.links,
                                      scheduler=scheduler, reachable=self.reachable, staging=staging)
         for layer in layout.moe_layers:
             layer.module.fiddler_layer = layer.layer
             layer.module.fiddler_dispatcher = self.dispatcher
+
+    def _loading_progress(self, bar: tqdm) -> Callable[[list[int], float], None]:
+        """The wait for the workers' shards, shown: the bar grows as each is ready and names those still loading,
+        and a line every LOAD_NOTE_EVERY_S says which they are and where, so that a long load is never silent."""
+        shown: list[int] | None = None
+        next_note = LOAD_NOTE_EVERY_S
+
+        def on_wait(pending: list[int], elapsed: float) -> None:
+            nonlocal shown, next_note
+            if pending != shown:
+                done = set(pending if shown is None else shown) - set(pending)
+                bar.update(self.layout.expert_bytes * sum(len(self.links[i].shard) for i in done))
+                shown = pending
+                bar.set_postfix_str("waiting for " + ", ".join(self.links[i].name for i in pending) if pending else "")
+            bar.refresh()
+            if pending and elapsed >= next_note:
+                next_note += LOAD_NOTE_EVERY_S
+                where = ", ".join(f"{self.links[i].name} ({self.links[i].client.address})" for i in pending)
+                tqdm.write(f"still loading their shards after {elapsed:.0f}s: {where}", file=sys.stderr)
+
+        return on_wait
 
     def _send_shard(self, link: WorkerLink) -> None:
         layout = self.layout
@@ -422,7 +457,7 @@ class Coordinator:
         link.client = Client(address)
         link.alive = alive or link.client.peer_alive
         link.client.send(m.Hello(m.PROTOCOL_VERSION, self._token))
-        self.hellos[index] = self._expect(link, m.HelloReply, timeout_s)
+        self.hellos[index] = self._expect(link, m.HelloReply, self._hello_bound(link, timeout_s))
         if self._shm_capacity and link.is_local:
             self._attach_shm(link, self._shm_capacity, timeout_s)
         self._send_shard(link)
@@ -440,25 +475,69 @@ class Coordinator:
         channel.unlink()  # both sides hold the mapping; no name is left to clean up
         link.channel = channel
 
+    def _hello_bound(self, link: WorkerLink, timeout_s: float) -> float:
+        """How long a worker has to answer Hello: a local process may take long to start but is watched as a
+        process; a remote one is running already, and silence means nobody is there."""
+        return timeout_s if link.is_local else min(timeout_s, self.handshake_timeout_s)
+
     def _expect(self, link: WorkerLink, kind: type, timeout_s: float) -> m.Message:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                reply = link.client.receive(timeout_s=0.5)
-            except ProtocolError as e:  # not a fiddler-moe worker, or another version of it
-                raise WorkerFailed(f"{link.describe()} answered start-up with a message that cannot be read: "
-                                   f"{e.message}", self.links.index(link)) from None
-            if reply is None:
+        index = self.links.index(link)
+        return self._gather(kind, {index: timeout_s})[index]
+
+    def _gather(self, kind: type, bounds: dict[int, float],
+                on_wait: Callable[[list[int], float], None] | None = None) -> dict[int, m.Message]:
+        """The reply of `kind` from each worker in `bounds` (index -> the seconds it has), taken as they come.
+        WorkerFailed names the first worker that refuses, dies, or stays silent past its bound. on_wait(the workers
+        still waited for, seconds so far) is called about every second."""
+        started = time.monotonic()
+        pending = dict(bounds)
+        replies: dict[int, m.Message] = {}
+        while True:
+            elapsed = time.monotonic() - started
+            if on_wait is not None:
+                on_wait(sorted(pending), elapsed)
+            if not pending:
+                return replies
+            for i in sorted(pending):
+                link = self.links[i]
                 if not link.alive():
-                    raise WorkerFailed(f"{link.describe()} exited during start-up; see its log above",
-                                       self.links.index(link))
-                continue
-            if isinstance(reply, m.Error):
-                raise WorkerFailed(f"{link.describe()} refused start-up: {reply.message}", self.links.index(link))
-            if isinstance(reply, kind):
-                return reply
-        raise WorkerFailed(f"{link.describe()} did not answer within {timeout_s:.0f}s during start-up",
-                           self.links.index(link))
+                    where = ("exited during start-up; see its log above" if link.is_local else "lost its connection "
+                             "during start-up: the worker stopped or its host went away; see the worker's log there")
+                    raise WorkerFailed(f"{_who(link)} {where}", i)
+                if elapsed >= pending[i]:
+                    raise WorkerFailed(self._silence(link, kind, pending[i]), i)
+            clients = {id(self.links[i].client): i for i in pending}
+            for client in readable([self.links[i].client for i in pending], timeout_s=1.0):
+                i = clients[id(client)]
+                reply = self._read_start_up(i)
+                if isinstance(reply, kind):
+                    replies[i] = reply
+                    del pending[i]
+
+    def _read_start_up(self, index: int) -> m.Message | None:
+        link = self.links[index]
+        try:
+            reply = link.client.receive(timeout_s=0)
+        except ProtocolError as e:  # not a fiddler-moe worker, or another version of it
+            raise WorkerFailed(f"{_who(link)} answered start-up with a message that cannot be read: {e.message}",
+                               index) from None
+        if isinstance(reply, m.Error):
+            raise WorkerFailed(f"{_who(link)} refused start-up: {reply.message}", index)
+        return reply
+
+    def _silence(self, link: WorkerLink, kind: type, waited_s: float) -> str:
+        """Why a worker may not have answered in time, as far as this side can tell."""
+        if kind is m.HelloReply and not link.is_local:
+            address = link.client.address
+            link.client.peer_alive()  # reads what the connection did meanwhile
+            if not link.client.ever_connected:
+                return (f"no worker answers at {address} ({link.name}) within {waited_s:g}s; is `fiddler-worker "
+                        f"--listen` running there, and its port open to this machine? (--handshake-timeout sets "
+                        "the wait)")
+            return (f"{address} ({link.name}) accepts connections but did not answer the handshake within "
+                    f"{waited_s:g}s; is it a `fiddler-worker --listen`, and not busy loading another cluster's "
+                    "shard? (--handshake-timeout sets the wait)")
+        return f"{_who(link)} did not answer within {waited_s:.0f}s during start-up"
 
     def check_serving(self) -> None:
         if self.degraded:

@@ -2,6 +2,11 @@
 
 It knows nothing of attention, tokenizers or the model as a whole: it sees (layer, expert) weights and rows of
 activations. Anything it cannot decode or serve gets an Error reply; the loop itself keeps going.
+
+It serves one cluster at a time: the coordinator whose Hello it accepted, until that one sends Shutdown or its
+connection closes. A worker started by a launcher (with a parent pid) then exits with its cluster; one started by
+hand (`fiddler-worker --listen`, another machine's worker) forgets that cluster and waits for the next, keeping
+its shard in case the next one asks for the same.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from fiddler_moe.protocol.wire import ProtocolError, decode, encode_header
 
 log = logging.getLogger("fiddler.worker")
 
+# How long a Hello from a new coordinator waits for the served one's connection to be seen closed: a relaunch or a
+# reconnection opens the new connection right after closing the old, and the two events may arrive in either order.
+SESSION_HANDOVER_S = 0.5
+
 
 @dataclass
 class WorkerConfig:
@@ -35,8 +44,33 @@ class WorkerConfig:
     threads: int = 1
     model_dir: Path | None = None  # a host's own checkpoint copy; local workers get it in LoadShard
     token: str = ""  # required in Hello when set (remote workers)
-    parent_pid: int | None = None  # exit when this process is gone
+    parent_pid: int | None = None  # exit with this process (the launcher) or its cluster; None: serve many clusters
     name: str = "worker"
+
+    @property
+    def serves_many(self) -> bool:
+        return self.parent_pid is None
+
+
+@dataclass
+class Session:
+    """The cluster being served: its coordinator's socket identity, and the connection it came on."""
+
+    peer: bytes
+    connection: int | None
+    address: str = ""  # the coordinator's network address (tcp), for logs and refusals
+
+    @property
+    def where(self) -> str:
+        return f" (from {self.address})" if self.address else ""
+
+
+def _shard_key(folder: Path, msg: m.LoadShard) -> tuple:
+    """What makes a loaded shard the one asked for: the checkpoint folder, fingerprint (names, dtypes, shapes) and
+    the files' sizes and times (the fingerprint does not see weights copied over with the same shapes), the
+    kernel and the experts."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
+    return (str(folder.resolve()), msg.fingerprint, files, msg.kernel, msg.experts)
 
 
 class RequestError(Exception):
@@ -51,6 +85,8 @@ class Worker:
         self.shard: dict[tuple[int, int], ExpertWeights] = {}
         self.shared: SharedShard | None = None  # the shard's shared-memory file, when LoadShard.shared asked for it
         self.kernel: ExpertKernel | None = None
+        self.shard_key: tuple | None = None  # _shard_key of the loaded shard, for a later cluster asking the same
+        self.session: Session | None = None
         self.authenticated: set[bytes] = set()
         self.channel: ShmChannel | None = None
         self.serve_loop: ShmServeLoop | None = None  # decoding requests served in C; rebuilt with shard or channel
@@ -83,10 +119,11 @@ class Worker:
                     "fingerprint_mismatch",
                     f"checkpoint at {folder} differs from the coordinator's; copy the same checkpoint to this host",
                 )
+            key = _shard_key(folder, msg)
+            if not msg.shared and self.shared is None and self.kernel is not None and key == self.shard_key:
+                return self._reuse_shard(started)
             kernel = ExpertKernel(msg.kernel)
-            self.serve_loop = None  # it points into the old shard
-            self.shard = {}  # drop an old shard before loading the new one
-            self._drop_shared()
+            self._drop_shard()  # before loading the new one, so that the two are never in memory together
             note = ""
             if msg.shared:
                 try:
@@ -99,6 +136,7 @@ class Worker:
         except (CheckpointError, ValueError, ProtocolError, OSError) as e:
             raise RequestError("load_failed", str(e)) from None
         self.kernel = kernel
+        self.shard_key = key
         self._build_serve_loop()
         nbytes = sum(w.nbytes for w in self.shard.values())
         seconds = time.perf_counter() - started
@@ -110,13 +148,25 @@ class Worker:
         return m.Ready(len(self.shard), nbytes, seconds, shared_path=self.shared.path, shared_bytes=self.shared.size,
                        shared_tensors=self.shared.tensors)
 
+    def _reuse_shard(self, started: float) -> m.Message:
+        """The shard asked for is the one in memory, kept from an earlier cluster: ready without reading it."""
+        if self.serve_loop is None:
+            self._build_serve_loop()
+        nbytes = sum(w.nbytes for w in self.shard.values())
+        log.info("%s: kept its shard of %d experts (%.1f MiB) from the last cluster; nothing to read",
+                 self.config.name, len(self.shard), nbytes / 2**20)
+        return m.Ready(len(self.shard), nbytes, time.perf_counter() - started)
+
     def _build_serve_loop(self) -> None:
         if self.channel is not None and self.kernel is not None:
             self.serve_loop = ShmServeLoop.build(self.channel, self.shard, self.kernel)
 
-    def _drop_shared(self) -> None:
-        """Forget the shared file of an earlier shard (the coordinator has normally unlinked its name already)."""
-        if self.shared is not None:
+    def _drop_shard(self) -> None:
+        self.serve_loop = None  # it points into the shard
+        self.shard = {}
+        self.kernel = None
+        self.shard_key = None
+        if self.shared is not None:  # the coordinator has normally unlinked its name already
             self.shared.close()
             self.shared = None
 
@@ -190,8 +240,47 @@ class Worker:
         return m.Pong(os.getpid())
 
     def on_shutdown(self, peer: bytes, msg: m.Shutdown) -> m.Message:
-        self.running = False
+        if self.config.serves_many:
+            self.end_session("its cluster stopped")
+        else:
+            self.running = False
         return m.Pong(os.getpid())
+
+    # --- one cluster at a time ---
+
+    def begin_session(self, peer: bytes, connection: int | None, address: str) -> None:
+        if self.session is None or self.session.peer != peer:
+            self.session = Session(peer, connection, address)
+            log.info("%s: serving a cluster%s", self.config.name, self.session.where)
+
+    def end_session(self, why: str) -> None:
+        """Forget the cluster served: who it was and its shared-memory slots. A private shard stays for the next
+        cluster, which may ask for the same; a shared one goes, since its coordinator held the other mapping."""
+        self.session = None
+        self.authenticated.clear()
+        self.serve_loop = None  # it points into the channel
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.shared is not None:
+            self._drop_shard()
+        log.info("%s: %s; waiting for the next cluster", self.config.name, why)
+
+    def _check_session(self, peer: bytes, msg: m.Message, server: Server | None) -> None:
+        """Refuse a peer other than the served cluster's coordinator. A Hello from a new coordinator may come just
+        before the old one's closed connection is seen (a relaunch, a reconnection): look once more first."""
+        session = self.session
+        if session is None or peer == session.peer:
+            return
+        if isinstance(msg, m.Hello) and server is not None:
+            deadline = time.monotonic() + SESSION_HANDOVER_S
+            while server.connection_open(session.connection) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not server.connection_open(session.connection):
+                self.end_session(f"its cluster's coordinator{session.where} is gone")
+                return
+        raise RequestError("busy", f"this worker serves another cluster{session.where}; stop that cluster first, "
+                           "or start another `fiddler-worker --listen` on another port for this one")
 
     HANDLERS = {
         m.Hello: on_hello,
@@ -203,7 +292,10 @@ class Worker:
         m.Shutdown: on_shutdown,
     }
 
-    def handle(self, peer: bytes, frames: list) -> m.Message:
+    def handle(self, peer: bytes, frames: list, server: Server | None = None, connection: int | None = None,
+               address: str = "") -> m.Message:
+        """The reply to one request; `server` (watching its connections) and where the request came from, to
+        tell one cluster from another."""
         request_id = -1
         try:
             msg = decode(frames)
@@ -211,9 +303,13 @@ class Worker:
             handler = self.HANDLERS.get(type(msg))
             if handler is None:
                 raise RequestError("unexpected", f"a worker does not accept {msg.KIND!r} messages")
+            self._check_session(peer, msg, server)
             if self.config.token and not isinstance(msg, m.Hello) and peer not in self.authenticated:
                 raise RequestError("unauthorized", "send hello with the cluster token first")
-            return handler(self, peer, msg)
+            reply = handler(self, peer, msg)
+            if isinstance(reply, m.HelloReply):
+                self.begin_session(peer, connection, address)
+            return reply
         except (ProtocolError, RequestError) as e:
             log.warning("%s: refused a request: %s", self.config.name, e)
             return m.Error(code=e.code, message=str(e), request_id=request_id)
@@ -222,9 +318,10 @@ class Worker:
             return m.Error(code="internal", message=f"{type(e).__name__}: {e}", request_id=request_id)
 
     def serve(self) -> None:
-        server = Server(self.config.listen)
-        log.info("%s: listening on %s (pid %d, %d threads)", self.config.name, server.address, os.getpid(),
-                 torch.get_num_threads())
+        serves_many = self.config.serves_many
+        server = Server(self.config.listen, watch_connections=serves_many)
+        log.info("%s: listening on %s (pid %d, %d threads)%s", self.config.name, server.address, os.getpid(),
+                 torch.get_num_threads(), "; serves one cluster at a time until stopped" if serves_many else "")
         try:
             while self.running:
                 if self.channel is not None:
@@ -245,9 +342,18 @@ class Worker:
                         log.warning("%s: coordinator (pid %d) is gone; exiting", self.config.name,
                                     self.config.parent_pid)
                         break
+                    if serves_many:
+                        # Asked on every idle tick, with a session or without, so that the connection events are read
+                        # before they can pile up past the monitor's queue.
+                        session = self.session
+                        connected = server.connection_open(session.connection if session else None)
+                        if session is not None and not connected:
+                            self.end_session(f"its cluster's coordinator{session.where} is gone")
                     continue
                 try:
-                    server.reply(envelope.identity, self.handle(envelope.identity, envelope.frames))
+                    reply = self.handle(envelope.identity, envelope.frames, server if serves_many else None,
+                                        envelope.connection, envelope.peer_address)
+                    server.reply(envelope.identity, reply)
                 except Exception:  # handle() answers every error; this covers the reply itself failing
                     log.exception("%s: could not answer a request; serving on", self.config.name)
         finally:

@@ -154,7 +154,8 @@ class Cluster:
             alive += [None] * len(cfg.remote_workers)  # remote: ZeroMQ heartbeats tell
             self.coordinator = Coordinator(prepared, self.addresses, alive, token=cfg.token,
                                            transport=cfg.transport, shm_rows=cfg.shm_rows,
-                                           progress=not cfg.quiet, spin_waits=not layout.takes_turns)
+                                           progress=not cfg.quiet, spin_waits=not layout.takes_turns,
+                                           handshake_timeout_s=cfg.handshake_timeout)
             for line in self.coordinator.placement.describe() + self.coordinator.describe_scheduling():
                 self.log(line)
         except BaseException:

@@ -97,6 +97,9 @@ class ClusterOptions:
         "machine (repeatable)."))
     token_file: Path | None = field(default=None, metadata=flag(
         "--token-file", help="File with the cluster token that remote workers require."))
+    handshake_timeout: float = field(default=10.0, metadata=flag(
+        "--handshake-timeout", help="Seconds a remote worker has to answer the handshake before the start fails "
+        "naming its address (loading its shard may take longer)."))
     profile: Path | str | ExpertProfile | None = field(default=None, metadata=flag(
         "--profile", type=Path | None, help="Expert profile from `fiddler profile` or `fiddler stats "
         "--save-profile`: the most used experts that fit --device-memory become hot, cold ones are spread by "
@@ -130,6 +133,8 @@ class ClusterOptions:
             raise ValueError(f"--transport must be shm or zmq, got {self.transport!r}")
         if self.token is None:
             self.token = read_token(self.token_file)
+        if not 0 < self.handshake_timeout < float("inf"):
+            raise ValueError(f"--handshake-timeout must be a number of seconds above 0, got {self.handshake_timeout}")
         _at_least("--max-restarts", self.max_restarts, 0)
         if self.scheduling not in ("auto", "never", "always"):
             raise ValueError(f"scheduling must be auto, never or always, got {self.scheduling!r}")
