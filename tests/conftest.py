@@ -1,17 +1,34 @@
-"""Shared fixtures: real checkpoints written by transformers' save_pretrained, and an isolated runtime folder so
-tests can assert that nothing (sockets, run folders) is left behind."""
+"""Shared fixtures: real checkpoints written by transformers' save_pretrained, an isolated runtime folder so tests can
+assert that nothing (sockets, run folders) is left behind, clusters that read-only tests share, transformers'
+reference models, and console commands run in this process."""
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from fiddler_moe.launch.cluster import Cluster
 from fiddler_moe.launch.synthetic import write_checkpoint
 
 TINY_PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cluster(preset, **options): the test's `cluster` fixture is a running Cluster of this tiny "
+        "checkpoint with these options, shared with every other test that names the same ones")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,6 +52,181 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def sharded_checkpoint(tmp_path_factory) -> Path:
     """A multi-file checkpoint with model.safetensors.index.json, as large real models come."""
     return write_checkpoint("tiny", tmp_path_factory.mktemp("sharded") / "tiny", max_shard_size="300KB")
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """transformers' own model of a checkpoint folder, float32, loaded once per folder: what the cluster must match.
+    Callers only run it (inference mode); nobody changes its weights."""
+
+    @functools.cache
+    def load(folder: Path):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    yield load
+    load.cache_clear()
+
+
+# --- clusters that read-only tests share ---
+
+
+class SharedClusters:
+    """Running clusters, one per (preset, options), for the tests marked `@pytest.mark.cluster(preset, **options)`.
+    Each is started when the first such test needs it and stopped after the last one, so that at most a few run at
+    once. They live in a runtime folder of their own: the leftover checks of other tests see only their own."""
+
+    def __init__(self, checkpoints: dict[str, Path], runtime: Path, items):
+        self.checkpoints = checkpoints
+        self.runtime = runtime
+        self.users = collections.Counter(key for item in items if (key := self.key_of(item)) is not None)
+        self.running: dict[tuple, Cluster] = {}
+        self.worker_pids: list[int] = []
+
+    @staticmethod
+    def key_of(item) -> tuple | None:
+        marker = item.get_closest_marker("cluster")
+        if marker is None:
+            return None
+        (preset,) = marker.args
+        return preset, tuple(sorted(marker.kwargs.items()))
+
+    def acquire(self, key: tuple) -> Cluster:
+        if key not in self.running:
+            preset, options = key
+            cluster = Cluster(self.checkpoints[preset], **{"device": "cpu", "quiet": True, **dict(options)})
+            outer = os.environ["FIDDLER_RUNTIME_DIR"]
+            os.environ["FIDDLER_RUNTIME_DIR"] = str(self.runtime)
+            try:
+                cluster.start()
+            finally:
+                os.environ["FIDDLER_RUNTIME_DIR"] = outer
+            self.running[key] = cluster
+            self.worker_pids += cluster.worker_pids
+        return self.running[key]
+
+    def release(self, key: tuple) -> None:
+        self.users[key] -= 1
+        if self.users[key] <= 0 and key in self.running:
+            self.running.pop(key).stop()
+
+    def stop_all(self) -> None:
+        while self.running:
+            self.running.popitem()[1].stop()
+
+
+@pytest.fixture(scope="session")
+def shared_clusters(request, checkpoints, tmp_path_factory):
+    runtime = tmp_path_factory.mktemp("shared-runtime")
+    runtime.chmod(0o700)
+    clusters = SharedClusters(checkpoints, runtime, request.session.items)
+    yield clusters
+    clusters.stop_all()
+    # the shared clusters leave nothing behind either
+    assert sorted(p.name for p in runtime.iterdir()) == []
+    assert all(process_gone(pid) for pid in clusters.worker_pids)
+    assert shm_files() == set()
+
+
+@pytest.fixture
+def cluster(request, shared_clusters) -> Cluster:
+    """The running cluster that this test's `cluster` marker describes (shared; do not kill its workers)."""
+    key = SharedClusters.key_of(request.node)
+    assert key is not None, "the `cluster` fixture needs @pytest.mark.cluster(preset, **options)"
+    try:
+        yield shared_clusters.acquire(key)
+    finally:
+        shared_clusters.release(key)
+
+
+# --- a running service that read-only tests share ---
+
+
+@dataclass
+class Launched:
+    process: subprocess.Popen
+    address: str  # where it takes prompts
+    workers: list[int]  # its worker processes
+    runtime: Path  # its FIDDLER_RUNTIME_DIR, apart from the tests' own
+
+
+@pytest.fixture(scope="session")
+def launched(checkpoints, tmp_path_factory) -> Launched:
+    """`fiddler-launch` serving the tiny model with one worker, for tests that only send it requests (good, bad and
+    fuzzed ones). Stopped with Ctrl-C at the end of the session, and checked: a clean exit, no traceback, no
+    process, socket, folder or shared-memory file left."""
+    shm_before = shm_files()
+    runtime = tmp_path_factory.mktemp("launched-runtime")
+    runtime.chmod(0o700)
+    log_file = runtime.parent / "launched.log"  # a file: a full pipe would stall the launcher
+    with open(log_file, "w") as log:
+        launcher = subprocess.Popen(
+            [Path(sys.executable).parent / "fiddler-launch", "--model", str(checkpoints["tiny"]), "--workers", "1",
+             "--threads-per-worker", "1", "--device", "cpu"],
+            stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "FIDDLER_RUNTIME_DIR": str(runtime)},
+        )
+    try:
+        deadline = time.monotonic() + 120
+        address = None
+        while time.monotonic() < deadline and address is None:
+            line = launcher.stdout.readline()
+            if not line and launcher.poll() is not None:
+                break
+            if line.startswith("ready: prompts at "):
+                address = line.split("ready: prompts at ", 1)[1].strip()
+        assert address, f"the launcher never became ready: {log_file.read_text()[-2000:]}"
+        workers = children_of(launcher.pid)
+        yield Launched(launcher, address, workers, runtime)
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        launcher.communicate(timeout=60)
+    log = log_file.read_text()
+    assert launcher.returncode == 0, log[-2000:]
+    assert "Traceback" not in log, log[-2000:]
+    assert all(process_gone(pid) for pid in [launcher.pid, *workers])
+    assert list(runtime.iterdir()) == []
+    assert shm_files() == shm_before
+
+
+# --- console commands in this process ---
+
+
+@pytest.fixture
+def cli():
+    """Run a console command in this process, as typed: `cli(fiddler.app, "run", "--top-p", "0", "hi")`; a finished
+    CliRunner result (exit_code, stdout, stderr, exception). A subprocess would spend seconds importing torch for
+    each error path; each console command still runs once as a real executable (test_cli.py, test_bad_input.py).
+    What a command changes in this process is put back afterwards: the SIGTERM handler it installs, environment
+    variables and torch's thread count."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    environ = dict(os.environ)
+    threads = torch.get_num_threads()
+    runner = CliRunner()
+
+    def invoke(app, *args, env: dict[str, str] | None = None):
+        return runner.invoke(app, [str(a) for a in args], env=env)
+
+    yield invoke
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(threads)
+
+
+def error_line(out) -> str:
+    """A failed command's whole stderr: exactly one line, `error: ...`, no traceback, exit status not 0. `out` is a
+    finished subprocess or a `cli` result (whose exception may only be its exit)."""
+    status = out.returncode if hasattr(out, "returncode") else out.exit_code
+    assert status != 0, f"exit status 0; stdout: {out.stdout}"
+    if not hasattr(out, "returncode"):
+        assert isinstance(out.exception, SystemExit), repr(out.exception)  # not an uncaught error
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    return lines[0]
+
+
+# --- what a test may leave behind ---
 
 
 def runtime_leftovers() -> list[str]:
@@ -65,5 +257,27 @@ def children_of(pid: int) -> list[int]:
 
 
 def shm_files() -> set[str]:
-    """Shared-memory files of this project in /dev/shm (slots and shards are unlinked once both sides map them)."""
-    return {name for name in os.listdir("/dev/shm") if "fiddler" in name}
+    """Shared-memory files of this project in /dev/shm (slots and shards are unlinked once both sides map them).
+    Their names carry the pid of the process that made them: a file whose maker is alive and not a process of this
+    test session belongs to another run on the same machine, still at work, and is not ours to count."""
+    found = set()
+    for name in os.listdir("/dev/shm"):
+        if "fiddler" not in name:
+            continue
+        maker = next((int(part) for part in name.split("-") if part.isdigit()), None)
+        if maker is not None and not process_gone(maker) and not descends_from_this_session(maker):
+            continue
+        found.add(name)
+    return found
+
+
+def descends_from_this_session(pid: int) -> bool:
+    """Whether pid is this test process or one of its descendants (from /proc, following parents)."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False

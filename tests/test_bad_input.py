@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, JetMoeConfig, MistralConfig
 
-from conftest import children_of, process_gone, runtime_leftovers, shm_files
+from conftest import children_of, error_line, process_gone, runtime_leftovers, shm_files
+from fiddler_moe.cli import fiddler, launch
+from fiddler_moe.cli import worker as worker_cli
 from fiddler_moe.experts.checkpoint import CheckpointError
 from fiddler_moe.launch.cluster import Cluster
 from fiddler_moe.protocol import messages as m
@@ -31,21 +31,15 @@ from fiddler_moe.protocol.transport import Client
 BIN = Path(sys.executable).parent
 
 
-def one_error_line(stderr: str) -> str:
-    """The whole of stderr: exactly one line, `error: ...`, and no traceback."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
-
-
 def run_all(commands: list[tuple[list, dict]]) -> list[subprocess.CompletedProcess]:
-    """Run CLI commands two at a time (each spends its first seconds importing torch)."""
+    """Run commands as real processes, two at a time (each spends its first seconds importing torch). Each one's
+    environment is ours with the given changes (None: unset)."""
 
     def run(item):
-        command, env = item
+        command, changes = item
+        env = {**os.environ, **changes}
         return subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=180,
-                              env={**os.environ, **env})
+                              env={k: v for k, v in env.items() if v is not None})
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(run, commands))
@@ -128,44 +122,64 @@ def bad_checkpoints(checkpoints, sharded_checkpoint, tmp_path_factory) -> dict[s
     return cases
 
 
-def bad_flags() -> dict[str, tuple[list[str], dict, str]]:
-    """case -> (flags, extra environment, what the error line must say)."""
+def bad_flags() -> dict[str, tuple[list[str], str]]:
+    """case -> (flags, what the error line must say)."""
     return {
-        "--device cuda without a GPU": (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "no CUDA GPU"),
-        "unparseable size": (["--device-memory", "lots"], {}, "cannot read size 'lots'"),
-        "budget larger than the device": (["--device", "cpu", "--device-memory", "100TiB"], {},
+        "unparseable size": (["--device-memory", "lots"], "cannot read size 'lots'"),
+        "budget larger than the device": (["--device", "cpu", "--device-memory", "100TiB"],
                                           "more than this machine has"),
     }
 
 
-# Through the Python API only: each CLI call spends seconds importing torch, and these take the same paths.
-API_ONLY = {"config.json not JSON", "expert tensor of the wrong shape"}
-
-
-def test_bad_checkpoints_and_flags_fail_before_any_worker_starts(bad_checkpoints, checkpoints, tmp_path):
+def test_bad_checkpoints_and_flags_fail_before_any_worker_starts(bad_checkpoints, checkpoints, cli, tmp_path):
     """`fiddler run` and `fiddler-launch`: one line, exit != 0, and no worker, socket, folder or shm file."""
     good = checkpoints["tiny"]
-    cases = []  # (name, command, env, expected)
+    cases = []  # (name, app, arguments, expected)
     for name, (folder, expected) in bad_checkpoints.items():
-        if name not in API_ONLY:
-            cases.append((name, [BIN / "fiddler", "run", "--model", folder, "-w", "1", "--device", "cpu", "hi"], {},
-                          expected))
-    for name, (flags, env, expected) in bad_flags().items():
-        cases.append((name, [BIN / "fiddler", "run", "--model", good, *flags, "hi"], env, expected))
+        cases.append((name, fiddler.app, ["run", "--model", folder, "-w", "1", "--device", "cpu", "hi"], expected))
+    for name, (flags, expected) in bad_flags().items():
+        cases.append((name, fiddler.app, ["run", "--model", good, *flags, "hi"], expected))
     folder, expected = bad_checkpoints["MoE outside the experts interface"]
-    cases.append(("launch: MoE outside the experts interface",
-                  [BIN / "fiddler-launch", "--model", folder, "--device", "cpu"], {}, expected))
-    # Each command gets its own runtime folder, which must never even be created: no cluster was started.
+    cases.append(("launch: MoE outside the experts interface", launch.app, ["--model", folder, "--device", "cpu"],
+                  expected))
+    shm_before = shm_files()
+    children = set(children_of(os.getpid()))
+    problems = []
+    for i, (name, app, arguments, expected) in enumerate(cases):
+        # Each command gets its own runtime folder, which must never even be created: no cluster was started.
+        runtime = tmp_path / f"runtime-{i}"
+        out = cli(app, *arguments, env={"FIDDLER_RUNTIME_DIR": str(runtime)})
+        try:
+            line = error_line(out)
+            assert expected in line, line
+            assert not runtime.exists(), "a cluster folder was created"
+            assert set(children_of(os.getpid())) == children, "a process was started"
+        except AssertionError as e:
+            problems.append(f"{name}: {e}")
+    assert not problems, "\n".join(problems)
+    assert shm_files() == shm_before
+
+
+def test_each_console_command_refuses_a_bad_flag_in_one_line(checkpoints, tmp_path):
+    """The real executables, entry points and process start-up included: `fiddler` and `fiddler-worker` turn a
+    mistake into one line on stderr (nothing else printed on the way) and a non-zero exit, and create no runtime
+    folder. (A GPU can only be hidden from a process that has not looked for one yet, so that case needs a process
+    of its own anyway. The real `fiddler-launch` runs in test_cli.py and test_reliability.py.)"""
+    good = checkpoints["tiny"]
+    cases = [
+        ("--device cuda without a GPU", [BIN / "fiddler", "run", "--model", good, "--device", "cuda", "hi"],
+         {"CUDA_VISIBLE_DEVICES": ""}, "no CUDA GPU"),
+        ("beyond loopback without a token", [BIN / "fiddler-worker", "--listen", f"tcp://0.0.0.0:{free_port()}"],
+         {"FIDDLER_TOKEN": None}, "token"),
+    ]
     runtimes = [tmp_path / f"runtime-{i}" for i in range(len(cases))]
     shm_before = shm_files()
     results = run_all([(command, {**env, "FIDDLER_RUNTIME_DIR": str(runtime)})
                        for (_, command, env, _), runtime in zip(cases, runtimes)])
-
     problems = []
     for (name, _, _, expected), runtime, out in zip(cases, runtimes, results):
         try:
-            assert out.returncode != 0, f"exit status 0; stdout: {out.stdout}"
-            line = one_error_line(out.stderr)
+            line = error_line(out)
             assert expected in line, line
             assert not runtime.exists(), "a cluster folder was created"
         except AssertionError as e:
@@ -201,38 +215,7 @@ def test_bad_checkpoints_and_flags_through_the_python_api(bad_checkpoints, check
 # --- a running cluster, for items 5 and 7 ---
 
 
-@pytest.fixture(scope="module")
-def launched(checkpoints, tmp_path_factory):
-    """`fiddler-launch` serving the tiny model; stopped for real at the end, and checked for leftovers."""
-    shm_before = shm_files()
-    log_file = tmp_path_factory.mktemp("launcher") / "stderr.log"  # a file: a full pipe would stall the launcher
-    with open(log_file, "w") as log:
-        launcher = subprocess.Popen(
-            [BIN / "fiddler-launch", "--model", str(checkpoints["tiny"]), "--workers", "1", "--threads-per-worker",
-             "1", "--device", "cpu"],
-            stdout=subprocess.PIPE, stderr=log, text=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        address = None
-        while time.monotonic() < deadline and address is None:
-            line = launcher.stdout.readline()
-            if not line and launcher.poll() is not None:
-                break
-            if line.startswith("ready: prompts at "):
-                address = line.split("ready: prompts at ", 1)[1].strip()
-        assert address, f"the launcher never became ready: {log_file.read_text()[-2000:]}"
-        workers = children_of(launcher.pid)
-        yield launcher, address, workers
-    finally:
-        launcher.send_signal(signal.SIGINT)
-        launcher.communicate(timeout=60)
-    log = log_file.read_text()
-    assert launcher.returncode == 0, log
-    assert "Traceback" not in log, log
-    assert all(process_gone(pid) for pid in [launcher.pid, *workers])
-    assert runtime_leftovers() == []
-    assert shm_files() == shm_before
+# (`launched`, in conftest.py: fiddler-launch serving the tiny model, shared with test_fuzz.py)
 
 
 def generate_over_protocol(address: str, request, timeout_s: float = 60) -> list[m.Message]:
@@ -254,9 +237,9 @@ def generate_over_protocol(address: str, request, timeout_s: float = 60) -> list
         client.close()
 
 
-def test_bad_requests_get_a_clear_error_and_the_service_keeps_serving(launched):
+def test_bad_requests_get_a_clear_error_and_the_service_keeps_serving(launched, cli):
     """Item 5, through `fiddler generate` and through raw protocol clients."""
-    launcher, address, _ = launched
+    launcher, address = launched.process, launched.address
     long_prompt = "the mixture of experts " * 1500  # far beyond the tiny model's 4096-token context
     cli_cases = [
         ([""], "the prompt is empty"),
@@ -264,14 +247,12 @@ def test_bad_requests_get_a_clear_error_and_the_service_keeps_serving(launched):
         (["hi", "-n", "100000000"], "exceeds the model's context"),
         (["hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     ]
-    results = run_all([([BIN / "fiddler", "generate", "--address", address, *args], {}) for args, _ in cli_cases])
-    for (args, expected), out in zip(cli_cases, results):
-        assert out.returncode != 0, args
-        assert expected in one_error_line(out.stderr), (args[1:], out.stderr)
-    unknown = subprocess.run([BIN / "fiddler", "generate", "--address", address, "--bogus", "hi"],
-                             capture_output=True, text=True, timeout=60)
-    assert unknown.returncode != 0 and "No such option: --bogus" in unknown.stderr
-    assert "Traceback" not in unknown.stderr
+    for args, expected in cli_cases:
+        out = cli(fiddler.app, "generate", "--address", address, *args)
+        assert expected in error_line(out), (args[1:], out.stderr)
+    unknown = cli(fiddler.app, "generate", "--address", address, "--bogus", "hi")
+    assert unknown.exit_code != 0 and "No such option: --bogus" in unknown.stderr
+    assert isinstance(unknown.exception, SystemExit) and "Traceback" not in unknown.stderr
 
     # Past the CLI's own checks: what another client could send.
     def request(**fields):
@@ -322,9 +303,8 @@ def test_bad_requests_get_a_clear_error_and_the_service_keeps_serving(launched):
         bad.close()
         good.close()
 
-    out = subprocess.run([BIN / "fiddler", "generate", "--address", address, "-n", "4", "--json", "Hello there"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = cli(fiddler.app, "generate", "--address", address, "-n", "4", "--json", "Hello there")
+    assert out.exit_code == 0, out.stderr
     assert 1 <= len(json.loads(out.stdout)["token_ids"]) <= 4
     assert launcher.poll() is None
 
@@ -362,15 +342,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_local_only_by_default(launched, tmp_path):
+def test_local_only_by_default(launched, cli, monkeypatch, tmp_path):
     """The launcher's and its workers' sockets are ipc files in a 0700 folder of ours, no tcp; a worker that
     listens beyond loopback needs a token, refuses a wrong one, and never logs it."""
-    launcher, address, workers = launched
+    launcher, address, workers = launched.process, launched.address, launched.workers
     assert address.startswith("ipc://")
     run_dir = Path(address[len("ipc://") :]).parent
     info = run_dir.stat()
     assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
-    assert run_dir.parent == Path(os.environ["FIDDLER_RUNTIME_DIR"])
+    assert run_dir.parent == launched.runtime  # its FIDDLER_RUNTIME_DIR
     for pid in [launcher.pid, *workers]:
         unix, tcp = listening_sockets(pid)
         assert tcp == 0, f"pid {pid} listens on tcp"
@@ -378,22 +358,19 @@ def test_local_only_by_default(launched, tmp_path):
         for path in unix:
             assert stat.S_ISSOCK(os.stat(path).st_mode)
 
-    # Beyond loopback without a token: refused before listening.
-    env = {k: v for k, v in os.environ.items() if k != "FIDDLER_TOKEN"}
+    # Beyond loopback without a token: refused before listening (the real `fiddler-worker` does the same:
+    # test_each_console_command_refuses_a_bad_flag_in_one_line).
+    monkeypatch.delenv("FIDDLER_TOKEN", raising=False)  # for the worker started below too
     for listen in (f"tcp://0.0.0.0:{free_port()}", f"tcp://*:{free_port()}"):
-        out = subprocess.run([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", listen], capture_output=True,
-                             text=True, timeout=60, env=env)
-        assert out.returncode != 0 and "token" in one_error_line(out.stderr)
-    from fiddler_moe.cli.worker import _check_listen
-
-    _check_listen(f"tcp://0.0.0.0:{free_port()}", token="a-token")  # with a token it is allowed
+        assert "token" in error_line(cli(worker_cli.app, "--listen", listen))
+    worker_cli._check_listen(f"tcp://0.0.0.0:{free_port()}", token="a-token")  # with a token it is allowed
 
     # A worker with a token: a wrong or missing token is refused, the right one accepted, none of it logged.
     token = "k7Qx-cluster-token-9f2"
     (tmp_path / "token").write_text(token + "\n")
     listen = f"tcp://127.0.0.1:{free_port()}"
     worker = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", listen, "--token-file",
-                               str(tmp_path / "token")], stderr=subprocess.PIPE, text=True, env=env)
+                               str(tmp_path / "token")], stderr=subprocess.PIPE, text=True)
     client = Client(listen)
     try:
         client.send(m.Ping())

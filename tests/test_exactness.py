@@ -12,10 +12,8 @@ from fiddler_moe.launch.cluster import Cluster
 
 PROMPTS = ["The mixture of experts", "Hello", "Offloading experts to the CPU saves memory bandwidth on small GPUs"]
 PLACEMENTS = {"all-cold": 0, "mixed": 5, "all-hot": 10_000}
-
-
-def reference(folder):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"]
+NEW_TOKENS = 32
 
 
 def batch(folder):
@@ -30,43 +28,61 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-@pytest.mark.parametrize("placement", list(PLACEMENTS))
-@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"])
-def test_logits_and_greedy_tokens_match_transformers(checkpoints, preset, placement, workers):
-    folder = checkpoints[preset]
-    ref = reference(folder)
-    input_ids, mask = batch(folder)
-    with torch.inference_mode():
-        want_logits = ref(input_ids=input_ids, attention_mask=mask).logits
-        prompt = input_ids[2:3]
-        want_tokens = ref.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, prompt.shape[1]:]
+@pytest.fixture(scope="module")
+def expected(checkpoints, reference):
+    """transformers' answers for a preset, computed once: (input ids, mask, logits, prompt, greedy tokens)."""
+    answers = {}
 
-    with Cluster(folder, workers=workers, hot_experts=PLACEMENTS[placement], device="cpu", quiet=True) as cluster:
-        got_logits = cluster.logits(input_ids, mask)
-        got = cluster.generate(prompt[0].tolist(), max_new_tokens=32, ignore_eos=True)
-        stats = cluster.coordinator.dispatcher.stats
+    def answer(preset):
+        if preset not in answers:
+            folder = checkpoints[preset]
+            input_ids, mask = batch(folder)
+            with torch.inference_mode():
+                logits = reference(folder)(input_ids=input_ids, attention_mask=mask).logits
+                prompt = input_ids[2:3]
+                tokens = reference(folder).generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                                    do_sample=False)[0, prompt.shape[1]:]
+            answers[preset] = input_ids, mask, logits, prompt, tokens.tolist()
+        return answers[preset]
 
+    return answer
+
+
+# One shared cluster per case (tests elsewhere that need the same one use it too, see conftest.SharedClusters).
+CASES = [pytest.param(preset, placement, workers, id=f"{preset}-{placement}-{workers}",
+                      marks=pytest.mark.cluster(preset, workers=workers, hot_experts=PLACEMENTS[placement]))
+         for preset in PRESETS for placement in PLACEMENTS for workers in (1, 3)]
+
+
+@pytest.mark.parametrize("preset, placement, workers", CASES)
+def test_logits_and_greedy_tokens_match_transformers(cluster, expected, preset, placement, workers):
+    input_ids, mask, want_logits, prompt, want_tokens = expected(preset)
+    stats = cluster.coordinator.dispatcher.stats
+    hot_before, cold_before = stats.hot_pairs, stats.cold_pairs
+    got_logits = cluster.logits(input_ids, mask)
+    got = cluster.generate(prompt[0].tolist(), max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    hot, cold = stats.hot_pairs - hot_before, stats.cold_pairs - cold_before
+
+    assert len(cluster.worker_pids) == workers
     real = mask.bool()  # padded positions are not compared: both sides mask them, their values are arbitrary
     assert relative_error(got_logits[real], want_logits[real]) < 1e-5
-    assert got.token_ids == want_tokens.tolist()
-    assert len(got.token_ids) == 32
+    assert got.token_ids == want_tokens
+    assert len(got.token_ids) == NEW_TOKENS
     # the placement really was what the test says: work went where it should
     if placement == "all-cold":
-        assert stats.hot_pairs == 0 and stats.cold_pairs > 0
+        assert hot == 0 and cold > 0
     elif placement == "all-hot":
-        assert stats.cold_pairs == 0 and stats.hot_pairs > 0
+        assert cold == 0 and hot > 0
     else:
-        assert stats.cold_pairs > 0 and stats.hot_pairs > 0
+        assert cold > 0 and hot > 0
 
 
-def test_multi_shard_checkpoint_with_index(sharded_checkpoint):
+def test_multi_shard_checkpoint_with_index(sharded_checkpoint, reference):
     folder = sharded_checkpoint
     assert (folder / "model.safetensors.index.json").exists()
-    ref = reference(folder)
     input_ids, mask = batch(folder)
     with torch.inference_mode():
-        want = ref(input_ids=input_ids, attention_mask=mask).logits
+        want = reference(folder)(input_ids=input_ids, attention_mask=mask).logits
     with Cluster(folder, workers=2, device="cpu", quiet=True) as cluster:
         got = cluster.logits(input_ids, mask)
     assert relative_error(got[mask.bool()], want[mask.bool()]) < 1e-5

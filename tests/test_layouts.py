@@ -6,14 +6,13 @@ import shutil
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
 from fiddler_moe.launch.cluster import Cluster
 
 
-def test_fused_expert_tensors(checkpoints, tmp_path):
+def test_fused_expert_tensors(checkpoints, reference, tmp_path):
     source = checkpoints["tiny-qwen3-moe"]
-    ref = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    ref = reference(source)
     fused = tmp_path / "fused"
     fused.mkdir()
     for f in source.iterdir():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
 
+from conftest import shm_files
 from fiddler_moe.coordinator.scheduling import CostModel, Curve, Scheduler
 from fiddler_moe.experts.shard import load_shard, load_shard_shared
 from fiddler_moe.launch.cluster import Cluster
@@ -26,16 +26,17 @@ def shard_maps(pid: int | str = "self") -> list[str]:
     return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "fiddler-shard" in line]
 
 
-def shm_files() -> list[str]:
-    return sorted(name for name in os.listdir("/dev/shm") if name.startswith("fiddler-shard"))
+def shard_files() -> list[str]:
+    """This session's shared shards in /dev/shm."""
+    return sorted(name for name in shm_files() if name.startswith("fiddler-shard"))
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-def reference(folder: Path, new_tokens: int) -> tuple[torch.Tensor, list[int]]:
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def transformers_answer(ref, new_tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """transformers' logits for PROMPT and its greedy continuation."""
     ids = torch.tensor([PROMPT])
     with torch.inference_mode():
         logits = ref(input_ids=ids).logits
@@ -45,14 +46,14 @@ def reference(folder: Path, new_tokens: int) -> tuple[torch.Tensor, list[int]]:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2-moe"])
-def test_moving_every_cold_expert_gives_transformers_logits(checkpoints, preset):
+def test_moving_every_cold_expert_gives_transformers_logits(checkpoints, reference, preset):
     folder = checkpoints[preset]
-    want_logits, want_tokens = reference(folder, 12)
+    want_logits, want_tokens = transformers_answer(reference(folder), 12)
     with Cluster(folder, workers=2, hot_experts=3, device="cpu", scheduling="always", quiet=True) as cluster:
         coordinator = cluster.coordinator
         # each worker's shard lives in its shared file, mapped read-write there and read-only here; no name is left
         assert sorted(coordinator.mapped) == [0, 1]
-        assert shm_files() == []
+        assert shard_files() == []
         for pid in cluster.worker_pids:
             (line,) = shard_maps(pid)
             assert line.split()[1] == "rw-s" and line.endswith("(deleted)")
@@ -72,34 +73,33 @@ def test_moving_every_cold_expert_gives_transformers_logits(checkpoints, preset)
         assert stats.moved_pairs == before
     assert relative_error(got_logits, want_logits) < 1e-5
     assert got.token_ids == want_tokens
-    assert shm_files() == []
+    assert shard_files() == []
 
 
-def test_on_the_cpu_nothing_moves_and_nothing_is_mapped(checkpoints):
+@pytest.mark.cluster("tiny", workers=3, hot_experts=5)
+def test_on_the_cpu_nothing_moves_and_nothing_is_mapped(checkpoints, reference, cluster):
     """The default scheduler on a CPU-only machine: no device to move to, so "move none", and it says so."""
-    folder = checkpoints["tiny"]
-    want_logits, want_tokens = reference(folder, 8)
-    with Cluster(folder, workers=2, hot_experts=3, device="cpu", quiet=True) as cluster:
-        coordinator = cluster.coordinator
-        assert coordinator.mapped == {} and coordinator.reachable == {}
-        assert all(shard_maps(pid) == [] for pid in cluster.worker_pids)  # private memory, as without a scheduler
-        assert "scheduler: off" in coordinator.scheduling_line and "runs on the CPU" in coordinator.scheduling_line
-        got_logits = cluster.logits(torch.tensor([PROMPT]))
-        got = cluster.generate(PROMPT, max_new_tokens=8, ignore_eos=True)
-        stats = coordinator.dispatcher.stats
-        assert stats.moved_pairs == 0 and stats.cold_pairs > 0
+    want_logits, want_tokens = transformers_answer(reference(checkpoints["tiny"]), 8)
+    coordinator = cluster.coordinator
+    assert coordinator.mapped == {} and coordinator.reachable == {}
+    assert all(shard_maps(pid) == [] for pid in cluster.worker_pids)  # private memory, as without a scheduler
+    assert "scheduler: off" in coordinator.scheduling_line and "runs on the CPU" in coordinator.scheduling_line
+    stats = coordinator.dispatcher.stats
+    moved_before, cold_before = stats.moved_pairs, stats.cold_pairs
+    got_logits = cluster.logits(torch.tensor([PROMPT]))
+    got = cluster.generate(PROMPT, max_new_tokens=8, ignore_eos=True)
+    assert stats.moved_pairs == moved_before == 0 and stats.cold_pairs > cold_before
     assert relative_error(got_logits, want_logits) < 1e-5
     assert got.token_ids == want_tokens
 
 
-def test_the_scheduler_decides_per_call_and_stays_exact(checkpoints):
+def test_the_scheduler_decides_per_call_and_stays_exact(checkpoints, reference):
     """The cost-model Scheduler wired into the dispatcher, with a cost table that makes moving pay for experts
     with many rows (as a GPU would): busy experts move, the others stay, and the logits do not change."""
     folder = checkpoints["tiny"]
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = torch.tensor([list(range(1, 120))])
     with torch.inference_mode():
-        want = ref(input_ids=long_prompt).logits
+        want = reference(folder)(input_ids=long_prompt).logits
     gpu_like = CostModel(worker=Curve.line(1e-3, 1e-4), device=Curve.line(1e-4, 1e-6), copy_seconds=2e-3)
     with Cluster(folder, workers=2, hot_experts=0, device="cpu", scheduling="always", quiet=True) as cluster:
         coordinator = cluster.coordinator
@@ -113,7 +113,7 @@ def test_the_scheduler_decides_per_call_and_stays_exact(checkpoints):
     assert relative_error(got, want) < 1e-5
 
 
-def test_shared_shard_holds_what_the_private_shard_holds(checkpoints, tmp_path):
+def test_shared_shard_holds_what_the_private_shard_holds(checkpoints, reference, tmp_path):
     """Per-expert and fused checkpoints: the shared file's tensors equal load_shard's, and the file is removed
     when the shard is closed."""
     source = checkpoints["tiny-qwen3-moe"]
@@ -122,8 +122,7 @@ def test_shared_shard_holds_what_the_private_shard_holds(checkpoints, tmp_path):
     for f in source.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors"):
             shutil.copy(f, fused / f.name)
-    ref = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, fused / "model.safetensors",
+    save_file({k: v.contiguous() for k, v in reference(source).state_dict().items()}, fused / "model.safetensors",
               metadata={"format": "pt"})
     from fiddler_moe.coordinator.loading import inspect
 

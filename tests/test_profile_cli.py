@@ -13,19 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import runtime_leftovers
-from transformers import AutoModelForCausalLM
 
+from conftest import error_line, runtime_leftovers
+from fiddler_moe.cli import fiddler, launch
 from fiddler_moe.coordinator.loading import inspect
 from fiddler_moe.coordinator.profile import ExpertProfile
 from fiddler_moe.experts.checkpoint import fingerprint
 from fiddler_moe.launch.cluster import Cluster
 
 BIN = Path(sys.executable).parent
-
-
-def fiddler(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "fiddler", *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def lines_until(proc: subprocess.Popen, needle: str, timeout_lines: int = 500) -> str:
@@ -44,7 +40,7 @@ def top_share(profile: ExpertProfile, n: int) -> float:
     return sum(sorted(profile.counts.values(), reverse=True)[:n]) / profile.total
 
 
-def test_profile_then_launch_with_it_then_live_stats(checkpoints, tmp_path):
+def test_profile_then_launch_with_it_then_live_stats(checkpoints, cli, tmp_path):
     folder = checkpoints["tiny"]
     prompts = tmp_path / "calibration.jsonl"
     prompts.write_text(
@@ -52,9 +48,9 @@ def test_profile_then_launch_with_it_then_live_stats(checkpoints, tmp_path):
         '{"text": "Offloading experts to the CPU saves memory bandwidth on small GPUs"}\n'
         '{"messages": [{"role": "user", "content": "Hello there"}]}\n'
     )
-    out = fiddler("profile", "--model", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "p.json"),
-                  "--max-tokens", "2", "-w", "1", "-t", "1", "--device", "cpu")
-    assert out.returncode == 0, out.stderr
+    out = cli(fiddler.app, "profile", "--model", folder, "--prompts", prompts, "--out", tmp_path / "p.json",
+              "--max-tokens", "2", "-w", "1", "-t", "1", "--device", "cpu")
+    assert out.exit_code == 0, out.stderr
     assert "wrote" in out.stderr and "--profile" in out.stderr
     _, layout = inspect(folder, None)
     profile = ExpertProfile.load(tmp_path / "p.json", expected_fingerprint=fingerprint(folder))
@@ -71,13 +67,13 @@ def test_profile_then_launch_with_it_then_live_stats(checkpoints, tmp_path):
     try:
         plan = lines_until(launcher, "ready")
         assert f"expected hit rate (profile): {top_share(profile, 4):.1%}" in plan
-        generated = fiddler("generate", "--stats", "-n", "4", "The mixture of experts")
-        assert generated.returncode == 0, generated.stderr
+        generated = cli(fiddler.app, "generate", "--stats", "-n", "4", "The mixture of experts")
+        assert generated.exit_code == 0, generated.stderr
         assert "stats of this request:" in generated.stderr and "hit rate:" in generated.stderr
-        stats = fiddler("stats", "--json", "--save-profile", str(tmp_path / "live.json"))
-        assert stats.returncode == 0, stats.stderr
-        shown = fiddler("stats")
-        assert shown.returncode == 0 and "hit rate" in shown.stdout and "worker-1" in shown.stdout
+        stats = cli(fiddler.app, "stats", "--json", "--save-profile", tmp_path / "live.json")
+        assert stats.exit_code == 0, stats.stderr
+        shown = cli(fiddler.app, "stats")
+        assert shown.exit_code == 0 and "hit rate" in shown.stdout and "worker-1" in shown.stdout
     finally:
         launcher.send_signal(signal.SIGINT)
         launcher.wait(timeout=30)
@@ -96,7 +92,7 @@ def test_profile_then_launch_with_it_then_live_stats(checkpoints, tmp_path):
     assert saved.layer_counts(layout.moe_layers[0].layer) == data["routed"][str(layout.moe_layers[0].layer)]
 
 
-def test_the_most_used_experts_are_hot_and_popular_cold_ones_spread(checkpoints, tmp_path):
+def test_the_most_used_experts_are_hot_and_popular_cold_ones_spread(checkpoints, reference, tmp_path):
     folder = checkpoints["tiny"]
     _, layout = inspect(folder, None)
     keys = sorted(layout.experts)
@@ -107,10 +103,9 @@ def test_the_most_used_experts_are_hot_and_popular_cold_ones_spread(checkpoints,
         tmp_path / "skewed.json")
     most_used = set(sorted(keys, key=lambda k: -counts[k])[:5])
 
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
     with torch.inference_mode():
-        want = ref(input_ids=ids).logits
+        want = reference(folder)(input_ids=ids).logits
     with Cluster(folder, workers=2, hot_experts=5, profile=path, device="cpu", quiet=True) as cluster:
         placement = cluster.coordinator.placement
         assert set(placement.hot) == most_used == set(cluster.coordinator.dispatcher.hot)
@@ -122,18 +117,14 @@ def test_the_most_used_experts_are_hot_and_popular_cold_ones_spread(checkpoints,
 
 
 @pytest.mark.parametrize("command", ["fiddler-launch", "fiddler run"])
-def test_a_profile_of_another_checkpoint_is_refused_in_one_line(checkpoints, tmp_path, command):
+def test_a_profile_of_another_checkpoint_is_refused_in_one_line(checkpoints, cli, tmp_path, command):
     tiny = checkpoints["tiny"]
     path = ExpertProfile.from_counts({(0, 1): 5}, fingerprint=fingerprint(tiny), model=str(tiny), tokens=3).save(
         tmp_path / "tiny.json")
-    args = [*command.split(), "--model", str(checkpoints["tiny-qwen3-moe"]), "--profile", str(path), "-w", "1",
-            "-t", "1", "--device", "cpu"]
-    if command == "fiddler run":
-        args.append("hello")
-    out = subprocess.run([BIN / args[0], *args[1:]], capture_output=True, text=True, timeout=120, check=False)
-    assert out.returncode == 2
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("error: profile") and "another model/checkpoint" in lines[0]
-    assert "fiddler profile --model" in lines[0]
+    args = ["--model", checkpoints["tiny-qwen3-moe"], "--profile", path, "-w", "1", "-t", "1", "--device", "cpu"]
+    out = cli(launch.app, *args) if command == "fiddler-launch" else cli(fiddler.app, "run", *args, "hello")
+    assert out.exit_code == 2
+    line = error_line(out)
+    assert line.startswith("error: profile") and "another model/checkpoint" in line
+    assert "fiddler profile --model" in line
     assert runtime_leftovers() == []

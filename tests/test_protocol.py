@@ -121,44 +121,35 @@ def test_malformed_frames_are_refused_with_a_code(case):
     assert info.value.code == code
 
 
-@pytest.fixture
-def worker(tmp_path):
-    address = f"ipc://{tmp_path}/w.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", address, "--name", "test-worker"],
-                            stderr=subprocess.PIPE, text=True)
-    client = Client(address)
-    yield proc, client, tmp_path / "w.sock"
-    client.close()
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def test_worker_answers_bad_frames_with_errors_and_keeps_serving(worker):
-    proc, client, socket_file = worker
-    client.send(m.Hello(m.PROTOCOL_VERSION))
-    assert isinstance(client.receive(timeout_s=30), m.HelloReply)
-    for case in ("not msgpack", "other version", "truncated tensor", "unknown kind"):
-        frames, code = BAD_FRAMES[case]
-        client.send_frames(frames)
+def test_worker_answers_bad_frames_with_errors_and_keeps_serving(checkpoints, tmp_path):
+    """A real worker process: bad frames, a request before its shard and a shard of another checkpoint each get an
+    Error; it keeps serving, and removes its socket when it ends."""
+    socket_file = tmp_path / "w.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", f"ipc://{socket_file}",
+                             "--name", "test-worker"], stderr=subprocess.PIPE, text=True)
+    client = Client(f"ipc://{socket_file}")
+    try:
+        client.send(m.Hello(m.PROTOCOL_VERSION))
+        assert isinstance(client.receive(timeout_s=30), m.HelloReply)
+        for case in ("not msgpack", "other version", "truncated tensor", "unknown kind"):
+            frames, code = BAD_FRAMES[case]
+            client.send_frames(frames)
+            reply = client.receive(timeout_s=10)
+            assert isinstance(reply, m.Error) and reply.code == code, case
+        # a well-formed request it cannot serve yet is an error too, not a crash
+        client.send(m.ExpertRequest(1, 0, [0], [1], torch.zeros(1, 8)))
         reply = client.receive(timeout_s=10)
-        assert isinstance(reply, m.Error) and reply.code == code, case
-    # a well-formed request it cannot serve yet is an error too, not a crash
-    client.send(m.ExpertRequest(1, 0, [0], [1], torch.zeros(1, 8)))
-    reply = client.receive(timeout_s=10)
-    assert isinstance(reply, m.Error) and reply.code == "not_loaded"
-    client.send(m.Ping())
-    assert isinstance(client.receive(timeout_s=10), m.Pong)
-    assert proc.poll() is None
-    proc.terminate()
-    proc.wait(timeout=10)
+        assert isinstance(reply, m.Error) and reply.code == "not_loaded"
+        # so is a shard of another checkpoint
+        client.send(m.LoadShard(str(checkpoints["tiny"]), "not-this-checkpoint", m.KernelSpec("silu"), []))
+        reply = client.receive(timeout_s=30)
+        assert isinstance(reply, m.Error) and reply.code == "fingerprint_mismatch"
+        client.send(m.Ping())
+        assert isinstance(client.receive(timeout_s=10), m.Pong)
+        assert proc.poll() is None
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
     assert not socket_file.exists()
     assert "refused a request" in proc.stderr.read()
-
-
-def test_worker_refuses_a_shard_of_another_checkpoint(worker, checkpoints):
-    proc, client, _ = worker
-    msg = m.LoadShard(str(checkpoints["tiny"]), "not-this-checkpoint", m.KernelSpec("silu"), [])
-    client.send(msg)
-    reply = client.receive(timeout_s=30)
-    assert isinstance(reply, m.Error) and reply.code == "fingerprint_mismatch"
-    assert proc.poll() is None

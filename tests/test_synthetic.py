@@ -21,9 +21,10 @@ PROMPT = "The router picks two experts for every token, and the rest stay cold."
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {name: write_checkpoint(name, root / name) for name in TINY}
+def tiny_checkpoints(checkpoints) -> dict[str, Path]:
+    """The session's tiny checkpoints: written by write_checkpoint with its defaults (float32, seed 0)."""
+    assert TINY == list(checkpoints)
+    return checkpoints
 
 
 def safetensors_bytes(folder: Path) -> dict[str, bytes]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from conftest import process_gone, runtime_leftovers, shm_files
+from conftest import runtime_leftovers, shm_files
 from fiddler_moe.coordinator.dispatch import WorkerFailed
 from fiddler_moe.host import numa
 from fiddler_moe.launch.cluster import Cluster
@@ -24,13 +22,13 @@ from fiddler_moe.protocol.shm import ShmChannel
 from fiddler_moe.protocol.wire import decode, encode
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51, 52, 53, 54, 55, 56]])
-BIN = Path(sys.executable).parent
 
 
-def reference_logits(folder):
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+@pytest.fixture(scope="module")
+def want(checkpoints, reference) -> torch.Tensor:
+    """transformers' logits for IDS on the tiny checkpoint."""
     with torch.inference_mode():
-        return ref(input_ids=IDS).logits
+        return reference(checkpoints["tiny"])(input_ids=IDS).logits
 
 
 def close(got, want) -> bool:
@@ -218,62 +216,45 @@ def test_decoding_layer_calls_in_c_are_the_python_path():
 # --- clusters over each transport ---
 
 
-@pytest.mark.parametrize("transport", ["shm", "zmq"])
-def test_exact_over_each_transport(checkpoints, transport):
-    folder = checkpoints["tiny"]
-    want = reference_logits(folder)
-    with Cluster(folder, workers=2, transport=transport, device="cpu", quiet=True) as cluster:
-        got = cluster.logits(IDS)
-        channels = [link.channel for link in cluster.coordinator.links]
-        assert all(c is not None for c in channels) if transport == "shm" else all(c is None for c in channels)
-        # CPU only, every expert cold: the coordinator and the workers take turns on the cores, so nobody spins
-        assert cluster.plan_workers().takes_turns and not cluster.coordinator.spin_waits
-        assert all(not c.spin for c in channels if c is not None)
-        assert shm_files() == set(), "shared-memory names are dropped as soon as both sides map them"
+# Two local workers, one thread each: shared with the affinity test below.
+TRANSPORTS = [pytest.param(transport, id=transport, marks=pytest.mark.cluster("tiny", workers=2, threads_per_worker=1,
+                                                                               transport=transport))
+              for transport in ("shm", "zmq")]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exact_over_each_transport(cluster, want, transport):
+    got = cluster.logits(IDS)
+    channels = [link.channel for link in cluster.coordinator.links]
+    assert all(c is not None for c in channels) if transport == "shm" else all(c is None for c in channels)
+    # CPU only, every expert cold: the coordinator and the workers take turns on the cores, so nobody spins
+    assert cluster.plan_workers().takes_turns and not cluster.coordinator.spin_waits
+    assert all(not c.spin for c in channels if c is not None)
+    assert shm_files() == set(), "shared-memory names are dropped as soon as both sides map them"
     assert close(got, want)
 
 
-def test_batches_larger_than_the_slot_fall_back_to_zeromq(checkpoints):
-    folder = checkpoints["tiny"]
-    want = reference_logits(folder)
-    with Cluster(folder, workers=1, shm_rows=2, device="cpu", quiet=True) as cluster:
+def test_batches_larger_than_the_slot_fall_back_to_zeromq(checkpoints, want):
+    with Cluster(checkpoints["tiny"], workers=1, shm_rows=2, device="cpu", quiet=True) as cluster:
         got = cluster.logits(IDS)
     assert close(got, want)
 
 
-def test_worker_affinity_is_the_planned_one(checkpoints):
-    with Cluster(checkpoints["tiny"], workers=2, threads_per_worker=1, device="cpu", quiet=True) as cluster:
-        planned = [slot.cpus for slot in cluster.plan_workers().workers]
-        reported = [hello.cpus for hello in cluster.coordinator.hellos]  # sched_getaffinity inside each worker
-        threads = [hello.threads for hello in cluster.coordinator.hellos]
-        environ = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in cluster.worker_pids]
+@pytest.mark.cluster("tiny", workers=2, threads_per_worker=1, transport="shm")
+def test_worker_affinity_is_the_planned_one(cluster):
+    planned = [slot.cpus for slot in cluster.plan_workers().workers]
+    reported = [hello.cpus for hello in cluster.coordinator.hellos]  # sched_getaffinity inside each worker
+    threads = [hello.threads for hello in cluster.coordinator.hellos]
+    environ = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in cluster.worker_pids]
     assert reported == planned and threads == [1, 1]
     spin = os.environ.get("GOMP_SPINCOUNT", numa.OPENMP_SETTINGS["GOMP_SPINCOUNT"])
     for env in environ:  # OpenMP threads spin briefly, then sleep: the workers take turns with the coordinator
         assert b"OMP_WAIT_POLICY=PASSIVE" in env and f"GOMP_SPINCOUNT={spin}".encode() in env
 
 
-def test_shm_and_processes_cleaned_after_worker_sigkill(checkpoints):
-    with Cluster(checkpoints["tiny"], workers=2, device="cpu", quiet=True) as cluster:
-        victim = cluster.worker_pids[0]
-        os.kill(victim, signal.SIGKILL)
-        with pytest.raises(WorkerFailed, match="worker-0"):
-            cluster.logits(IDS)
-        pids = cluster.worker_pids
-    assert all(process_gone(pid) for pid in pids)
-    assert shm_files() == set() and runtime_leftovers() == []
-
-
-def test_shm_cleaned_after_sigterm_to_launcher(checkpoints):
-    launcher = subprocess.Popen([BIN / "fiddler-launch", "--model", str(checkpoints["tiny"]), "--workers", "2",
-                                 "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        while "ready" not in (line := launcher.stdout.readline()):
-            assert line, "launcher exited before it was ready"
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=30)
-    assert shm_files() == set() and runtime_leftovers() == []
+# A worker killed under a cluster, and a launcher stopped with SIGTERM, leave no shared memory behind either:
+# test_reliability.py::test_dead_worker_fails_the_request_naming_it_then_is_restarted and
+# test_cli.py::test_launch_generate_stop_leaves_nothing_behind check /dev/shm.
 
 
 # --- workers on other hosts ---
@@ -285,39 +266,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def remote_worker(checkpoints, tmp_path):
+def test_loopback_tcp_worker_refuses_a_wrong_token_then_serves_beside_a_local_one(checkpoints, tmp_path, want):
+    """`fiddler-worker --listen tcp://...` as on another host: a cluster with the wrong token is refused and leaves
+    nothing behind; with the right one it computes beside a local worker. The token is never logged."""
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-cluster-token\n")
     address = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", address, "--model",
-                             str(checkpoints["tiny"]), "--token-file", str(token_file), "--threads", "1"],
-                            stderr=subprocess.PIPE, text=True)
-    yield address, "s3cret-cluster-token"
-    proc.terminate()
-    log = proc.communicate(timeout=10)[1]
+    remote = subprocess.Popen([sys.executable, "-m", "fiddler_moe.cli.worker", "--listen", address, "--model",
+                               str(checkpoints["tiny"]), "--token-file", str(token_file), "--threads", "1"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(WorkerFailed, match="token"):
+            with Cluster(checkpoints["tiny"], workers=0, remote_workers=[address], token="guess", device="cpu",
+                         quiet=True):
+                pass
+        assert runtime_leftovers() == []
+        assert remote.poll() is None
+
+        with Cluster(checkpoints["tiny"], workers=1, remote_workers=[address], token="s3cret-cluster-token",
+                     device="cpu", quiet=True) as cluster:
+            got = cluster.logits(IDS)
+            links = cluster.coordinator.links
+            assert links[1].channel is None and links[0].channel is not None  # tcp keeps ZeroMQ, local uses shm
+            assert all(link.requests > 0 for link in links)
+        assert close(got, want)
+    finally:
+        remote.terminate()
+        log = remote.communicate(timeout=10)[1]
     assert "s3cret" not in log, "tokens are never logged"
-
-
-def test_local_and_loopback_tcp_workers_together(checkpoints, remote_worker):
-    address, token = remote_worker
-    folder = checkpoints["tiny"]
-    want = reference_logits(folder)
-    with Cluster(folder, workers=1, remote_workers=[address], token=token, device="cpu", quiet=True) as cluster:
-        got = cluster.logits(IDS)
-        links = cluster.coordinator.links
-        assert links[1].channel is None and links[0].channel is not None  # tcp keeps ZeroMQ, local uses shm
-        assert all(link.requests > 0 for link in links)
-    assert close(got, want)
-
-
-def test_remote_worker_refuses_a_wrong_token(checkpoints, remote_worker):
-    address, _ = remote_worker
-    with pytest.raises(WorkerFailed, match="token"):
-        with Cluster(checkpoints["tiny"], workers=0, remote_workers=[address], token="guess", device="cpu",
-                     quiet=True):
-            pass
-    assert runtime_leftovers() == []
 
 
 # --- topology ---
