@@ -29,10 +29,11 @@ from transformers.core_model_loading import (
     apply_renamings,
     rename_source_key,
 )
-from transformers.integrations.moe import _default_apply_gate
 
 from fiddler_moe.coordinator.experts import IMPLEMENTATION_NAME
 from fiddler_moe.experts.checkpoint import CheckpointError, TensorReader, fingerprint, tensor_table
+from fiddler_moe.experts import mxfp4
+from fiddler_moe.experts.compute import ExpertKernel
 from fiddler_moe.protocol.messages import ExpertSource, KernelSpec, TensorRef
 from fiddler_moe.protocol.wire import dtype_name
 
@@ -59,6 +60,8 @@ class ModelLayout:
     expert_bytes: int  # one expert's weights in `dtype`
     non_expert: dict[str, TensorRef] = field(default_factory=dict)  # model parameter name -> checkpoint tensor
     non_expert_bytes: int = 0
+    quantization: str = ""  # "mxfp4": the checkpoint's experts are 4-bit, dequantized to `dtype` when loaded
+    checkpoint_expert_bytes: int = 0  # all experts' tensors as the checkpoint stores them
 
     @property
     def num_experts(self) -> int:
@@ -182,21 +185,80 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     return layers
 
 
+def _probe(dtype: torch.dtype, width: int, reach: float) -> torch.Tensor:
+    """Rows of gate_up outputs for comparing gates: spread over [-reach, reach] (past any clamp), fixed seed."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, width, generator=generator) * reach / 3
+    rows[0] = torch.linspace(-reach, reach, width)
+    return rows.to(dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _number(module: nn.Module, names: tuple[str, ...]) -> float | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
 def kernel_spec(config, layer: MoELayer, dtype: torch.dtype) -> KernelSpec:
+    """The KernelSpec of an experts module: read from its interface flags and attributes, then checked against
+    the module's own code (its activation and `_apply_gate`) on probe values in the model's dtype. A module whose
+    expert function KernelSpec cannot describe is refused here, with the missing piece named."""
     module = layer.module
-    cls = type(module)
-    if cls._apply_gate is not _default_apply_gate or module.has_post_expert_norm or not module.is_concatenated:
+    cls = type(module).__name__
+    if module.has_post_expert_norm:
         raise CheckpointError(
-            f"{cls.__name__} uses a custom gate, a post-expert norm or an interleaved gate/up layout, which "
-            "fiddler-moe's expert kernel does not compute yet"
+            f"{cls} normalizes each expert's output (a post-expert norm), which fiddler-moe's expert kernel does not "
+            "compute yet"
         )
-    activation = getattr(module.config, "hidden_act", None) or getattr(config, "hidden_act", "silu")
-    return KernelSpec(
-        activation=activation,
-        has_gate=module.has_gate,
-        has_bias=module.has_bias,
-        is_transposed=module.is_transposed,
-        dtype=dtype_name(dtype),
+    width = 2 * 8
+    activation_name = getattr(module.config, "hidden_act", None) or getattr(config, "hidden_act", "silu")
+    act_fn = getattr(module, "act_fn", None)
+    base = dict(activation=activation_name, has_gate=module.has_gate, has_bias=module.has_bias,
+                is_transposed=module.is_transposed, dtype=dtype_name(dtype))
+    if not isinstance(activation_name, str):
+        raise CheckpointError(f"{cls}'s activation {activation_name!r} is not a name transformers' ACT2FN knows")
+    if not module.has_gate:  # activation(up): the module's act_fn must be the one its config names
+        spec = KernelSpec(**base)
+        probe = _probe(dtype, width, 8.0)
+        try:
+            same = act_fn is None or _same(ExpertKernel(spec).act(probe), act_fn(probe))
+        except (ValueError, KeyError, TypeError):
+            same = False
+        if not same:
+            raise CheckpointError(f"{cls}'s activation is not {activation_name!r} as its config says, which "
+                                  "fiddler-moe's expert kernel does not compute yet")
+        return spec
+    # Gated: the simplest description whose gate computes the module's own `_apply_gate` bit for bit.
+    limit = _number(module, ("limit", "swiglu_limit"))
+    alpha = _number(module, ("alpha", "swiglu_alpha"))
+    probe = _probe(dtype, width, 3 * (limit or 4.0))
+    try:
+        with torch.no_grad():
+            want = module._apply_gate(probe.clone())
+    except Exception as e:  # a gate that reads weights or takes other arguments
+        raise CheckpointError(f"{cls}'s gate ({cls}._apply_gate: {type(e).__name__}) is not one fiddler-moe's "
+                              "expert kernel computes yet") from None
+    for interleaved in (False, True):
+        for clamp in dict.fromkeys((None, limit)):
+            for glu_alpha in dict.fromkeys((None, alpha)):
+                for up_offset in (0.0, 1.0):
+                    spec = KernelSpec(**base, interleaved=interleaved, limit=clamp, alpha=glu_alpha,
+                                      up_offset=up_offset)
+                    try:
+                        got = ExpertKernel(spec).gate(probe.clone())
+                    except (ValueError, KeyError, TypeError, RuntimeError):
+                        continue
+                    if _same(got, want):
+                        return spec
+    raise CheckpointError(
+        f"{cls}'s gate ({cls}._apply_gate) is none that fiddler-moe's expert kernel computes (activation "
+        f"{activation_name!r} of the gate times up, with GPT-OSS's clamp, alpha, offset and interleaving as options)"
     )
 
 
@@ -209,6 +271,29 @@ _EXPERT_FIELDS = {
     "up_proj_bias": "gate_up_bias",
     "down_proj_bias": "down_bias",
 }
+# The same in an MXFP4 checkpoint (gpt-oss): each weight is a `_blocks` and a `_scales` tensor
+_MXFP4_FIELDS = {
+    "gate_up_proj_blocks": "gate_up",
+    "gate_up_proj_scales": "gate_up_scales",
+    "down_proj_blocks": "down",
+    "down_proj_scales": "down_scales",
+}
+
+
+def checkpoint_quantization(config: transformers.PreTrainedConfig) -> str:
+    """"" for float weights, "mxfp4" for gpt-oss's 4-bit experts; any other quantization is refused."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return ""
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+        quantization, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    if method == "mxfp4":
+        return "mxfp4"
+    raise CheckpointError(
+        f"the checkpoint's weights are quantized ({method}), which fiddler-moe does not read yet; use a bfloat16 "
+        "or float32 checkpoint of the model (or gpt-oss's MXFP4 one)"
+    )
 
 
 def _converter_for(pattern: str, converters: list[WeightConverter]) -> WeightConverter:
@@ -237,6 +322,15 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
             f"{folder} holds a dense {config.model_type} model with no routed experts; fiddler-moe runs "
             "Mixture-of-Experts models (run dense models with transformers directly)"
         )
+    kernel = kernel_spec(config, moe_layers[0], model_dtype)
+    for layer in moe_layers[1:]:
+        if kernel_spec(config, layer, model_dtype) != kernel:
+            raise CheckpointError(
+                f"{layer.name} computes its experts differently from {moe_layers[0].name}; fiddler-moe's workers "
+                "compute one expert function per model"
+            )
+    quantization = checkpoint_quantization(config)
+    fields = {**_EXPERT_FIELDS, **(_MXFP4_FIELDS if quantization == "mxfp4" else {})}
     table = tensor_table(folder)
     meta_state = model.state_dict()
     transforms = get_model_conversion_mapping(model)
@@ -260,9 +354,9 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
                 non_expert[target] = TensorRef(info.file, key)
             continue
         param = target[len(owner.name) + 1 :]
-        if param not in _EXPERT_FIELDS:
+        if param not in fields:
             raise CheckpointError(f"unexpected expert tensor {key} (maps to {target})")
-        slot = _EXPERT_FIELDS[param]
+        slot = fields[param]
         if pattern is None:  # fused checkpoint: one [num_experts, ...] tensor for the whole layer
             if not info.shape or info.shape[0] != owner.num_experts:
                 raise CheckpointError(
@@ -281,7 +375,6 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
             order = converter.source_patterns.index(pattern)
             parts.setdefault((owner.layer, expert, slot), []).append((order, TensorRef(info.file, key)))
 
-    kernel = kernel_spec(config, moe_layers[0], model_dtype)
     experts: dict[tuple[int, int], ExpertSource] = {}
     for layer in moe_layers:
         for e in range(layer.num_experts):
@@ -290,7 +383,7 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
                 return [ref for _, ref in sorted(parts.get((layer.layer, e, slot), []), key=lambda p: p[0])]
 
             source = ExpertSource(layer.layer, e, refs("gate_up"), refs("down"), refs("gate_up_bias"),
-                                  refs("down_bias"))
+                                  refs("down_bias"), refs("gate_up_scales"), refs("down_scales"))
             if not source.gate_up or not source.down:
                 raise CheckpointError(
                     f"the checkpoint has no weights for layer {layer.layer} expert {e}; it is incomplete "
@@ -325,8 +418,17 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
         expert_bytes=per_expert * itemsize,
         non_expert=non_expert,
         non_expert_bytes=sum(meta_state[n].numel() * meta_state[n].element_size() for n in non_expert),
+        quantization=quantization,
+        checkpoint_expert_bytes=sum(_stored_bytes(source, table) for source in experts.values()),
     )
     return model, layout
+
+
+def _stored_bytes(source: ExpertSource, table: dict) -> int:
+    """One expert's bytes in the checkpoint (a fused tensor counts its share)."""
+    refs = [*source.gate_up, *source.down, *source.gate_up_bias, *source.down_bias, *source.gate_up_scales,
+            *source.down_scales]
+    return sum(table[r.key].nbytes // (table[r.key].shape[0] if r.index is not None else 1) for r in refs)
 
 
 def _check_expert_shapes(moe_layers: list[MoELayer], experts: dict, table: dict) -> None:
@@ -349,8 +451,20 @@ def _check_expert_shapes(moe_layers: list[MoELayer], experts: dict, table: dict)
                 expected = tuple(getattr(module, param).shape[1:])
                 # per-expert parts are concatenated on dim 0 (Mixtral's w1 + w3): each holds an equal share
                 share = (expected[0] // len(refs), *expected[1:]) if expected else expected
-                for ref in refs:
+                scales = getattr(source, f"{slot}_scales", None) or [None] * len(refs)
+                if len(scales) != len(refs):
+                    raise CheckpointError(f"layer {layer.layer} expert {e} {param} has {len(refs)} MXFP4 block "
+                                          f"tensor(s) but {len(scales)} scale tensor(s); the checkpoint is incomplete")
+                for ref, scale in zip(refs, scales):
                     shape = table[ref.key].shape[1:] if ref.index is not None else table[ref.key].shape
+                    if scale is not None:  # MXFP4: blocks [out, groups, 16] and scales [out, groups]
+                        scale_shape = table[scale.key].shape[1:] if scale.index is not None else table[scale.key].shape
+                        if len(shape) != 3 or tuple(scale_shape) != tuple(shape[:-1]):
+                            raise CheckpointError(
+                                f"MXFP4 tensors {ref.key} {list(shape)} and {scale.key} {list(scale_shape)} do not "
+                                "match; the checkpoint is damaged"
+                            )
+                        shape = mxfp4.dequantized_shape(tuple(shape))
                     if tuple(shape) != share:
                         raise CheckpointError(
                             f"expert tensor {ref.key} in {table[ref.key].file} has shape {list(shape)}, but the "

@@ -11,7 +11,7 @@ import torch
 
 from fiddler_moe.launch.synthetic import write_checkpoint
 
-TINY_PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"]
+TINY_PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-gpt-oss"]
 
 
 @pytest.fixture(scope="session", autouse=True)

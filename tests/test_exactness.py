@@ -32,7 +32,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
-@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-gpt-oss"])
 def test_logits_and_greedy_tokens_match_transformers(checkpoints, preset, placement, workers):
     folder = checkpoints[preset]
     ref = reference(folder)
