@@ -11,6 +11,7 @@ tensors are never read here: the workers (and the hot-expert store) read them fr
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,13 +27,14 @@ from transformers.core_model_loading import (
     MergeModulelist,
     WeightConverter,
     WeightRenaming,
-    apply_renamings,
+    dot_natural_key,
     rename_source_key,
 )
-from transformers.integrations.moe import _default_apply_gate
 
 from fiddler_moe.coordinator.experts import IMPLEMENTATION_NAME
 from fiddler_moe.experts.checkpoint import CheckpointError, TensorReader, fingerprint, tensor_table
+from fiddler_moe.experts import mxfp4
+from fiddler_moe.experts.compute import ExpertKernel, activation
 from fiddler_moe.protocol.messages import ExpertSource, KernelSpec, TensorRef
 from fiddler_moe.protocol.wire import dtype_name
 
@@ -58,7 +60,12 @@ class ModelLayout:
     experts: dict[tuple[int, int], ExpertSource]
     expert_bytes: int  # one expert's weights in `dtype`
     non_expert: dict[str, TensorRef] = field(default_factory=dict)  # model parameter name -> checkpoint tensor
+    # Non-expert weights transformers builds with a conversion (q/k/v parts concatenated, one tensor split):
+    # the converter's first target name -> [(checkpoint key, the converter's source pattern, where it lies)]
+    non_expert_converted: dict[str, list[tuple[str, str, TensorRef]]] = field(default_factory=dict)
     non_expert_bytes: int = 0
+    quantization: str = ""  # "mxfp4": the checkpoint's experts are 4-bit, dequantized to `dtype` when loaded
+    checkpoint_expert_bytes: int = 0  # all experts' tensors as the checkpoint stores them
 
     @property
     def num_experts(self) -> int:
@@ -182,21 +189,93 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     return layers
 
 
+def _probe(dtype: torch.dtype, width: int, reach: float) -> torch.Tensor:
+    """Rows of gate_up outputs for comparing gates: spread over [-reach, reach] (past any clamp), fixed seed."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, width, generator=generator) * reach / 3
+    rows[0] = torch.linspace(-reach, reach, width)
+    return rows.to(dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _number(module: nn.Module, names: tuple[str, ...]) -> float | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _activation_name(module: nn.Module, config, dtype: torch.dtype) -> str:
+    """The name in transformers' ACT2FN of the experts module's act_fn: the config's activation fields first (the
+    module reads one of them), then any name that computes the same on probe values."""
+    fields = [getattr(c, "to_dict", dict)() for c in (module.config, config)]
+    named = [v for d in fields for k, v in d.items() if isinstance(v, str) and k.endswith(("_act", "activation"))]
+    act_fn = getattr(module, "act_fn", None)
+    if act_fn is None:  # a gate of its own that uses no activation module (GPT-OSS): checked with the gate
+        return next(iter(named), "silu")
+    from transformers.activations import ACT2FN
+
+    probe = _probe(dtype, 16, 8.0)
+    try:
+        want = act_fn(probe)
+    except Exception:  # e.g. an activation of the gate and up together
+        want = None
+    for name in dict.fromkeys([*named, *ACT2FN]):
+        try:
+            if want is not None and _same(activation(name)(probe), want):
+                return name
+        except (ValueError, KeyError, TypeError):
+            continue
+    raise CheckpointError(f"{type(module).__name__}'s activation ({type(act_fn).__name__}) is no function of one "
+                          "tensor in transformers' ACT2FN, which is what fiddler-moe's expert kernel computes")
+
+
 def kernel_spec(config, layer: MoELayer, dtype: torch.dtype) -> KernelSpec:
+    """The KernelSpec of an experts module: read from its interface flags and attributes, then checked against
+    the module's own code (its activation and `_apply_gate`) on probe values in the model's dtype. A module whose
+    expert function KernelSpec cannot describe is refused here, with the missing piece named."""
     module = layer.module
-    cls = type(module)
-    if cls._apply_gate is not _default_apply_gate or module.has_post_expert_norm or not module.is_concatenated:
+    cls = type(module).__name__
+    if module.has_post_expert_norm:
         raise CheckpointError(
-            f"{cls.__name__} uses a custom gate, a post-expert norm or an interleaved gate/up layout, which "
-            "fiddler-moe's expert kernel does not compute yet"
+            f"{cls} normalizes each expert's output (a post-expert norm), which fiddler-moe's expert kernel does not "
+            "compute yet"
         )
-    activation = getattr(module.config, "hidden_act", None) or getattr(config, "hidden_act", "silu")
-    return KernelSpec(
-        activation=activation,
-        has_gate=module.has_gate,
-        has_bias=module.has_bias,
-        is_transposed=module.is_transposed,
-        dtype=dtype_name(dtype),
+    width = 2 * 8
+    activation_name = _activation_name(module, config, dtype)
+    base = dict(activation=activation_name, has_gate=module.has_gate, has_bias=module.has_bias,
+                is_transposed=module.is_transposed, dtype=dtype_name(dtype))
+    if not module.has_gate:  # activation(up), checked by _activation_name
+        return KernelSpec(**base)
+    # Gated: the simplest description whose gate computes the module's own `_apply_gate` bit for bit.
+    limit = _number(module, ("limit", "swiglu_limit"))
+    alpha = _number(module, ("alpha", "swiglu_alpha"))
+    probe = _probe(dtype, width, 3 * (limit or 4.0))
+    try:
+        with torch.no_grad():
+            want = module._apply_gate(probe.clone())
+    except Exception as e:  # a gate that reads weights or takes other arguments
+        raise CheckpointError(f"{cls}'s gate ({cls}._apply_gate: {type(e).__name__}) is not one fiddler-moe's "
+                              "expert kernel computes yet") from None
+    for interleaved in (False, True):
+        for clamp in dict.fromkeys((None, limit)):
+            for glu_alpha in dict.fromkeys((None, alpha)):
+                for up_offset in (0.0, 1.0):
+                    spec = KernelSpec(**base, interleaved=interleaved, limit=clamp, alpha=glu_alpha,
+                                      up_offset=up_offset)
+                    try:
+                        got = ExpertKernel(spec).gate(probe.clone())
+                    except (ValueError, KeyError, TypeError, RuntimeError):
+                        continue
+                    if _same(got, want):
+                        return spec
+    raise CheckpointError(
+        f"{cls}'s gate ({cls}._apply_gate) is none that fiddler-moe's expert kernel computes (activation "
+        f"{activation_name!r} of the gate times up, with GPT-OSS's clamp, alpha, offset and interleaving as options)"
     )
 
 
@@ -209,6 +288,29 @@ _EXPERT_FIELDS = {
     "up_proj_bias": "gate_up_bias",
     "down_proj_bias": "down_bias",
 }
+# The same in an MXFP4 checkpoint (gpt-oss): each weight is a `_blocks` and a `_scales` tensor
+_MXFP4_FIELDS = {
+    "gate_up_proj_blocks": "gate_up",
+    "gate_up_proj_scales": "gate_up_scales",
+    "down_proj_blocks": "down",
+    "down_proj_scales": "down_scales",
+}
+
+
+def checkpoint_quantization(config: transformers.PreTrainedConfig) -> str:
+    """"" for float weights, "mxfp4" for gpt-oss's 4-bit experts; any other quantization is refused."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return ""
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+        quantization, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    if method == "mxfp4":
+        return "mxfp4"
+    raise CheckpointError(
+        f"the checkpoint's weights are quantized ({method}), which fiddler-moe does not read yet; use a bfloat16 "
+        "or float32 checkpoint of the model (or gpt-oss's MXFP4 one)"
+    )
 
 
 def _converter_for(pattern: str, converters: list[WeightConverter]) -> WeightConverter:
@@ -222,21 +324,38 @@ def _converter_for(pattern: str, converters: list[WeightConverter]) -> WeightCon
     raise CheckpointError(f"no converter for pattern {pattern}")
 
 
-def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLayout]:
-    """Build the meta model and map every checkpoint tensor to its owner, reading no weights."""
-    folder = Path(folder).expanduser().resolve()
-    config = read_config(folder)
-    model_dtype = resolve_dtype(config, dtype)
-    model = build_skeleton(config, model_dtype)
+def check_architecture(config: transformers.PreTrainedConfig, dtype: torch.dtype
+                       ) -> tuple[nn.Module, list[MoELayer], KernelSpec, str]:
+    """Everything that can refuse a model from its config alone: transformers' model built on meta with our
+    experts implementation, its MoE layers, their KernelSpec and the checkpoint's quantization. Raises
+    CheckpointError with one line naming what is missing."""
+    model = build_skeleton(config, dtype)
     moe_layers = find_moe_layers(model)
     if not moe_layers:
         unsupported = _unsupported_experts(model, config)
         if unsupported:
             raise CheckpointError(_not_through_interface(unsupported))
         raise CheckpointError(
-            f"{folder} holds a dense {config.model_type} model with no routed experts; fiddler-moe runs "
+            f"the checkpoint holds a dense {config.model_type} model with no routed experts; fiddler-moe runs "
             "Mixture-of-Experts models (run dense models with transformers directly)"
         )
+    kernel = kernel_spec(config, moe_layers[0], dtype)
+    for layer in moe_layers[1:]:
+        if kernel_spec(config, layer, dtype) != kernel:
+            raise CheckpointError(
+                f"{layer.name} computes its experts differently from {moe_layers[0].name}; fiddler-moe's workers "
+                "compute one expert function per model"
+            )
+    return model, moe_layers, kernel, checkpoint_quantization(config)
+
+
+def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLayout]:
+    """Build the meta model and map every checkpoint tensor to its owner, reading no weights."""
+    folder = Path(folder).expanduser().resolve()
+    config = read_config(folder)
+    model_dtype = resolve_dtype(config, dtype)
+    model, moe_layers, kernel, quantization = check_architecture(config, model_dtype)
+    fields = {**_EXPERT_FIELDS, **(_MXFP4_FIELDS if quantization == "mxfp4" else {})}
     table = tensor_table(folder)
     meta_state = model.state_dict()
     transforms = get_model_conversion_mapping(model)
@@ -245,10 +364,17 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
     by_prefix = {layer.name + ".": layer for layer in moe_layers}
 
     parts: dict[tuple[int, int, str], list[tuple[int, TensorRef]]] = {}
+    per_expert: dict[tuple[int, str, int], list[tuple[str, TensorRef]]] = {}
     non_expert: dict[str, TensorRef] = {}
+    converted: dict[str, list[tuple[str, str, TensorRef]]] = {}
     for key, info in table.items():
         target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if target not in meta_state and key in meta_state:  # as transformers does: a key renamed by mistake
+            target, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
         owner = next((layer for prefix, layer in by_prefix.items() if target.startswith(prefix)), None)
+        if owner is None and pattern is not None:
+            converted.setdefault(target, []).append((key, pattern, TensorRef(info.file, key)))
+            continue
         if owner is None:
             if target in meta_state:
                 expected = tuple(meta_state[target].shape)
@@ -260,9 +386,9 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
                 non_expert[target] = TensorRef(info.file, key)
             continue
         param = target[len(owner.name) + 1 :]
-        if param not in _EXPERT_FIELDS:
+        if param not in fields:
             raise CheckpointError(f"unexpected expert tensor {key} (maps to {target})")
-        slot = _EXPERT_FIELDS[param]
+        slot = fields[param]
         if pattern is None:  # fused checkpoint: one [num_experts, ...] tensor for the whole layer
             if not info.shape or info.shape[0] != owner.num_experts:
                 raise CheckpointError(
@@ -272,16 +398,20 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
                 parts.setdefault((owner.layer, e, slot), []).append((0, TensorRef(info.file, key, e)))
         else:  # one tensor per expert, fused by transformers' converter in source-pattern order
             converter = _converter_for(pattern, converters)
-            renamed = apply_renamings(key, renamings)
-            regex = re.escape(pattern).replace(r"\*", r"(\d+)")
-            match = re.search(regex, renamed)
-            if match is None:
-                raise CheckpointError(f"cannot find the expert index in {key}")
-            expert = int(match.group(1))
             order = converter.source_patterns.index(pattern)
-            parts.setdefault((owner.layer, expert, slot), []).append((order, TensorRef(info.file, key)))
+            per_expert.setdefault((owner.layer, slot, order), []).append((key, TensorRef(info.file, key)))
+    # transformers stacks a layer's per-expert tensors in the natural order of their keys (MergeModulelist over
+    # the state dict sorted by dot_natural_key): the n-th key is expert n.
+    for (layer_index, slot, order), keyed in per_expert.items():
+        count = next(layer.num_experts for layer in moe_layers if layer.layer == layer_index)
+        if len(keyed) != count:
+            raise CheckpointError(
+                f"layer {layer_index} has {len(keyed)} tensors like {keyed[0][0]} but {count} experts; the "
+                "checkpoint is incomplete or does not match its config.json"
+            )
+        for expert, (_, ref) in enumerate(sorted(keyed, key=lambda item: dot_natural_key(item[0]))):
+            parts.setdefault((layer_index, expert, slot), []).append((order, ref))
 
-    kernel = kernel_spec(config, moe_layers[0], model_dtype)
     experts: dict[tuple[int, int], ExpertSource] = {}
     for layer in moe_layers:
         for e in range(layer.num_experts):
@@ -290,7 +420,7 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
                 return [ref for _, ref in sorted(parts.get((layer.layer, e, slot), []), key=lambda p: p[0])]
 
             source = ExpertSource(layer.layer, e, refs("gate_up"), refs("down"), refs("gate_up_bias"),
-                                  refs("down_bias"))
+                                  refs("down_bias"), refs("gate_up_scales"), refs("down_scales"))
             if not source.gate_up or not source.down:
                 raise CheckpointError(
                     f"the checkpoint has no weights for layer {layer.layer} expert {e}; it is incomplete "
@@ -299,10 +429,12 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
             experts[(layer.layer, e)] = source
 
     _check_expert_shapes(moe_layers, experts, table)
+    converted_shapes = _check_converted(model, config, converters, converted, table, meta_state)
     missing = [
         name
         for name in meta_state
         if name not in non_expert
+        and name not in converted_shapes
         and not any(name.startswith(p) for p in by_prefix)
         and name not in getattr(model, "all_tied_weights_keys", {})
     ]
@@ -324,9 +456,56 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
         experts=experts,
         expert_bytes=per_expert * itemsize,
         non_expert=non_expert,
-        non_expert_bytes=sum(meta_state[n].numel() * meta_state[n].element_size() for n in non_expert),
+        non_expert_converted=converted,
+        non_expert_bytes=sum(meta_state[n].numel() * meta_state[n].element_size()
+                             for n in [*non_expert, *converted_shapes]),
+        quantization=quantization,
+        checkpoint_expert_bytes=sum(_stored_bytes(source, table) for source in experts.values()),
     )
     return model, layout
+
+
+def _convert(converters: list[WeightConverter], target: str, parts: list[tuple[str, str, TensorRef]],
+             tensors: list[torch.Tensor], model: nn.Module, config) -> dict[str, torch.Tensor]:
+    """transformers' own conversion of checkpoint tensors into model parameters (WeightConverter.convert), fed in
+    the order transformers feeds it: each source pattern's keys in natural order."""
+    converter = copy.deepcopy(next(c for c in converters if parts[0][1] in c.source_patterns))
+    for (key, pattern, _), tensor in sorted(zip(parts, tensors), key=lambda item: dot_natural_key(item[0][0])):
+        converter.add_tensor(target, key, pattern, lambda tensor=tensor: tensor)
+    out = converter.convert(target, model=model, config=config)
+    return {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
+
+
+def _check_converted(model: nn.Module, config, converters: list[WeightConverter], converted: dict, table: dict,
+                     meta_state: dict) -> dict[str, tuple[int, ...]]:
+    """Run each non-expert conversion on meta tensors of the checkpoint's shapes: the parameters it fills and their
+    shapes, checked against the model's."""
+    shapes = {}
+    for target, parts in converted.items():
+        metas = [torch.empty(table[ref.key].shape, device="meta") for _, _, ref in parts]
+        try:
+            out = _convert(converters, target, parts, metas, model, config)
+        except Exception as e:
+            raise CheckpointError(f"transformers' conversion of {parts[0][0]} into {target} fails ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0][:120]}); the checkpoint does not match its "
+                                  "config.json") from None
+        for name, tensor in out.items():
+            expected = tuple(meta_state[name].shape) if name in meta_state else None
+            if expected != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{', '.join(k for k, _, _ in parts)} convert to {name} of shape {list(tensor.shape)}, but the "
+                    f"config expects {list(expected) if expected else 'no such weight'}; the checkpoint does not "
+                    "match its config.json"
+                )
+            shapes[name] = expected
+    return shapes
+
+
+def _stored_bytes(source: ExpertSource, table: dict) -> int:
+    """One expert's bytes in the checkpoint (a fused tensor counts its share)."""
+    refs = [*source.gate_up, *source.down, *source.gate_up_bias, *source.down_bias, *source.gate_up_scales,
+            *source.down_scales]
+    return sum(table[r.key].nbytes // (table[r.key].shape[0] if r.index is not None else 1) for r in refs)
 
 
 def _check_expert_shapes(moe_layers: list[MoELayer], experts: dict, table: dict) -> None:
@@ -349,8 +528,20 @@ def _check_expert_shapes(moe_layers: list[MoELayer], experts: dict, table: dict)
                 expected = tuple(getattr(module, param).shape[1:])
                 # per-expert parts are concatenated on dim 0 (Mixtral's w1 + w3): each holds an equal share
                 share = (expected[0] // len(refs), *expected[1:]) if expected else expected
-                for ref in refs:
+                scales = getattr(source, f"{slot}_scales", None) or [None] * len(refs)
+                if len(scales) != len(refs):
+                    raise CheckpointError(f"layer {layer.layer} expert {e} {param} has {len(refs)} MXFP4 block "
+                                          f"tensor(s) but {len(scales)} scale tensor(s); the checkpoint is incomplete")
+                for ref, scale in zip(refs, scales):
                     shape = table[ref.key].shape[1:] if ref.index is not None else table[ref.key].shape
+                    if scale is not None:  # MXFP4: blocks [out, groups, 16] and scales [out, groups]
+                        scale_shape = table[scale.key].shape[1:] if scale.index is not None else table[scale.key].shape
+                        if len(shape) != 3 or tuple(scale_shape) != tuple(shape[:-1]):
+                            raise CheckpointError(
+                                f"MXFP4 tensors {ref.key} {list(shape)} and {scale.key} {list(scale_shape)} do not "
+                                "match; the checkpoint is damaged"
+                            )
+                        shape = mxfp4.dequantized_shape(tuple(shape))
                     if tuple(shape) != share:
                         raise CheckpointError(
                             f"expert tensor {ref.key} in {table[ref.key].file} has shape {list(shape)}, but the "
@@ -362,18 +553,28 @@ def _check_expert_shapes(moe_layers: list[MoELayer], experts: dict, table: dict)
 def load_non_expert(model: nn.Module, layout: ModelLayout, device: torch.device) -> None:
     """Read every non-expert weight onto the device; experts modules keep meta parameters (no memory)."""
     reader = TensorReader(layout.folder)
+
+    def put(name: str, tensor: torch.Tensor) -> None:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = module._parameters.get(attr)
+        if current is None:
+            current = module._buffers[attr]
+        tensor = tensor.to(device=device, dtype=current.dtype)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[attr] = tensor
+
     try:
         for name, ref in layout.non_expert.items():
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            current = module._parameters.get(attr)
-            if current is None:
-                current = module._buffers[attr]
-            tensor = reader.read(ref.file, ref.key).to(device=device, dtype=current.dtype)
-            if attr in module._parameters:
-                module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
-            else:
-                module._buffers[attr] = tensor
+            put(name, reader.read(ref.file, ref.key))
+        if layout.non_expert_converted:
+            converters = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)]
+            for target, parts in layout.non_expert_converted.items():
+                tensors = [reader.read(ref.file, ref.key) for _, _, ref in parts]
+                for name, tensor in _convert(converters, target, parts, tensors, model, layout.config).items():
+                    put(name, tensor)
     finally:
         reader.close()
     model.tie_weights()

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights, plain_gate
 from fiddler_moe.protocol.messages import KernelSpec
 
 log = logging.getLogger("fiddler.scheduling")
@@ -253,7 +253,9 @@ def machine_key(device: torch.device | str, worker_threads: int | None = None) -
 
 def shape_key(spec: KernelSpec, weights: ExpertWeights) -> str:
     """Which expert shape the costs are for: the kernel and the weight shapes and dtype."""
-    return (f"{spec.activation} gate={spec.has_gate} bias={spec.has_bias} transposed={spec.is_transposed} "
+    gate = "" if plain_gate(spec) else (f" interleaved={spec.interleaved} limit={spec.limit} alpha={spec.alpha} "
+                                        f"up_offset={spec.up_offset}")
+    return (f"{spec.activation} gate={spec.has_gate} bias={spec.has_bias} transposed={spec.is_transposed}{gate} "
             f"{str(weights.gate_up.dtype).removeprefix('torch.')} gate_up={list(weights.gate_up.shape)} "
             f"down={list(weights.down.shape)}")
 

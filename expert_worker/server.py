@@ -141,6 +141,8 @@ class Worker:
         nbytes = sum(w.nbytes for w in self.shard.values())
         seconds = time.perf_counter() - started
         where = " in shared memory" if self.shared is not None else ""
+        if any(source.gate_up_scales or source.down_scales for source in msg.experts):
+            where += f", dequantized from the checkpoint's MXFP4 to {msg.kernel.dtype}"
         log.info("%s: loaded %d experts (%.1f MiB)%s in %.2fs", self.config.name, len(self.shard), nbytes / 2**20,
                  where, seconds)
         if self.shared is None:

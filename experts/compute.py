@@ -185,6 +185,12 @@ def activation(name: str):
     return ACT2FN[name]
 
 
+def plain_gate(spec: KernelSpec) -> bool:
+    """Whether the gate is `activation(gate) * up` on the two halves of gate_up (no interleaving, clamp, alpha or
+    offset): the one the C kernels compute."""
+    return not spec.interleaved and spec.limit is None and spec.alpha is None and not spec.up_offset
+
+
 class ExpertKernel:
     """Computes experts for rows of activations according to a KernelSpec."""
 
@@ -194,9 +200,22 @@ class ExpertKernel:
         self.pack = PACK_BFLOAT16 and spec.dtype == "bfloat16" and not spec.is_transposed
         if UPCAST_BFLOAT16 and spec.dtype == "bfloat16":
             kernels.available()  # build the decoding kernel now (once per machine), not during the first token
-        # A gated SiLU expert without biases (Mixtral, Qwen-MoE, DeepSeek) decodes in one call of the kernel.
+        # A gated SiLU expert without biases (Mixtral, Qwen-MoE, DeepSeek) decodes in one call of the kernel; it
+        # computes the plain gate only (no interleaving, clamp, alpha or offset).
         self.fused_silu = (UPCAST_BFLOAT16 and spec.dtype == "bfloat16" and spec.has_gate and not spec.has_bias
-                           and not spec.is_transposed and spec.activation in ("silu", "swish"))
+                           and not spec.is_transposed and spec.activation in ("silu", "swish")
+                           and plain_gate(spec))
+
+    def gate(self, h: torch.Tensor) -> torch.Tensor:
+        """[rows, 2 * intermediate] -> [rows, intermediate]: the gated activation KernelSpec describes, in the
+        order of operations of transformers' `_apply_gate` implementations, so the bits match."""
+        spec = self.spec
+        gate, up = (h[..., ::2], h[..., 1::2]) if spec.interleaved else h.chunk(2, dim=-1)
+        if spec.limit is not None:
+            gate = gate.clamp(min=None, max=spec.limit)
+            up = up.clamp(min=-spec.limit, max=spec.limit)
+        glu = self.act(gate) if spec.alpha is None else gate * torch.sigmoid(gate * spec.alpha)
+        return glu * up if not spec.up_offset else (up + spec.up_offset) * glu
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.is_mkldnn:
@@ -228,10 +247,6 @@ class ExpertKernel:
                 and kernels.applies_to_expert(x, weights.gate_up, weights.down)):
             return kernels.silu_expert(x, weights.gate_up, weights.down, out)
         h = self._linear(x, weights.gate_up, weights.gate_up_bias)
-        if self.spec.has_gate:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
-        else:
-            h = self.act(h)
+        h = self.gate(h) if self.spec.has_gate else self.act(h)
         h = self._linear(h, weights.down, weights.down_bias)
         return h if out is None else out.copy_(h)

@@ -18,15 +18,27 @@ from pathlib import Path
 
 import torch
 
+from fiddler_moe.experts import mxfp4
 from fiddler_moe.experts.checkpoint import CheckpointError, TensorInfo, TensorReader, tensor_table
 from fiddler_moe.experts.compute import ExpertWeights
 from fiddler_moe.protocol.messages import ExpertSource, SharedTensor, TensorRef
 from fiddler_moe.protocol.wire import parse_dtype
 
 
-def _gather(reader: TensorReader, refs: list[TensorRef], dtype: torch.dtype) -> torch.Tensor | None:
+def _gather(reader: TensorReader, refs: list[TensorRef], dtype: torch.dtype,
+            scales: list[TensorRef] | None = None) -> torch.Tensor | None:
     if not refs:
         return None
+    if scales:  # MXFP4 blocks and scales, dequantized as transformers does (experts.mxfp4)
+        if len(scales) != 1 or len(refs) != 1:
+            raise CheckpointError(f"MXFP4 weight {refs[0].key} comes in {len(refs)} parts; fiddler-moe reads it "
+                                  "as one blocks and one scales tensor, as gpt-oss ships it")
+        blocks = reader.read(refs[0].file, refs[0].key, refs[0].index)
+        scale = reader.read(scales[0].file, scales[0].key, scales[0].index)
+        try:
+            return mxfp4.dequantize(blocks, scale, dtype)
+        except ValueError as e:
+            raise CheckpointError(f"{refs[0].key}: {e}") from None
     parts = [reader.read(r.file, r.key, r.index) for r in refs]
     # Per-expert layouts (Mixtral's w1/w3, Qwen's gate_proj/up_proj) concatenate along the output dim, as
     # transformers' own conversion does when it fuses them into gate_up_proj.
@@ -36,8 +48,8 @@ def _gather(reader: TensorReader, refs: list[TensorRef], dtype: torch.dtype) -> 
 
 def load_expert(reader: TensorReader, source: ExpertSource, dtype: torch.dtype) -> ExpertWeights:
     return ExpertWeights(
-        gate_up=_gather(reader, source.gate_up, dtype),
-        down=_gather(reader, source.down, dtype),
+        gate_up=_gather(reader, source.gate_up, dtype, source.gate_up_scales),
+        down=_gather(reader, source.down, dtype, source.down_scales),
         gate_up_bias=_gather(reader, source.gate_up_bias, dtype),
         down_bias=_gather(reader, source.down_bias, dtype),
     )
@@ -94,10 +106,16 @@ class SharedShard:
             self.mm.close()
 
 
-def _shape(table: dict[str, TensorInfo], refs: list[TensorRef]) -> tuple[int, ...] | None:
+def _shape(table: dict[str, TensorInfo], refs: list[TensorRef], scales: list[TensorRef] | None = None
+           ) -> tuple[int, ...] | None:
     """The shape `_gather` produces for these refs, from the checkpoint's headers alone."""
     if not refs:
         return None
+    if scales:
+        blocks = _shape(table, refs)
+        if blocks is None or len(blocks) != 3:
+            raise CheckpointError(f"MXFP4 blocks {refs[0].key} have shape {blocks}; the checkpoint is damaged")
+        return mxfp4.dequantized_shape(blocks)
     shapes = []
     for ref in refs:
         info = table.get(ref.key)
@@ -117,7 +135,7 @@ def shared_layout(folder: Path, sources: list[ExpertSource], dtype: torch.dtype)
     tensors, offset = [], 0
     for source in sources:
         for name in WEIGHT_NAMES:
-            shape = _shape(table, getattr(source, name))
+            shape = _shape(table, getattr(source, name), getattr(source, f"{name}_scales", None))
             if shape is None:
                 continue
             tensors.append(SharedTensor(source.layer, source.expert, name, offset, list(shape)))

@@ -142,6 +142,8 @@ class Cluster:
         torch.set_num_threads(cfg.coordinator_threads or len(layout.coordinator_cpus))
         self.log(f"model: {prepared.layout.folder} ({prepared.layout.config.model_type}, {prepared.layout.dtype}), "
                  f"device: {prepared.device}, transport: {cfg.transport}")
+        if prepared.layout.quantization:
+            self.log(self.dequantization_note(prepared.layout))
         try:
             self.run_dir = rundir.create()
             self.slots = layout.workers
@@ -161,6 +163,14 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
+
+    @staticmethod
+    def dequantization_note(layout) -> str:
+        dequantized = layout.expert_bytes * layout.num_experts
+        return (f"experts: {layout.quantization.upper()} in the checkpoint ({format_size(layout.checkpoint_expert_bytes)}); "
+                f"each worker dequantizes its shard to {str(layout.dtype).removeprefix('torch.')} once as it loads, "
+                f"so the experts take {format_size(dequantized)} of memory, "
+                f"{dequantized / max(1, layout.checkpoint_expert_bytes):.1f}x the checkpoint's")
 
     def _spawn_worker(self, slot: numa.WorkerSlot, address: str) -> subprocess.Popen:
         command = [

@@ -33,7 +33,7 @@ from fiddler_moe.host.paths import cache_dir
 @dataclass(frozen=True)
 class Preset:
     name: str
-    architecture: str  # "mixtral" | "qwen3_moe" | "qwen2_moe"
+    architecture: str  # "mixtral" | "qwen3_moe" | "qwen2_moe" | "gpt_oss"
     hidden_size: int
     intermediate_size: int  # per expert (moe_intermediate_size for the Qwen models)
     num_layers: int
@@ -44,6 +44,8 @@ class Preset:
     vocab_size: int  # tiny presets: the size the embedded text trains the tokenizer to
     shared_expert_intermediate_size: int = 0  # qwen2_moe only
     max_position_embeddings: int = 4096
+    sliding_window: int | None = None  # gpt_oss: every other layer attends to this many tokens
+    swiglu_limit: float | None = None  # gpt_oss: the experts' clamp
 
 
 # The embedded text below trains a byte-level BPE to exactly this many tokens with no filler.
@@ -55,6 +57,9 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny", "mixtral", 64, 128, 4, 8, 2, 4, 2, TINY_VOCAB),
         Preset("tiny-qwen3-moe", "qwen3_moe", 64, 32, 4, 16, 4, 4, 2, TINY_VOCAB),
         Preset("tiny-qwen2-moe", "qwen2_moe", 64, 32, 4, 8, 2, 4, 2, TINY_VOCAB, shared_expert_intermediate_size=96),
+        # A window shorter than the test prompts and a clamp that random weights reach (gpt-oss: 128 and 7.0), so
+        # that both are exercised.
+        Preset("tiny-gpt-oss", "gpt_oss", 64, 32, 4, 8, 2, 4, 2, TINY_VOCAB, sliding_window=8, swiglu_limit=0.1),
         Preset("mini", "mixtral", 1024, 3584, 8, 8, 2, 16, 4, 32000),
         Preset("small", "mixtral", 2048, 5632, 8, 8, 2, 16, 4, 32000),
         Preset("qwen3-moe-mini", "qwen3_moe", 1024, 512, 8, 64, 8, 16, 4, 32000),
@@ -62,7 +67,7 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe")
+ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss")
 BUILTIN_PRESET = "tiny"
 # Bump when the bytes written for a preset change, so an old cached built-in model is not reused.
 BUILTIN_VERSION = 1
@@ -170,6 +175,12 @@ def build_config(preset: Preset, dtype: torch.dtype) -> transformers.PreTrainedC
             num_experts=preset.num_experts,
             head_dim=head_dim,
         )
+    if preset.architecture == "gpt_oss":
+        limit = {} if preset.swiglu_limit is None else {"swiglu_limit": preset.swiglu_limit}
+        return transformers.GptOssConfig(
+            **common, intermediate_size=preset.intermediate_size, num_local_experts=preset.num_experts,
+            head_dim=head_dim, sliding_window=preset.sliding_window or 128, **limit,
+        )
     if not preset.shared_expert_intermediate_size:
         raise ValueError(f"Preset {preset.name!r} is qwen2_moe, which needs shared_expert_intermediate_size > 0.")
     return transformers.Qwen2MoeConfig(
@@ -191,7 +202,11 @@ def estimated_bytes(preset: Preset, dtype: torch.dtype) -> int:
         attention += q + 2 * kv  # q/k/v biases
     if p.architecture == "qwen3_moe":
         attention += 2 * head_dim  # q_norm, k_norm
+    if p.architecture == "gpt_oss":
+        attention += 2 * q + 2 * kv + p.num_heads  # q/k/v/o biases, attention sinks
     moe = p.num_experts * h + p.num_experts * 3 * h * p.intermediate_size  # router + experts
+    if p.architecture == "gpt_oss":
+        moe += p.num_experts + p.num_experts * (2 * p.intermediate_size + h)  # router and expert biases
     if p.architecture == "qwen2_moe":
         moe += 3 * h * p.shared_expert_intermediate_size + h  # shared expert + its sigmoid gate
     per_layer = attention + moe + 2 * h  # two RMSNorms
@@ -303,14 +318,58 @@ def _is_complete(folder: Path) -> bool:
 
 def _reinit_routers(model: torch.nn.Module, num_experts: int, seed: int) -> None:
     """Routers drawn from N(0, 0.02) under the seed: some transformers versions zero-init the Qwen
-    routers, and a zero router sends every token to the same experts, which would hide routing bugs."""
+    routers, and a zero router sends every token to the same experts, which would hide routing bugs.
+    Expert biases (gpt-oss) are drawn too: transformers starts them at zero, which would hide them."""
     generator = torch.Generator().manual_seed(seed)
+
+    def draw(tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            tensor.copy_((torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * INIT_STD).to(tensor.dtype))
+
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if name.endswith(".gate") and weight is not None and weight.shape[0] == num_experts:
-            with torch.no_grad():
-                draw = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * INIT_STD
-                weight.copy_(draw.to(weight.dtype))
+        if name.endswith((".gate", ".router")) and weight is not None and weight.shape[0] == num_experts:
+            draw(weight)
+        if name.endswith(".experts"):
+            for param_name, param in module.named_parameters(recurse=False):
+                if param_name.endswith("_bias"):
+                    draw(param)
+
+
+# gpt-oss's published config.json, less the version it was written with.
+MXFP4_QUANTIZATION_CONFIG = {
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                               "lm_head"],
+    "quant_method": "mxfp4",
+}
+
+
+def _store_experts_as_mxfp4(folder: Path) -> None:
+    """Rewrite each experts' gate_up_proj and down_proj as `_blocks` and `_scales` tensors (experts.mxfp4) and mark
+    config.json with gpt-oss's quantization_config: the layout of the published gpt-oss checkpoints, which
+    transformers dequantizes when it loads them on a CPU."""
+    from safetensors.torch import load_file, save_file
+
+    from fiddler_moe.experts import mxfp4
+
+    renamed: dict[str, list[str]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(path)
+        for key in [k for k in tensors if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+            blocks, scales = mxfp4.quantize(tensors.pop(key))
+            tensors[f"{key}_blocks"], tensors[f"{key}_scales"] = blocks, scales
+            renamed[key] = [f"{key}_blocks", f"{key}_scales"]
+        save_file(tensors, path, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        spec = json.loads(index.read_text())
+        for key, names in renamed.items():
+            file = spec["weight_map"].pop(key)
+            spec["weight_map"].update(dict.fromkeys(names, file))
+        index.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = MXFP4_QUANTIZATION_CONFIG
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -335,6 +394,7 @@ def write_checkpoint(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     max_shard_size: str | None = None,
+    mxfp4: bool = False,
 ) -> Path:
     """Write a random-weight checkpoint of `preset` into `folder` and return the folder.
 
@@ -342,8 +402,11 @@ def write_checkpoint(
     built in a temporary sibling folder and renamed into place, so `folder` is either absent or complete,
     and concurrent writers all return a valid folder. `max_shard_size` (default 5GB) goes to
     save_pretrained; below the model size it produces shards plus model.safetensors.index.json.
+    `mxfp4` (gpt_oss only) stores the experts' matrices as gpt-oss ships them (`_store_experts_as_mxfp4`).
     """
     preset = _resolve(preset)
+    if mxfp4 and preset.architecture != "gpt_oss":
+        raise ValueError(f"mxfp4 is gpt-oss's expert format; preset {preset.name!r} is {preset.architecture}")
     folder = Path(folder).expanduser().absolute()
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point torch dtype such as torch.bfloat16, not {dtype}.")
@@ -372,6 +435,8 @@ def write_checkpoint(
         )
         model.save_pretrained(staging, max_shard_size=shard_size)
         del model
+        if mxfp4:
+            _store_experts_as_mxfp4(staging)
         tokenizer.save_pretrained(staging)
         _fsync_tree(staging)
         staging.chmod(0o755)  # mkdtemp makes it 0700; the model folder should read like any other

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 # Bump when any message below changes shape; peers with another version are refused with an Error.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 @dataclass
@@ -53,17 +53,36 @@ class ExpertSource:
     down: list[TensorRef]
     gate_up_bias: list[TensorRef] = field(default_factory=list)
     down_bias: list[TensorRef] = field(default_factory=list)
+    # MXFP4 checkpoints (config quantization_config quant_method "mxfp4", as gpt-oss ships): `gate_up` and `down`
+    # name the `*_blocks` tensors (uint8, two 4-bit values a byte) and these the `*_scales` (one uint8 power of two
+    # per 32 values); the loader dequantizes them into the model's orientation and dtype (experts.mxfp4). Empty for
+    # weights stored as plain floats.
+    gate_up_scales: list[TensorRef] = field(default_factory=list)
+    down_scales: list[TensorRef] = field(default_factory=list)
 
 
 @dataclass
 class KernelSpec:
-    """What function an expert computes, taken from the transformers experts module it replaces."""
+    """What function an expert computes, taken from the transformers experts module it replaces:
+
+        h = x @ gate_up (+ gate_up_bias)                      # [rows, 2 * intermediate], or [rows, intermediate]
+        gate, up = halves of h (`interleaved`: even and odd columns)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)         # when `limit` is set
+        glu = activation(gate), or gate * sigmoid(alpha * gate)           # when `alpha` is set
+        out = (glu * (up + up_offset)) @ down (+ down_bias)   # without a gate: activation(h) @ down
+
+    The defaults are the plain gated expert of Mixtral, Qwen-MoE and DeepSeek; GPT-OSS sets interleaved, limit,
+    alpha and up_offset=1."""
 
     activation: str  # a key of transformers.activations.ACT2FN
     has_gate: bool = True
     has_bias: bool = False
     is_transposed: bool = False  # weights stored [in, out] instead of [out, in]
     dtype: str = "float32"  # storage and compute dtype of the expert weights
+    interleaved: bool = False  # gate and up alternate along the output (gate0, up0, gate1, ...), not halves
+    limit: float | None = None
+    alpha: float | None = None
+    up_offset: float = 0.0
 
 
 # --- coordinator <-> worker ---

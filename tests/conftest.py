@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from fiddler_moe.launch.cluster import Cluster
 from fiddler_moe.launch.synthetic import write_checkpoint
 
-TINY_PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"]
+TINY_PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-gpt-oss"]
 
 
 def pytest_configure(config):

@@ -12,7 +12,7 @@ from fiddler_moe.launch.cluster import Cluster
 
 PROMPTS = ["The mixture of experts", "Hello", "Offloading experts to the CPU saves memory bandwidth on small GPUs"]
 PLACEMENTS = {"all-cold": 0, "mixed": 5, "all-hot": 10_000}
-PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"]
+PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-gpt-oss"]
 NEW_TOKENS = 32
 
 

@@ -16,7 +16,7 @@ from fiddler_moe.host import paths
 from fiddler_moe.launch import synthetic
 from fiddler_moe.launch.synthetic import PRESETS, build_tokenizer, estimated_bytes, write_checkpoint
 
-TINY = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe"]
+TINY = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-gpt-oss"]
 PROMPT = "The router picks two experts for every token, and the rest stay cold."
 
 
