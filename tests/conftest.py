@@ -281,3 +281,16 @@ def descends_from_this_session(pid: int) -> bool:
         except (OSError, IndexError, ValueError):
             return False
     return False
+
+
+@pytest.fixture
+def avx2_bfloat16_path(monkeypatch):
+    """The AVX2 bfloat16 path in this process (FIDDLER_BF16_PATH=avx2), also on a CPU with oneDNN bfloat16 support,
+    where `auto` takes oneDNN: the C decoding paths are built on the AVX2 kernel, so their tests need it."""
+    from fiddler_moe.coordinator import cpu_linear
+    from fiddler_moe.experts import compute
+
+    for module in (compute, cpu_linear):
+        monkeypatch.setattr(module, "UPCAST_BFLOAT16", True)
+        monkeypatch.setattr(module, "PACK_BFLOAT16", False)
+    monkeypatch.setenv("FIDDLER_BF16_PATH", "avx2")  # for worker processes started meanwhile

@@ -13,7 +13,7 @@ from fiddler_moe.native import kernels
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the kernel library is not built on this machine")
-def test_decoding_counts_the_same_through_c_and_through_python(tmp_path):
+def test_decoding_counts_the_same_through_c_and_through_python(tmp_path, avx2_bfloat16_path):
     folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
     prompt = [1, 40, 41, 42, 43]
     with Cluster(folder, workers=1, device="cpu", quiet=True) as cluster:
@@ -33,6 +33,7 @@ def test_decoding_counts_the_same_through_c_and_through_python(tmp_path):
                             link.requests))
             if through_c:
                 assert dispatcher._shm_calls, "the decoding steps went through shm_call.c"
+                assert link.channel is not None
     assert counted[0] == counted[1]
     _, routed, cold_pairs, _, layer_calls, tokens, requests = counted[0]
     assert sum(routed.values()) == cold_pairs > 0 and requests == layer_calls and tokens == len(prompt) + 3

@@ -202,7 +202,7 @@ def test_decoder_raises_only_protocol_errors_on_mutated_frames(data):
         assert e.code and len(e.message) <= 400
 
 
-def test_c_paths_over_the_slot_take_only_what_the_decoder_accepts():
+def test_c_paths_over_the_slot_take_only_what_the_decoder_accepts(avx2_bfloat16_path):
     """The worker's C loop (shm_serve.c) and the coordinator's reply check (shm_call.c) read msgpack headers of
     their own: mutated requests and replies never crash them, and what they take the Python decoder accepts as
     that very message (anything else they leave to Python)."""

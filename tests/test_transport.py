@@ -106,7 +106,7 @@ def test_worker_waits_as_the_coordinator_says(tmp_path):
     assert shm_files() == set()
 
 
-def test_decoding_requests_are_served_in_c_as_in_python():
+def test_decoding_requests_are_served_in_c_as_in_python(avx2_bfloat16_path):
     """The worker's C loop over the slot (shm_serve.c) answers the requests it takes with the bits the Python path
     computes, and leaves every other one in the slot for Python, unconsumed."""
     from fiddler_moe.native import kernels
@@ -155,7 +155,7 @@ def test_decoding_requests_are_served_in_c_as_in_python():
         coordinator.close()
 
 
-def test_decoding_layer_calls_in_c_are_the_python_path():
+def test_decoding_layer_calls_in_c_are_the_python_path(avx2_bfloat16_path):
     """A decoding step's layer call through shm_call.c (grouping, gather, request, wait, combine in C), answered
     by the worker's C loop: the bits of the dispatcher's Python path, for Mixtral's float32 routing weights and
     bfloat16 ones. A reply that is not the call's ExpertReply (an error) is left for Python."""
