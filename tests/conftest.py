@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,7 @@ class SharedClusters:
         self.runtime = runtime
         self.users = collections.Counter(key for item in items if (key := self.key_of(item)) is not None)
         self.running: dict[tuple, Cluster] = {}
+        self.stopping: list[threading.Thread] = []
         self.worker_pids: list[int] = []
 
     @staticmethod
@@ -105,13 +107,22 @@ class SharedClusters:
         return self.running[key]
 
     def release(self, key: tuple) -> None:
+        """After its last user a cluster stops in the background, while the next test starts its own."""
         self.users[key] -= 1
         if self.users[key] <= 0 and key in self.running:
-            self.running.pop(key).stop()
+            stopping = threading.Thread(target=self.running.pop(key).stop)
+            stopping.start()
+            self.stopping.append(stopping)
+
+    def settle(self) -> None:
+        """Wait until the clusters stopping in the background are gone."""
+        while self.stopping:
+            self.stopping.pop().join()
 
     def stop_all(self) -> None:
         while self.running:
             self.running.popitem()[1].stop()
+        self.settle()
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +136,14 @@ def shared_clusters(request, checkpoints, tmp_path_factory):
     assert sorted(p.name for p in runtime.iterdir()) == []
     assert all(process_gone(pid) for pid in clusters.worker_pids)
     assert shm_files() == set()
+
+
+@pytest.fixture(autouse=True)
+def shared_clusters_settled(request, shared_clusters):
+    """A test without a shared cluster sees none stopping in the background: its checks of this process's children
+    see only its own."""
+    if "cluster" not in request.fixturenames:
+        shared_clusters.settle()
 
 
 @pytest.fixture
