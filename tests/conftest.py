@@ -76,8 +76,7 @@ class SharedClusters:
     Each is started when the first such test needs it and stopped after the last one, so that at most a few run at
     once. They live in a runtime folder of their own: the leftover checks of other tests see only their own."""
 
-    def __init__(self, checkpoints: dict[str, Path], runtime: Path, items):
-        self.checkpoints = checkpoints
+    def __init__(self, runtime: Path, items):
         self.runtime = runtime
         self.users = collections.Counter(key for item in items if (key := self.key_of(item)) is not None)
         self.running: dict[tuple, Cluster] = {}
@@ -92,10 +91,10 @@ class SharedClusters:
         (preset,) = marker.args
         return preset, tuple(sorted(marker.kwargs.items()))
 
-    def acquire(self, key: tuple) -> Cluster:
+    def acquire(self, key: tuple, checkpoints: dict[str, Path]) -> Cluster:
         if key not in self.running:
             preset, options = key
-            cluster = Cluster(self.checkpoints[preset], **{"device": "cpu", "quiet": True, **dict(options)})
+            cluster = Cluster(checkpoints[preset], **{"device": "cpu", "quiet": True, **dict(options)})
             outer = os.environ["FIDDLER_RUNTIME_DIR"]
             os.environ["FIDDLER_RUNTIME_DIR"] = str(self.runtime)
             try:
@@ -126,10 +125,10 @@ class SharedClusters:
 
 
 @pytest.fixture(scope="session")
-def shared_clusters(request, checkpoints, tmp_path_factory):
+def shared_clusters(request, tmp_path_factory):
     runtime = tmp_path_factory.mktemp("shared-runtime")
     runtime.chmod(0o700)
-    clusters = SharedClusters(checkpoints, runtime, request.session.items)
+    clusters = SharedClusters(runtime, request.session.items)
     yield clusters
     clusters.stop_all()
     # the shared clusters leave nothing behind either
@@ -147,12 +146,12 @@ def shared_clusters_settled(request, shared_clusters):
 
 
 @pytest.fixture
-def cluster(request, shared_clusters) -> Cluster:
+def cluster(request, shared_clusters, checkpoints) -> Cluster:
     """The running cluster that this test's `cluster` marker describes (shared; do not kill its workers)."""
     key = SharedClusters.key_of(request.node)
     assert key is not None, "the `cluster` fixture needs @pytest.mark.cluster(preset, **options)"
     try:
-        yield shared_clusters.acquire(key)
+        yield shared_clusters.acquire(key, checkpoints)
     finally:
         shared_clusters.release(key)
 
