@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +76,11 @@ class SharedClusters:
     Each is started when the first such test needs it and stopped after the last one, so that at most a few run at
     once. They live in a runtime folder of their own: the leftover checks of other tests see only their own."""
 
-    def __init__(self, checkpoints: dict[str, Path], runtime: Path, items):
-        self.checkpoints = checkpoints
+    def __init__(self, runtime: Path, items):
         self.runtime = runtime
         self.users = collections.Counter(key for item in items if (key := self.key_of(item)) is not None)
         self.running: dict[tuple, Cluster] = {}
+        self.stopping: list[threading.Thread] = []
         self.worker_pids: list[int] = []
 
     @staticmethod
@@ -90,10 +91,10 @@ class SharedClusters:
         (preset,) = marker.args
         return preset, tuple(sorted(marker.kwargs.items()))
 
-    def acquire(self, key: tuple) -> Cluster:
+    def acquire(self, key: tuple, checkpoints: dict[str, Path]) -> Cluster:
         if key not in self.running:
             preset, options = key
-            cluster = Cluster(self.checkpoints[preset], **{"device": "cpu", "quiet": True, **dict(options)})
+            cluster = Cluster(checkpoints[preset], **{"device": "cpu", "quiet": True, **dict(options)})
             outer = os.environ["FIDDLER_RUNTIME_DIR"]
             os.environ["FIDDLER_RUNTIME_DIR"] = str(self.runtime)
             try:
@@ -105,20 +106,29 @@ class SharedClusters:
         return self.running[key]
 
     def release(self, key: tuple) -> None:
+        """After its last user a cluster stops in the background, while the next test starts its own."""
         self.users[key] -= 1
         if self.users[key] <= 0 and key in self.running:
-            self.running.pop(key).stop()
+            stopping = threading.Thread(target=self.running.pop(key).stop)
+            stopping.start()
+            self.stopping.append(stopping)
+
+    def settle(self) -> None:
+        """Wait until the clusters stopping in the background are gone."""
+        while self.stopping:
+            self.stopping.pop().join()
 
     def stop_all(self) -> None:
         while self.running:
             self.running.popitem()[1].stop()
+        self.settle()
 
 
 @pytest.fixture(scope="session")
-def shared_clusters(request, checkpoints, tmp_path_factory):
+def shared_clusters(request, tmp_path_factory):
     runtime = tmp_path_factory.mktemp("shared-runtime")
     runtime.chmod(0o700)
-    clusters = SharedClusters(checkpoints, runtime, request.session.items)
+    clusters = SharedClusters(runtime, request.session.items)
     yield clusters
     clusters.stop_all()
     # the shared clusters leave nothing behind either
@@ -127,13 +137,21 @@ def shared_clusters(request, checkpoints, tmp_path_factory):
     assert shm_files() == set()
 
 
+@pytest.fixture(autouse=True)
+def shared_clusters_settled(request, shared_clusters):
+    """A test without a shared cluster sees none stopping in the background: its checks of this process's children
+    see only its own."""
+    if "cluster" not in request.fixturenames:
+        shared_clusters.settle()
+
+
 @pytest.fixture
-def cluster(request, shared_clusters) -> Cluster:
+def cluster(request, shared_clusters, checkpoints) -> Cluster:
     """The running cluster that this test's `cluster` marker describes (shared; do not kill its workers)."""
     key = SharedClusters.key_of(request.node)
     assert key is not None, "the `cluster` fixture needs @pytest.mark.cluster(preset, **options)"
     try:
-        yield shared_clusters.acquire(key)
+        yield shared_clusters.acquire(key, checkpoints)
     finally:
         shared_clusters.release(key)
 
