@@ -17,7 +17,9 @@ import torch
 
 from fiddler_moe.native import kernels
 from fiddler_moe.experts.checkpoint import CheckpointError, fingerprint
+from fiddler_moe.experts import quant
 from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+from fiddler_moe.experts.quantized_shard import load_quantized_shard
 from fiddler_moe.experts.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
 from fiddler_moe.native.shm_serve import ShmServeLoop
 from fiddler_moe.host.numa import available_memory_bytes
@@ -48,7 +50,7 @@ class RequestError(Exception):
 class Worker:
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.shard: dict[tuple[int, int], ExpertWeights] = {}
+        self.shard: dict[tuple[int, int], ExpertWeights | quant.QuantizedExpertWeights] = {}
         self.shared: SharedShard | None = None  # the shard's shared-memory file, when LoadShard.shared asked for it
         self.kernel: ExpertKernel | None = None
         self.authenticated: set[bytes] = set()
@@ -84,17 +86,23 @@ class Worker:
                     f"checkpoint at {folder} differs from the coordinator's; copy the same checkpoint to this host",
                 )
             kernel = ExpertKernel(msg.kernel)
+            quant.check_format(msg.quantize)
             self.serve_loop = None  # it points into the old shard
             self.shard = {}  # drop an old shard before loading the new one
             self._drop_shared()
-            note = ""
-            if msg.shared:
+            note, cache = "", ""
+            if msg.quantize != "none":  # never shared: the coordinator does not move quantized experts
+                self.shard, from_cache, path = load_quantized_shard(
+                    folder, msg.fingerprint, msg.experts, msg.quantize, msg.kernel.dtype, msg.kernel.is_transposed,
+                    self.config.name)
+                cache = "hit" if from_cache else "written"
+            elif msg.shared:
                 try:
                     self.shard, self.shared = load_shard_shared(folder, msg.experts, msg.kernel.dtype)
                 except SharedMemoryUnavailable as e:
                     note = f"{self.config.name} keeps its shard in private memory: {e}"
                     log.warning("%s", note)
-            if self.shared is None:
+            if self.shared is None and msg.quantize == "none":
                 self.shard = load_shard(folder, msg.experts, msg.kernel.dtype)
         except (CheckpointError, ValueError, ProtocolError, OSError) as e:
             raise RequestError("load_failed", str(e)) from None
@@ -103,10 +111,12 @@ class Worker:
         nbytes = sum(w.nbytes for w in self.shard.values())
         seconds = time.perf_counter() - started
         where = " in shared memory" if self.shared is not None else ""
+        if cache:
+            where = f" in {msg.quantize}, " + ("mapped from the cache" if cache == "hit" else "quantized and cached")
         log.info("%s: loaded %d experts (%.1f MiB)%s in %.2fs", self.config.name, len(self.shard), nbytes / 2**20,
                  where, seconds)
         if self.shared is None:
-            return m.Ready(len(self.shard), nbytes, seconds, shared_note=note)
+            return m.Ready(len(self.shard), nbytes, seconds, shared_note=note, quantize_cache=cache)
         return m.Ready(len(self.shard), nbytes, seconds, shared_path=self.shared.path, shared_bytes=self.shared.size,
                        shared_tensors=self.shared.tensors)
 
@@ -138,7 +148,10 @@ class Worker:
             weights = self.shard.get((msg.layer, expert))
             if weights is None:
                 raise RequestError("not_owned", f"layer {msg.layer} expert {expert} is not in this worker's shard")
-            hidden = weights.down.shape[1] if self.kernel.spec.is_transposed else weights.down.shape[0]
+            if isinstance(weights, quant.QuantizedExpertWeights):
+                hidden = weights.hidden
+            else:
+                hidden = weights.down.shape[1] if self.kernel.spec.is_transposed else weights.down.shape[0]
             if rows.shape[1] != hidden or count < 0:
                 raise RequestError("bad_request", f"rows have width {rows.shape[1]}, experts expect {hidden}")
             self.kernel.forward(weights, rows[offset : offset + count], out[offset : offset + count])
