@@ -70,22 +70,42 @@ AVX2 INLINE float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The 32 weights of one block as four vectors of 8, in order. int8: d * q; int4: d * q - 8d, exact (see above). */
-AVX2 INLINE void block_avx2(int format, const uint8_t *codes, uint16_t scale, __m256 w[4]) {
-    __m256 d = _mm256_set1_ps(_cvtsh_ss(scale));
+/* The 32 weights of one block as four vectors of 8, in order, from its scale d and off = -8d: int8 d * q, int4
+   d * q + off, both exact (see above). int4 codes: weights 0-7 and 16-23 are the low and high four bits of bytes
+   0-7, weights 8-15 and 24-31 those of bytes 8-15. */
+AVX2 INLINE void block_avx2(int format, const uint8_t *codes, float scale, float off, __m256 w[4]) {
+    __m256 d = _mm256_set1_ps(scale);
     if (format == QUANT_INT8) {
         for (int k = 0; k < 4; k++) {
             __m128i v = _mm_loadl_epi64((const __m128i *)(codes + 8 * k));
             w[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
         }
     } else {
-        __m128i v = _mm_loadu_si128((const __m128i *)codes), nibble = _mm_set1_epi8(15);
-        __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
-        __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
-        __m256 offset = _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
-        for (int k = 0; k < 4; k++)
-            w[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k])), d, offset);
+        __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
+        __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8)));
+        __m256i nibble = _mm256_set1_epi32(15);
+        __m256i parts[4] = {_mm256_and_si256(lo, nibble), _mm256_and_si256(hi, nibble), _mm256_srli_epi32(lo, 4),
+                            _mm256_srli_epi32(hi, 4)};
+        __m256 o = _mm256_set1_ps(off);
+        for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[k]), d, o);
     }
+}
+
+/* Up to 16 blocks' scales as float32 (d) and -8 d (off), converted together; returns how many. */
+AVX2 INLINE int scales_avx2(const uint16_t *scale, int64_t left, float *d, float *off) {
+    if (left >= 16) {
+        for (int k = 0; k < 2; k++) {
+            __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + 8 * k)));
+            _mm256_storeu_ps(d + 8 * k, s);
+            _mm256_storeu_ps(off + 8 * k, _mm256_mul_ps(s, _mm256_set1_ps(-8.0f)));
+        }
+        return 16;
+    }
+    for (int j = 0; j < left; j++) {
+        d[j] = _cvtsh_ss(scale[j]);
+        off[j] = -8.0f * d[j];
+    }
+    return (int)left;
 }
 
 /* One weight row against N activation rows (N a constant in each instance, so the accumulators stay in
@@ -97,12 +117,18 @@ AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scal
     for (int i = 0; i < N; i++)
         for (int a = 0; a < A; a++) acc[i][a] = _mm256_setzero_ps();
     int64_t blocks = cols / 32, block_codes = format == QUANT_INT8 ? 32 : 16;
-    for (int64_t b = 0; b < blocks; b++) {
-        __m256 w[4];
-        block_avx2(format, codes + b * block_codes, scale[b], w);
-        for (int i = 0; i < N; i++)
-            for (int k = 0; k < 4; k++)
-                acc[i][k % A] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xs + i * cols + b * 32 + 8 * k), acc[i][k % A]);
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        float d[16], off[16];
+        int count = scales_avx2(scale + b0, blocks - b0, d, off);
+        for (int j = 0; j < count; j++) {
+            int64_t b = b0 + j;
+            __m256 w[4];
+            block_avx2(format, codes + b * block_codes, d[j], off[j], w);
+            for (int i = 0; i < N; i++)
+                for (int k = 0; k < 4; k++)
+                    acc[i][k % A] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xs + i * cols + b * 32 + 8 * k),
+                                                    acc[i][k % A]);
+        }
     }
     for (int i = 0; i < N; i++) {
         __m256 sum = acc[i][0];
@@ -115,27 +141,43 @@ AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scal
 
 #define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 
-AVX512 INLINE void block_avx512(int format, const uint8_t *codes, uint16_t scale, __m512 w[2]) {
-    __m512 d = _mm512_set1_ps(_cvtsh_ss(scale));
+/* int4 codes: weights 0-15 and 16-31 are the low and high four bits of bytes 0-15. d * k + off is exact for the
+   codes k as for the weights (the same products). */
+AVX512 INLINE void block_avx512(int format, const uint8_t *codes, float scale, float off, __m512 w[2]) {
+    __m512 d = _mm512_set1_ps(scale);
     if (format == QUANT_INT8) {
         for (int k = 0; k < 2; k++) {
             __m128i v = _mm_loadu_si128((const __m128i *)(codes + 16 * k));
             w[k] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
         }
-    } else {
-        __m128i v = _mm_loadu_si128((const __m128i *)codes), nibble = _mm_set1_epi8(15);
-        __m128i parts[2] = {_mm_and_si128(v, nibble), _mm_and_si128(_mm_srli_epi16(v, 4), nibble)};
-        __m512 offset = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
-        for (int k = 0; k < 2; k++)
-            w[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[k])), d, offset);
+    } else { /* the block's 16 values d * (k - 8) in a register, looked up by code (vpermps reads 4 index bits) */
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
+        __m512 k = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512 values = _mm512_fmadd_ps(k, d, _mm512_set1_ps(off));
+        w[0] = _mm512_permutexvar_ps(v, values);
+        w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), values);
     }
 }
 
+AVX512 INLINE int scales_avx512(const uint16_t *scale, int64_t left, float *d, float *off) {
+    if (left >= 16) {
+        __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scale));
+        _mm512_storeu_ps(d, s);
+        _mm512_storeu_ps(off, _mm512_mul_ps(s, _mm512_set1_ps(-8.0f)));
+        return 16;
+    }
+    for (int j = 0; j < left; j++) {
+        d[j] = _cvtsh_ss(scale[j]);
+        off[j] = -8.0f * d[j];
+    }
+    return (int)left;
+}
+
 /* One step of row_avx512: block b into accumulators (2 * PARITY + k) % A. */
-AVX512 INLINE void step_avx512(int format, const uint8_t *codes, const uint16_t *scale, int64_t b, int64_t cols,
+AVX512 INLINE void step_avx512(int format, const uint8_t *codes, float d, float off, int64_t b, int64_t cols,
                                const float *xs, const int N, const int A, const int PARITY, __m512 acc[][4]) {
     __m512 w[2];
-    block_avx512(format, codes + b * (format == QUANT_INT8 ? 32 : 16), scale[b], w);
+    block_avx512(format, codes + b * (format == QUANT_INT8 ? 32 : 16), d, off, w);
     for (int i = 0; i < N; i++)
         for (int k = 0; k < 2; k++) {
             int a = (2 * PARITY + k) % A;
@@ -149,12 +191,16 @@ AVX512 INLINE void row_avx512(int format, const uint8_t *codes, const uint16_t *
     __m512 acc[MAX_ROWS][4];
     for (int i = 0; i < N; i++)
         for (int a = 0; a < A; a++) acc[i][a] = _mm512_setzero_ps();
-    int64_t blocks = cols / 32, b = 0;
-    for (; b + 1 < blocks; b += 2) { /* two blocks a step: four independent sums for one row */
-        step_avx512(format, codes, scale, b, cols, xs, N, A, 0, acc);
-        step_avx512(format, codes, scale, b + 1, cols, xs, N, A, 1, acc);
+    int64_t blocks = cols / 32;
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        float d[16], off[16];
+        int count = scales_avx512(scale + b0, blocks - b0, d, off), j = 0;
+        for (; j + 1 < count; j += 2) { /* two blocks a step: four independent sums for one row */
+            step_avx512(format, codes, d[j], off[j], b0 + j, cols, xs, N, A, 0, acc);
+            step_avx512(format, codes, d[j + 1], off[j + 1], b0 + j + 1, cols, xs, N, A, 1, acc);
+        }
+        if (j < count) step_avx512(format, codes, d[j], off[j], b0 + j, cols, xs, N, A, 0, acc);
     }
-    if (b < blocks) step_avx512(format, codes, scale, b, cols, xs, N, A, 0, acc);
     for (int i = 0; i < N; i++) {
         __m512 sum = acc[i][0];
         for (int a = 1; a < A; a++) sum = _mm512_add_ps(sum, acc[i][a]);
@@ -203,7 +249,8 @@ AVX2 static void dequantize_avx2(int format, const uint8_t *codes, const uint16_
     int64_t block_codes = format == QUANT_INT8 ? 32 : 16;
     for (int64_t b = 0; b < blocks; b++) {
         __m256 w[4];
-        block_avx2(format, codes + b * block_codes, scale[b], w);
+        float d = _cvtsh_ss(scale[b]);
+        block_avx2(format, codes + b * block_codes, d, -8.0f * d, w);
         for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + b * 32 + 8 * k, w[k]);
     }
 }

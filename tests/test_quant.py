@@ -121,16 +121,18 @@ def test_shapes_the_formats_cannot_cut_are_refused_with_the_fix():
 @pytest.mark.parametrize("name", FORMATS)
 def test_decoding_kernel_is_the_exact_product_on_every_path(name):
     """1 to MAX_ROWS rows, bfloat16 and float32 activations, each C path this CPU has, a row count that is not a
-    whole number of the threads' pieces."""
-    m = quant.quantize(weights(98, 160, seed=3), name)
+    whole number of the threads' pieces, rows of fewer blocks than the kernels convert scales at a time (16) and of
+    more with some over."""
     generator = torch.Generator().manual_seed(4)
-    for isa in paths():
-        for dtype in (torch.float32, torch.bfloat16):
-            for rows in range(1, limits.MAX_ROWS + 1):
-                x = torch.randn(rows, 160, generator=generator).to(dtype)
-                got = kernels.quant_linear(m.code, m.q, m.scale, x, isa=isa)
-                assert got.dtype == dtype
-                assert_exact_product(got, x, m)
+    for cols in (160, 32 * 37):
+        m = quant.quantize(weights(98, cols, seed=3), name)
+        for isa in paths():
+            for dtype in (torch.float32, torch.bfloat16):
+                for rows in range(1, limits.MAX_ROWS + 1):
+                    x = torch.randn(rows, cols, generator=generator).to(dtype)
+                    got = kernels.quant_linear(m.code, m.q, m.scale, x, isa=isa)
+                    assert got.dtype == dtype
+                    assert_exact_product(got, x, m)
 
 
 @needs_library
