@@ -112,7 +112,7 @@ class Worker:
         seconds = time.perf_counter() - started
         where = " in shared memory" if self.shared is not None else ""
         if cache:
-            where = f" in {msg.quantize}, " + ("mapped from the cache" if cache == "hit" else "quantized and cached")
+            where = f" in {msg.quantize}, " + ("read from the cache" if cache == "hit" else "quantized and cached")
         log.info("%s: loaded %d experts (%.1f MiB)%s in %.2fs", self.config.name, len(self.shard), nbytes / 2**20,
                  where, seconds)
         if self.shared is None:

@@ -5,9 +5,11 @@ weights of one expert are all that is ever held), appending each expert's planes
 
     cache_dir()/quantized/<checkpoint fingerprint>/<format>/<shard hash>.bin   (+ .json: where each tensor sits)
 
-and every later launch with the same checkpoint, shard and format maps that file read-only instead: nothing is
-read from the checkpoint or computed, and the pages are the page cache's (one copy however many processes map
-it). The shard hash covers the experts and where their tensors live, the compute dtype (of the biases), the
+and every later launch with the same checkpoint, shard and format reads that file instead: nothing is read from
+the checkpoint or computed, only bytes copied. The shard is read into the worker's own memory rather than mapped
+from the page cache: memory the worker allocates sits on its NUMA node (it is bound there), and under memory
+pressure the kernel would drop clean file pages of a mapping first and read them back from disk in the middle of
+a decoding step, where a private copy stays put like the float shard does. The shard hash covers the experts and where their tensors live, the compute dtype (of the biases), the
 layout version and each safetensors file's size and modification time: the fingerprint alone names a config and
 a tensor table, so a checkpoint written again with other values would otherwise find the old entry.
 """
@@ -18,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import mmap
 import os
 import tempfile
 import time
@@ -129,21 +130,24 @@ def _write(path: Path, folder: Path, sources: list[ExpertSource], name: str, dty
     os.replace(tmp, path.with_suffix(".json"))
 
 
-def _map(path: Path, name: str) -> tuple[dict[tuple[int, int], quant.QuantizedExpertWeights], mmap.mmap] | None:
-    """The cached shard at `path` mapped read-only, or None when there is none (or it is incomplete)."""
+def _read(path: Path, name: str) -> dict[tuple[int, int], quant.QuantizedExpertWeights] | None:
+    """The cached shard at `path`, read into this process's memory, or None when there is none (or it is
+    incomplete)."""
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
         size = meta["size"]
         if meta["layout"] != LAYOUT_VERSION or meta["format"] != name:
             return None
-        with open(path.with_suffix(".bin"), "rb") as f:
+        buffer = torch.empty(size, dtype=torch.uint8)
+        with open(path.with_suffix(".bin"), "rb", buffering=0) as f:
             if os.fstat(f.fileno()).st_size != size:
                 return None
-            if size == 0:
-                return {}, None
-            # Populated now: the first decoding step should not wait for page faults.
-            mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                           prot=mmap.PROT_READ)
+            view, done = memoryview(buffer.numpy()), 0
+            while done < size:
+                got = f.readinto(view[done:])
+                if not got:
+                    return None
+                done += got
     except (OSError, ValueError, KeyError, TypeError):
         return None
     parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -151,10 +155,10 @@ def _map(path: Path, name: str) -> tuple[dict[tuple[int, int], quant.QuantizedEx
         for t in meta["tensors"]:
             dtype = DTYPES[t["dtype"]]
             count = math.prod(t["shape"])
-            if t["offset"] + count * dtype.itemsize > size:
+            if t["offset"] % ALIGN or t["offset"] + count * dtype.itemsize > size:
                 return None
-            view = torch.frombuffer(mm, dtype=dtype, count=count, offset=t["offset"]).view(t["shape"])
-            parts.setdefault((t["layer"], t["expert"]), {})[t["name"]] = view
+            part = buffer[t["offset"] : t["offset"] + count * dtype.itemsize]
+            parts.setdefault((t["layer"], t["expert"]), {})[t["name"]] = part.view(dtype).view(t["shape"])
         shard = {key: quant.QuantizedExpertWeights(quant.QuantMatrix(name, p["gate_up.q"], p["gate_up.scale"]),
                                                    quant.QuantMatrix(name, p["down.q"], p["down.scale"]),
                                                    p.get("gate_up_bias"), p.get("down_bias"))
@@ -164,7 +168,7 @@ def _map(path: Path, name: str) -> tuple[dict[tuple[int, int], quant.QuantizedEx
             w.down.check()
     except (KeyError, TypeError, ValueError, RuntimeError):
         return None
-    return shard, mm
+    return shard
 
 
 def load_quantized_shard(folder: Path, fingerprint: str, sources: list[ExpertSource], name: str, dtype_name: str,
@@ -175,17 +179,15 @@ def load_quantized_shard(folder: Path, fingerprint: str, sources: list[ExpertSou
     dtype = parse_dtype(dtype_name)
     key = shard_key(folder, sources, name, dtype_name, transposed)
     path = cache_path(fingerprint, name, key)
-    found = _map(path, name)
-    if found is not None:
-        shard, _ = found
-        if set(shard) == {(s.layer, s.expert) for s in sources}:
-            return shard, True, path
+    shard = _read(path, name)
+    if shard is not None and set(shard) == {(s.layer, s.expert) for s in sources}:
+        return shard, True, path
     log.info("%s: quantizing %d experts to %s (once; kept in %s)", worker, len(sources), name, path.parent)
     started = time.monotonic()
     _write(path, folder, sources, name, dtype, transposed, worker)
-    found = _map(path, name)
-    if found is None:
+    shard = _read(path, name)
+    if shard is None:
         raise CheckpointError(f"the quantized shard just written to {path}.bin cannot be read back; check the disk "
                               f"under {cache_dir()} or set FIDDLER_CACHE to another folder")
     log.info("%s: quantized %d experts to %s in %.1fs", worker, len(sources), name, time.monotonic() - started)
-    return found[0], False, path
+    return shard, False, path

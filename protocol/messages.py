@@ -124,7 +124,7 @@ class Ready(Message):
     shared_bytes: int = 0
     shared_tensors: list[SharedTensor] = field(default_factory=list)
     shared_note: str = ""
-    # With LoadShard.quantize: "hit" (mapped from the cache, nothing quantized) or "written" (quantized now, stored).
+    # With LoadShard.quantize: "hit" (read from the cache, nothing quantized) or "written" (quantized now, stored).
     quantize_cache: str = ""
 
 

@@ -106,8 +106,8 @@ def cache_entries(cache: Path) -> list[Path]:
     return sorted((cache / "quantized").rglob("*.bin"))
 
 
-def test_the_next_launch_maps_the_cached_shard_and_a_changed_checkpoint_gets_its_own(tmp_path, monkeypatch):
-    """First launch: each worker quantizes its shard and stores it. Second: it maps the stored file (Ready says
+def test_the_next_launch_reads_the_cached_shard_and_a_changed_checkpoint_gets_its_own(tmp_path, monkeypatch):
+    """First launch: each worker quantizes its shard and stores it. Second: it reads the stored file (Ready says
     so, and no file is written). The checkpoint written again with other values (same config and tensor names,
     so the same fingerprint): a new entry, and the new weights' results."""
     monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path / "cache"))  # the workers inherit it
@@ -150,7 +150,7 @@ WIDE = Preset("quant-wide", "mixtral", 512, 2048, 2, 8, 2, 4, 2, TINY_VOCAB)
 
 def test_a_worker_holds_its_shard_in_the_quantized_bytes_only(tmp_path, monkeypatch):
     """A worker's resident memory after loading: with --quantize int4 its float shard (96 MiB in bfloat16) is
-    not held, neither after quantizing it nor when mapping it from the cache; about the int4 bytes (27 MiB) are."""
+    not held, neither after quantizing it nor when reading it from the cache; about the int4 bytes (27 MiB) are."""
     monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path / "cache"))
     folder = write_checkpoint(WIDE, tmp_path / "wide", dtype=torch.bfloat16)
     resident, shard = {}, {}
