@@ -205,7 +205,6 @@ class QuantizedExpertWeights:
     down: QuantMatrix
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
-    shared: bool = False  # never true: a quantized shard is not mapped by the coordinator
 
     @property
     def nbytes(self) -> int:
@@ -244,16 +243,15 @@ def _float32_tiles(m: QuantMatrix):
 
 
 @torch.no_grad()
-def linear(x: torch.Tensor, m: QuantMatrix, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x @ dequantize(m).T for x [n, cols], rounded once to `out_dtype` (x's dtype by default). A few rows (decoding)
-    take the C kernel, which streams the codes once for all rows; more rows (prefill) multiply float32 tiles of
-    dequantized weights with torch.mm; without the kernel library, torch does both."""
-    out_dtype = out_dtype or x.dtype
+def linear(x: torch.Tensor, m: QuantMatrix) -> torch.Tensor:
+    """x @ dequantize(m).T for x [n, cols], accumulated in float32 and rounded once to x's dtype. A few rows
+    (decoding) take the C kernel, which streams the codes once for all rows; more rows (prefill), or any rows
+    without the kernel library, multiply float32 tiles of dequantized weights with torch.mm."""
     n = x.shape[0]
     if kernels.quant_applies(x, m.cols) and n <= MAX_ROWS:
-        return kernels.quant_linear(m.code, m.q, m.scale, x, out_dtype)
+        return kernels.quant_linear(m.code, m.q, m.scale, x)
     xf = x.float()
     out_t = torch.empty(m.rows, n)
     for start, tile in _float32_tiles(m):
         torch.mm(tile, xf.t(), out=out_t[start : start + len(tile)])
-    return out_t.t().to(out_dtype).contiguous()
+    return out_t.t().to(x.dtype).contiguous()

@@ -90,8 +90,7 @@ def _quant_status(status: int, what: str) -> None:
         raise ValueError(f"{what}: the kernel does not take this format, shape or path (isa) on this CPU")
 
 
-def quant_linear(code: int, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
-                 out_dtype: torch.dtype | None = None, isa: int = 0) -> torch.Tensor:
+def quant_linear(code: int, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, isa: int = 0) -> torch.Tensor:
     """x [n, cols] @ w.T for a quantized w (codes q, float16 scales [rows, cols / 32], format `code` of
     native/limits.py), rounded once to x's dtype, where `quant_applies` says so. `isa`: 0 for the best path of this
     CPU, or QUANT_ISA_PLAIN / QUANT_ISA_AVX2."""
@@ -101,7 +100,7 @@ def quant_linear(code: int, q: torch.Tensor, scale: torch.Tensor, x: torch.Tenso
     _quant_status(library().fiddler_quant_linear(code, q.data_ptr(), scale.data_ptr(), rows, cols, x.data_ptr(),
                                                  int(x.dtype == torch.bfloat16), x.shape[0], out.data_ptr(), isa),
                   "fiddler_quant_linear")
-    return out if out_dtype in (None, x.dtype) else out.to(out_dtype)
+    return out
 
 
 def quant_silu_expert(code: int, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
