@@ -3,9 +3,10 @@ the memory-bandwidth ceiling, on the same checkpoint, machine and threads, in on
 
     fiddler bench --preset mini                 # random-weight checkpoint of real shapes, bfloat16, cached
     fiddler bench --preset small --workers 1,2 --threads-per-worker 1,2
+    fiddler bench --preset small --quantize none,int8,int4     # the workers' experts in each format
     fiddler bench --model ~/models/Mixtral-8x7B --device cuda --device-memory 20GiB,40GiB
 
-What it measures, per configuration of the grid (workers x threads per worker x device memory):
+What it measures, per configuration of the grid (workers x threads per worker x device memory x format):
 - prefill tok/s: a fixed random prompt of --prompt-len tokens, from the call to the first new token;
 - decode tok/s: --new-tokens greedy tokens (EOS ignored), from the first new token to the last;
   each the median of --repeats runs after a warm-up;
@@ -67,6 +68,7 @@ class BenchOptions:
     workers: list[int] = field(default_factory=lambda: [1])
     threads_per_worker: list[int | None] = field(default_factory=lambda: [None])  # None: the launcher's default
     device_memory: list[str | None] = field(default_factory=lambda: [None])  # None: the device's default
+    quantize: list[str] = field(default_factory=lambda: ["none"])  # the workers' formats to sweep
     device: str = "auto"
     coordinator_threads: list[int | None] = field(default_factory=lambda: [None])  # None: fiddler-launch's
     baseline: bool = True  # transformers' generate
@@ -153,7 +155,8 @@ class DecodeBytes:
         return self.non_expert + self.experts + self.embedding_row + self.head
 
 
-def decode_bytes(model: torch.nn.Module, layout: loading.ModelLayout) -> DecodeBytes:
+def decode_bytes(model: torch.nn.Module, layout: loading.ModelLayout, quantize: str = "none") -> DecodeBytes:
+    """What one decode token reads, every routed expert counted in the workers' format."""
     itemsize = torch.empty((), dtype=layout.dtype).element_size()
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
@@ -162,7 +165,7 @@ def decode_bytes(model: torch.nn.Module, layout: loading.ModelLayout) -> DecodeB
     top_k = getattr(layout.config, "num_experts_per_tok", None) or getattr(layout.config, "top_k", 1)
     return DecodeBytes(
         non_expert=max(0, layout.non_expert_bytes - table - (0 if tied else head_bytes)),
-        experts=top_k * layout.expert_bytes * len(layout.moe_layers),
+        experts=top_k * layout.cold_expert_bytes(quantize) * len(layout.moe_layers),
         embedding_row=embedding.shape[1] * itemsize,
         head=head_bytes,
     )
@@ -285,15 +288,16 @@ def launcher_threads(cluster: ClusterOptions) -> tuple[int, int]:
 
 def grid(options: BenchOptions) -> list[SweepPoint]:
     points = []
-    for workers, threads, coordinator, memory in itertools.product(
-        options.workers, options.threads_per_worker, options.coordinator_threads, options.device_memory
+    for workers, threads, coordinator, memory, quantize in itertools.product(
+        options.workers, options.threads_per_worker, options.coordinator_threads, options.device_memory,
+        options.quantize
     ):
         if workers < 1:
             raise BenchError(f"--workers {workers}: the benchmark needs at least one worker")
         cluster = ClusterOptions(workers=workers, threads_per_worker=threads, device=options.device,
-                                 device_memory=memory, coordinator_threads=coordinator)
+                                 device_memory=memory, coordinator_threads=coordinator, quantize=quantize)
         threads_each, coordinator_threads = launcher_threads(cluster)
-        points.append(SweepPoint(workers, threads_each, memory, coordinator_threads))
+        points.append(SweepPoint(workers, threads_each, memory, coordinator_threads, quantize))
     return points
 
 
@@ -327,6 +331,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
     prompt = random_prompt(layout.config.vocab_size, options.prompt_len, options.seed,
                            set(tokenizer.all_special_ids))
     needed = decode_bytes(skeleton, layout)
+    needed_in = {q: decode_bytes(skeleton, layout, q).total for q in options.quantize}
     del skeleton
     threads_seen = sorted({1, os.cpu_count() or 1})
     log(f"measuring read bandwidth ({options.bandwidth_mib} MiB, {threads_seen} threads)")
@@ -357,6 +362,10 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
     for runner in clusters:
         result = runner.summary()
         result["share_of_ceiling"] = result["decode_tokens_per_second"] / ceiling
+        # a quantized run reads fewer bytes a token: its own ceiling too
+        result["decode_bytes_per_token"] = needed_in[runner.point.quantize]
+        result["share_of_own_ceiling"] = (result["decode_tokens_per_second"]
+                                          / (bandwidth["bytes_per_second"] / needed_in[runner.point.quantize]))
         cluster_results.append(result)
     baseline_results = []
     for runner in baselines:

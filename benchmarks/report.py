@@ -58,7 +58,8 @@ def print_tables(result: dict, console: Console | None = None) -> None:
             f"{c['hot_share']:.0%}",
             f"{c['prefill_tokens_per_second']:.1f}",
             f"{c['decode_tokens_per_second']:.2f}",
-            f"{c['share_of_ceiling']:.0%}",
+            f"{c['share_of_ceiling']:.0%}"
+            + (f" (own {c['share_of_own_ceiling']:.0%})" if cfg.get("quantize", "none") != "none" else ""),
             _versus(versus),
             f"{versus['same_greedy_tokens']}/{len(c['token_ids'])}" if versus else "",
         )
@@ -76,7 +77,8 @@ def print_tables(result: dict, console: Console | None = None) -> None:
             console.print(f"fiddler {c['config']['label']} vs transformers, range over rounds: prefill "
                           f"{rounds['prefill']['min']:.2f}-{rounds['prefill']['max']:.2f}x, decode "
                           f"{rounds['decode']['min']:.2f}-{rounds['decode']['max']:.2f}x")
-    console.print("fiddler C+WxT: C coordinator threads, W workers of T threads; transformers N: N threads; "
+    console.print("fiddler C+WxT: C coordinator threads, W workers of T threads (int8/int4: their experts in that "
+                  "format; own: the ceiling of the bytes that format reads); transformers N: N threads; "
                   "vs transformers: prefill, decode (above 1x is faster; interleaved runs: the median of each "
                   "round's ratio); same tokens: greedy tokens equal to transformers' before the first difference; "
                   "transformers' experts implementation: "

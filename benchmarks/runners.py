@@ -38,11 +38,15 @@ class SweepPoint:
     threads_per_worker: int
     device_memory: str | None
     coordinator_threads: int
+    quantize: str = "none"  # the workers' format for cold experts (--quantize)
 
     def label(self, coordinator_threads: int) -> str:
-        """coordinator threads + workers x threads each, and the device memory when one was asked for."""
+        """coordinator threads + workers x threads each, the device memory when one was asked for, and the
+        workers' format when quantized."""
         text = f"{coordinator_threads}+{self.workers}x{self.threads_per_worker}"
-        return text if self.device_memory in (None, "") else f"{text}, mem {self.device_memory}"
+        if self.device_memory not in (None, ""):
+            text += f", mem {self.device_memory}"
+        return text if self.quantize == "none" else f"{text}, {self.quantize}"
 
 
 @dataclass
@@ -138,7 +142,8 @@ class ClusterRunner:
         self.cluster = Cluster(ClusterOptions(model=self.folder, workers=point.workers,
                                               threads_per_worker=point.threads_per_worker, device=self.device,
                                               dtype=self.dtype, device_memory=point.device_memory,
-                                              coordinator_threads=self.threads, quiet=True))
+                                              coordinator_threads=self.threads, quantize=point.quantize,
+                                              quiet=True))
         self.cluster.start()
         coordinator = self.cluster.coordinator
         self.dispatcher = coordinator.dispatcher
@@ -146,6 +151,7 @@ class ClusterRunner:
         self.hot = len(self.dispatcher.hot)
         self.total_experts = coordinator.layout.num_experts
         self.worker_names = [link.name for link in self.dispatcher.workers]
+        self.shard_bytes = [ready.shard_bytes for ready in coordinator.readies]
 
     def warm_up(self) -> None:
         self.cluster.generate(self.prompt, max_new_tokens=min(self.new_tokens, 4), ignore_eos=True)
@@ -208,6 +214,7 @@ class ClusterRunner:
             "worker_requests_per_token": {name: sum(d["requests"][i] for d in self.decode) / steps if steps else 0.0
                                           for i, name in enumerate(self.worker_names)},
             "hit_rate": sum(d["hot_pairs"] for d in self.decode) / pairs if pairs else 0.0,
+            "worker_shard_bytes": dict(zip(self.worker_names, self.shard_bytes)),
             "token_ids": self.token_ids,
         }
 

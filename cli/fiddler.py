@@ -371,6 +371,8 @@ def bench(
     device_memory: Annotated[str | None, typer.Option(help="Device memory budgets to sweep (hot share), e.g. "
                              "0,500MiB,all. Default: the device's default.")] = None,
     device: Annotated[str, typer.Option(help="Coordinator device: cuda, cpu or auto.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="The workers' formats to sweep, e.g. none,int8,int4 (each run's "
+                        "format is in the JSON).")] = "none",
     coordinator_threads: Annotated[str | None, typer.Option(help="Coordinator torch threads to sweep, e.g. 1,2. "
                                    "Default: fiddler-launch's (the cores it keeps for the coordinator).")] = None,
     interleave: Annotated[bool, typer.Option(help="Load every contestant at once and run them in turns, so "
@@ -407,6 +409,7 @@ def bench(
         threads_per_worker=_int_list(threads_per_worker, "--threads-per-worker") if threads_per_worker else [None],
         device_memory=[part.strip() for part in device_memory.split(",")] if device_memory else [None],
         device=device, baseline=baseline, out=Path(out), chart=chart, seed=seed, bandwidth_mib=bandwidth_mib,
+        quantize=[part.strip() for part in quantize.split(",")],
         coordinator_threads=_int_list(coordinator_threads, "--coordinator-threads") if coordinator_threads else [None],
         interleave=interleave,
         baseline_threads=_int_list(baseline_threads, "--baseline-threads") if baseline_threads else None,

@@ -57,13 +57,22 @@ class Prepared:
     profile: ExpertProfile | None = None  # expert popularity steering placement (checked against the checkpoint)
     scheduling: str = "auto"  # auto: the scheduler decides per layer call; never; always (tests: move all it can)
     staging_buffers: int = 0  # device buffers for moved experts; 0: nothing can move, no shard is shared
+    quantize: str = "none"  # the workers' format for cold experts (experts/quant.py), or none: the compute dtype
 
     def plan(self, worker_weights: list[float]) -> Placement:
         """Placement over workers of the given relative compute capacity (e.g. their thread counts)."""
         layout = self.layout
         experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
-        return plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, self.budget,
-                    len(worker_weights), self.hot_experts, profile=self.profile, worker_weights=worker_weights)
+        return with_cold_format(plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, self.budget,
+                                     len(worker_weights), self.hot_experts, profile=self.profile,
+                                     worker_weights=worker_weights), layout, self.quantize)
+
+
+def with_cold_format(placement: Placement, layout: loading.ModelLayout, quantize: str) -> Placement:
+    """The placement, saying what a cold expert takes on a worker in the --quantize format."""
+    if quantize != "none":
+        placement.cold_expert_bytes, placement.cold_format = layout.cold_expert_bytes(quantize), quantize
+    return placement
 
 
 def resolve_device(device: str) -> torch.device:
@@ -121,11 +130,13 @@ def prepare(
     hot_experts: int | None = None,
     profile: str | os.PathLike | ExpertProfile | None = None,
     scheduling: str = "auto",
+    quantize: str = "none",
 ) -> Prepared:
     """device_memory: bytes for weights on the device, "all" (every expert hot), or None (the device's default).
     profile: a profile file (`fiddler profile`) or an ExpertProfile, refused unless recorded on this checkpoint.
     scheduling: auto (the scheduler moves cold experts to a GPU when that finishes a layer call sooner), never, or
     always (every cold expert with several rows moves, also to a CPU device: for tests of the move path).
+    quantize: the workers' format for cold experts (none, int8, int4); quantized experts are not moved.
     The caller has checked each value on its own (sizes read, counts not negative); here they meet the device and
     the checkpoint, so that every mistake is found before any process starts."""
     torch_device = resolve_device(device)
@@ -141,6 +152,7 @@ def prepare(
                 "or leave it out for the default"
             )
     skeleton, layout = loading.inspect(Path(model), dtype)
+    layout.check_quantize(quantize)
     tokenizer = load_tokenizer(layout.folder)
     if device_memory is None:
         if torch_device.type == "cuda":
@@ -169,9 +181,12 @@ def prepare(
         profile.check(layout.fingerprint)
     elif profile is not None:
         profile = ExpertProfile.load(profile, expected_fingerprint=layout.fingerprint)
-    # Staging buffers for moved experts come out of the device budget, when some experts will be cold.
+    # Staging buffers for moved experts come out of the device budget, when some experts will be cold. Quantized
+    # cold experts are never moved (the move path copies weights in the compute dtype): nothing is staged for them.
     staging = 0
-    if scheduling == "always":
+    if quantize != "none":
+        scheduling = "never"
+    elif scheduling == "always":
         staging = STAGING_BUFFERS
     elif scheduling == "auto" and torch_device.type == "cuda" and budget is not None:
         spare = budget - layout.non_expert_bytes
@@ -186,8 +201,8 @@ def prepare(
     experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
     placement = plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, budget, workers, hot_experts,
                      profile=profile)
-    return Prepared(skeleton, layout, tokenizer, placement, torch_device, budget, hot_experts, profile, scheduling,
-                    staging)
+    return Prepared(skeleton, layout, tokenizer, with_cold_format(placement, layout, quantize), torch_device, budget,
+                    hot_experts, profile, scheduling, staging, quantize)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None = None) -> None:
@@ -342,6 +357,7 @@ class Coordinator:
                 reader.close()
             readies = self._gather(m.Ready, dict.fromkeys(range(len(self.links)), timeout_s),
                                    self._loading_progress(bar) if progress else None)
+            self.readies: list[m.Ready] = [readies[i] for i in range(len(self.links))]  # each worker's answer
             for i in range(len(self.links)):
                 self._adopt_shard(i, readies[i])
         scheduler, staging = self._make_scheduler(placement)
@@ -377,7 +393,8 @@ class Coordinator:
         sources = [layout.experts[e] for e in link.shard]
         model_dir = str(layout.folder) if link.is_local else ""  # a remote host uses its own copy
         shared = self.prepared.staging_buffers > 0 and link.is_local  # only when something may move
-        link.send(m.LoadShard(model_dir, layout.fingerprint, layout.kernel, sources, shared=shared))
+        link.send(m.LoadShard(model_dir, layout.fingerprint, layout.kernel, sources, shared=shared,
+                              quantize=self.prepared.quantize))
 
     def _adopt_shard(self, index: int, ready: m.Ready) -> None:
         """Map worker `index`'s shared shard read-only (and unlink its name), replacing an earlier mapping."""
@@ -407,6 +424,10 @@ class Coordinator:
         """The per-call decision (coordinator/scheduling.py) and the staging buffers, or (None, None); sets the
         plan print's line saying what the scheduler does."""
         prepared, layout = self.prepared, self.layout
+        if prepared.quantize != "none" and placement.owner:
+            self.scheduling_line = (f"scheduler: off: the cold experts are {prepared.quantize} on the workers, which "
+                                    "are not moved to the device; every cold expert is computed by its worker")
+            return None, None
         if prepared.scheduling == "never":
             self.scheduling_line = "scheduler: off (scheduling='never'); every cold expert is computed by its worker"
             return None, None
@@ -461,7 +482,8 @@ class Coordinator:
         if self._shm_capacity and link.is_local:
             self._attach_shm(link, self._shm_capacity, timeout_s)
         self._send_shard(link)
-        self._adopt_shard(index, self._expect(link, m.Ready, timeout_s))
+        self.readies[index] = self._expect(link, m.Ready, timeout_s)
+        self._adopt_shard(index, self.readies[index])
 
     def _attach_shm(self, link: WorkerLink, capacity: int, timeout_s: float) -> None:
         channel = shm.ShmChannel.create(capacity)

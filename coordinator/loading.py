@@ -32,6 +32,7 @@ from transformers.core_model_loading import (
 )
 
 from fiddler_moe.coordinator.experts import IMPLEMENTATION_NAME
+from fiddler_moe.experts import quant
 from fiddler_moe.experts.checkpoint import CheckpointError, TensorReader, fingerprint, tensor_table
 from fiddler_moe.experts import mxfp4
 from fiddler_moe.experts.compute import ExpertKernel, activation
@@ -70,6 +71,33 @@ class ModelLayout:
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+    def expert_matrices(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The [out, in] shapes of one expert's gate_up and down matrices (the first MoE layer's)."""
+        module = self.moe_layers[0].module
+        gate_up = getattr(module, "gate_up_proj", None)
+        if gate_up is None:
+            gate_up = module.up_proj
+        shapes = [tuple(gate_up.shape[1:]), tuple(module.down_proj.shape[1:])]
+        if self.kernel.is_transposed:
+            shapes = [(cols, rows) for rows, cols in shapes]
+        return shapes[0], shapes[1]
+
+    def cold_expert_bytes(self, quantize: str = "none") -> int:
+        """Bytes of one expert on a worker: in the compute dtype, or in the --quantize format (biases stay in the
+        compute dtype)."""
+        if quantize == "none":
+            return self.expert_bytes
+        gate_up, down = self.expert_matrices()
+        matrices = (gate_up[0] * gate_up[1] + down[0] * down[1]) * self.dtype.itemsize
+        return quant.expert_nbytes(quantize, gate_up, down, bias_bytes=self.expert_bytes - matrices)
+
+    def check_quantize(self, quantize: str) -> None:
+        """Refuse --quantize for experts whose matrices it cannot cut into blocks, naming the fix."""
+        if quantize != "none":
+            gate_up, down = self.expert_matrices()
+            quant.check_shape(quantize, *gate_up, "the experts' gate/up matrix")
+            quant.check_shape(quantize, *down, "the experts' down matrix")
 
 
 @contextlib.contextmanager

@@ -74,23 +74,27 @@ class Placement:
     expected_hit_rate: float | None = None  # share of the profile's routings served hot; None without a profile
     expected_load: list[float] | None = None  # per worker: share of the profile's cold routings it serves
     worker_weights: list[float] | None = None  # relative compute capacity per worker, as given to plan()
+    cold_expert_bytes: int | None = None  # one expert on a worker, where it differs from expert_bytes (--quantize)
+    cold_format: str = ""  # the workers' format then, e.g. "int4"
 
     def shard(self, worker: int) -> list[Expert]:
         return sorted(e for e, w in self.owner.items() if w == worker)
 
     def describe(self) -> list[str]:
         total = len(self.hot) + len(self.owner)
+        cold_bytes = self.cold_expert_bytes or self.expert_bytes
+        in_format = f" in {self.cold_format}" if self.cold_format else ""
         lines = [
             f"experts: {total} routed, {len(self.hot)} hot on the device "
             f"({format_size(len(self.hot) * self.expert_bytes)}), {len(self.owner)} cold on {self.num_workers} "
-            f"worker(s)"
+            f"worker(s)" + (f"{in_format} ({format_size(cold_bytes)} each)" if in_format else "")
         ]
         if self.expected_hit_rate is not None:
             lines.append(f"  expected hit rate (profile): {self.expected_hit_rate:.1%} of token-expert routings hot")
         for w in range(self.num_workers):
             shard = self.shard(w)
             layers = sorted({layer for layer, _ in shard})
-            line = (f"  worker {w}: {len(shard)} experts ({format_size(len(shard) * self.expert_bytes)}) "
+            line = (f"  worker {w}: {len(shard)} experts ({format_size(len(shard) * cold_bytes)}{in_format}) "
                     f"over {len(layers)} layer(s)")
             if self.worker_weights is not None:
                 line += f", weight {self.worker_weights[w]:g}"

@@ -22,7 +22,9 @@ import torch
 
 from fiddler_moe.native import kernels
 from fiddler_moe.experts.checkpoint import CheckpointError, fingerprint
+from fiddler_moe.experts import quant
 from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
+from fiddler_moe.experts.quantized_shard import load_quantized_shard
 from fiddler_moe.experts.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
 from fiddler_moe.native.shm_serve import ShmServeLoop
 from fiddler_moe.host.numa import available_memory_bytes
@@ -68,9 +70,9 @@ class Session:
 def _shard_key(folder: Path, msg: m.LoadShard) -> tuple:
     """What makes a loaded shard the one asked for: the checkpoint folder, fingerprint (names, dtypes, shapes) and
     the files' sizes and times (the fingerprint does not see weights copied over with the same shapes), the
-    kernel and the experts."""
+    kernel, the experts and the format they are held in."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
-    return (str(folder.resolve()), msg.fingerprint, files, msg.kernel, msg.experts)
+    return (str(folder.resolve()), msg.fingerprint, files, msg.kernel, msg.experts, msg.quantize)
 
 
 class RequestError(Exception):
@@ -82,7 +84,7 @@ class RequestError(Exception):
 class Worker:
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.shard: dict[tuple[int, int], ExpertWeights] = {}
+        self.shard: dict[tuple[int, int], ExpertWeights | quant.QuantizedExpertWeights] = {}
         self.shared: SharedShard | None = None  # the shard's shared-memory file, when LoadShard.shared asked for it
         self.kernel: ExpertKernel | None = None
         self.shard_key: tuple | None = None  # _shard_key of the loaded shard, for a later cluster asking the same
@@ -121,17 +123,26 @@ class Worker:
                 )
             key = _shard_key(folder, msg)
             if not msg.shared and self.shared is None and self.kernel is not None and key == self.shard_key:
-                return self._reuse_shard(started)
+                return self._reuse_shard(started, msg.quantize)
             kernel = ExpertKernel(msg.kernel)
+            quant.check_format(msg.quantize)
+            if msg.quantize != "none" and any(source.gate_up_scales or source.down_scales for source in msg.experts):
+                raise RequestError("load_failed", f"--quantize {msg.quantize} does not take MXFP4 checkpoints yet; "
+                                   "run them with --quantize none")
             self._drop_shard()  # before loading the new one, so that the two are never in memory together
-            note = ""
-            if msg.shared:
+            note, cache = "", ""
+            if msg.quantize != "none":  # never shared: the coordinator does not move quantized experts
+                self.shard, from_cache, path = load_quantized_shard(
+                    folder, msg.fingerprint, msg.experts, msg.quantize, msg.kernel.dtype, msg.kernel.is_transposed,
+                    self.config.name)
+                cache = "hit" if from_cache else "written"
+            elif msg.shared:
                 try:
                     self.shard, self.shared = load_shard_shared(folder, msg.experts, msg.kernel.dtype)
                 except SharedMemoryUnavailable as e:
                     note = f"{self.config.name} keeps its shard in private memory: {e}"
                     log.warning("%s", note)
-            if self.shared is None:
+            if self.shared is None and msg.quantize == "none":
                 self.shard = load_shard(folder, msg.experts, msg.kernel.dtype)
         except (CheckpointError, ValueError, ProtocolError, OSError) as e:
             raise RequestError("load_failed", str(e)) from None
@@ -143,21 +154,24 @@ class Worker:
         where = " in shared memory" if self.shared is not None else ""
         if any(source.gate_up_scales or source.down_scales for source in msg.experts):
             where += f", dequantized from the checkpoint's MXFP4 to {msg.kernel.dtype}"
+        if cache:
+            where = f" in {msg.quantize}, " + ("read from the cache" if cache == "hit" else "quantized and cached")
         log.info("%s: loaded %d experts (%.1f MiB)%s in %.2fs", self.config.name, len(self.shard), nbytes / 2**20,
                  where, seconds)
         if self.shared is None:
-            return m.Ready(len(self.shard), nbytes, seconds, shared_note=note)
+            return m.Ready(len(self.shard), nbytes, seconds, shared_note=note, quantize_cache=cache)
         return m.Ready(len(self.shard), nbytes, seconds, shared_path=self.shared.path, shared_bytes=self.shared.size,
                        shared_tensors=self.shared.tensors)
 
-    def _reuse_shard(self, started: float) -> m.Message:
+    def _reuse_shard(self, started: float, quantize: str) -> m.Message:
         """The shard asked for is the one in memory, kept from an earlier cluster: ready without reading it."""
         if self.serve_loop is None:
             self._build_serve_loop()
         nbytes = sum(w.nbytes for w in self.shard.values())
         log.info("%s: kept its shard of %d experts (%.1f MiB) from the last cluster; nothing to read",
                  self.config.name, len(self.shard), nbytes / 2**20)
-        return m.Ready(len(self.shard), nbytes, time.perf_counter() - started)
+        return m.Ready(len(self.shard), nbytes, time.perf_counter() - started,
+                       quantize_cache="kept" if quantize != "none" else "")
 
     def _build_serve_loop(self) -> None:
         if self.channel is not None and self.kernel is not None:
@@ -190,7 +204,10 @@ class Worker:
             weights = self.shard.get((msg.layer, expert))
             if weights is None:
                 raise RequestError("not_owned", f"layer {msg.layer} expert {expert} is not in this worker's shard")
-            hidden = weights.down.shape[1] if self.kernel.spec.is_transposed else weights.down.shape[0]
+            if isinstance(weights, quant.QuantizedExpertWeights):
+                hidden = weights.hidden
+            else:
+                hidden = weights.down.shape[1] if self.kernel.spec.is_transposed else weights.down.shape[0]
             if rows.shape[1] != hidden or count < 0:
                 raise RequestError("bad_request", f"rows have width {rows.shape[1]}, experts expect {hidden}")
             self.kernel.forward(weights, rows[offset : offset + count], out[offset : offset + count])

@@ -22,6 +22,10 @@ are memory-bound matrix-vector products. Two CPU fast paths for bfloat16, chosen
 
 FIDDLER_BF16_PATH chooses one (`bfloat16_path`); FIDDLER_PACK_WEIGHTS=0 turns all of them off. float32 weights
 are left as they are (the exactness tests compare them with transformers to 1e-5), and so is anything on a GPU.
+
+Quantized experts (a worker's shard with --quantize int8 or int4: experts/quant.py's QuantizedExpertWeights) take
+experts/quant.py's products: the fused C kernel for a gated SiLU expert's decoding rows, else one product at a
+time, with the activation between them computed here in the compute dtype as for float weights.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fiddler_moe.experts import quant
 from fiddler_moe.native import kernels
 from fiddler_moe.protocol.messages import KernelSpec
+from fiddler_moe.protocol.wire import parse_dtype
 
 
 def _onednn_bfloat16() -> bool:
@@ -197,6 +203,7 @@ class ExpertKernel:
     def __init__(self, spec: KernelSpec):
         self.act = activation(spec.activation)
         self.spec = spec
+        self.dtype = parse_dtype(spec.dtype)
         self.pack = PACK_BFLOAT16 and spec.dtype == "bfloat16" and not spec.is_transposed
         if UPCAST_BFLOAT16 and spec.dtype == "bfloat16":
             kernels.available()  # build the decoding kernel now (once per machine), not during the first token
@@ -205,6 +212,9 @@ class ExpertKernel:
         self.fused_silu = (UPCAST_BFLOAT16 and spec.dtype == "bfloat16" and spec.has_gate and not spec.has_bias
                            and not spec.is_transposed and spec.activation in ("silu", "swish")
                            and plain_gate(spec))
+        # Quantized matrices are always [out, in]: any plain gated SiLU expert without biases fuses, in either dtype.
+        self.fused_silu_quantized = (spec.has_gate and not spec.has_bias and spec.activation in ("silu", "swish")
+                                     and plain_gate(spec))
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
         """[rows, 2 * intermediate] -> [rows, intermediate]: the gated activation KernelSpec describes, in the
@@ -232,9 +242,34 @@ class ExpertKernel:
         return (self.pack and not weights.packed and not weights.shared and weights.gate_up.device.type == "cpu"
                 and weights.gate_up.dtype == torch.bfloat16 and weights.down.dtype == torch.bfloat16)
 
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gate(h) if self.spec.has_gate else self.act(h)
+
+    def _forward_quantized(self, weights: quant.QuantizedExpertWeights, x: torch.Tensor,
+                           out: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_empty((0, weights.hidden)) if out is None else out
+        if (self.fused_silu_quantized and weights.gate_up_bias is None and weights.down_bias is None
+                and (out is None or (out.dtype == x.dtype and out.is_contiguous()))
+                and kernels.quant_applies(x, weights.gate_up.cols)):
+            return kernels.quant_silu_expert(weights.gate_up.code, (weights.gate_up.q, weights.gate_up.scale),
+                                             (weights.down.q, weights.down.scale), x, out)
+        h = quant.linear(x, weights.gate_up)
+        if weights.gate_up_bias is not None:
+            h = h + weights.gate_up_bias
+        h = quant.linear(self._activate(h), weights.down)
+        if weights.down_bias is not None:
+            h = h + weights.down_bias
+        return h if out is None else out.copy_(h)
+
     @torch.inference_mode()
-    def forward(self, weights: ExpertWeights, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, weights: ExpertWeights | quant.QuantizedExpertWeights, x: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """The expert's output rows for x [rows, hidden], written into `out` when given (same shape and dtype)."""
+        if isinstance(weights, quant.QuantizedExpertWeights):
+            if x.dtype != self.dtype:
+                x = x.to(self.dtype)
+            return self._forward_quantized(weights, x, out)
         if self._packable(weights):
             weights.pack()
         if x.dtype != weights.gate_up.dtype:  # a no-op .to() is not free on a decoding step's layer call
@@ -247,6 +282,5 @@ class ExpertKernel:
                 and kernels.applies_to_expert(x, weights.gate_up, weights.down)):
             return kernels.silu_expert(x, weights.gate_up, weights.down, out)
         h = self._linear(x, weights.gate_up, weights.gate_up_bias)
-        h = self.gate(h) if self.spec.has_gate else self.act(h)
-        h = self._linear(h, weights.down, weights.down_bias)
+        h = self._linear(self._activate(h), weights.down, weights.down_bias)
         return h if out is None else out.copy_(h)

@@ -87,15 +87,19 @@ class Cluster:
         topology = numa.read_topology()
         layout = self.plan_workers(topology)
         prepared = prepare(cfg.model, len(layout.workers) + len(cfg.remote_workers), cfg.device, cfg.dtype,
-                           cfg.device_budget, cfg.hot_experts, cfg.profile, cfg.scheduling)
+                           cfg.device_budget, cfg.hot_experts, cfg.profile, cfg.scheduling, cfg.quantize)
         placement = prepared.plan([float(slot.threads) for slot in layout.workers] + [1.0] * len(cfg.remote_workers))
         model = prepared.layout
+        cold_bytes = model.cold_expert_bytes(cfg.quantize)
+        in_format = f" in {cfg.quantize}" if cfg.quantize != "none" else ""
         lines = [
             f"model: {model.folder} ({model.config.model_type}, {model.dtype}), {len(model.moe_layers)} MoE layers, "
             f"{model.num_experts} experts of {format_size(model.expert_bytes)}",
             f"device: {prepared.device}: non-expert weights {format_size(model.non_expert_bytes)}, "
             f"{len(placement.hot)} hot experts ({format_size(len(placement.hot) * model.expert_bytes)})",
-            f"transport: {cfg.transport}; numa: {cfg.numa}",
+            f"transport: {cfg.transport}; numa: {cfg.numa}"
+            + (f"; cold experts in {cfg.quantize}, {format_size(cold_bytes)} each (quantized once, cached)"
+               if in_format else ""),
             f"machine: {len(topology.nodes)} NUMA node(s), {topology.physical_cores} physical cores; "
             f"coordinator on cpu {numa.format_cpu_list(layout.coordinator_cpus)}"
             + (", taking turns with the workers" if coordinator_cores(cfg, topology) == 0 else ""),
@@ -103,7 +107,7 @@ class Cluster:
         warnings = list(layout.warnings)
         for node in topology.nodes:
             slots = [s for s in layout.workers if s.node in (node.id, None)]
-            shard_bytes = sum(len(placement.shard(s.index)) for s in slots) * model.expert_bytes
+            shard_bytes = sum(len(placement.shard(s.index)) for s in slots) * cold_bytes
             lines.append(f"  node {node.id}: cpus {numa.format_cpu_list(node.cpus)}, {len(node.cores)} cores, "
                          f"{format_size(node.memory_bytes)}, {len(slots)} worker(s), shards {format_size(shard_bytes)}")
             if cfg.numa == "on" and node.memory_bytes and shard_bytes > node.memory_bytes:
@@ -113,10 +117,11 @@ class Cluster:
             shard = placement.shard(slot.index)
             where = f"node {slot.node}, cpus {numa.format_cpu_list(slot.cpus)}" if slot.node is not None else "unpinned"
             lines.append(f"  worker {slot.index}: {where}, {slot.threads} thread(s), {len(shard)} experts "
-                         f"({format_size(len(shard) * model.expert_bytes)})")
+                         f"({format_size(len(shard) * cold_bytes)}{in_format})")
         for i, address in enumerate(cfg.remote_workers):
             shard = placement.shard(len(layout.workers) + i)
-            lines.append(f"  remote worker {address}: {len(shard)} experts ({format_size(len(shard) * model.expert_bytes)})"
+            lines.append(f"  remote worker {address}: {len(shard)} experts ({format_size(len(shard) * cold_bytes)}"
+                         f"{in_format})"
                          " (re-planned by its reported threads at launch)")
         if placement.expected_hit_rate is not None:
             lines.append(f"expected hit rate: {placement.expected_hit_rate:.1%}")
@@ -136,7 +141,7 @@ class Cluster:
         # Everything that can be wrong with the checkpoint or flags is found here, before any process starts.
         num_workers = len(layout.workers) + len(cfg.remote_workers)
         prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_budget, cfg.hot_experts,
-                           cfg.profile, cfg.scheduling)
+                           cfg.profile, cfg.scheduling, cfg.quantize)
         # The coordinator's threads are counted among the cores: left at torch's default (every core) they fight
         # the workers for the cores the layout gave them.
         torch.set_num_threads(cfg.coordinator_threads or len(layout.coordinator_cpus))

@@ -18,6 +18,7 @@ from typing import Literal
 
 from fiddler_moe.coordinator.placement import parse_size
 from fiddler_moe.coordinator.profile import ExpertProfile
+from fiddler_moe.experts.quant import check_format
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class ClusterOptions:
         "Default: on CUDA the free memory less 2 GiB, on CPU 0 (every expert on the workers)."))
     dtype: str = field(default="auto", metadata=flag(
         "--dtype", help="auto (the checkpoint's), bfloat16, float16 or float32."))
+    quantize: str = field(default="none", metadata=flag(
+        "--quantize", help="Cold experts on the workers in int8 (llama.cpp's Q8_0) or int4 (Q4_0), quantized from "
+        "the checkpoint on first use and cached; none keeps the compute dtype. Hot experts keep the compute dtype."))
     hot_experts: int | None = field(default=None, metadata=flag(
         "--hot-experts", help="Exact number of hot experts (overrides --device-memory)."))
     coordinator_threads: int | None = field(default=None, metadata=flag(
@@ -127,6 +131,7 @@ class ClusterOptions:
         if self.numa not in ("on", "off"):
             raise ValueError(f"--numa must be on or off, got {self.numa!r}")
         self.device_budget = parse_device_memory(self.device_memory)
+        check_format(self.quantize)
         _at_least("--hot-experts", self.hot_experts, 0)
         _at_least("--coordinator-threads", self.coordinator_threads, 1)
         if self.transport not in ("shm", "zmq"):

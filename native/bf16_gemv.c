@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "convert.h"
 #include "fiddler_native.h"
 
 #define PREFETCH_ROWS 12 /* a flat optimum between 6 and 32 rows (docs/performance-log.md, item 7) */
@@ -27,21 +28,6 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as c10::BFloat16 */
-    if (isnan(f)) return 0x7FC0;
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
 }
 
 /* A 16-column block of a weight row as float32: even columns (shifted up) and odd columns (masked). */

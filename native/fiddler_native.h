@@ -22,6 +22,9 @@
 #ifndef MAX_EXPERTS
 #error "MAX_EXPERTS (experts of one request) comes from native/limits.py: build the library with native/build.py"
 #endif
+#if !defined(QUANT_BLOCK) || !defined(QUANT_INT8) || !defined(QUANT_INT4) || !defined(QUANT_ISA_AVX512)
+#error "QUANT_BLOCK and the quantized formats' ids come from native/limits.py: build the library with native/build.py"
+#endif
 
 /* Addresses in one worker's shared-memory file: protocol/shm.py's SlotAddresses (slot_addresses). */
 typedef struct lane_slots {
@@ -35,9 +38,10 @@ typedef struct lane_slots {
 } lane_slots;
 
 /* One expert the worker's C loop may compute (native/shm_serve.py's _Expert); NULL where the worker does not hold
-   it or cannot serve it there. */
+   it or cannot serve it there. bfloat16 weights, or a quantized expert's codes and float16 scales. */
 typedef struct lane_expert {
-    const uint16_t *gate_up, *down;
+    const void *gate_up, *down;
+    const uint16_t *gate_up_scale, *down_scale;
 } lane_expert;
 
 /* One layer call through shm_call.c, between posting and finishing (native/shm_call.py's LayerCall); the
@@ -60,13 +64,23 @@ void fiddler_gather_rows(const char *src, int64_t row_bytes, const int64_t *inde
 void fiddler_combine(const uint16_t *outputs, const int64_t *row_of, const void *weights, int weights_bf16,
                      int64_t tokens, int64_t top_k, int64_t hidden, uint16_t *result);
 
+/* quant_gemv.c: products with quantized weights (formats: experts/quant.py) */
+int fiddler_quant_linear(int format, const uint8_t *q, const uint16_t *scale, int64_t rows, int64_t cols,
+                         const void *x, int x_bf16, int64_t n, void *out, int isa);
+int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t *gate_up_scale,
+                              const uint8_t *down, const uint16_t *down_scale, int64_t hidden, int64_t inter,
+                              const void *x, int x_bf16, int64_t n, void *out, int isa);
+int fiddler_quant_dequantize(int format, const uint8_t *q, const uint16_t *scale, int64_t rows, int64_t cols,
+                             float *out);
+int fiddler_quant_isa(void);
+
 /* parked_wait.c */
 int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);
 
 /* shm_serve.c: the worker's serving loop */
 int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const lane_expert *table, int64_t layers,
-                               int64_t experts, int64_t hidden, int64_t inter, int64_t version, int64_t timeout_ns,
-                               int64_t spin_ns, int park);
+                               int64_t experts, int64_t hidden, int64_t inter, int format, int64_t version,
+                               int64_t timeout_ns, int64_t spin_ns, int park);
 
 /* shm_call.c: the coordinator's layer call */
 int fiddler_post_layer_call(const lane_slots *s, const uint16_t *hidden, const int64_t *top_k_index, int64_t tokens,

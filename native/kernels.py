@@ -6,6 +6,10 @@ every weight it passes, so its speed is how fast the weights stream from memory,
 than PyTorch's bfloat16 matrix-vector product on CPUs without oneDNN's bfloat16 support (docs/performance-log.md, item 7).
 Its results equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in another order).
 
+`quant_linear`, `quant_silu_expert` and `quant_dequantize` are the same for quantized weights (quant_gemv.c; the
+formats are described in experts/quant.py): a few rows of bfloat16 or float32 activations against int8 or int4
+codes with float16 scales, and the float32 tiles the prefill path multiplies.
+
 The rest are the small C pieces of a decoding step's hand-over between processes: `gather_rows` and `combine`
 (bit-equal to the dispatcher's tensor ops) and `parked_wait` (parked_wait.c); the worker's serving loop and the
 coordinator's layer call have bindings of their own (native/shm_serve.py, native/shm_call.py).
@@ -69,6 +73,56 @@ def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out:
                                                 x.shape[0], out.data_ptr())
     if status != 0:
         raise MemoryError("no memory for the expert's scratch rows")
+    return out
+
+
+def quant_applies(x: torch.Tensor, cols: int) -> bool:
+    """Whether the quantized kernels take activations x [n, cols]: bfloat16 or float32 on the CPU, 1 to MAX_ROWS
+    rows, and the library built."""
+    return (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu" and x.dim() == 2
+            and x.shape[1] == cols and 0 < x.shape[0] <= MAX_ROWS and available())
+
+
+def _quant_status(status: int, what: str) -> None:
+    if status == -1:
+        raise MemoryError(f"no memory for the scratch rows of {what}")
+    if status == -2:
+        raise ValueError(f"{what}: the kernel does not take this format, shape or path (isa) on this CPU")
+
+
+def quant_linear(code: int, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, isa: int = 0) -> torch.Tensor:
+    """x [n, cols] @ w.T for a quantized w (codes q, float16 scales [rows, cols / 32], format `code` of
+    native/limits.py), rounded once to x's dtype, where `quant_applies` says so. `isa`: 0 for the best path of this
+    CPU, or QUANT_ISA_PLAIN / QUANT_ISA_AVX2."""
+    rows, cols = scale.shape[0], scale.shape[1] * 32
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], rows, dtype=x.dtype)
+    _quant_status(library().fiddler_quant_linear(code, q.data_ptr(), scale.data_ptr(), rows, cols, x.data_ptr(),
+                                                 int(x.dtype == torch.bfloat16), x.shape[0], out.data_ptr(), isa),
+                  "fiddler_quant_linear")
+    return out
+
+
+def quant_silu_expert(code: int, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
+                      x: torch.Tensor, out: torch.Tensor | None = None, isa: int = 0) -> torch.Tensor:
+    """A gated SiLU expert without biases with quantized matrices, each given as (codes, scales), for x [n, hidden]
+    where `quant_applies` says so; rounded to x's dtype where PyTorch's operations round. Writes into `out` when
+    given (contiguous, x's shape and dtype)."""
+    hidden, inter = down[1].shape[0], down[1].shape[1] * 32
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty_like(x)
+    _quant_status(library().fiddler_quant_silu_expert(
+        code, gate_up[0].data_ptr(), gate_up[1].data_ptr(), down[0].data_ptr(), down[1].data_ptr(), hidden, inter,
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], out.data_ptr(), isa), "fiddler_quant_silu_expert")
+    return out
+
+
+def quant_dequantize(code: int, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The dequantized weights into `out` [rows, cols] float32 (contiguous)."""
+    rows, cols = scale.shape[0], scale.shape[1] * 32
+    _quant_status(library().fiddler_quant_dequantize(code, q.data_ptr(), scale.data_ptr(), rows, cols,
+                                                     out.data_ptr()), "fiddler_quant_dequantize")
     return out
 
 

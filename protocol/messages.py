@@ -115,6 +115,9 @@ class LoadShard(Message):
     # Keep the shard in one shared-memory file that the coordinator maps read-only (same host only), so that it
     # can copy a cold expert's weights to its device without a second copy in memory. See Ready.shared_path.
     shared: bool = False
+    # Keep the shard in this format instead of the kernel's dtype: "none", "int8" or "int4" (experts/quant.py),
+    # quantized from the checkpoint once and cached. A quantized shard is never shared.
+    quantize: str = "none"
 
 
 @dataclass
@@ -140,6 +143,8 @@ class Ready(Message):
     shared_bytes: int = 0
     shared_tensors: list[SharedTensor] = field(default_factory=list)
     shared_note: str = ""
+    # With LoadShard.quantize: "hit" (read from the cache, nothing quantized) or "written" (quantized now, stored).
+    quantize_cache: str = ""  # a quantized shard: "written" (quantized now), "hit" (from the cache), "kept"
 
 
 @dataclass

@@ -61,6 +61,7 @@ def bad_values(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "numa": (["--numa", "maybe"], "--numa must be on or off, got 'maybe'"),
         "device_memory": (["--device-memory", "lots"], "--device-memory: cannot read size 'lots'"),
         "hot_experts": (["--hot-experts", "-1"], "--hot-experts must be 0 or more"),
+        "quantize": (["--quantize", "q4"], "--quantize must be one of none, int8, int4, got 'q4'"),
         "coordinator_threads": (["--coordinator-threads", "0"], "--coordinator-threads must be 1 or more"),
         "transport": (["--transport", "udp"], "--transport must be shm or zmq, got 'udp'"),
         "token_file": (["--token-file", str(tmp_path / "no-such-token")], "cannot read --token-file"),

@@ -1,0 +1,257 @@
+"""Quantized expert weights for the CPU workers: the formats, quantizing float weights, the exact reference every
+kernel is held to, and the products the worker computes with them.
+
+Both formats cut a weight matrix [out, in] (transformers' orientation; a transposed checkpoint is turned first)
+into blocks of QUANT_BLOCK = 32 consecutive weights along the input dimension, each with one float16 scale d, and
+keep it as two planes, the codes and the scales:
+
+    int8, llama.cpp's Q8_0 (8.5 bits a weight)
+        q      int8 [out, in]                 w = d * q, q in [-127, 127]
+        scale  float16 [out, in / 32]         d = amax / 127 rounded to float16 (amax: the block's largest |w|)
+        q = round(w / d), halves to even, in float32; a block of zeros has d = 0 and q = 0.
+    int4, llama.cpp's Q4_0 (4.5 bits a weight)
+        q      uint8 [out, in / 2]            w = d * (q - 8), q in [0, 15]; byte j of a block holds weight j in
+                                              its low 4 bits and weight j + 16 in its high 4 bits
+        scale  float16 [out, in / 32]         d = m / -8 rounded to float16, m the block's weight of largest
+                                              magnitude (the first, on a tie), which becomes q = 0
+        q = clamp(round(w / d) + 8, 0, 15), halves to even, in float32.
+    Where rounding d to float16 would put the block's largest weight outside the codes, d is the next float16 away
+    from zero instead, so that nothing is clipped but what Q4_0 clips by design (a weight of the other sign above
+    7.5 d). Every weight is then within half a step d / 2 of its code, Q4_0's clipped ones within d.
+Why these (measured, docs/performance-log.md): float16 scales lose nothing against float32 ones (the same error
+to four digits on normal and heavy-tailed weights), take half the bytes, and make every dequantized weight exact
+in float32 (an 11-bit scale times a code of at most 8 bits), so a kernel that dequantizes into float32 computes
+with the very weights of the reference. Below float16's normal range (a block whose largest weight is under
+127 * 2^-14 = 0.0078 for int8, 8 * 2^-14 = 0.00049 for int4) a scale has fewer bits: such a block's step is up
+to 2^-24 coarser than ideal, which is under 1% for blocks whose largest weight is above 0.001. For int4, Q4_1 (a minimum per block besides the scale) had 9% less error
+than Q4_0 but 11% more bytes, which decoding pays in time one for one, and its d * q + m is not always exact in
+float32. Planes rather than llama.cpp's interleaved 34- and 18-byte blocks: aligned vector loads in C, and plain
+tensor views for the Python paths.
+
+Exactness: the reference of a quantized product is x @ dequantize(W).T computed in float64 (`reference_linear`),
+the activations as they are (not quantized). The decoding kernels (native/quant_gemv.c) and the prefill path
+(float32 tiles of dequantized weights, then torch.mm) differ from it only by float32 sums in another order, and
+the final rounding to the compute dtype; tests/test_quant.py holds them to that. What quantizing costs against
+the float weights is measured and published (`benchmarks/quant_accuracy.py`, README), not folded into a bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fiddler_moe.native import kernels
+from fiddler_moe.native.limits import MAX_ROWS, QUANT_BLOCK, QUANT_INT4, QUANT_INT8
+
+BLOCK = QUANT_BLOCK
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str  # as --quantize spells it
+    code: int  # the C kernels' id (native/limits.py)
+    bits: int  # of one code
+    codes_dtype: torch.dtype  # of the q plane
+    llama_cpp: str  # the llama.cpp type with the same arithmetic
+
+    def codes_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        return (rows, cols * self.bits // 8)
+
+    def nbytes(self, rows: int, cols: int) -> int:
+        """Bytes of a quantized [rows, cols] matrix: its codes and its float16 scales."""
+        return rows * cols * self.bits // 8 + rows * (cols // BLOCK) * 2
+
+
+FORMATS: dict[str, QuantFormat] = {
+    "int8": QuantFormat("int8", QUANT_INT8, 8, torch.int8, "Q8_0"),
+    "int4": QuantFormat("int4", QUANT_INT4, 4, torch.uint8, "Q4_0"),
+}
+CHOICES = ("none", *FORMATS)  # --quantize
+
+
+def check_format(name: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"--quantize must be one of {', '.join(CHOICES)}, got {name!r}")
+    return name
+
+
+def check_shape(name: str, rows: int, cols: int, what: str = "an expert matrix") -> None:
+    """Refuse a matrix whose input dimension is not a whole number of blocks, naming the fix."""
+    if cols % BLOCK or rows <= 0:
+        raise ValueError(f"--quantize {name} needs expert matrices whose input size is a multiple of {BLOCK}, but "
+                         f"{what} is [{rows}, {cols}]; run this model with --quantize none")
+
+
+@dataclass
+class QuantMatrix:
+    """A [rows, cols] weight matrix in one of FORMATS: codes and float16 scales (layout above)."""
+
+    format: str
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.scale.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.scale.shape[1] * BLOCK
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * 2
+
+    @property
+    def code(self) -> int:
+        return FORMATS[self.format].code
+
+    def check(self) -> None:
+        """That the planes have the dtypes, shapes and contiguity the kernels read."""
+        fmt = FORMATS[self.format]
+        if (self.q.dtype != fmt.codes_dtype or self.scale.dtype != torch.float16 or self.scale.dim() != 2
+                or tuple(self.q.shape) != fmt.codes_shape(self.rows, self.cols) or not self.q.is_contiguous()
+                or not self.scale.is_contiguous()):
+            raise ValueError(f"a {self.format} matrix needs q {fmt.codes_dtype} {fmt.codes_shape(self.rows, self.cols)}"
+                             f" and float16 scales [{self.rows}, {self.cols // BLOCK}], contiguous; got q "
+                             f"{self.q.dtype} {list(self.q.shape)} and scales {self.scale.dtype} "
+                             f"{list(self.scale.shape)}")
+
+
+QUANTIZE_ROWS_AT_ONCE = 1 << 22  # weights quantized per step: bounds the float32 temporaries of a large matrix
+
+
+def _scales(blocks: torch.Tensor, name: str) -> torch.Tensor:
+    """Each block's float16 scale: its ideal step rounded to nearest, or one float16 step further from zero where
+    that rounding would make the block's largest weight fall outside the codes (and be clipped)."""
+    if name == "int8":
+        reach, top = blocks.abs().amax(dim=-1), 127
+    else:  # the block's weight of largest magnitude, with its sign, maps to q - 8 = -8
+        reach = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True)).squeeze(-1).abs()
+        top = 8
+    d = (reach / top).half()
+    short = d.float() * top < reach
+    d = torch.where(short, (d.view(torch.int16) + 1).view(torch.float16), d)  # the next float16 up
+    if not torch.isfinite(d).all():
+        raise ValueError(f"--quantize {name}: the weights hold NaN or infinity, or values too large for float16 "
+                         "scales; run with --quantize none")
+    if name == "int4":  # negative where the largest weight is positive, so that it is code 0 (q - 8 = -8)
+        m = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        d = torch.where(m > 0, -d, d)
+    return d
+
+
+def _codes(blocks: torch.Tensor, d: torch.Tensor, name: str) -> torch.Tensor:
+    df = d.float().unsqueeze(-1)
+    safe = torch.where(df == 0, torch.ones_like(df), df)
+    q = torch.where(df == 0, torch.zeros_like(blocks), torch.round(blocks / safe))
+    if name == "int8":
+        return q.clamp_(-127, 127).to(torch.int8).flatten(1)
+    q = (q + 8).clamp_(0, 15).to(torch.uint8)
+    return (q[..., :16] | (q[..., 16:] << 4)).flatten(1)
+
+
+@torch.no_grad()
+def quantize(weight: torch.Tensor, name: str) -> QuantMatrix:
+    """`weight` [out, in] (any float dtype, on the CPU) in format `name`, rounded to nearest as described above."""
+    fmt = FORMATS[name]
+    rows, cols = weight.shape
+    check_shape(name, rows, cols)
+    q = torch.empty(fmt.codes_shape(rows, cols), dtype=fmt.codes_dtype)
+    scale = torch.empty(rows, cols // BLOCK, dtype=torch.float16)
+    step = max(1, QUANTIZE_ROWS_AT_ONCE // cols)
+    for start in range(0, rows, step):
+        part = weight[start : start + step].float().reshape(-1, cols // BLOCK, BLOCK)
+        d = _scales(part, name)
+        scale[start : start + step] = d
+        q[start : start + step] = _codes(part, d, name)
+    return QuantMatrix(name, q, scale)
+
+
+def codes(m: QuantMatrix) -> torch.Tensor:
+    """The signed integer of each weight, [rows, cols] int32: q for int8, q - 8 for int4."""
+    if m.format == "int8":
+        return m.q.int()
+    blocks = m.q.view(m.rows, -1, BLOCK // 2).int()
+    return (torch.cat([blocks & 15, blocks >> 4], dim=-1) - 8).reshape(m.rows, m.cols)
+
+
+@torch.no_grad()
+def dequantize(m: QuantMatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights d * code as [rows, cols] `dtype`; exact in float32 and float64 (see above)."""
+    d = m.scale.to(dtype).repeat_interleave(BLOCK, dim=1)
+    return codes(m).to(dtype) * d
+
+
+def reference_linear(x: torch.Tensor, m: QuantMatrix) -> torch.Tensor:
+    """The exact product x @ dequantize(m).T in float64, the activations as given."""
+    return x.double() @ dequantize(m, torch.float64).t()
+
+
+# --- the products a worker computes ---
+
+
+@dataclass
+class QuantizedExpertWeights:
+    """One expert with quantized matrices (gate_up [2 * inter or inter, hidden], down [hidden, inter], always in
+    [out, in] orientation) and biases in the compute dtype."""
+
+    gate_up: QuantMatrix
+    down: QuantMatrix
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        biases = [t for t in (self.gate_up_bias, self.down_bias) if t is not None]
+        return self.gate_up.nbytes + self.down.nbytes + sum(t.numel() * t.element_size() for t in biases)
+
+    @property
+    def hidden(self) -> int:
+        return self.down.rows
+
+
+def expert_nbytes(name: str, gate_up: tuple[int, int], down: tuple[int, int], bias_bytes: int = 0) -> int:
+    """Bytes of one expert in format `name`, from its matrices' [out, in] shapes (the plan print)."""
+    fmt = FORMATS[name]
+    return fmt.nbytes(*gate_up) + fmt.nbytes(*down) + bias_bytes
+
+
+TILE = 1 << 20  # weights dequantized at a time for a prefill product (4 MiB of float32): still in cache when used
+
+
+def _float32_tiles(m: QuantMatrix):
+    """(first row, those rows dequantized to float32) for consecutive tiles of about TILE weights, into one reused
+    scratch buffer."""
+    rows, cols = m.shape
+    step = max(1, TILE // cols)
+    scratch = torch.empty(min(step, rows), cols)
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        tile = scratch[:count]
+        if kernels.available():
+            kernels.quant_dequantize(m.code, m.q[start : start + count], m.scale[start : start + count], tile)
+        else:
+            part = QuantMatrix(m.format, m.q[start : start + count], m.scale[start : start + count])
+            tile.copy_(dequantize(part))
+        yield start, tile
+
+
+@torch.no_grad()
+def linear(x: torch.Tensor, m: QuantMatrix) -> torch.Tensor:
+    """x @ dequantize(m).T for x [n, cols], accumulated in float32 and rounded once to x's dtype. A few rows
+    (decoding) take the C kernel, which streams the codes once for all rows; more rows (prefill), or any rows
+    without the kernel library, multiply float32 tiles of dequantized weights with torch.mm."""
+    n = x.shape[0]
+    if kernels.quant_applies(x, m.cols) and n <= MAX_ROWS:
+        return kernels.quant_linear(m.code, m.q, m.scale, x)
+    xf = x.float()
+    out_t = torch.empty(m.rows, n)
+    for start, tile in _float32_tiles(m):
+        torch.mm(tile, xf.t(), out=out_t[start : start + len(tile)])
+    return out_t.t().to(x.dtype).contiguous()

@@ -1,0 +1,185 @@
+"""A cluster with --quantize: its workers hold int8 or int4 experts, quantized once from the checkpoint and mapped
+from the cache afterwards, and the cluster computes transformers' model with those experts' weights dequantized."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fiddler_moe.experts import quant
+from fiddler_moe.launch.cluster import Cluster
+from fiddler_moe.launch.synthetic import TINY_VOCAB, Preset, write_checkpoint
+
+PROMPTS = ["The mixture of experts", "Hello", "Offloading experts to the CPU saves memory bandwidth on small GPUs"]
+
+
+def dequantized_reference(folder: Path, name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' model of `folder` in `dtype`, its routed experts' weights replaced by their `name`
+    quantization, dequantized (quantized from the checkpoint's values, as the workers do, when it is stored in
+    `dtype`), rounded to `dtype`."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "down_proj") and hasattr(module, "_is_expert_parallel"):
+                gate_up = module.gate_up_proj if module.has_gate else module.up_proj
+                for param in (gate_up, module.down_proj):
+                    for e in range(param.shape[0]):
+                        param[e] = quant.dequantize(quant.quantize(param[e].float(), name))
+    return model
+
+
+def batch(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def on_the_grid(folder: Path, name: str) -> Path:
+    """Rewrite a checkpoint's expert weights as values the format `name` holds exactly and bfloat16 too: each block
+    of 32 a power-of-two scale d times codes, one of them the format's extreme (127 for int8, -8 for int4), so
+    that quantizing gives back d and the codes, and d * code needs at most 8 significant bits."""
+    from safetensors.torch import load_file, save_file
+
+    top = 127 if name == "int8" else 8
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        for key, w in tensors.items():
+            if ".experts." not in key:
+                continue
+            blocks = w.float().reshape(-1, 32)
+            d = torch.exp2(torch.round(torch.log2(blocks.abs().amax(dim=1, keepdim=True) / top)))
+            codes = torch.round(blocks / d).clamp(-top, top - 1 if name == "int4" else top)
+            codes[:, 0] = -top  # the extreme code: the quantizer finds this very d again
+            tensors[key] = (codes * d).reshape(w.shape).to(w.dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("name", list(quant.FORMATS))
+@pytest.mark.parametrize("preset, dtype", [("tiny", "float32"), ("tiny-qwen3-moe", "float32"), ("tiny", "bfloat16")])
+def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkpoints, tmp_path, preset, dtype, name):
+    """float32: any checkpoint. bfloat16: transformers holds weights in bfloat16, which cannot hold d * code in
+    general, so the checkpoint's experts are put on a grid both hold exactly (`on_the_grid`): then quantizing
+    changes nothing and transformers runs the very weights the workers hold."""
+    torch_dtype = getattr(torch, dtype)
+    folder = checkpoints[preset]
+    if dtype == "bfloat16":
+        folder = on_the_grid(write_checkpoint(preset, tmp_path / preset, dtype=torch.bfloat16), name)
+    ref = dequantized_reference(folder, name, torch_dtype)
+    input_ids, mask = batch(folder)
+    prompt = input_ids[2:3]
+    with torch.inference_mode():
+        want_logits = ref(input_ids=input_ids, attention_mask=mask).logits
+        if dtype == "bfloat16":  # nothing was lost to quantizing
+            plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
+            assert torch.equal(plain(input_ids=input_ids, attention_mask=mask).logits, want_logits)
+        want_tokens = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                                   min_new_tokens=32, do_sample=False)[0, prompt.shape[1]:]
+    with Cluster(folder, workers=2, device="cpu", dtype=dtype, quantize=name, quiet=True) as cluster:
+        got_logits = cluster.logits(input_ids, mask)
+        got = cluster.generate(prompt[0].tolist(), max_new_tokens=32, ignore_eos=True)
+        readies = cluster.coordinator.readies
+        stats = cluster.coordinator.dispatcher.stats
+        layout = cluster.coordinator.layout
+    real = mask.bool()
+    # the same function, to float32 sums (and bfloat16's roundings, which transformers takes in another order)
+    assert relative_error(got_logits[real], want_logits[real]) < (1e-5 if dtype == "float32" else 2e-2)
+    assert got.token_ids == want_tokens.tolist()
+    assert stats.cold_pairs > 0 and stats.hot_pairs == 0
+    assert all(r.quantize_cache in ("written", "hit") for r in readies)
+    # the workers hold the experts in the format's bytes, as the plan print says
+    assert sum(r.shard_bytes for r in readies) == layout.num_experts * layout.cold_expert_bytes(name)
+    weights = layout.expert_bytes // torch_dtype.itemsize  # no biases in these models
+    assert layout.cold_expert_bytes(name) * 2 == weights * (17 if name == "int8" else 9) // 8  # 8.5, 4.5 bits each
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    return sorted((cache / "quantized").rglob("*.bin"))
+
+
+def test_the_next_launch_reads_the_cached_shard_and_a_changed_checkpoint_gets_its_own(tmp_path, monkeypatch):
+    """First launch: each worker quantizes its shard and stores it. Second: it reads the stored file (Ready says
+    so, and no file is written). The checkpoint written again with other values (same config and tensor names,
+    so the same fingerprint): a new entry, and the new weights' results."""
+    monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path / "cache"))  # the workers inherit it
+    folder = write_checkpoint("tiny", tmp_path / "tiny", dtype=torch.float32, seed=0)
+    input_ids, mask = batch(folder)
+
+    def launch() -> tuple[list[str], torch.Tensor]:
+        with Cluster(folder, workers=2, device="cpu", quantize="int4", quiet=True) as cluster:
+            return [r.quantize_cache for r in cluster.coordinator.readies], cluster.logits(input_ids, mask)
+
+    caches, first = launch()
+    assert caches == ["written", "written"]
+    entries = cache_entries(tmp_path / "cache")
+    assert len(entries) == 2 and all(p.with_suffix(".json").is_file() for p in entries)
+    stamps = {p: p.stat().st_mtime_ns for p in entries}
+    caches, second = launch()
+    assert caches == ["hit", "hit"] and torch.equal(first, second)
+    assert {p: p.stat().st_mtime_ns for p in cache_entries(tmp_path / "cache")} == stamps  # nothing rewritten
+
+    other = write_checkpoint("tiny", tmp_path / "other", dtype=torch.float32, seed=1)
+    shutil.copyfile(other / "model.safetensors", folder / "model.safetensors")
+    caches, third = launch()
+    assert caches == ["written", "written"] and len(cache_entries(tmp_path / "cache")) == 4
+    with torch.inference_mode():
+        want = dequantized_reference(folder, "int4", torch.float32)(input_ids=input_ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert relative_error(third[real], want[real]) < 1e-5 and relative_error(third[real], first[real]) > 0.1
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+# Experts large enough that a shard's bytes stand out of a worker's own memory (~200 MB of Python and torch).
+WIDE = Preset("quant-wide", "mixtral", 512, 2048, 2, 8, 2, 4, 2, TINY_VOCAB)
+
+
+def test_a_worker_holds_its_shard_in_the_quantized_bytes_only(tmp_path, monkeypatch):
+    """A worker's resident memory after loading: with --quantize int4 its float shard (96 MiB in bfloat16) is
+    not held, neither after quantizing it nor when reading it from the cache; about the int4 bytes (27 MiB) are."""
+    monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path / "cache"))
+    folder = write_checkpoint(WIDE, tmp_path / "wide", dtype=torch.bfloat16)
+    resident, shard = {}, {}
+    for run in ("none", "written", "hit"):
+        with Cluster(folder, workers=1, device="cpu", quantize="none" if run == "none" else "int4",
+                     quiet=True) as cluster:
+            cluster.generate([1, 40, 41], max_new_tokens=2, ignore_eos=True)
+            ready = cluster.coordinator.readies[0]
+            assert ready.quantize_cache == ("" if run == "none" else run)
+            resident[run], shard[run] = rss_bytes(cluster.worker_pids[0]), ready.shard_bytes
+    assert shard["none"] == 96 << 20 and shard["written"] == shard["hit"] == 27 << 20
+    saved = shard["none"] - shard["written"]
+    for run in ("written", "hit"):  # generous: at least half of what the format saves, and not the float copy
+        assert resident[run] < resident["none"] - saved // 2, (run, resident)
+
+
+def test_the_plan_shows_each_workers_shard_in_the_format_and_refuses_shapes_it_cannot_cut(checkpoints, tmp_path):
+    from typer.testing import CliRunner
+
+    from fiddler_moe.cli import launch
+
+    folder = checkpoints["tiny"]
+    out = CliRunner().invoke(launch.app, ["--dry-run", "--model", str(folder), "--workers", "2", "--quantize", "int4"])
+    assert out.exit_code == 0, out.output
+    # 8 experts a worker in each of 4 layers: 16 of 13.5 KiB (24 of 48 KiB in float32 weights, 4.5 bits each)
+    assert "cold experts in int4, 13.5 KiB each" in out.stdout
+    assert out.stdout.count("16 experts (216.0 KiB in int4)") == 2, out.stdout
+    odd = write_checkpoint(Preset("odd", "mixtral", 64, 40, 1, 4, 2, 4, 2, TINY_VOCAB), tmp_path / "odd")
+    out = CliRunner().invoke(launch.app, ["--dry-run", "--model", str(odd), "--quantize", "int8"])
+    assert out.exit_code == 2 and out.stdout == ""
+    assert "--quantize int8 needs expert matrices whose input size is a multiple of 32" in out.stderr
+    assert "[64, 40]; run this model with --quantize none" in out.stderr
