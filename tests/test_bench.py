@@ -69,15 +69,12 @@ def test_paired_ratios_pair_runs_of_the_same_round():
     assert paired["decode"] == {"median": 1.25, "min": 0.5, "max": 2}  # a round without a baseline rate is left out
 
 
-def test_bench_sweeps_the_workers_formats_and_records_each_runs(tmp_path):
+def test_bench_sweeps_the_workers_formats_and_records_each_runs(cli, tmp_path):
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "fiddler_moe.cli.fiddler", "bench", "--preset", "tiny", "--prompt-len", "16", "--new-tokens",
-         "2", "--repeats", "1", "--quantize", "none,int8,int4", "--no-baseline", "--device", "cpu",
-         "--bandwidth-mib", "64", "--no-chart", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+    done = cli(fiddler.app, "bench", "--preset", "tiny", "--prompt-len", "16", "--new-tokens", "2", "--repeats", "1",
+               "--quantize", "none,int8,int4", "--no-baseline", "--device", "cpu", "--bandwidth-mib", "64",
+               "--no-chart", "--out", out)
+    assert done.exit_code == 0, done.stderr
     [result_file] = out.glob("bench-tiny-bfloat16-*.json")
     runs = json.loads(result_file.read_text())["cluster"]
     assert [c["config"]["quantize"] for c in runs] == ["none", "int8", "int4"]
@@ -85,6 +82,5 @@ def test_bench_sweeps_the_workers_formats_and_records_each_runs(tmp_path):
     shard = [sum(c["worker_shard_bytes"].values()) for c in runs]
     assert shard[0] > shard[1] > shard[2] and all(c["decode_tokens_per_second"] > 0 for c in runs)
     assert runs[0]["decode_bytes_per_token"] > runs[1]["decode_bytes_per_token"] > runs[2]["decode_bytes_per_token"]
-    bad = subprocess.run([sys.executable, "-m", "fiddler_moe.cli.fiddler", "bench", "--preset", "tiny", "--quantize",
-                          "int3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--quantize must be one of none, int8, int4" in bad.stderr
+    bad = cli(fiddler.app, "bench", "--preset", "tiny", "--quantize", "int3", "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "--quantize must be one of none, int8, int4" in error_line(bad)
