@@ -185,3 +185,14 @@ def test_the_plan_shows_each_workers_shard_in_the_format_and_refuses_shapes_it_c
     assert out.exit_code == 2 and out.stdout == ""
     assert "--quantize int8 needs expert matrices whose input size is a multiple of 32" in out.stderr
     assert "[64, 40]; run this model with --quantize none" in out.stderr
+
+
+def test_a_cache_that_cannot_be_written_stops_the_start_with_the_fix(checkpoints, tmp_path, monkeypatch):
+    from fiddler_moe.coordinator.dispatch import WorkerFailed
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FIDDLER_CACHE", str(blocked))
+    with pytest.raises(WorkerFailed, match="worker-0 refused start-up: cannot write the quantized shard under .*set FIDDLER_CACHE to a writable"):
+        with Cluster(checkpoints["tiny"], workers=1, device="cpu", quantize="int8", quiet=True):
+            pass
