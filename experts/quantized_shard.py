@@ -184,7 +184,11 @@ def load_quantized_shard(folder: Path, fingerprint: str, sources: list[ExpertSou
         return shard, True, path
     log.info("%s: quantizing %d experts to %s (once; kept in %s)", worker, len(sources), name, path.parent)
     started = time.monotonic()
-    _write(path, folder, sources, name, dtype, transposed, worker)
+    try:
+        _write(path, folder, sources, name, dtype, transposed, worker)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the quantized shard under {path.parent}: {e.strerror or e}; free disk "
+                              "space there or set FIDDLER_CACHE to a writable folder with room") from None
     shard = _read(path, name)
     if shard is None:
         raise CheckpointError(f"the quantized shard just written to {path}.bin cannot be read back; check the disk "

@@ -4,8 +4,10 @@
    out[i, r] = sum_c x[i, c] * w[r, c], w the dequantized weight d * code, accumulated in float32 and rounded once
    to the activations' dtype (bfloat16 or float32). Each dequantized weight is exact in float32 (an 11-bit scale
    times a code of at most 8 bits), so the only difference from the float64 reference is the order and rounding
-   of the float32 sums. The activations stay in float32: they are not quantized as llama.cpp's integer dot
-   products do, since decoding is bound by reading the weights (docs/performance-log.md).
+   of the float32 sums. The activations stay in float32, not quantized per block as llama.cpp's integer dot
+   products take them: the kernel computes with exactly the reference's weights and activations. A row of int8
+   streams about as fast as bfloat16 does; int4, and several rows, are bound by the float32 multiply-adds, which
+   integer dot products would cut (docs/performance-log.md, 2026-12-02).
 
    A weight row's codes are read once for all the activation rows of the call: each block of 32 weights is
    dequantized into registers, then multiplied with every row. Paths: AVX-512, AVX2 (with FMA and F16C) and plain

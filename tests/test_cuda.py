@@ -110,3 +110,40 @@ def test_cuda_bfloat16_greedy_tokens(tmp_path):
     with Cluster(folder, workers=1, hot_experts=4, device="cuda", quiet=True) as cluster:
         got = cluster.generate(prompt[0].tolist(), max_new_tokens=16, ignore_eos=True)
     assert got.token_ids == want.tolist()
+
+
+def test_cuda_coordinator_with_quantized_cold_experts(checkpoints):
+    """--quantize int8 with a GPU: hot experts stay float32 on the device, cold ones are int8 on the workers and are
+    never moved; the function is transformers' with the cold experts' weights dequantized."""
+    import re
+
+    from fiddler_moe.experts import quant
+
+    folder = checkpoints["tiny"]
+    with Cluster(folder, workers=2, hot_experts=5, device="cuda", quantize="int8", quiet=True) as cluster:
+        coordinator = cluster.coordinator
+        cold = set(coordinator.placement.owner)
+        assert len(coordinator.dispatcher.hot) == 5 and cold
+        assert all(w.gate_up.dtype == torch.float32 and w.gate_up.device.type == "cuda"
+                   for w in coordinator.dispatcher.hot.values())
+        assert coordinator.describe_scheduling()[0].startswith("scheduler: off: the cold experts are int8")
+        got_logits = cluster.logits(torch.tensor([PROMPT]))
+        got = cluster.generate(PROMPT, max_new_tokens=24, ignore_eos=True)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if not (hasattr(module, "down_proj") and hasattr(module, "_is_expert_parallel")):
+                continue
+            layer = int(re.findall(r"\.(\d+)\.", f".{name}.")[0])
+            for param in (module.gate_up_proj, module.down_proj):
+                for e in range(param.shape[0]):
+                    if (layer, e) in cold:
+                        param[e] = quant.dequantize(quant.quantize(param[e], "int8"))
+    ref = ref.to("cuda")
+    ids = torch.tensor([PROMPT], device="cuda")
+    with torch.inference_mode():
+        want_logits = ref(input_ids=ids).logits
+        want_tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                                   do_sample=False)[0, len(PROMPT):].tolist()
+    assert relative_error(got_logits, want_logits) < 1e-5
+    assert got.token_ids == want_tokens

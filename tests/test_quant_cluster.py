@@ -90,6 +90,7 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
         readies = cluster.coordinator.readies
         stats = cluster.coordinator.dispatcher.stats
         layout = cluster.coordinator.layout
+        plan = "\n".join(cluster.coordinator.placement.describe() + cluster.coordinator.describe_scheduling())
     real = mask.bool()
     # the same function, to float32 sums (and bfloat16's roundings, which transformers takes in another order)
     assert relative_error(got_logits[real], want_logits[real]) < (1e-5 if dtype == "float32" else 2e-2)
@@ -100,6 +101,7 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
     assert sum(r.shard_bytes for r in readies) == layout.num_experts * layout.cold_expert_bytes(name)
     weights = layout.expert_bytes // torch_dtype.itemsize  # no biases in these models
     assert layout.cold_expert_bytes(name) * 2 == weights * (17 if name == "int8" else 9) // 8  # 8.5, 4.5 bits each
+    assert f"cold on 2 worker(s) in {name}" in plan and f"scheduler: off: the cold experts are {name}" in plan
 
 
 def cache_entries(cache: Path) -> list[Path]:
@@ -183,3 +185,14 @@ def test_the_plan_shows_each_workers_shard_in_the_format_and_refuses_shapes_it_c
     assert out.exit_code == 2 and out.stdout == ""
     assert "--quantize int8 needs expert matrices whose input size is a multiple of 32" in out.stderr
     assert "[64, 40]; run this model with --quantize none" in out.stderr
+
+
+def test_a_cache_that_cannot_be_written_stops_the_start_with_the_fix(checkpoints, tmp_path, monkeypatch):
+    from fiddler_moe.coordinator.dispatch import WorkerFailed
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FIDDLER_CACHE", str(blocked))
+    with pytest.raises(WorkerFailed, match="worker-0 .* refused start-up: cannot write the quantized shard under .*set FIDDLER_CACHE to a writable"):
+        with Cluster(checkpoints["tiny"], workers=1, device="cpu", quantize="int8", quiet=True):
+            pass
