@@ -57,10 +57,11 @@ def test_a_refused_family_starts_no_process(rows, tmp_path):
     """The refusal is the cluster's own, raised before any worker starts."""
     refused = next(row for row in rows if row.status == "refused" and row.family.model_type is not None)
     families.tiny_config(refused.family).save_pretrained(tmp_path)  # config.json is all it reads
+    running = set(children_of(os.getpid()))  # shared clusters of other tests may be up
     with pytest.raises(CheckpointError) as error:
         Cluster(tmp_path, workers=1, device="cpu", quiet=True).start()
     assert str(error.value) == refused.reason
-    assert children_of(os.getpid()) == []
+    assert set(children_of(os.getpid())) <= running
 
 
 def test_one_family_per_expert_function_and_layout_matches_transformers(rows):
