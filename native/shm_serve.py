@@ -11,6 +11,7 @@ and Python serves every request.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,14 +53,7 @@ class ShmServeLoop:
         served = {key: w for key, w in shard.items()
                   if w.gate_up_bias is None and w.down_bias is None and w.down.shape == (hidden, inter)
                   and kernels.applies_to_expert(probe, w.gate_up, w.down)}
-        if not served:
-            return None
-        layers = 1 + max(layer for layer, _ in served)
-        experts = 1 + max(expert for _, expert in served)
-        table = (_Expert * (layers * experts))()
-        for (layer, expert), w in served.items():
-            table[layer * experts + expert] = _Expert(w.gate_up.data_ptr(), w.down.data_ptr())
-        return cls(channel, table, layers, experts, hidden, inter)
+        return cls._over(channel, served, hidden, inter, lambda w: _Expert(w.gate_up.data_ptr(), w.down.data_ptr()))
 
     @classmethod
     def _build_quantized(cls, channel: ShmChannel, shard: dict[tuple[int, int], Any], kernel: Any
@@ -73,15 +67,22 @@ class ShmServeLoop:
         served = {key: w for key, w in shard.items()
                   if w.gate_up_bias is None and w.down_bias is None and w.down.shape == (hidden, inter)
                   and w.gate_up.shape == (2 * inter, hidden) and w.gate_up.format == first.gate_up.format}
+        return cls._over(channel, served, hidden, inter,
+                         lambda w: _Expert(w.gate_up.q.data_ptr(), w.down.q.data_ptr(), w.gate_up.scale.data_ptr(),
+                                           w.down.scale.data_ptr()), first.gate_up.code)
+
+    @classmethod
+    def _over(cls, channel: ShmChannel, served: dict[tuple[int, int], Any], hidden: int, inter: int,
+              entry: Callable[[Any], _Expert], format: int = 0) -> ShmServeLoop | None:
+        """The loop over the experts `served`, each registered in the C table by entry(weights)."""
         if not served:
             return None
         layers = 1 + max(layer for layer, _ in served)
         experts = 1 + max(expert for _, expert in served)
         table = (_Expert * (layers * experts))()
         for (layer, expert), w in served.items():
-            table[layer * experts + expert] = _Expert(w.gate_up.q.data_ptr(), w.down.q.data_ptr(),
-                                                      w.gate_up.scale.data_ptr(), w.down.scale.data_ptr())
-        return cls(channel, table, layers, experts, hidden, inter, first.gate_up.code)
+            table[layer * experts + expert] = entry(w)
+        return cls(channel, table, layers, experts, hidden, inter, format)
 
     def serve(self, timeout_s: float) -> int:
         """Serve requests until one needs Python, a control message rings the bell or timeout_s passes idle.
