@@ -93,7 +93,11 @@ class ModelLayout:
         return quant.expert_nbytes(quantize, gate_up, down, bias_bytes=self.expert_bytes - matrices)
 
     def check_quantize(self, quantize: str) -> None:
-        """Refuse --quantize for experts whose matrices it cannot cut into blocks, naming the fix."""
+        """Refuse --quantize for experts it cannot take (4-bit MXFP4 ones, matrices that do not cut into blocks),
+        naming the fix."""
+        if quantize != "none" and self.quantization == "mxfp4":
+            raise ValueError(f"--quantize {quantize} does not take MXFP4 checkpoints yet; run them with --quantize "
+                             "none")
         if quantize != "none":
             gate_up, down = self.expert_matrices()
             quant.check_shape(quantize, *gate_up, "the experts' gate/up matrix")

@@ -126,9 +126,6 @@ class Worker:
                 return self._reuse_shard(started, msg.quantize)
             kernel = ExpertKernel(msg.kernel)
             quant.check_format(msg.quantize)
-            if msg.quantize != "none" and any(source.gate_up_scales or source.down_scales for source in msg.experts):
-                raise RequestError("load_failed", f"--quantize {msg.quantize} does not take MXFP4 checkpoints yet; "
-                                   "run them with --quantize none")
             self._drop_shard()  # before loading the new one, so that the two are never in memory together
             note, cache = "", ""
             if msg.quantize != "none":  # never shared: the coordinator does not move quantized experts
