@@ -312,3 +312,27 @@ def avx2_bfloat16_path(monkeypatch):
         monkeypatch.setattr(module, "UPCAST_BFLOAT16", True)
         monkeypatch.setattr(module, "PACK_BFLOAT16", False)
     monkeypatch.setenv("FIDDLER_BF16_PATH", "avx2")  # for worker processes started meanwhile
+
+
+@pytest.fixture
+def shm_pair():
+    """Makes shared-memory channels as a cluster does: the coordinator's, the worker's attachment to it, and the
+    file already unlinked. Returns (coordinator, worker); both are closed after the test. spin=None keeps the
+    channels' default waiting."""
+    from fiddler_moe.protocol.shm import ShmChannel
+
+    made = []
+
+    def make(capacity: int = 1 << 16, spin: bool | None = None):
+        coordinator = ShmChannel.create(capacity=capacity)
+        worker = ShmChannel.attach(coordinator.path, capacity)
+        coordinator.unlink()
+        if spin is not None:
+            coordinator.spin = worker.spin = spin
+        made.append((coordinator, worker))
+        return coordinator, worker
+
+    yield make
+    for coordinator, worker in made:
+        worker.close()
+        coordinator.close()

@@ -202,7 +202,7 @@ def test_decoder_raises_only_protocol_errors_on_mutated_frames(data):
         assert e.code and len(e.message) <= 400
 
 
-def test_c_paths_over_the_slot_take_only_what_the_decoder_accepts(avx2_bfloat16_path):
+def test_c_paths_over_the_slot_take_only_what_the_decoder_accepts(avx2_bfloat16_path, shm_pair):
     """The worker's C loop (shm_serve.c) and the coordinator's reply check (shm_call.c) read msgpack headers of
     their own: mutated requests and replies never crash them, and what they take the Python decoder accepts as
     that very message (anything else they leave to Python)."""
@@ -210,58 +210,50 @@ def test_c_paths_over_the_slot_take_only_what_the_decoder_accepts(avx2_bfloat16_
     from fiddler_moe.native import kernels
     from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
     from fiddler_moe.native.shm_serve import ShmServeLoop
-    from fiddler_moe.protocol.shm import ShmChannel
 
     if not kernels.available():
         pytest.skip("the bfloat16 kernel library is not built on this machine")
     shard = {(0, e): ExpertWeights(torch.randn(32, 16).bfloat16(), torch.randn(16, 16).bfloat16()) for e in (0, 1)}
-    coordinator = ShmChannel.create(capacity=4096)
-    worker = ShmChannel.attach(coordinator.path, 4096)
-    coordinator.unlink()
-    coordinator.spin = worker.spin = False
+    coordinator, worker = shm_pair(4096, spin=False)
     rng = random.Random(11)
     chooser = Chooser(rng)
-    try:
-        loop = ShmServeLoop.build(worker, shard, ExpertKernel(m.KernelSpec(activation="silu", dtype="bfloat16")))
-        request = valid_frames([m.ExpertRequest(7, 0, [0, 1], [1, 1], torch.randn(2, 16).bfloat16())])[0]
-        served = 0
-        for _ in range(600):
-            frames = mutate(request, chooser) or [b""]
-            data = frames[1] if len(frames) > 1 and len(frames[1]) <= 4096 else b""
-            coordinator.request_view(torch.uint8, (len(data),)).copy_(torch.frombuffer(bytearray(data) or b"0",
-                                                                                       dtype=torch.uint8)[:len(data)])
-            seq = coordinator.post_request(frames[0][:60000], len(data))
-            if loop.serve(timeout_s=0) == 1:
-                served += 1
-                message = decode([frames[0], data])
-                assert isinstance(message, m.ExpertRequest) and message.rows.dtype == torch.bfloat16
-                assert all((0, e) in shard for e in message.expert_ids) and sum(message.row_counts) == len(message.rows)
-                coordinator.wait_reply(seq, timeout_s=1)
-            else:
-                assert worker.wait_request(timeout_s=0)[0] == seq  # left for Python
-        assert served > 0
+    loop = ShmServeLoop.build(worker, shard, ExpertKernel(m.KernelSpec(activation="silu", dtype="bfloat16")))
+    request = valid_frames([m.ExpertRequest(7, 0, [0, 1], [1, 1], torch.randn(2, 16).bfloat16())])[0]
+    served = 0
+    for _ in range(600):
+        frames = mutate(request, chooser) or [b""]
+        data = frames[1] if len(frames) > 1 and len(frames[1]) <= 4096 else b""
+        coordinator.request_view(torch.uint8, (len(data),)).copy_(torch.frombuffer(bytearray(data) or b"0",
+                                                                                   dtype=torch.uint8)[:len(data)])
+        seq = coordinator.post_request(frames[0][:60000], len(data))
+        if loop.serve(timeout_s=0) == 1:
+            served += 1
+            message = decode([frames[0], data])
+            assert isinstance(message, m.ExpertRequest) and message.rows.dtype == torch.bfloat16
+            assert all((0, e) in shard for e in message.expert_ids) and sum(message.row_counts) == len(message.rows)
+            coordinator.wait_reply(seq, timeout_s=1)
+        else:
+            assert worker.wait_request(timeout_s=0)[0] == seq  # left for Python
+    assert served > 0
 
-        lane = ShmCall(coordinator)
-        hidden, top_k_index, weights = torch.randn(1, 16).bfloat16(), torch.tensor([[1, 0]]), torch.rand(1, 2)
-        result = torch.empty(1, 16, dtype=torch.bfloat16)
-        reply = valid_frames([m.ExpertReply(8, 0, torch.randn(2, 16).bfloat16(), 0.5)])[0]
-        taken = 0
-        for request_id in range(8, 608):
-            assert lane.post(hidden, top_k_index, request_id, 0)
-            seq, _ = worker.wait_request(timeout_s=1)
-            frames = mutate([msgpack.packb({**msgpack.unpackb(reply[0]), "body": {
-                "request_id": request_id, "layer": 0, "compute_seconds": 0.5}}), reply[1]], chooser) or [b""]
-            data = frames[1] if len(frames) > 1 and len(frames[1]) <= 4096 else b""
-            worker.post_reply(seq, frames[0][:60000], len(data))
-            if lane.finish(weights, 0, 16, 1.0, result) == 1:
-                taken += 1
-                message = decode([frames[0], data])
-                assert isinstance(message, m.ExpertReply) and message.request_id == request_id
-                assert message.outputs.shape == (2, 16) and message.outputs.dtype == torch.bfloat16
-        assert taken > 0
-    finally:
-        worker.close()
-        coordinator.close()
+    lane = ShmCall(coordinator)
+    hidden, top_k_index, weights = torch.randn(1, 16).bfloat16(), torch.tensor([[1, 0]]), torch.rand(1, 2)
+    result = torch.empty(1, 16, dtype=torch.bfloat16)
+    reply = valid_frames([m.ExpertReply(8, 0, torch.randn(2, 16).bfloat16(), 0.5)])[0]
+    taken = 0
+    for request_id in range(8, 608):
+        assert lane.post(hidden, top_k_index, request_id, 0)
+        seq, _ = worker.wait_request(timeout_s=1)
+        frames = mutate([msgpack.packb({**msgpack.unpackb(reply[0]), "body": {
+            "request_id": request_id, "layer": 0, "compute_seconds": 0.5}}), reply[1]], chooser) or [b""]
+        data = frames[1] if len(frames) > 1 and len(frames[1]) <= 4096 else b""
+        worker.post_reply(seq, frames[0][:60000], len(data))
+        if lane.finish(weights, 0, 16, 1.0, result) == 1:
+            taken += 1
+            message = decode([frames[0], data])
+            assert isinstance(message, m.ExpertReply) and message.request_id == request_id
+            assert message.outputs.shape == (2, 16) and message.outputs.dtype == torch.bfloat16
+    assert taken > 0
 
 
 @settings(max_examples=1000, deadline=None, database=None, derandomize=True)

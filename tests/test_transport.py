@@ -39,55 +39,42 @@ def close(got, want) -> bool:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_shm_slot_carries_every_dtype_bit_exact(dtype):
-    coordinator = ShmChannel.create(capacity=1 << 16)
-    worker = ShmChannel.attach(coordinator.path, 1 << 16)
-    coordinator.unlink()
-    try:
-        rows = torch.randn(3, 32).to(dtype)
-        view = coordinator.request_view(dtype, (3, 32))
-        view.copy_(rows)
-        request = m.ExpertRequest(1, 0, [2], [3], view)
-        seq = coordinator.post_request(encode(request)[0], view.numel() * view.element_size())
-        got_seq, frames = worker.wait_request(timeout_s=1)
-        assert got_seq == seq
-        received = decode(frames)
-        bits = torch.int32 if dtype == torch.float32 else torch.int16
-        assert torch.equal(received.rows.view(bits), rows.view(bits))
-        assert received.rows.data_ptr() != rows.data_ptr()  # a view of the slot, not of our tensor
-    finally:
-        worker.close()
-        coordinator.close()
+def test_shm_slot_carries_every_dtype_bit_exact(dtype, shm_pair):
+    coordinator, worker = shm_pair(1 << 16)
+    rows = torch.randn(3, 32).to(dtype)
+    view = coordinator.request_view(dtype, (3, 32))
+    view.copy_(rows)
+    request = m.ExpertRequest(1, 0, [2], [3], view)
+    seq = coordinator.post_request(encode(request)[0], view.numel() * view.element_size())
+    got_seq, frames = worker.wait_request(timeout_s=1)
+    assert got_seq == seq
+    received = decode(frames)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(received.rows.view(bits), rows.view(bits))
+    assert received.rows.data_ptr() != rows.data_ptr()  # a view of the slot, not of our tensor
     assert not os.path.exists(coordinator.path)
 
 
 @pytest.mark.parametrize("spin", [True, False])
-def test_shm_reply_is_matched_to_its_request_and_never_read_early(spin):
-    coordinator = ShmChannel.create(capacity=4096)
-    worker = ShmChannel.attach(coordinator.path, 4096)
-    coordinator.unlink()
-    coordinator.spin = worker.spin = spin  # sleeping at once (cores taken in turns) must not miss anything
-    try:
-        first = coordinator.post_request(encode(m.Ping())[0], 0)
-        second_started = threading.Event()
+def test_shm_reply_is_matched_to_its_request_and_never_read_early(spin, shm_pair):
+    coordinator, worker = shm_pair(4096, spin=spin)  # sleeping at once (cores taken in turns) must not miss anything
+    first = coordinator.post_request(encode(m.Ping())[0], 0)
+    second_started = threading.Event()
 
-        def serve():
-            seq, _ = worker.wait_request(timeout_s=2)
-            second_started.wait(2)
-            time.sleep(0.05)
-            worker.post_reply(seq, encode(m.Pong(seq))[0], 0)
+    def serve():
+        seq, _ = worker.wait_request(timeout_s=2)
+        second_started.wait(2)
+        time.sleep(0.05)
+        worker.post_reply(seq, encode(m.Pong(seq))[0], 0)
 
-        thread = threading.Thread(target=serve)
-        thread.start()
-        assert coordinator.wait_reply(first + 1, timeout_s=0.02) is None  # nothing for a request not yet sent
-        second_started.set()
-        frames = coordinator.wait_reply(first, timeout_s=2)
-        thread.join()
-        assert decode(frames) == m.Pong(first)
-        assert coordinator.wait_reply(first + 1, timeout_s=0.05) is None  # the old reply does not answer a new seq
-    finally:
-        worker.close()
-        coordinator.close()
+    thread = threading.Thread(target=serve)
+    thread.start()
+    assert coordinator.wait_reply(first + 1, timeout_s=0.02) is None  # nothing for a request not yet sent
+    second_started.set()
+    frames = coordinator.wait_reply(first, timeout_s=2)
+    thread.join()
+    assert decode(frames) == m.Pong(first)
+    assert coordinator.wait_reply(first + 1, timeout_s=0.05) is None  # the old reply does not answer a new seq
 
 
 def test_worker_waits_as_the_coordinator_says(tmp_path):
@@ -106,7 +93,7 @@ def test_worker_waits_as_the_coordinator_says(tmp_path):
     assert shm_files() == set()
 
 
-def test_decoding_requests_are_served_in_c_as_in_python(avx2_bfloat16_path):
+def test_decoding_requests_are_served_in_c_as_in_python(avx2_bfloat16_path, shm_pair):
     """The worker's C loop over the slot (shm_serve.c) answers the requests it takes with the bits the Python path
     computes, and leaves every other one in the slot for Python, unconsumed."""
     from fiddler_moe.native import kernels
@@ -121,41 +108,34 @@ def test_decoding_requests_are_served_in_c_as_in_python(avx2_bfloat16_path):
                                             (torch.randn(64, 96, generator=generator) * 0.2).bfloat16())
              for layer in (0, 1) for expert in (0, 2, 3)}
     kernel = ExpertKernel(m.KernelSpec(activation="silu", dtype="bfloat16"))
-    coordinator = ShmChannel.create(capacity=1 << 16)
-    worker = ShmChannel.attach(coordinator.path, 1 << 16)
-    coordinator.unlink()
-    worker.spin = False
-    try:
-        loop = ShmServeLoop.build(worker, shard, kernel)
-        assert loop is not None
+    coordinator, worker = shm_pair(1 << 16, spin=False)
+    loop = ShmServeLoop.build(worker, shard, kernel)
+    assert loop is not None
 
-        def post(request):
-            coordinator.request_view(request.rows.dtype, tuple(request.rows.shape)).copy_(request.rows)
-            return coordinator.post_request(encode_header(request), request.rows.numel() * 2)
+    def post(request):
+        coordinator.request_view(request.rows.dtype, tuple(request.rows.shape)).copy_(request.rows)
+        return coordinator.post_request(encode_header(request), request.rows.numel() * 2)
 
-        rows = (torch.randn(4, 64, generator=generator) * 2).bfloat16()
-        seq = post(m.ExpertRequest(request_id=2**40, layer=1, expert_ids=[3, 0, 2], row_counts=[1, 0, 3], rows=rows))
-        assert loop.serve(timeout_s=0.01) == 1 and worker.last_request_seq == seq
-        reply = decode(coordinator.wait_reply(seq, timeout_s=1))
-        assert (reply.request_id, reply.layer, reply.compute_seconds > 0) == (2**40, 1, True)
-        want = torch.cat([kernel.forward(shard[(1, 3)], rows[:1]), kernel.forward(shard[(1, 2)], rows[1:])])
-        assert torch.equal(reply.outputs, want)
+    rows = (torch.randn(4, 64, generator=generator) * 2).bfloat16()
+    seq = post(m.ExpertRequest(request_id=2**40, layer=1, expert_ids=[3, 0, 2], row_counts=[1, 0, 3], rows=rows))
+    assert loop.serve(timeout_s=0.01) == 1 and worker.last_request_seq == seq
+    reply = decode(coordinator.wait_reply(seq, timeout_s=1))
+    assert (reply.request_id, reply.layer, reply.compute_seconds > 0) == (2**40, 1, True)
+    want = torch.cat([kernel.forward(shard[(1, 3)], rows[:1]), kernel.forward(shard[(1, 2)], rows[1:])])
+    assert torch.equal(reply.outputs, want)
 
-        refused = [m.ExpertRequest(1, 0, [1], [1], rows[:1]),  # an expert this worker does not hold
-                   m.ExpertRequest(1, 0, [0], [9], torch.zeros(9, 64, dtype=torch.bfloat16)),  # more rows than it takes
-                   m.ExpertRequest(1, 0, [0], [1], rows[:1].float()),  # float32 rows
-                   m.ExpertRequest(1, 5, [0], [1], rows[:1]),  # a layer it does not hold
-                   m.Echo(1, rows[:1])]  # another message
-        for request in refused:
-            seq = post(request)
-            assert loop.serve(timeout_s=0.01) == 0
-            assert worker.wait_request(timeout_s=0)[0] == seq  # still there for Python
-    finally:
-        worker.close()
-        coordinator.close()
+    refused = [m.ExpertRequest(1, 0, [1], [1], rows[:1]),  # an expert this worker does not hold
+               m.ExpertRequest(1, 0, [0], [9], torch.zeros(9, 64, dtype=torch.bfloat16)),  # more rows than it takes
+               m.ExpertRequest(1, 0, [0], [1], rows[:1].float()),  # float32 rows
+               m.ExpertRequest(1, 5, [0], [1], rows[:1]),  # a layer it does not hold
+               m.Echo(1, rows[:1])]  # another message
+    for request in refused:
+        seq = post(request)
+        assert loop.serve(timeout_s=0.01) == 0
+        assert worker.wait_request(timeout_s=0)[0] == seq  # still there for Python
 
 
-def test_decoding_layer_calls_in_c_are_the_python_path(avx2_bfloat16_path):
+def test_decoding_layer_calls_in_c_are_the_python_path(avx2_bfloat16_path, shm_pair):
     """A decoding step's layer call through shm_call.c (grouping, gather, request, wait, combine in C), answered
     by the worker's C loop: the bits of the dispatcher's Python path, for Mixtral's float32 routing weights and
     bfloat16 ones. A reply that is not the call's ExpertReply (an error) is left for Python."""
@@ -175,42 +155,35 @@ def test_decoding_layer_calls_in_c_are_the_python_path(avx2_bfloat16_path):
                                         (torch.randn(64, 96, generator=generator) * 0.2).bfloat16())
              for expert in range(4)}
     kernel = ExpertKernel(m.KernelSpec(activation="silu", dtype="bfloat16"))
-    coordinator = ShmChannel.create(capacity=1 << 16)
-    worker = ShmChannel.attach(coordinator.path, 1 << 16)
-    coordinator.unlink()
-    coordinator.spin = worker.spin = False
-    try:
-        loop = ShmServeLoop.build(worker, shard, kernel)
-        lane = ShmCall(coordinator)
-        for tokens, weight_dtype in [(1, torch.float32), (3, torch.float32), (2, torch.bfloat16)]:
-            hidden = (torch.randn(tokens, 64, generator=generator) * 2).bfloat16()
-            top_k_index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(tokens)])
-            weights = torch.rand(tokens, 2, generator=generator).to(weight_dtype)
-            serving = threading.Thread(target=loop.serve, args=(0.2,))
-            serving.start()
-            assert lane.post(hidden, top_k_index, request_id=9, layer=2)
-            result = torch.empty(tokens, 64, dtype=torch.bfloat16)
-            while (status := lane.finish(weights, 2, 64, 1.0, result)) == 0:
-                pass
-            serving.join()
-            order, token_of, groups = _group_by_expert(top_k_index)
-            rows = hidden[token_of]
-            outputs, start = [], 0
-            for expert, count in groups:
-                outputs.append(kernel.forward(shard[(2, expert)], rows[start : start + count]))
-                start += count
-            assert status == 1 and lane.routed() == groups and lane.order() == order
-            assert torch.equal(result, _combine(torch.cat(outputs), order, weights))
-            assert lane.call.compute_seconds > 0
+    coordinator, worker = shm_pair(1 << 16, spin=False)
+    loop = ShmServeLoop.build(worker, shard, kernel)
+    lane = ShmCall(coordinator)
+    for tokens, weight_dtype in [(1, torch.float32), (3, torch.float32), (2, torch.bfloat16)]:
+        hidden = (torch.randn(tokens, 64, generator=generator) * 2).bfloat16()
+        top_k_index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(tokens)])
+        weights = torch.rand(tokens, 2, generator=generator).to(weight_dtype)
+        serving = threading.Thread(target=loop.serve, args=(0.2,))
+        serving.start()
+        assert lane.post(hidden, top_k_index, request_id=9, layer=2)
+        result = torch.empty(tokens, 64, dtype=torch.bfloat16)
+        while (status := lane.finish(weights, 2, 64, 1.0, result)) == 0:
+            pass
+        serving.join()
+        order, token_of, groups = _group_by_expert(top_k_index)
+        rows = hidden[token_of]
+        outputs, start = [], 0
+        for expert, count in groups:
+            outputs.append(kernel.forward(shard[(2, expert)], rows[start : start + count]))
+            start += count
+        assert status == 1 and lane.routed() == groups and lane.order() == order
+        assert torch.equal(result, _combine(torch.cat(outputs), order, weights))
+        assert lane.call.compute_seconds > 0
 
-        assert lane.post(hidden, top_k_index, request_id=10, layer=2)  # answered with an error this time
-        seq, _ = worker.wait_request(timeout_s=1)
-        worker.post_reply(seq, encode_header(m.Error(code="internal", message="no")), 0)
-        assert lane.finish(weights, 2, 64, 1.0, result) == -1
-        assert decode(coordinator.wait_reply(seq, timeout_s=0)) == m.Error(code="internal", message="no")
-    finally:
-        worker.close()
-        coordinator.close()
+    assert lane.post(hidden, top_k_index, request_id=10, layer=2)  # answered with an error this time
+    seq, _ = worker.wait_request(timeout_s=1)
+    worker.post_reply(seq, encode_header(m.Error(code="internal", message="no")), 0)
+    assert lane.finish(weights, 2, 64, 1.0, result) == -1
+    assert decode(coordinator.wait_reply(seq, timeout_s=0)) == m.Error(code="internal", message="no")
 
 
 # --- clusters over each transport ---
