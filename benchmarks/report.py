@@ -69,6 +69,12 @@ def print_tables(result: dict, console: Console | None = None) -> None:
             f"{b['prefill_tokens_per_second']:.1f}", f"{b['decode_tokens_per_second']:.2f}",
             f"{b['share_of_ceiling']:.0%}", "", "",
         )
+    for o in result.get("offload", []):
+        table.add_row(
+            f"offload {o['device_memory']}", "",
+            f"{o['prefill_tokens_per_second']:.1f}", f"{o['decode_tokens_per_second']:.2f}",
+            f"{o['share_of_ceiling']:.0%}", "", "",
+        )
     table.add_row("ceiling", "", "", f"{result['ceiling']['decode_tokens_per_second']:.2f}", "100%", "", "")
     console.print(table)
     for c in result["cluster"]:
@@ -77,10 +83,15 @@ def print_tables(result: dict, console: Console | None = None) -> None:
             console.print(f"fiddler {c['config']['label']} vs transformers, range over rounds: prefill "
                           f"{rounds['prefill']['min']:.2f}-{rounds['prefill']['max']:.2f}x, decode "
                           f"{rounds['decode']['min']:.2f}-{rounds['decode']['max']:.2f}x")
+    for c in result["cluster"]:
+        if c.get("vs_offload"):
+            console.print(f"fiddler {c['config']['label']} vs accelerate's offloading at the same budget: "
+                          f"{_versus(c['vs_offload'])} (prefill, decode)")
     console.print("fiddler C+WxT: C coordinator threads, W workers of T threads (int8/int4: their experts in that "
                   "format; own: the ceiling of the bytes that format reads); transformers N: N threads; "
                   "vs transformers: prefill, decode (above 1x is faster; interleaved runs: the median of each "
-                  "round's ratio); same tokens: greedy tokens equal to transformers' before the first difference; "
+                  "round's ratio); offload M: transformers with accelerate's offloading, M on the device; "
+                  "same tokens: greedy tokens equal to transformers' before the first difference; "
                   "transformers' experts implementation: "
                   f"{', '.join(sorted({b['experts_implementation'] for b in result['transformers']})) or '-'}")
 
