@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from fiddler_moe.coordinator import loading
-from fiddler_moe.benchmarks.runners import ClusterRunner, SweepPoint, TransformersRunner
+from fiddler_moe.benchmarks.runners import NOT_BANDWIDTH, ClusterRunner, SweepPoint, TransformersRunner
 from fiddler_moe.coordinator.placement import format_size
 from fiddler_moe.host.paths import cache_dir
 from fiddler_moe.launch.options import ClusterOptions
@@ -390,6 +390,9 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
         result["share_of_ceiling"] = result["decode_tokens_per_second"] / ceiling
         offload_results.append(result)
     for result in cluster_results:
+        result["bound"] = bandwidth_bound(result, needed, needed_in[result["config"]["quantize"]],
+                                          bandwidth["bytes_per_second"])
+    for result in cluster_results:
         offloaded = [o for o in offload_results if o["device_memory"] == result["config"]["device_memory"]]
         if offloaded:  # the same device budget, weights moved by accelerate instead of activations to workers
             match = offloaded[0]
@@ -499,6 +502,25 @@ def play(runners: list, options: BenchOptions, interleave: bool, threads: int, l
     finally:
         for runner in runners:
             runner.stop()
+
+
+def bandwidth_bound(result: dict, needed: DecodeBytes, needed_total: int, bytes_per_second: float) -> dict:
+    """Per part of a decode token: the ms its bytes take at the measured read bandwidth (the floor), and the ms
+    beyond them, which are bound by something else (NOT_BANDWIDTH says what). The non-expert layers read their
+    weights, an embedding row and the head; the experts their top-k share, split by the hit rate between hot
+    (the coordinator) and cold (the workers, in their format); routing, transport and sampling read nothing."""
+    ms = result["decode_ms_per_token"]
+    expert_bytes = needed_total - needed.non_expert - needed.embedding_row - needed.head  # in the workers' format
+    hot = result["hit_rate"]
+    floor_bytes = {
+        "non_expert": needed.non_expert + needed.embedding_row + needed.head,
+        "hot_experts": hot * needed.experts,
+        "worker_compute": (1 - hot) * expert_bytes,
+    }
+    floor = {key: 1e3 * floor_bytes.get(key, 0) / bytes_per_second for key in NOT_BANDWIDTH}
+    beyond = {key: max(0.0, ms[key] - floor[key]) for key in NOT_BANDWIDTH}
+    return {"floor_ms": floor, "beyond_ms": beyond, "floor_total_ms": sum(floor.values()),
+            "beyond_total_ms": sum(beyond.values())}
 
 
 def paired_ratios(runs: list[dict], baseline_runs: list[dict]) -> dict:

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fiddler_moe.benchmarks.runners import BREAKDOWN_PARTS
+from fiddler_moe.benchmarks.runners import BREAKDOWN_PARTS, NOT_BANDWIDTH
 from fiddler_moe.coordinator.placement import format_size
 
 
@@ -105,7 +105,18 @@ def print_tables(result: dict, console: Console | None = None) -> None:
     parts.add_row("workers busy", *(" ".join(f"{v:.0%}" for v in c["worker_busy_share"].values())
                                     for c in result["cluster"]))
     parts.add_row("hit rate", *(f"{c['hit_rate']:.0%}" for c in result["cluster"]))
+    bound = [c["bound"] for c in result["cluster"] if "bound" in c]
+    if len(bound) == len(result["cluster"]):
+        parts.add_row("at bandwidth", *(f"{b['floor_total_ms']:.2f}" for b in bound))
+        parts.add_row("beyond it", *(f"{b['beyond_total_ms']:.2f}" for b in bound))
     console.print(parts)
+    for c in result["cluster"]:
+        if "bound" not in c:
+            continue
+        beyond = sorted(c["bound"]["beyond_ms"].items(), key=lambda item: -item[1])
+        text = "; ".join(f"{BREAKDOWN_PARTS[key]} {ms:.2f} ({NOT_BANDWIDTH[key]})" for key, ms in beyond if ms >= 0.05)
+        console.print(f"fiddler {c['config']['label']}, ms a decode token beyond its bytes at the read bandwidth: "
+                      f"{text or 'none'}")
 
 
 def result_stem(result: dict) -> str:

@@ -30,6 +30,15 @@ BREAKDOWN_PARTS = {  # key -> label, in the order of the stacked bars
     "sampling_overhead": "sampling, Python",
 }
 
+NOT_BANDWIDTH = {  # what bounds a part's time beyond its bytes at the read bandwidth (bench.bandwidth_bound)
+    "non_expert": "linear layers short of the bandwidth, Python and small ops between them",
+    "hot_experts": "Python and small ops around the hot experts",
+    "routing": "Python, routing bookkeeping",
+    "worker_compute": "the workers' kernels short of the bandwidth",
+    "transport": "synchronisation: messages and waking the other side",
+    "sampling_overhead": "Python in generate's loop",
+}
+
 
 @dataclass
 class SweepPoint:

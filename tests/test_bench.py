@@ -31,6 +31,13 @@ def test_bench_tiny_writes_json_and_png(cli, tmp_path):
     breakdown = result["cluster"][0]["decode_ms_per_token"]
     assert set(breakdown) >= {"non_expert", "worker_compute", "transport", "sampling_overhead", "total"}
     assert result["cluster"][0]["hit_rate"] == 0.0  # on the CPU every expert is cold by default
+    for c in result["cluster"]:  # each part: its bytes at the bandwidth, and the rest, bound by something else
+        bound, ms = c["bound"], c["decode_ms_per_token"]
+        assert bound["floor_ms"]["non_expert"] > 0 and bound["floor_ms"]["transport"] == 0
+        for key, floor in bound["floor_ms"].items():
+            assert bound["beyond_ms"][key] == pytest.approx(max(0.0, ms[key] - floor))
+    assert "beyond its bytes at the read bandwidth" in done.stdout and "beyond it" in done.stdout
+    assert result["offload"] == []  # accelerate's offloading contestant runs on a GPU only
     assert result["settings"]["interleaved"] and "range over rounds" in done.stdout
     for c in result["cluster"]:  # one round: its ratio is the ratio of the two runs
         versus = c["vs_transformers"]
