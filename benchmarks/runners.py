@@ -334,9 +334,10 @@ def _baseline_process(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    spill = tempfile.TemporaryDirectory(prefix="fiddler-offload-")  # disk offload on a CPU; removed at exit
-    model = load_baseline(spec["folder"], getattr(torch, spec["dtype"]), device, spec.get("offload_budget"),
-                          spill.name)
+    budget = spec.get("offload_budget")
+    # accelerate's disk offload, only on a CPU with a budget; removed at exit
+    spill = tempfile.TemporaryDirectory(prefix="fiddler-offload-") if budget and device.type == "cpu" else None
+    model = load_baseline(spec["folder"], getattr(torch, spec["dtype"]), device, budget, spill and spill.name)
     pad = model.generation_config.pad_token_id
     pad = model.generation_config.eos_token_id if pad is None else pad
     pad = pad[0] if isinstance(pad, list) else pad
