@@ -14,7 +14,9 @@ What it measures, per configuration of the grid (workers x threads per worker x 
   bookkeeping, waiting on workers as worker compute and transport; sampling and Python outside the forward),
   each worker's busy share, and the hot-expert hit rate.
 Then transformers' eager `generate` on the same folder, dtype, device and total threads, and the ceiling: the
-machine's measured read bandwidth over the bytes one decode token must read (`decode_bytes`).
+machine's measured read bandwidth over the bytes one decode token must read (`decode_bytes`). On a GPU, for each
+--device-memory budget, also transformers with accelerate's weight offloading at that budget (device_map="auto",
+max_memory: the budget on the GPU, the rest in host memory): what a user whose model does not fit would run.
 
 Results go to the terminal (bench_report.print_tables), to <out>/bench-<name>-<time>.json with the machine's
 description, and to a PNG chart beside it when matplotlib is installed (`pip install -e '.[bench]'`).
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 from fiddler_moe.coordinator import loading
-from fiddler_moe.benchmarks.runners import ClusterRunner, SweepPoint, TransformersRunner
+from fiddler_moe.benchmarks.runners import NOT_BANDWIDTH, ClusterRunner, SweepPoint, TransformersRunner
 from fiddler_moe.coordinator.placement import format_size
 from fiddler_moe.host.paths import cache_dir
 from fiddler_moe.launch.options import ClusterOptions
@@ -72,6 +74,8 @@ class BenchOptions:
     device: str = "auto"
     coordinator_threads: list[int | None] = field(default_factory=lambda: [None])  # None: fiddler-launch's
     baseline: bool = True  # transformers' generate
+    # On a GPU, per --device-memory budget: transformers with accelerate's weight offloading at that budget
+    offload: bool = True
     baseline_threads: list[int] | None = None  # None: each cluster's total threads, up to the cores
     out: Path = Path("bench-results")
     chart: bool = True
@@ -345,7 +349,15 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
         for threads in options.baseline_threads or sorted({min(cores, c.total_threads) for c in clusters}):
             baselines.append(TransformersRunner(folder, torch_dtype(dtype), device, threads, prompt,
                                                 options.new_tokens))
-    runners = [*clusters, *baselines]
+    offloaders = []
+    if options.offload and device.type == "cuda":  # the offloading class of system, at each budget a cluster gets
+        if _version("accelerate") is None:
+            raise BenchError("the offloading contestant needs accelerate: pip install -e '.[bench]' (or --no-offload)")
+        for budget in dict.fromkeys(p.device_memory for p in points if p.device_memory not in (None, "", "all")):
+            threads = min(cores, clusters[0].total_threads)
+            offloaders.append(TransformersRunner(folder, torch_dtype(dtype), device, threads, prompt,
+                                                 options.new_tokens, offload_budget=budget))
+    runners = [*clusters, *baselines, *offloaders]
     weight_bytes = layout.non_expert_bytes + layout.expert_bytes * layout.num_experts
     interleave = options.interleave and len(runners) > 1
     available = available_memory_bytes()
@@ -372,6 +384,24 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
         result = runner.summary()
         result["share_of_ceiling"] = result["decode_tokens_per_second"] / ceiling
         baseline_results.append(result)
+    offload_results = []
+    for runner in offloaders:
+        result = runner.summary()
+        result["share_of_ceiling"] = result["decode_tokens_per_second"] / ceiling
+        offload_results.append(result)
+    for result in cluster_results:
+        result["bound"] = bandwidth_bound(result, needed, needed_in[result["config"]["quantize"]],
+                                          bandwidth["bytes_per_second"])
+    for result in cluster_results:
+        offloaded = [o for o in offload_results if o["device_memory"] == result["config"]["device_memory"]]
+        if offloaded:  # the same device budget, weights moved by accelerate instead of activations to workers
+            match = offloaded[0]
+            result["vs_offload"] = {
+                "prefill": result["prefill_tokens_per_second"] / match["prefill_tokens_per_second"],
+                "decode": result["decode_tokens_per_second"] / match["decode_tokens_per_second"],
+            }
+            if interleave:
+                result["vs_offload"]["rounds"] = paired_ratios(result["runs"], match["runs"])
     for result in cluster_results:
         same = [b for b in baseline_results if b["threads"] == min(cores, result["total_threads"])]
         match = (same or baseline_results or [None])[0]
@@ -427,6 +457,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
         },
         "cluster": cluster_results,
         "transformers": baseline_results,
+        "offload": offload_results,  # transformers + accelerate's offloading, per device budget (GPU only)
     }
 
 
@@ -471,6 +502,25 @@ def play(runners: list, options: BenchOptions, interleave: bool, threads: int, l
     finally:
         for runner in runners:
             runner.stop()
+
+
+def bandwidth_bound(result: dict, needed: DecodeBytes, needed_total: int, bytes_per_second: float) -> dict:
+    """Per part of a decode token: the ms its bytes take at the measured read bandwidth (the floor), and the ms
+    beyond them, which are bound by something else (NOT_BANDWIDTH says what). The non-expert layers read their
+    weights, an embedding row and the head; the experts their top-k share, split by the hit rate between hot
+    (the coordinator) and cold (the workers, in their format); routing, transport and sampling read nothing."""
+    ms = result["decode_ms_per_token"]
+    expert_bytes = needed_total - needed.non_expert - needed.embedding_row - needed.head  # in the workers' format
+    hot = result["hit_rate"]
+    floor_bytes = {
+        "non_expert": needed.non_expert + needed.embedding_row + needed.head,
+        "hot_experts": hot * needed.experts,
+        "worker_compute": (1 - hot) * expert_bytes,
+    }
+    floor = {key: 1e3 * floor_bytes.get(key, 0) / bytes_per_second for key in NOT_BANDWIDTH}
+    beyond = {key: max(0.0, ms[key] - floor[key]) for key in NOT_BANDWIDTH}
+    return {"floor_ms": floor, "beyond_ms": beyond, "floor_total_ms": sum(floor.values()),
+            "beyond_total_ms": sum(beyond.values())}
 
 
 def paired_ratios(runs: list[dict], baseline_runs: list[dict]) -> dict:

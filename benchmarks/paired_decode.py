@@ -7,10 +7,12 @@ process (OpenMP reads its settings once per process) and answers one turn per li
     .venv/bin/python benchmarks/paired_decode.py --preset mini "GOMP_SPINCOUNT=3000" "GOMP_SPINCOUNT=30000"
     .venv/bin/python benchmarks/paired_decode.py --preset small "" transformers
     .venv/bin/python benchmarks/paired_decode.py --preset mini "tree=../old-checkout" ""
+    .venv/bin/python benchmarks/paired_decode.py --preset mini "coordinator_threads=1" ""
 
 A contestant is `transformers` (its own generate, 2 threads, the environment this script was started with), or a
 cluster of this checkout (or of `tree=PATH`, run by that checkout's own .venv) with `fiddler-launch`'s default
-layout and the environment settings given as NAME=VALUE, comma-separated. Prints each side's ms per decode token
+layout and the environment settings given as NAME=VALUE, comma-separated (`coordinator_threads=N` sets the
+coordinator's torch threads instead, --coordinator-threads). Prints each side's ms per decode token
 and the median of the per-turn ratios.
 """
 
@@ -28,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str) -> None:
+def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str, coordinator_threads: int | None) -> None:
     """The child: load the contestant, then time one greedy run of `tokens` new tokens per line on stdin."""
     if contestant == "cluster":  # OpenMP's waiting as the fiddler commands set it, before torch loads OpenMP
         from fiddler_moe.host import numa
@@ -68,7 +70,8 @@ def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str) -> N
         from fiddler_moe.launch.cluster import Cluster
         from fiddler_moe.launch.options import ClusterOptions
 
-        cluster = Cluster(ClusterOptions(model=folder, workers=1, device="cpu", dtype="bfloat16", quiet=True))
+        cluster = Cluster(ClusterOptions(model=folder, workers=1, device="cpu", dtype="bfloat16",
+                                         coordinator_threads=coordinator_threads, quiet=True))
         cluster.start()
 
         def run(n: int) -> float:
@@ -86,12 +89,14 @@ def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str) -> N
 
 
 def start(spec: str, folder: str, tokens: int, prompt_len: int) -> subprocess.Popen:
-    env, tree = dict(os.environ), ROOT
+    env, tree, threads = dict(os.environ), ROOT, []
     if spec != "transformers":
         for item in filter(None, spec.split(",")):
             name, _, value = item.partition("=")
             if name == "tree":
                 tree = Path(value).resolve()
+            elif name == "coordinator_threads":
+                threads = ["--coordinator-threads", value]
             else:
                 env[name] = value
     # Another checkout runs in its own environment (`make setup` there), whose editable install imports its code.
@@ -99,7 +104,8 @@ def start(spec: str, folder: str, tokens: int, prompt_len: int) -> subprocess.Po
     if not python.exists():
         raise SystemExit(f"tree={tree}: no {python}; run `make setup` in that checkout first")
     command = [str(python), str(Path(__file__).resolve()), "-", "-", "--model", folder, "--tokens", str(tokens),
-               "--prompt-len", str(prompt_len), "--serve", "transformers" if spec == "transformers" else "cluster"]
+               "--prompt-len", str(prompt_len), "--serve", "transformers" if spec == "transformers" else "cluster",
+               *threads]
     return subprocess.Popen(command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -113,9 +119,10 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before each turn's decoding")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # in the child processes: transformers or cluster
+    parser.add_argument("--coordinator-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve_turns(args.model, args.tokens, args.prompt_len, args.serve)
+        serve_turns(args.model, args.tokens, args.prompt_len, args.serve, args.coordinator_threads)
         return
     if args.model:
         folder = args.model

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fiddler_moe.benchmarks.runners import BREAKDOWN_PARTS
+from fiddler_moe.benchmarks.runners import BREAKDOWN_PARTS, NOT_BANDWIDTH
 from fiddler_moe.coordinator.placement import format_size
 
 
@@ -69,6 +69,12 @@ def print_tables(result: dict, console: Console | None = None) -> None:
             f"{b['prefill_tokens_per_second']:.1f}", f"{b['decode_tokens_per_second']:.2f}",
             f"{b['share_of_ceiling']:.0%}", "", "",
         )
+    for o in result.get("offload", []):
+        table.add_row(
+            f"offload {o['device_memory']}", "",
+            f"{o['prefill_tokens_per_second']:.1f}", f"{o['decode_tokens_per_second']:.2f}",
+            f"{o['share_of_ceiling']:.0%}", "", "",
+        )
     table.add_row("ceiling", "", "", f"{result['ceiling']['decode_tokens_per_second']:.2f}", "100%", "", "")
     console.print(table)
     for c in result["cluster"]:
@@ -77,10 +83,15 @@ def print_tables(result: dict, console: Console | None = None) -> None:
             console.print(f"fiddler {c['config']['label']} vs transformers, range over rounds: prefill "
                           f"{rounds['prefill']['min']:.2f}-{rounds['prefill']['max']:.2f}x, decode "
                           f"{rounds['decode']['min']:.2f}-{rounds['decode']['max']:.2f}x")
+    for c in result["cluster"]:
+        if c.get("vs_offload"):
+            console.print(f"fiddler {c['config']['label']} vs accelerate's offloading at the same budget: "
+                          f"{_versus(c['vs_offload'])} (prefill, decode)")
     console.print("fiddler C+WxT: C coordinator threads, W workers of T threads (int8/int4: their experts in that "
                   "format; own: the ceiling of the bytes that format reads); transformers N: N threads; "
                   "vs transformers: prefill, decode (above 1x is faster; interleaved runs: the median of each "
-                  "round's ratio); same tokens: greedy tokens equal to transformers' before the first difference; "
+                  "round's ratio); offload M: transformers with accelerate's offloading, M on the device; "
+                  "same tokens: greedy tokens equal to transformers' before the first difference; "
                   "transformers' experts implementation: "
                   f"{', '.join(sorted({b['experts_implementation'] for b in result['transformers']})) or '-'}")
 
@@ -94,7 +105,18 @@ def print_tables(result: dict, console: Console | None = None) -> None:
     parts.add_row("workers busy", *(" ".join(f"{v:.0%}" for v in c["worker_busy_share"].values())
                                     for c in result["cluster"]))
     parts.add_row("hit rate", *(f"{c['hit_rate']:.0%}" for c in result["cluster"]))
+    bound = [c["bound"] for c in result["cluster"] if "bound" in c]
+    if len(bound) == len(result["cluster"]):
+        parts.add_row("at bandwidth", *(f"{b['floor_total_ms']:.2f}" for b in bound))
+        parts.add_row("beyond it", *(f"{b['beyond_total_ms']:.2f}" for b in bound))
     console.print(parts)
+    for c in result["cluster"]:
+        if "bound" not in c:
+            continue
+        beyond = sorted(c["bound"]["beyond_ms"].items(), key=lambda item: -item[1])
+        text = "; ".join(f"{BREAKDOWN_PARTS[key]} {ms:.2f} ({NOT_BANDWIDTH[key]})" for key, ms in beyond if ms >= 0.05)
+        console.print(f"fiddler {c['config']['label']}, ms a decode token beyond its bytes at the read bandwidth: "
+                      f"{text or 'none'}")
 
 
 def result_stem(result: dict) -> str:

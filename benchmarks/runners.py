@@ -1,4 +1,5 @@
-"""The contestants of `fiddler bench`: a cluster in one configuration, and transformers' own `generate`.
+"""The contestants of `fiddler bench`: a cluster in one configuration, transformers' own `generate`, and (on a GPU
+with a device budget) transformers with accelerate's weight offloading at that budget.
 
 Each is started once, warmed up, run --repeats times (possibly interleaved with the others, so a noisy neighbour
 hurts all of them alike), and stopped; `summary()` gives its figures. One run is one `generate` of the fixed
@@ -27,6 +28,15 @@ BREAKDOWN_PARTS = {  # key -> label, in the order of the stacked bars
     "worker_compute": "worker compute",
     "transport": "transport",
     "sampling_overhead": "sampling, Python",
+}
+
+NOT_BANDWIDTH = {  # what bounds a part's time beyond its bytes at the read bandwidth (bench.bandwidth_bound)
+    "non_expert": "linear layers short of the bandwidth, Python and small ops between them",
+    "hot_experts": "Python and small ops around the hot experts",
+    "routing": "Python, routing bookkeeping",
+    "worker_compute": "the workers' kernels short of the bandwidth",
+    "transport": "synchronisation: messages and waking the other side",
+    "sampling_overhead": "Python in generate's loop",
 }
 
 
@@ -232,10 +242,12 @@ class TransformersRunner:
     line, the child answers one JSON line each, so runs still interleave with the cluster's."""
 
     def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, threads: int, prompt: list[int],
-                 new_tokens: int):
+                 new_tokens: int, offload_budget: str | None = None):
         self.folder, self.dtype, self.device, self.threads = folder, dtype, device, threads
         self.prompt, self.new_tokens = prompt, new_tokens
-        self.label = f"transformers {threads} threads"
+        self.offload_budget = offload_budget  # accelerate's offloading at this device budget, or None: all on device
+        self.label = (f"transformers {threads} threads" if offload_budget is None
+                      else f"transformers + accelerate offload, mem {offload_budget}")
         self.process: subprocess.Popen | None = None
         self.runs: list[Run] = []
         self.token_ids: list[int] = []
@@ -248,7 +260,8 @@ class TransformersRunner:
             if value is not None:
                 env[name] = value
         spec = {"folder": str(self.folder), "dtype": str(self.dtype).removeprefix("torch."),
-                "device": str(self.device), "threads": self.threads, "prompt": self.prompt}
+                "device": str(self.device), "threads": self.threads, "prompt": self.prompt,
+                "offload_budget": self.offload_budget}
         self.process = subprocess.Popen([sys.executable, "-m", "fiddler_moe.benchmarks.runners", json.dumps(spec)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.implementation = self._ask("ready")["experts_implementation"]
@@ -282,18 +295,49 @@ class TransformersRunner:
 
     def summary(self) -> dict:
         return {"threads": self.threads, "experts_implementation": self.implementation, **rates(self.runs),
-                "token_ids": self.token_ids}
+                "token_ids": self.token_ids} | ({} if self.offload_budget is None
+                                                 else {"device_memory": self.offload_budget})
+
+
+def offload_max_memory(device: torch.device, budget_bytes: int, host_bytes: int) -> dict[int | str, int]:
+    """accelerate's `max_memory` for the offloading contestant: the cluster's device budget on the GPU, the rest of
+    the weights in host memory (moved to the GPU layer by layer as each forward reaches them, the class of system
+    the Fiddler paper measured against). On a CPU the budget is host memory and the rest goes to disk (accelerate's
+    disk offload): the same hooks, so the path can be run on a machine without a GPU."""
+    if device.type == "cuda":
+        return {device.index or 0: budget_bytes, "cpu": host_bytes}
+    return {"cpu": budget_bytes}
+
+
+def load_baseline(folder: str, dtype: torch.dtype, device: torch.device, offload_budget: str | None = None,
+                  offload_folder: str | None = None) -> torch.nn.Module:
+    """transformers' model for a baseline: all on `device`, or offloaded by accelerate (device_map="auto") with
+    `offload_budget` (e.g. "1GiB", as --device-memory) on the device and the rest in host memory (disk on a CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    if offload_budget is None:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    from fiddler_moe.coordinator.placement import parse_size
+
+    host = numa.available_memory_bytes() or 1 << 40
+    max_memory = offload_max_memory(device, parse_size(offload_budget), host)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto", max_memory=max_memory,
+                                                 offload_folder=offload_folder)
+    return model.eval()
 
 
 def _baseline_process(spec: dict) -> None:
     """The child side of TransformersRunner: load, say ready, then answer `run N` lines until stdin closes."""
-    from transformers import AutoModelForCausalLM
+    import tempfile
+
     from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=getattr(torch, spec["dtype"])).to(device)
-    model.eval()
+    budget = spec.get("offload_budget")
+    # accelerate's disk offload, only on a CPU with a budget; removed at exit
+    spill = tempfile.TemporaryDirectory(prefix="fiddler-offload-") if budget and device.type == "cpu" else None
+    model = load_baseline(spec["folder"], getattr(torch, spec["dtype"]), device, budget, spill and spill.name)
     pad = model.generation_config.pad_token_id
     pad = model.generation_config.eos_token_id if pad is None else pad
     pad = pad[0] if isinstance(pad, list) else pad

@@ -378,6 +378,9 @@ def bench(
     interleave: Annotated[bool, typer.Option(help="Load every contestant at once and run them in turns, so "
                           "load from elsewhere hurts all alike (when memory allows).")] = True,
     baseline: Annotated[bool, typer.Option(help="Also run transformers' own generate.")] = True,
+    offload: Annotated[bool, typer.Option(help="On a GPU, per --device-memory budget, also run transformers with "
+                       "accelerate's weight offloading at that budget (needs accelerate: pip install -e "
+                       "'.[bench]').")] = True,
     baseline_threads: Annotated[str | None, typer.Option(help="Thread counts for transformers, e.g. 1,2. Default: "
                                 "each cluster's total threads, up to the cores.")] = None,
     out: Annotated[str, typer.Option(help="Folder for the JSON and PNG results.")] = "bench-results",
@@ -408,7 +411,7 @@ def bench(
         warmup=warmup, workers=_int_list(workers, "--workers"),
         threads_per_worker=_int_list(threads_per_worker, "--threads-per-worker") if threads_per_worker else [None],
         device_memory=[part.strip() for part in device_memory.split(",")] if device_memory else [None],
-        device=device, baseline=baseline, out=Path(out), chart=chart, seed=seed, bandwidth_mib=bandwidth_mib,
+        device=device, baseline=baseline, offload=offload, out=Path(out), chart=chart, seed=seed, bandwidth_mib=bandwidth_mib,
         quantize=[part.strip() for part in quantize.split(",")],
         coordinator_threads=_int_list(coordinator_threads, "--coordinator-threads") if coordinator_threads else [None],
         interleave=interleave,

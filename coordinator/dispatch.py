@@ -347,11 +347,14 @@ class Dispatcher:
                 torch.index_select(hidden, 0, _on(hidden.device, tokens), out=batch)
             else:
                 batch.copy_(hidden.index_select(0, _on(hidden.device, tokens)))
-        else:
+        else:  # one copy: from the grouped rows (on any device) into the outgoing buffer
+            pieces = [rows[lo:hi] for _, lo, hi in spans]
+            if rows.device != batch.device and len(pieces) > 1:
+                pieces = [torch.cat(pieces)]  # joined on the device: one device-to-host copy, one wait, not one each
             offset = 0
-            for _, lo, hi in spans:  # one copy: from the grouped rows (on any device) into the outgoing buffer
-                batch[offset : offset + hi - lo].copy_(rows[lo:hi])
-                offset += hi - lo
+            for piece in pieces:
+                batch[offset : offset + len(piece)].copy_(piece)
+                offset += len(piece)
         request = m.ExpertRequest(
             request_id=self._next_id,
             layer=layer,

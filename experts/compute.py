@@ -54,7 +54,10 @@ BFLOAT16_PATHS = ("auto", "onednn", "avx2", "off")
 def bfloat16_path() -> str:
     """The CPU bfloat16 path this process takes: FIDDLER_BF16_PATH (auto, onednn, avx2 or off; auto picks oneDNN
     where the CPU has its bfloat16 support, else avx2), or off with FIDDLER_PACK_WEIGHTS=0. `avx2` runs on any AVX2
-    CPU, also one with oneDNN bfloat16 support, to compare the two or to use the C hand-over paths there."""
+    CPU, also one with oneDNN bfloat16 support, to compare the two or to use the C hand-over paths there. Where
+    both run (Zen 5, AVX512-BF16, 2026-12-02), oneDNN is the faster for both sides: a decode step of the
+    coordinator's own layers took 0.65x plain PyTorch's time against avx2's 1.01x, one expert's decoding row 1.15
+    against 1.25 ms and a 64-row prefill 4.3 against 19 ms (docs/performance-log.md), so auto keeps it."""
     chosen = os.environ.get("FIDDLER_BF16_PATH", "auto").strip().lower() or "auto"
     if chosen not in BFLOAT16_PATHS:
         raise ValueError(f"FIDDLER_BF16_PATH={chosen!r}: use one of {', '.join(BFLOAT16_PATHS)}")

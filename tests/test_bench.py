@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import error_line, runtime_leftovers
 from fiddler_moe.cli import fiddler
@@ -30,6 +31,13 @@ def test_bench_tiny_writes_json_and_png(cli, tmp_path):
     breakdown = result["cluster"][0]["decode_ms_per_token"]
     assert set(breakdown) >= {"non_expert", "worker_compute", "transport", "sampling_overhead", "total"}
     assert result["cluster"][0]["hit_rate"] == 0.0  # on the CPU every expert is cold by default
+    for c in result["cluster"]:  # each part: its bytes at the bandwidth, and the rest, bound by something else
+        bound, ms = c["bound"], c["decode_ms_per_token"]
+        assert bound["floor_ms"]["non_expert"] > 0 and bound["floor_ms"]["transport"] == 0
+        for key, floor in bound["floor_ms"].items():
+            assert bound["beyond_ms"][key] == pytest.approx(max(0.0, ms[key] - floor))
+    assert "beyond its bytes at the read bandwidth" in done.stdout and "beyond it" in done.stdout
+    assert result["offload"] == []  # accelerate's offloading contestant runs on a GPU only
     assert result["settings"]["interleaved"] and "range over rounds" in done.stdout
     for c in result["cluster"]:  # one round: its ratio is the ratio of the two runs
         versus = c["vs_transformers"]
@@ -84,3 +92,35 @@ def test_bench_sweeps_the_workers_formats_and_records_each_runs(cli, tmp_path):
     assert runs[0]["decode_bytes_per_token"] > runs[1]["decode_bytes_per_token"] > runs[2]["decode_bytes_per_token"]
     bad = cli(fiddler.app, "bench", "--preset", "tiny", "--quantize", "int3", "--out", tmp_path / "bad")
     assert bad.exit_code == 2 and "--quantize must be one of none, int8, int4" in error_line(bad)
+
+
+def test_offload_contestant_splits_the_model_at_the_budget_and_computes_transformers(checkpoints, reference,
+                                                                                      tmp_path):
+    """The offloading contestant of `fiddler bench --device cuda`: accelerate's device map at the cluster's budget.
+    Here the GPU's map is planned on the meta device, and the CPU twin (budget in memory, the rest on disk) runs
+    through the same from_pretrained(device_map="auto", max_memory=...) and hooks, and gives transformers' logits."""
+    accelerate = pytest.importorskip("accelerate")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fiddler_moe.benchmarks.runners import load_baseline, offload_max_memory
+
+    folder = checkpoints["tiny"]
+    weights = sum(p.numel() * 4 for p in reference(folder).parameters())
+    budget = weights // 3
+    max_memory = offload_max_memory(torch.device("cuda", 0), budget, 1 << 34)
+    assert max_memory == {0: budget, "cpu": 1 << 34}
+    with accelerate.init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    plan = accelerate.infer_auto_device_map(skeleton, max_memory=max_memory,
+                                            no_split_module_classes=skeleton._no_split_modules)
+    on_gpu = {name for name, where in plan.items() if where == 0}
+    assert on_gpu and "cpu" in plan.values()  # part on the device, the rest offloaded
+    gpu_bytes = sum(p.numel() * 4 for name, p in skeleton.named_parameters()
+                    if any(name == m or name.startswith(m + ".") for m in on_gpu))
+    assert gpu_bytes <= budget
+
+    model = load_baseline(str(folder), torch.float32, torch.device("cpu"), str(budget), str(tmp_path / "spill"))
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, reference(folder)(ids).logits, rtol=1e-5, atol=1e-5)

@@ -147,3 +147,23 @@ def test_cuda_coordinator_with_quantized_cold_experts(checkpoints):
                                    do_sample=False)[0, len(PROMPT):].tolist()
     assert relative_error(got_logits, want_logits) < 1e-5
     assert got.token_ids == want_tokens
+
+
+def test_cuda_bench_runs_accelerates_offloading_at_the_clusters_budget(cli, tmp_path):
+    """`fiddler bench --device cuda --device-memory M`: beside the cluster, transformers with accelerate's weight
+    offloading at M (part of the model on the GPU, the rest in host memory), and the cluster's ratio against it."""
+    import json
+
+    from fiddler_moe.cli import fiddler
+
+    pytest.importorskip("accelerate")
+    out = tmp_path / "results"
+    done = cli(fiddler.app, "bench", "--preset", "tiny", "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1",
+               "--device", "cuda", "--device-memory", "300KB", "--bandwidth-mib", "64", "--no-chart", "--out", out)
+    assert done.exit_code == 0, done.stderr
+    [result_file] = out.glob("bench-tiny-*.json")
+    result = json.loads(result_file.read_text())
+    [offload] = result["offload"]
+    assert offload["device_memory"] == "300KB" and offload["decode_tokens_per_second"] > 0
+    [cluster] = result["cluster"]
+    assert cluster["vs_offload"]["decode"] > 0 and "offload 300KB" in done.stdout
