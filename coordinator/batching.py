@@ -287,7 +287,7 @@ class BatchEngine:
         self._waiting: deque[RequestHandle] = deque()
         self._batch = _Batch()
         self._starting = 0  # requests taken from the queue, not yet in the batch (prefilling, or a beam search)
-        self._queue_changed = threading.Condition()
+        self._queue_changed = threading.Condition(threading.RLock())
         self._model_lock = threading.RLock()  # held by the loop for each step; exclusive() for anyone else
         self._ids = itertools.count(1)
         self._closing = False
@@ -348,14 +348,22 @@ class BatchEngine:
                         return
                     starting = self._admit()
                     self._starting = len(starting)
-                if starting and starting[0].params.num_beams > 1:
-                    self._run_alone(starting[0])
-                elif starting:
-                    self._prefill(starting)
-                with self._queue_changed:
-                    self._starting = 0
-                if self._batch.rows:
-                    self._decode_step()
+                try:
+                    if starting and starting[0].params.num_beams > 1:
+                        self._run_alone(starting[0])
+                    elif starting:
+                        self._prefill(starting)
+                    with self._queue_changed:
+                        self._starting = 0
+                    if self._batch.rows:
+                        self._decode_step()
+                except Exception as e:  # a fault of the engine itself: its requests end with it, the loop goes on
+                    log.exception("the engine's step failed")
+                    handles = [*starting, *(row.handle for row in self._batch.rows)]
+                    self._batch.keep([])
+                    with self._queue_changed:
+                        self._starting = 0
+                    self._fail(handles, e)
 
     def _admit(self) -> list[RequestHandle]:
         """The waiting requests that join now, in arrival order, while the batch has room. A beam search runs on
