@@ -259,7 +259,7 @@ class _Batch:
                     cache=self.cache, use_cache=True)
         for row in self.rows:
             row.length += 1
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float().cpu()  # chosen on the CPU: each request's generator lives there
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -280,6 +280,9 @@ class BatchEngine:
         cluster restarts the worker there)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if getattr(coordinator, "_engine", None) is not None:  # two loops would run one model from two threads
+            raise RuntimeError("this coordinator has its engine already: use coordinator.engine (cluster.engine)")
+        coordinator._engine = self  # every client of the coordinator goes through this one
         self.coordinator = coordinator
         self.max_batch_size = max_batch_size
         self.on_failure = on_failure
@@ -335,6 +338,8 @@ class BatchEngine:
             self._end(handle, "cancelled")
         self._waiting.clear()
         self._batch.keep([])
+        if getattr(self.coordinator, "_engine", None) is self:
+            self.coordinator._engine = None
 
     # --- the loop thread ---
 
@@ -443,7 +448,7 @@ class BatchEngine:
         with self._queue_changed:
             self._stats.prompt_tokens += sum(row.length for row in rows)
             self._stats.prefill_seconds += time.perf_counter() - started
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float().cpu()  # chosen on the CPU: each request's generator lives there
         group = _Batch(rows, cache, mask)
         group.keep([i for i, row in enumerate(rows) if self._advance(row, row.choose(logits[i]))])
         self._batch.join(group)

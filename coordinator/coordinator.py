@@ -621,8 +621,7 @@ class Coordinator:
 
         if self._engine is not None:
             self._engine.close()
-        self._engine = BatchEngine(self, max_batch_size, on_failure)
-        return self._engine
+        return BatchEngine(self, max_batch_size, on_failure)  # which makes itself this coordinator's engine
 
     def generate(
         self,
