@@ -52,7 +52,7 @@ def launch(
     try:
         with cluster:
             service = PromptService(cluster.coordinator, f"ipc://{cluster.run_dir}/coordinator.sock",
-                                    on_failure=cluster.recover, on_idle=cluster.check_workers)
+                                    on_idle=cluster.check_workers)
             rundir.publish(cluster.run_dir, rundir.ClusterInfo(os.getpid(), service.address,
                                                                str(cluster.options.model), time.time()))
             print(f"ready: prompts at {service.address}", flush=True)
