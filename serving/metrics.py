@@ -21,17 +21,17 @@ class Counters:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests: Counter = Counter()  # (route, status) -> requests answered
-        self.finished: Counter = Counter()  # finish reason -> choices
+        self.answered: Counter = Counter()  # (route, status) -> requests answered
+        self.ended: Counter = Counter()  # finish reason -> choices
         self.started = time.time()
 
     def request(self, route: str, status: int) -> None:
         with self.lock:
-            self.requests[(route, str(status))] += 1
+            self.answered[(route, str(status))] += 1
 
     def finished(self, reason: str) -> None:
         with self.lock:
-            self.finished[reason] += 1
+            self.ended[reason] += 1
 
 
 class _Snapshot:
@@ -64,8 +64,8 @@ def families(counters: Counters, served) -> list:
         found.append(family)
 
     with counters.lock:
-        requests = dict(counters.requests)
-        finished = dict(counters.finished)
+        requests = dict(counters.answered)
+        finished = dict(counters.ended)
     counter("fiddler_http_requests", "HTTP requests answered, by route and status code", None,
             labels=["route", "status"], samples=[([route, status], n) for (route, status), n in requests.items()])
     counter("fiddler_choices_finished", "Choices (engine requests) ended, by reason", None, labels=["reason"],

@@ -197,3 +197,27 @@ def test_listening_beyond_loopback_needs_a_key_and_is_refused_before_anything_st
     assert HttpOptions.parse("0.0.0.0:80", api_key="k").api_key == "k"
     monkeypatch.setenv("FIDDLER_API_KEY", "from-env")
     assert HttpOptions.parse("0.0.0.0:80").api_key == "from-env"
+
+
+@pytest.mark.cluster("tiny", workers=2, threads_per_worker=1, transport="shm")
+def test_a_degraded_or_stopping_cluster_answers_503_with_the_reason(cluster):
+    from fastapi.testclient import TestClient
+
+    from fiddler_moe.serving.app import Served, make_app
+
+    reason = ["worker-1 (ipc://...) exited with code -9; 3 restarts used"]
+    served = Served(cluster.engine, cluster.tokenizer, cluster.options.model, health=lambda: reason[0],
+                    coordinator=cluster.coordinator)
+    with TestClient(make_app(served)) as http:
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "degraded", "reason": reason[0]}
+        refused = http.post("/v1/completions", json={"model": served.name, "prompt": "hi"})
+        assert refused.status_code == 503 and refused.json()["error"]["message"] == reason[0]
+        assert "fiddler_degraded 1.0" in http.get("/metrics").text
+        reason[0] = None
+        served.shutting_down = "the server is shutting down"
+        assert http.get("/health").json() == {"status": "shutting_down", "reason": "the server is shutting down"}
+        served.shutting_down = None
+        assert http.get("/health").status_code == 200
+        ok = http.post("/v1/completions", json={"model": served.name, "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
