@@ -24,6 +24,8 @@ TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 = gre
 TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")]
 TopKOption = Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens; 0 = off.")]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+NumBeamsOption = Annotated[int, typer.Option("--num-beams", help="Beam search with this many beams (greedy); 1 = "
+                                            "off.")]
 ChatOption = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object: ids, text and timings.")]
 AddressOption = Annotated[str | None, typer.Option(help="Coordinator address; default: the newest local cluster.")]
@@ -111,6 +113,7 @@ def generate(
     top_k: TopKOption = 0,
     seed: SeedOption = None,
     chat: ChatOption = False,
+    num_beams: NumBeamsOption = 1,
     as_json: JsonOption = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the cluster between tokens.")] = 600.0,
     show_stats: Annotated[bool, typer.Option("--stats", help="After the answer, show this request's statistics: "
@@ -124,14 +127,14 @@ def generate(
     from fiddler_moe.protocol.transport import Client
 
     try:
-        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed, num_beams)
     except ValueError as e:
         raise fail(str(e)) from None
     address, owner_pid = _find_cluster(address)
     client = Client(address)
     try:
         before = _ask_stats(client, address, owner_pid, timeout) if show_stats else None
-        client.send(m.GenerateRequest(prompt, max_new_tokens, temperature, top_p, top_k, seed, chat))
+        client.send(m.GenerateRequest(prompt, max_new_tokens, temperature, top_p, top_k, seed, chat, num_beams))
         waited = 0.0
         while True:
             msg = client.receive(timeout_s=1.0)
@@ -174,6 +177,7 @@ def run(
     top_k: TopKOption = 0,
     seed: SeedOption = None,
     chat: ChatOption = False,
+    num_beams: NumBeamsOption = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Launch a cluster, generate for one prompt, and stop everything."""
@@ -186,12 +190,12 @@ def run(
 
     _terminate_as_interrupt()
     try:
-        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed, num_beams)
         options.quiet = as_json
         with Cluster(options) as cluster:
             stream = None if as_json else TextStream(cluster.tokenizer, lambda text, ids: _print_piece(text))
             out = cluster.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   top_k=top_k, seed=seed, chat=chat, on_token=stream)
+                                   top_k=top_k, seed=seed, chat=chat, on_token=stream, num_beams=num_beams)
     except KeyboardInterrupt:
         raise fail("interrupted; the cluster was stopped") from None
     except (CheckpointError, ValueError, WorkerFailed, PermissionError) as e:

@@ -74,7 +74,7 @@ def launch(
         listener = http_options.bind() if http_options else None  # a port in use fails here, before any process
         with cluster:
             service = PromptService(cluster.coordinator, f"ipc://{cluster.run_dir}/coordinator.sock",
-                                    on_failure=cluster.recover, on_idle=cluster.check_workers)
+                                    on_idle=cluster.check_workers)
             rundir.publish(cluster.run_dir, rundir.ClusterInfo(os.getpid(), service.address,
                                                                str(cluster.options.model), time.time()))
             if listener is not None:

@@ -20,8 +20,7 @@ from typing import Literal
 import torch
 import transformers
 from tqdm import tqdm
-from transformers import AutoTokenizer, GenerationConfig
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoTokenizer
 
 from fiddler_moe.coordinator import loading
 from fiddler_moe.coordinator.cpu_linear import pack_linear_layers
@@ -205,7 +204,8 @@ def prepare(
                     hot_experts, profile, scheduling, staging, quantize)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None = None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None = None,
+                   num_beams: int = 1) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not (temperature >= 0 and math.isfinite(temperature)):
@@ -216,28 +216,10 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
         raise ValueError(f"--top-k must be 0 (off) or more, got {top_k}")
     if seed is not None and not 0 <= seed < 2**64:
         raise ValueError(f"--seed must be between 0 and 2**64 - 1, got {seed}")
-
-
-class _CallbackStreamer(BaseStreamer):
-    """transformers' streamer protocol -> a callback per new token, with timing of the first one."""
-
-    def __init__(self, on_token: Callable[[int], None] | None):
-        self.on_token = on_token
-        self.prompt_seen = False
-        self.first_token_at: float | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        for token in value.reshape(-1).tolist():
-            if self.on_token:
-                self.on_token(token)
-
-    def end(self) -> None:
-        pass
+    if num_beams < 1:
+        raise ValueError(f"--num-beams must be at least 1, got {num_beams}")
+    if num_beams > 1 and temperature > 0:
+        raise ValueError("beam search here is greedy: give --num-beams with --temperature 0, or sample with one beam")
 
 
 @dataclass
@@ -306,6 +288,7 @@ class Coordinator:
         self.degraded: str | None = None  # set when a worker is down for good
         self.spin_waits = spin_waits
         self.handshake_timeout_s = handshake_timeout_s
+        self._engine = None
         try:
             self._start(token, transport, shm_rows, startup_timeout_s, progress)
         except BaseException:
@@ -587,32 +570,30 @@ class Coordinator:
             return list(ids)
         return self.tokenizer(prompt)["input_ids"]
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt: str | list[int],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        chat: bool = False,
-        ignore_eos: bool = False,
-        on_token: Callable[[int], None] | None = None,
-    ) -> Generation:
-        self.check_serving()
-        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
-        if isinstance(prompt, str) and not prompt.strip():
-            raise ValueError("the prompt is empty; give some text")
-        if isinstance(prompt, str):
-            prompt_ids = self.encode_prompt(prompt, chat)
-        else:
-            prompt_ids = list(prompt)
-            vocab = getattr(self.layout.config, "vocab_size", None) or len(self.tokenizer)  # the embedding's rows
-            bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab),
-                       None)
-            if bad is not None:
-                raise ValueError(f"prompt token id {bad!r} is not in the vocabulary (0 to {vocab - 1})")
+    @property
+    def vocab_size(self) -> int:
+        return getattr(self.layout.config, "vocab_size", None) or len(self.tokenizer)  # the embedding's rows
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The tokens that end a generation: the model's generation config's EOS, else the tokenizer's."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+
+    def check_prompt(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """The prompt's token ids, or ValueError saying what is wrong with them."""
+        prompt_ids = list(prompt_ids)
+        vocab = self.vocab_size
+        bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab),
+                   None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is not in the vocabulary (0 to {vocab - 1})")
         if not prompt_ids:
             raise ValueError("the prompt is empty; give some text")
         context = getattr(self.layout.config, "max_position_embeddings", None)
@@ -625,38 +606,60 @@ class Coordinator:
                 f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
                 f"context of {context} tokens; ask for at most {context - len(prompt_ids)} new tokens"
             )
-        if seed is not None:
-            torch.manual_seed(seed)
-        sample = temperature > 0
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
-            top_k=(top_k or None) if sample else None,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            # ignore_eos (benchmarks, tests): EOS is masked until max_new_tokens, as transformers' min_new_tokens does
-            min_new_tokens=max_new_tokens if ignore_eos else None,
-        )
-        streamer = _CallbackStreamer(on_token)
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        started = time.perf_counter()
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=config,
-            streamer=streamer,
-        )
-        finished = time.perf_counter()
-        new_ids = output[0, len(prompt_ids) :].tolist()
-        first = streamer.first_token_at or finished
-        return Generation(
-            prompt_token_ids=prompt_ids,
-            token_ids=new_ids,
-            text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
-            prefill_seconds=first - started,
-            decode_seconds=finished - first,
-        )
+        return prompt_ids
+
+    @property
+    def engine(self):
+        """The serving engine (coordinator/batching.py) every generation goes through; started on first use."""
+        if self._engine is None:
+            self.start_engine()
+        return self._engine
+
+    def start_engine(self, max_batch_size: int = 8, on_failure: Callable[[WorkerFailed], None] | None = None):
+        """Start the serving engine: on_failure(the failure) runs in its thread after a step failed on a worker."""
+        from fiddler_moe.coordinator.batching import BatchEngine  # it builds on this module
+
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = BatchEngine(self, max_batch_size, on_failure)
+        return self._engine
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+        on_token: Callable[[int], None] | None = None,
+        num_beams: int = 1,
+    ) -> Generation:
+        """One request through the engine, beside whatever else it is running; on_token(id) per new token."""
+        from fiddler_moe.coordinator.batching import SamplingParams
+
+        self.check_serving()
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed, num_beams)
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("the prompt is empty; give some text")
+            prompt = self.encode_prompt(prompt, chat)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, ignore_eos=ignore_eos, num_beams=num_beams)
+        handle = self.engine.submit(prompt, params)
+        try:
+            for token in handle.tokens():
+                if on_token is not None:
+                    on_token(token)
+        except BaseException:
+            handle.cancel()  # Ctrl-C, or the callback failed: the request leaves the batch
+            raise
+        new_ids = handle.result()
+        prefill_seconds, decode_seconds = handle.seconds()
+        return Generation(handle.prompt_token_ids, new_ids, self.tokenizer.decode(new_ids, skip_special_tokens=True),
+                          prefill_seconds, decode_seconds)
 
     def cold_expert_tensors_held(self) -> int:
         """How many cold-expert weight tensors this process holds (the design says: none)."""
@@ -669,6 +672,9 @@ class Coordinator:
         return held + len(experts_params)
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         for link in self.links:
             try:
                 link.send(m.Shutdown())

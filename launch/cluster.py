@@ -163,6 +163,8 @@ class Cluster:
                                            transport=cfg.transport, shm_rows=cfg.shm_rows,
                                            progress=not cfg.quiet, spin_waits=not layout.takes_turns,
                                            handshake_timeout_s=cfg.handshake_timeout)
+            # Every generation goes through one engine, whose thread restarts a failed worker between steps.
+            self.coordinator.start_engine(cfg.max_batch_size, on_failure=self.recover)
             for line in self.coordinator.placement.describe() + self.coordinator.describe_scheduling():
                 self.log(line)
         except BaseException:
@@ -227,10 +229,11 @@ class Cluster:
         return lambda: self.processes[index].poll() is None
 
     def check_workers(self) -> None:
-        """Restart local workers that died (called on idle ticks and after a failed request)."""
-        for index, process in enumerate(self.processes):
-            if process.poll() is not None:
-                self._recover(index, f"exited with code {process.returncode}")
+        """Restart local workers that died (called on idle ticks), between the engine's steps."""
+        with self._running().engine.exclusive():
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    self._recover(index, f"exited with code {process.returncode}")
 
     def recover(self, failure: WorkerFailed) -> None:
         """After a request failed on a worker: bring that worker back, or mark the cluster degraded."""
@@ -275,18 +278,23 @@ class Cluster:
         return self.coordinator
 
     def generate(self, prompt: str | list[int], **kwargs) -> Generation:
-        try:
-            return self._running().generate(prompt, **kwargs)
-        except WorkerFailed as e:
-            self.recover(e)  # this request fails; the next one finds the worker back
-            raise
+        """Coordinator.generate's arguments (num_beams among them). A request failed on a worker raises
+        WorkerFailed once the engine has brought the worker back: the next one finds it there."""
+        return self._running().generate(prompt, **kwargs)
+
+    @property
+    def engine(self):
+        """The serving engine (coordinator/batching.py): submit requests that decode together."""
+        return self._running().engine
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        try:
-            return self._running().logits(input_ids, attention_mask)
-        except WorkerFailed as e:
-            self.recover(e)
-            raise
+        coordinator = self._running()
+        with coordinator.engine.exclusive():
+            try:
+                return coordinator.logits(input_ids, attention_mask)
+            except WorkerFailed as e:
+                self.recover(e)
+                raise
 
     @property
     def tokenizer(self):

@@ -112,6 +112,8 @@ class ClusterOptions:
         "--restart-workers/--no-restart-workers", help="Start a local worker that died again, with its shard."))
     max_restarts: int = field(default=3, metadata=flag(
         "--max-restarts", help="Restarts per worker before the cluster reports itself degraded."))
+    max_batch_size: int = field(default=8, metadata=flag(
+        "--max-batch-size", help="Requests decoded together in one step; more wait for a place."))
     # For Python callers only.
     shm_rows: int = 4096  # rows per shared-memory slot; larger batches travel over ZeroMQ
     scheduling: str = "auto"  # auto: move cold experts to a GPU when it pays; never; always (tests of the move path)
@@ -141,5 +143,6 @@ class ClusterOptions:
         if not 0 < self.handshake_timeout < float("inf"):
             raise ValueError(f"--handshake-timeout must be a number of seconds above 0, got {self.handshake_timeout}")
         _at_least("--max-restarts", self.max_restarts, 0)
+        _at_least("--max-batch-size", self.max_batch_size, 1)
         if self.scheduling not in ("auto", "never", "always"):
             raise ValueError(f"scheduling must be auto, never or always, got {self.scheduling!r}")

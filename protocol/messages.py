@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 # Bump when any message below changes shape; peers with another version are refused with an Error.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 @dataclass
@@ -226,6 +226,7 @@ class GenerateRequest(Message):
     top_k: int = 0
     seed: int | None = None
     chat: bool = False
+    num_beams: int = 1  # beam search when above 1 (greedy beams; the best one is returned)
 
 
 @dataclass
