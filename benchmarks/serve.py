@@ -12,13 +12,15 @@ sent at once, --repeats times. Per round:
 - aggregate decode tok/s: every client's tokens after its first, over the time from the first client's first text
   to the last client's end (what the cluster decodes per second with that many streams).
 Then transformers: `generate` on a left-padded batch of the same prompts (the same count), eager, the same dtype
-and total threads as the cluster, timed the same way (its first token is the whole batch's).
+and total threads as the cluster (up to the cores there are), timed the same way (its first token is the whole
+batch's).
 Medians over the rounds; the JSON keeps every round.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import threading
@@ -171,8 +173,10 @@ def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list
             served.shutting_down = "the benchmark is over"
             served.cancel_all()
             server.stop()
+        # transformers gets the same threads, up to the cores there are (the cluster's sides take turns on them)
         layout = {"workers": len(cluster.slots), "threads_per_worker": [s.threads for s in cluster.slots],
-                  "coordinator_threads": torch.get_num_threads(), "total_threads": threads}
+                  "coordinator_threads": torch.get_num_threads(), "total_threads": threads,
+                  "transformers_threads": min(os.cpu_count() or 1, threads)}
     return results, layout
 
 
@@ -232,7 +236,8 @@ def bench_transformers(folder: Path, dtype: str, options: ServeOptions, prompts:
 def run_serve_bench(options: ServeOptions, log: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
                     ) -> dict:
     if not options.clients or min(options.clients) < 1:
-        raise ValueError("--clients needs counts of 1 or more, e.g. 1,2,4,8")
+        given = ",".join(str(n) for n in options.clients) or "nothing"
+        raise ValueError(f"--clients {given}: give counts of 1 or more, e.g. 1,2,4,8")
     folder, dtype = prepare_checkpoint(BenchOptions(preset=options.preset, model=options.model,
                                                     dtype=options.dtype), log)
     from fiddler_moe.coordinator.loading import read_config
@@ -243,7 +248,7 @@ def run_serve_bench(options: ServeOptions, log: Callable[[str], None] = lambda t
     prompts = [random_prompt(config.vocab_size, options.prompt_len, options.seed + i, avoid)
                for i in range(max(options.clients))]
     cluster, layout = bench_cluster(folder, dtype, options, prompts, log)
-    baseline = bench_transformers(folder, dtype, options, prompts, layout["total_threads"], log) \
+    baseline = bench_transformers(folder, dtype, options, prompts, layout["transformers_threads"], log) \
         if options.baseline else []
     one = cluster[0]["aggregate_decode_tokens_per_second"] if cluster[0]["clients"] == 1 else None
     for row in cluster:
@@ -326,7 +331,7 @@ def write_chart(result: dict, path: Path) -> Path | None:
     model, machine = result["model"], result["machine"]
     fig.suptitle(f"{model['name']} ({model['dtype']}), prompt {result['settings']['prompt_len']}, "
                  f"{result['settings']['new_tokens']} new tokens, every expert cold: {machine['cpu_model']}, "
-                 f"{result['cluster_layout']['total_threads']} threads", fontsize="medium")
+                 f"{machine['logical_cpus']} cpus", fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -84,3 +84,24 @@ def test_bench_sweeps_the_workers_formats_and_records_each_runs(cli, tmp_path):
     assert runs[0]["decode_bytes_per_token"] > runs[1]["decode_bytes_per_token"] > runs[2]["decode_bytes_per_token"]
     bad = cli(fiddler.app, "bench", "--preset", "tiny", "--quantize", "int3", "--out", tmp_path / "bad")
     assert bad.exit_code == 2 and "--quantize must be one of none, int8, int4" in error_line(bad)
+
+
+def test_bench_serve_measures_concurrent_http_clients_beside_transformers(cli, tmp_path):
+    out = tmp_path / "serve"
+    done = cli(fiddler.app, "bench", "serve", "--preset", "tiny", "--clients", "1,2", "--prompt-len", "8",
+               "--new-tokens", "4", "--repeats", "1", "--out", out)
+    assert done.exit_code == 0, done.stderr
+    assert "| 2 | fiddler |" in done.stdout and "transformers, batch of 2" in done.stdout
+    [result_file] = out.glob("serve-tiny-bfloat16-*.json")
+    result = json.loads(result_file.read_text())
+    assert [r["clients"] for r in result["fiddler"]] == [r["clients"] for r in result["transformers"]] == [1, 2]
+    for row in [*result["fiddler"], *result["transformers"]]:
+        assert row["aggregate_decode_tokens_per_second"] > 0 and row["ttft_seconds"] > 0
+        assert row["rounds"][0]["tokens"] == [4] * row["clients"]  # every stream got all its tokens
+    assert result["fiddler"][0]["versus_one_client"] == 1.0
+    assert result["cluster_layout"]["transformers_threads"] >= 1
+    pytest.importorskip("matplotlib")
+    [chart] = out.glob("serve-tiny-bfloat16-*.png")
+    assert chart.read_bytes()[:8] == PNG_MAGIC
+    assert runtime_leftovers() == []
+    assert "1,0" in error_line(cli(fiddler.app, "bench", "serve", "--clients", "1,0", "--out", tmp_path / "bad"))
