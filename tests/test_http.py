@@ -94,6 +94,11 @@ def test_n_choices_and_sampling_with_a_seed_repeat(api, model):
     assert [c.index for c in first.choices] == [0, 1]
     assert [c.text for c in first.choices] == [c.text for c in second.choices]  # the same seeds, the same text
     assert first.usage.completion_tokens == 16
+    beams = api.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0,
+                                   extra_body={"num_beams": 2, "ignore_eos": True})
+    assert beams.usage.completion_tokens == 4 and beams.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="num_beams"):
+        api.completions.create(model=model, prompt="Hello", stream=True, extra_body={"num_beams": 2})
 
 
 def test_errors_come_in_openai_shape_with_their_status(api, model, launched):
