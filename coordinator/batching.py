@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -18,8 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 from fiddler_moe.coordinator.coordinator import Coordinator, check_sampling
 from fiddler_moe.coordinator.dispatch import ClusterDegraded, WorkerFailed
@@ -152,30 +154,126 @@ class RequestHandle:
             self._changed.notify_all()
 
 
-class _Streamer(BaseStreamer):
-    """transformers' streamer protocol -> the handle's tokens."""
-
-    def __init__(self, handle: RequestHandle):
-        self.handle = handle
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.handle._emit(token)
-
-    def end(self) -> None:
-        pass
-
-
 class _StopWhenCancelled(StoppingCriteria):
     def __init__(self, handle: RequestHandle):
         self.handle = handle
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.handle.cancelled, dtype=torch.bool, device=input_ids.device)
+
+
+def _warpers(params: SamplingParams) -> LogitsProcessorList:
+    """transformers' own sampling steps, in the order its generate applies them."""
+    warpers = LogitsProcessorList()
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(top_k=params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=params.top_p))
+    return warpers
+
+
+@dataclass
+class _Row:
+    """A request in the batch: how it chooses its tokens, and where it is."""
+
+    handle: RequestHandle
+    stop_ids: frozenset[int]  # a token among these ends the request
+    eos_ids: list[int]  # masked while fewer than min_tokens are made, or always with ignore_eos
+    warpers: LogitsProcessorList | None  # None: greedy
+    generator: torch.Generator | None  # its own random stream: a seed gives the same tokens beside any others
+    length: int  # its real tokens in the cache
+    last: int = -1  # the token to read at the next step
+    made: int = 0
+
+    @classmethod
+    def of(cls, handle: RequestHandle, eos_ids: list[int]) -> _Row:
+        params = handle.params
+        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_ids))
+        sample = params.temperature > 0
+        generator = None
+        if sample:
+            seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
+            generator = torch.Generator().manual_seed(seed)
+        masked = sorted(set(eos_ids) | (set(params.stop_token_ids) if not params.ignore_eos else set()))
+        return cls(handle, stop, masked, _warpers(params) if sample else None, generator,
+                   len(handle.prompt_token_ids))
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this row's float32 logits (vocabulary,), as transformers' generate picks it."""
+        params = self.handle.params
+        if self.eos_ids and (params.ignore_eos or self.made < params.min_tokens):
+            logits = logits.clone()
+            logits[self.eos_ids] = -math.inf
+        if self.warpers is None:
+            return int(torch.argmax(logits))
+        scores = self.warpers(None, logits[None])
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class _Batch:
+    """The running rows' KV cache: one DynamicCache whose rows are left-padded to one length, and the attention
+    mask that hides the padding. Rows join after their own prefill and leave between steps."""
+
+    def __init__(self):
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, cached length): 1 for a real token
+
+    def join(self, row: _Row, cache: DynamicCache) -> None:
+        if not self.rows:
+            self.rows, self.cache = [row], cache
+            self.mask = torch.ones(1, row.length, dtype=torch.long, device=cache.layers[0].keys.device)
+            return
+        length, new = self.mask.shape[1], row.length
+        width = max(length, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        mask = torch.ones(1, new, dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+        self.rows.append(row)
+
+    def keep(self, kept: list[int]) -> None:
+        """Only these rows stay (their order kept); padding no row needs any more is cut off."""
+        if len(kept) == len(self.rows):
+            return
+        if not kept:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(kept, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(dim=0).long().argmax())  # the first column some row still reads
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.rows = [self.rows[i] for i in kept]
+
+    def step(self, model: torch.nn.Module) -> torch.Tensor:
+        """One decoding step of every row: each reads its last token; float32 logits (rows, vocabulary)."""
+        device = self.mask.device
+        input_ids = torch.tensor([[row.last] for row in self.rows], device=device)
+        positions = torch.tensor([[row.length] for row in self.rows], device=device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        out = model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                    cache=self.cache, use_cache=True)
+        for row in self.rows:
+            row.length += 1
+        return out.logits[:, -1, :].float()
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the sequence dimension's entries (dim 2 of a cache tensor, dim 1 of a mask) up to `width`."""
+    dim = 2 if t.dim() == 4 else 1
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 class BatchEngine:
@@ -190,11 +288,13 @@ class BatchEngine:
         self.on_failure = on_failure
         self._stats = EngineStats()
         self._waiting: deque[RequestHandle] = deque()
-        self._running: list[RequestHandle] = []
+        self._batch = _Batch()
+        self._starting = 0  # requests taken from the queue, not yet in the batch (prefilling, or a beam search)
         self._queue_changed = threading.Condition()
         self._model_lock = threading.RLock()  # held by the loop for each step; exclusive() for anyone else
         self._ids = itertools.count(1)
         self._closing = False
+        self._torch_threads = torch.get_num_threads()  # OpenMP's count is per thread: the loop takes its creator's
         self._thread = threading.Thread(target=self._loop, name="fiddler-engine", daemon=True)
         self._thread.start()
 
@@ -216,7 +316,7 @@ class BatchEngine:
 
     def stats(self) -> EngineStats:
         with self._queue_changed:
-            return EngineStats(**{**self._stats.__dict__, "running": len(self._running),
+            return EngineStats(**{**self._stats.__dict__, "running": len(self._batch.rows) + self._starting,
                                   "waiting": len(self._waiting)})
 
     @contextlib.contextmanager
@@ -229,86 +329,166 @@ class BatchEngine:
         """Stop the loop; unfinished requests end as cancelled."""
         with self._queue_changed:
             self._closing = True
-            for handle in [*self._waiting, *self._running]:
+            for handle in [*self._waiting, *(row.handle for row in self._batch.rows)]:
                 handle.cancel()
             self._queue_changed.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        for handle in [*self._waiting, *self._running]:
-            handle._finish("cancelled")
+        for handle in [*self._waiting, *(row.handle for row in self._batch.rows)]:
+            self._end(handle, "cancelled")
         self._waiting.clear()
-        self._running.clear()
+        self._batch.keep([])
 
     # --- the loop thread ---
 
     def _loop(self) -> None:
-        while True:
-            with self._queue_changed:
-                self._queue_changed.wait_for(lambda: self._waiting or self._closing)
-                if self._closing:
-                    return
-                handle = self._waiting.popleft()
-                self._running.append(handle)
-            try:
-                self._run_alone(handle)
-            finally:
+        torch.set_num_threads(self._torch_threads)
+        with torch.inference_mode():
+            while True:
                 with self._queue_changed:
-                    self._running.remove(handle)
-                    self._stats.finished += 1
+                    self._queue_changed.wait_for(lambda: self._waiting or self._batch.rows or self._closing)
+                    if self._closing:
+                        return
+                    starting = self._admit()
+                    self._starting = len(starting)
+                for handle in starting:
+                    if handle.params.num_beams > 1:
+                        self._run_alone(handle)
+                    else:
+                        self._prefill(handle)
+                    with self._queue_changed:
+                        self._starting -= 1
+                if self._batch.rows:
+                    self._decode_step()
+
+    def _admit(self) -> list[RequestHandle]:
+        """The waiting requests that join now, in arrival order, while the batch has room. A beam search runs on
+        its own: it starts once the batch is empty, and nothing joins while it waits or runs."""
+        starting: list[RequestHandle] = []
+        while self._waiting and len(self._batch.rows) + len(starting) < self.max_batch_size:
+            handle = self._waiting[0]
+            if handle.cancelled:
+                self._waiting.popleft()
+                self._end(handle, "cancelled")
+                continue
+            if handle.params.num_beams > 1:
+                if not self._batch.rows and not starting:
+                    starting.append(self._waiting.popleft())
+                break
+            starting.append(self._waiting.popleft())
+        return starting
+
+    def _end(self, handle: RequestHandle, reason: str, error: BaseException | None = None) -> None:
+        if handle.done:
+            return
+        handle._finish(reason, error)
+        with self._queue_changed:
+            self._stats.finished += 1
+
+    def _fail(self, handles: list[RequestHandle], error: BaseException) -> None:
+        """A step failed: a worker's failure is recovered first (in this thread), then its requests end."""
+        if isinstance(error, WorkerFailed):
+            log.error("%d request(s) failed: %s", len(handles), error)
+            self._recover(error)
+        elif not isinstance(error, ClusterDegraded | ValueError):
+            log.error("%d request(s) failed: %s: %s", len(handles), type(error).__name__, error)
+        for handle in handles:
+            self._end(handle, "error", error)
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Hand the row's new token to its caller; False when that ended the request."""
+        row.made += 1
+        row.last = token
+        row.handle._emit(token)
+        with self._queue_changed:
+            self._stats.generated_tokens += 1
+        if token in row.stop_ids:
+            self._end(row.handle, "stop")
+            return False
+        if row.made >= row.handle.params.max_new_tokens:
+            self._end(row.handle, "length")
+            return False
+        return True
+
+    def _prefill(self, handle: RequestHandle) -> None:
+        """Read a new request's prompt on its own, choose its first token, and let it join the batch."""
+        coordinator = self.coordinator
+        handle.started_at = time.perf_counter()
+        row = _Row.of(handle, coordinator.eos_token_ids)
+        cache = DynamicCache()
+        input_ids = torch.tensor([handle.prompt_token_ids], device=coordinator.device)
+        try:
+            with self._model_lock:
+                coordinator.check_serving()
+                out = coordinator.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        cache=cache, use_cache=True, logits_to_keep=1)
+        except Exception as e:  # the request's caller gets it
+            self._fail([handle], e)
+            return
+        with self._queue_changed:
+            self._stats.prompt_tokens += input_ids.shape[1]
+            self._stats.prefill_seconds += time.perf_counter() - handle.started_at
+        if self._advance(row, row.choose(out.logits[0, -1].float())):
+            self._batch.join(row, cache)
+
+    def _decode_step(self) -> None:
+        """Every row advances by one token in one forward pass; finished and cancelled rows leave."""
+        batch = self._batch
+        for row in batch.rows:
+            if row.handle.cancelled:
+                self._end(row.handle, "cancelled")
+        batch.keep([i for i, row in enumerate(batch.rows) if not row.handle.done])
+        if not batch.rows:
+            return
+        started = time.perf_counter()
+        try:
+            with self._model_lock:
+                self.coordinator.check_serving()
+                logits = batch.step(self.coordinator.model)
+        except Exception as e:
+            handles = [row.handle for row in batch.rows]
+            batch.keep([])
+            self._fail(handles, e)
+            return
+        batch.keep([i for i, row in enumerate(batch.rows) if self._advance(row, row.choose(logits[i]))])
+        with self._queue_changed:
+            self._stats.decode_seconds += time.perf_counter() - started
 
     def _run_alone(self, handle: RequestHandle) -> None:
-        """One request through transformers' generate (greedy, sampling, or beam search)."""
+        """A beam search, through transformers' generate: its beams are the rows of each layer call."""
         params = handle.params
-        if handle.cancelled:
-            handle._finish("cancelled")
-            return
         handle.started_at = time.perf_counter()
         try:
             with self._model_lock:
                 self.coordinator.check_serving()
                 output = self._generate(handle)
-        except WorkerFailed as e:
-            log.error("request %s failed: %s", handle.request_id, e)
-            self._recover(e)
-            handle._finish("error", e)
-            return
-        except Exception as e:  # ClusterDegraded, or anything else: the request's caller gets it
-            handle._finish("error", e)
+        except Exception as e:
+            self._fail([handle], e)
             return
         finished = time.perf_counter()
-        first = handle.first_token_at or finished
         new = output[0, len(handle.prompt_token_ids):].tolist()
-        if params.num_beams > 1:  # beams are known only at the end
-            for token in new:
-                handle._emit(token)
+        for token in new:
+            handle._emit(token)
         with self._queue_changed:
             self._stats.prompt_tokens += len(handle.prompt_token_ids)
             self._stats.generated_tokens += len(new)
-            self._stats.prefill_seconds += first - handle.started_at
-            self._stats.decode_seconds += finished - first
+            self._stats.prefill_seconds += finished - handle.started_at
         if handle.cancelled:
-            handle._finish("cancelled")
+            self._end(handle, "cancelled")
         elif new and new[-1] in self._stop_ids(params) and not params.ignore_eos:
-            handle._finish("stop")
+            self._end(handle, "stop")
         else:
-            handle._finish("length")
+            self._end(handle, "length")
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         return set(self.coordinator.eos_token_ids) | set(params.stop_token_ids)
 
-    @torch.inference_mode()
     def _generate(self, handle: RequestHandle) -> torch.Tensor:
         coordinator, params = self.coordinator, handle.params
-        sample = params.temperature > 0
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         stop = sorted(self._stop_ids(params))
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
-            do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None,
-            top_k=(params.top_k or None) if sample else None,
+            do_sample=False,
             num_beams=params.num_beams,
             pad_token_id=coordinator.pad_token_id,
             eos_token_id=stop or None,
@@ -319,7 +499,6 @@ class BatchEngine:
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             generation_config=config,
-            streamer=_Streamer(handle) if params.num_beams == 1 else None,
             stopping_criteria=StoppingCriteriaList([_StopWhenCancelled(handle)]),
         )
 

@@ -91,7 +91,7 @@ def test_generate_without_a_cluster_says_how_to_start_one(cli):
 
 def test_run_does_everything_in_one_command(checkpoints, cli):
     out = cli(fiddler.app, "run", "--model", checkpoints["tiny-qwen2-moe"], "-w", "1", "-n", "4", "--json",
-              "--device", "cpu", "Hello there")
+              "--device", "cpu", "--num-beams", "2", "Hello there")
     assert out.exit_code == 0, out.stderr
     result = json.loads(out.stdout)
     assert len(result["token_ids"]) <= 4 and result["prompt_token_ids"]
@@ -104,6 +104,8 @@ def test_run_does_everything_in_one_command(checkpoints, cli):
         (["--temperature", "-1"], "--temperature"),
         (["--top-p", "0"], "--top-p"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--num-beams", "0"], "--num-beams"),
+        (["--num-beams", "2", "--temperature", "0.7"], "--num-beams"),
     ],
 )
 def test_bad_sampling_flags_fail_before_launching(cli, args, message):
