@@ -16,8 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+
+
 class Counters:
-    """What the HTTP layer counts (thread-safe)."""
+    """What the HTTP layer counts (thread-safe). Any path but the API's own counts as "other", so that a scanner
+    trying paths cannot grow the label set without bound."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -27,7 +31,7 @@ class Counters:
 
     def request(self, route: str, status: int) -> None:
         with self.lock:
-            self.answered[(route, str(status))] += 1
+            self.answered[(route if route in ROUTES else "other", str(status))] += 1
 
     def finished(self, reason: str) -> None:
         with self.lock:

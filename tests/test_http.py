@@ -137,6 +137,9 @@ def test_health_and_metrics_over_plain_http(launched, api, model):
                  "fiddler_expert_hit_rate", 'fiddler_worker_busy_share{worker="worker-0"}'):
         assert name in text, name
     assert metric(launched, "fiddler_generation_tokens_total") >= before + 5
+    unknown = httpx.get(f"{launched.http_url}/wp-admin/setup.php")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    assert 'fiddler_http_requests_total{route="other",status="404"}' in httpx.get(f"{launched.http_url}/metrics").text
     assert metric(launched, 'fiddler_worker_busy_seconds_total{worker="worker-0"}') > 0
 
 
