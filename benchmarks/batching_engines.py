@@ -93,8 +93,8 @@ def main() -> None:
                     rate, out = theirs(c, batch[:n], args.new_tokens, config)
                     theirs_rates.append(rate)
                     exact_theirs &= out == solo[:n]
-            row = {"streams": n, "engine_tok_s": statistics.median(mine), "engine_steps_tok_s": statistics.median(steps),
-                   "engine_exact": exact_mine}
+            row = {"streams": n, "engine_tok_s": statistics.median(mine),
+                   "engine_steps_tok_s": statistics.median(steps), "engine_exact": exact_mine}
             if theirs_rates:
                 row |= {"generate_batch_tok_s": statistics.median(theirs_rates), "generate_batch_exact": exact_theirs}
             rows.append(row)

@@ -63,10 +63,6 @@ class EngineStats:
     decode_seconds: float = 0.0  # loop time spent in decoding steps
 
 
-class Cancelled(Exception):
-    """Raised inside a generation when its request was cancelled."""
-
-
 class RequestHandle:
     """One submitted request, as its caller sees it; the engine's loop thread fills it in."""
 
@@ -214,27 +210,28 @@ class _Row:
 
 
 class _Batch:
-    """The running rows' KV cache: one DynamicCache whose rows are left-padded to one length, and the attention
-    mask that hides the padding. Rows join after their own prefill and leave between steps."""
+    """Rows' KV cache: one DynamicCache whose rows are left-padded to one length, and the attention mask that hides
+    the padding. The running batch takes in each group of new rows after their prefill; rows leave between steps."""
 
-    def __init__(self):
-        self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (rows, cached length): 1 for a real token
+    def __init__(self, rows: list[_Row] | None = None, cache: DynamicCache | None = None,
+                 mask: torch.Tensor | None = None):
+        self.rows: list[_Row] = rows or []
+        self.cache = cache
+        self.mask = mask  # (rows, cached length): 1 for a real token
 
-    def join(self, row: _Row, cache: DynamicCache) -> None:
-        if not self.rows:
-            self.rows, self.cache = [row], cache
-            self.mask = torch.ones(1, row.length, dtype=torch.long, device=cache.layers[0].keys.device)
+    def join(self, other: _Batch) -> None:
+        """Take in another batch's rows and cache, after these rows."""
+        if not other.rows:
             return
-        length, new = self.mask.shape[1], row.length
-        width = max(length, new)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
+        if not self.rows:
+            self.rows, self.cache, self.mask = other.rows, other.cache, other.mask
+            return
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        mask = torch.ones(1, new, dtype=self.mask.dtype, device=self.mask.device)
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
-        self.rows.append(row)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+        self.rows = self.rows + other.rows
 
     def keep(self, kept: list[int]) -> None:
         """Only these rows stay (their order kept); padding no row needs any more is cut off."""
@@ -290,7 +287,7 @@ class BatchEngine:
         self._waiting: deque[RequestHandle] = deque()
         self._batch = _Batch()
         self._starting = 0  # requests taken from the queue, not yet in the batch (prefilling, or a beam search)
-        self._queue_changed = threading.Condition()
+        self._queue_changed = threading.Condition(threading.RLock())
         self._model_lock = threading.RLock()  # held by the loop for each step; exclusive() for anyone else
         self._ids = itertools.count(1)
         self._closing = False
@@ -351,15 +348,22 @@ class BatchEngine:
                         return
                     starting = self._admit()
                     self._starting = len(starting)
-                for handle in starting:
-                    if handle.params.num_beams > 1:
-                        self._run_alone(handle)
-                    else:
-                        self._prefill(handle)
+                try:
+                    if starting and starting[0].params.num_beams > 1:
+                        self._run_alone(starting[0])
+                    elif starting:
+                        self._prefill(starting)
                     with self._queue_changed:
-                        self._starting -= 1
-                if self._batch.rows:
-                    self._decode_step()
+                        self._starting = 0
+                    if self._batch.rows:
+                        self._decode_step()
+                except Exception as e:  # a fault of the engine itself: its requests end with it, the loop goes on
+                    log.exception("the engine's step failed")
+                    handles = [*starting, *(row.handle for row in self._batch.rows)]
+                    self._batch.keep([])
+                    with self._queue_changed:
+                        self._starting = 0
+                    self._fail(handles, e)
 
     def _admit(self) -> list[RequestHandle]:
         """The waiting requests that join now, in arrival order, while the batch has room. A beam search runs on
@@ -410,26 +414,39 @@ class BatchEngine:
             return False
         return True
 
-    def _prefill(self, handle: RequestHandle) -> None:
-        """Read a new request's prompt on its own, choose its first token, and let it join the batch."""
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        """Read the new requests' prompts in one forward pass (left-padded to the longest), choose each one's first
+        token, and let those not finished by it join the batch."""
         coordinator = self.coordinator
-        handle.started_at = time.perf_counter()
-        row = _Row.of(handle, coordinator.eos_token_ids)
+        started = time.perf_counter()
+        rows = []
+        for handle in handles:
+            handle.started_at = started
+            rows.append(_Row.of(handle, coordinator.eos_token_ids))
+        width = max(row.length for row in rows)
+        input_ids = torch.full((len(rows), width), coordinator.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, handle in enumerate(handles):
+            input_ids[i, width - len(handle.prompt_token_ids):] = torch.tensor(handle.prompt_token_ids)
+            mask[i, width - len(handle.prompt_token_ids):] = 1
+        input_ids, mask = input_ids.to(coordinator.device), mask.to(coordinator.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
-        input_ids = torch.tensor([handle.prompt_token_ids], device=coordinator.device)
         try:
             with self._model_lock:
                 coordinator.check_serving()
-                out = coordinator.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                out = coordinator.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                         cache=cache, use_cache=True, logits_to_keep=1)
-        except Exception as e:  # the request's caller gets it
-            self._fail([handle], e)
+        except Exception as e:  # their callers get it
+            self._fail(handles, e)
             return
         with self._queue_changed:
-            self._stats.prompt_tokens += input_ids.shape[1]
-            self._stats.prefill_seconds += time.perf_counter() - handle.started_at
-        if self._advance(row, row.choose(out.logits[0, -1].float())):
-            self._batch.join(row, cache)
+            self._stats.prompt_tokens += sum(row.length for row in rows)
+            self._stats.prefill_seconds += time.perf_counter() - started
+        logits = out.logits[:, -1, :].float()
+        group = _Batch(rows, cache, mask)
+        group.keep([i for i, row in enumerate(rows) if self._advance(row, row.choose(logits[i]))])
+        self._batch.join(group)
 
     def _decode_step(self) -> None:
         """Every row advances by one token in one forward pass; finished and cancelled rows leave."""

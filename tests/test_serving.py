@@ -47,9 +47,10 @@ def test_concurrent_requests_get_their_solo_tokens_and_transformers_in_shared_st
     before = forward_passes(cluster)
     lengths = [24 - 3 * i for i in range(len(PROMPTS))]  # they finish at different steps and leave the batch
     handles = []
-    for prompt, length in zip(PROMPTS, lengths):
+    for i, (prompt, length) in enumerate(zip(PROMPTS, lengths)):
         handles.append(engine.submit(prompt, SamplingParams(max_new_tokens=length, ignore_eos=True)))
-        time.sleep(0.02)  # later ones join a running batch between its steps
+        if i >= 2:  # the first three are read in one prefill; later ones join the running batch between its steps
+            time.sleep(0.02)
     together = [h.result(timeout_s=120) for h in handles]
     passes = forward_passes(cluster) - before
 
@@ -124,6 +125,13 @@ def test_beam_search_is_transformers_beam_search(cluster, checkpoints, reference
     beams = cluster.engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=10, num_beams=3))
     assert beams.result(timeout_s=120) == generated(reference(checkpoints["tiny"]), PROMPTS[0], 10, num_beams=3)
     assert len(greedy_one.result(timeout_s=120)) == 8
+    # a beam search waiting for the batch to empty can be cancelled there
+    running = cluster.engine.submit(PROMPTS[3], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    next(iter(running.tokens(timeout_s=60)))
+    waiting = cluster.engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=10, num_beams=3))
+    waiting.cancel()
+    assert waiting.result(timeout_s=60) == [] and waiting.finish_reason == "cancelled"
+    assert len(running.result(timeout_s=120)) == 30
 
 
 def test_prompt_service_decodes_its_clients_together(launched):
