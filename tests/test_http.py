@@ -144,7 +144,7 @@ def test_health_and_metrics_over_plain_http(launched, api, model):
 
 
 def test_eight_concurrent_streams_give_what_each_gives_alone(api, model):
-    request = dict(model=model, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    request = dict(model=model, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     alone = [api.completions.create(prompt=p, **request).choices[0].text for p in PROMPTS]
     together: list[str | None] = [None] * len(PROMPTS)
     start = threading.Barrier(len(PROMPTS))
