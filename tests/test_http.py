@@ -5,6 +5,7 @@ before anything starts."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -15,7 +16,7 @@ import pytest
 from fiddler_moe.cli import launch
 from fiddler_moe.serving.server import HttpOptions
 
-from conftest import error_line
+from conftest import error_line, runtime_leftovers
 
 PROMPTS = [f"{word} is the best {thing}" for word, thing in zip(
     ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Quito"],
@@ -199,6 +200,12 @@ def test_listening_beyond_loopback_needs_a_key_and_is_refused_before_anything_st
     empty.write_text("\n")
     assert "is empty" in error_line(cli(launch.app, "--http", "0.0.0.0:8000", "--api-key-file", empty))
     assert "--http" in error_line(cli(launch.app, "--api-key", "k"))
+    with socket.socket() as taken:  # a port in use fails the launch before any process starts
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = error_line(cli(launch.app, "--http", f"127.0.0.1:{port}", "--device", "cpu", "--workers", "1"))
+        assert "cannot listen there" in line and runtime_leftovers() == []
     # what the flags mean
     assert (HttpOptions.parse("8000").host, HttpOptions.parse(":9").port) == ("127.0.0.1", 9)
     assert HttpOptions.parse("[::1]:80").host == "::1"
