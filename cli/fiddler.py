@@ -356,10 +356,41 @@ def _bench_transport(out) -> None:
     typer.echo(f"wrote {path}", err=True)
 
 
+def _bench_serve(preset: str, model: str | None, dtype: str, clients: list[int], prompt_len: int, new_tokens: int,
+                 repeats: int, device: str, baseline: bool, out, chart: bool, seed: int) -> None:
+    """`fiddler bench serve`: concurrent HTTP clients against one cluster, beside transformers (benchmarks/serve.py)."""
+    from pathlib import Path
+
+    from fiddler_moe.cli.launch import _terminate_as_interrupt
+    from fiddler_moe.coordinator.dispatch import WorkerFailed
+    from fiddler_moe.experts.checkpoint import CheckpointError
+
+    try:
+        from fiddler_moe.benchmarks import serve
+    except ImportError as e:
+        raise fail(f"`fiddler bench serve` needs {e.name}: pip install -e '.[bench]'") from None
+    _terminate_as_interrupt()
+    options = serve.ServeOptions(preset=preset, model=Path(model) if model else None, dtype=dtype, clients=clients,
+                                 prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+                                 device="cpu" if device == "auto" else device, baseline=baseline, out=out,
+                                 chart=chart, seed=seed)
+    try:
+        result = serve.run_serve_bench(options)
+    except KeyboardInterrupt:
+        raise fail("interrupted; the cluster was stopped") from None
+    except (CheckpointError, ValueError, WorkerFailed, PermissionError, OSError, RuntimeError) as e:
+        raise fail(str(e)) from None
+    typer.echo(serve.table(result))
+    written = serve.write_results(result, out, chart)
+    typer.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+
+
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="model: tokens/s of a cluster (default); transport: round-trip "
-                                        "latency of shared memory, ZeroMQ ipc and tcp.")] = "model",
+    what: Annotated[str, typer.Argument(help="model: tokens/s of a cluster (default); serve: concurrent HTTP "
+                                        "clients against one cluster (--clients) beside transformers' batched "
+                                        "generate; transport: round-trip latency of shared memory, ZeroMQ ipc and "
+                                        "tcp.")] = "model",
     preset: Annotated[str, typer.Option(help="Random-weight checkpoint of real shapes, written once and cached: "
                                         "tiny, mini, small, qwen3-moe-mini, mixtral-8x7b, ...")] = "mini",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Benchmark this checkpoint folder "
@@ -392,6 +423,8 @@ def bench(
     = True,
     seed: Annotated[int, typer.Option(help="Seed of the random prompt.")] = 0,
     bandwidth_mib: Annotated[int, typer.Option(help="Array size for the read-bandwidth measurement.")] = 1024,
+    clients: Annotated[str, typer.Option(help="`bench serve`: concurrent clients to measure, e.g. 1,2,4,8.")]
+    = "1,2,4,8",
 ) -> None:
     """Prefill and decode tokens/s of the cluster against transformers and the memory-bandwidth ceiling;
     `fiddler bench transport` measures the transports instead."""
@@ -400,8 +433,13 @@ def bench(
     if what == "transport":
         _bench_transport(Path(out))
         return
+    if what == "serve":
+        _bench_serve(preset, model, dtype, _int_list(clients, "--clients"), prompt_len, new_tokens, repeats, device,
+                     baseline, Path(out), chart, seed)
+        return
     if what != "model":
-        raise fail(f"unknown benchmark {what!r}; use `fiddler bench` (model) or `fiddler bench transport`")
+        raise fail(f"unknown benchmark {what!r}; use `fiddler bench` (model), `fiddler bench serve` or "
+                   "`fiddler bench transport`")
 
     from fiddler_moe.benchmarks import bench as bench_module
     from fiddler_moe.benchmarks import report as bench_report

@@ -165,35 +165,43 @@ class Launched:
     address: str  # where it takes prompts
     workers: list[int]  # its worker processes
     runtime: Path  # its FIDDLER_RUNTIME_DIR, apart from the tests' own
+    model: Path  # the checkpoint it serves
+    http_url: str  # its OpenAI-compatible HTTP API (--http on a free loopback port), without /v1
+    api_key: str  # the key that API asks for
 
 
 @pytest.fixture(scope="session")
 def launched(checkpoints, tmp_path_factory) -> Launched:
-    """`fiddler-launch` serving the tiny model with one worker, for tests that only send it requests (good, bad and
-    fuzzed ones). Stopped with Ctrl-C at the end of the session, and checked: a clean exit, no traceback, no
+    """`fiddler-launch` serving the tiny model with one worker, and its HTTP API with a key, for tests that only send
+    it requests (good, bad and fuzzed ones). Stopped with Ctrl-C at the end of the session, and checked: a clean exit, no traceback, no
     process, socket, folder or shared-memory file left."""
     shm_before = shm_files()
     runtime = tmp_path_factory.mktemp("launched-runtime")
     runtime.chmod(0o700)
     log_file = runtime.parent / "launched.log"  # a file: a full pipe would stall the launcher
+    key_file = runtime.parent / "launched-api-key"
+    key_file.write_text("test-key-0123\n")
     with open(log_file, "w") as log:
         launcher = subprocess.Popen(
             [Path(sys.executable).parent / "fiddler-launch", "--model", str(checkpoints["tiny"]), "--workers", "1",
-             "--threads-per-worker", "1", "--device", "cpu"],
+             "--threads-per-worker", "1", "--device", "cpu",
+             "--http", "127.0.0.1:0", "--api-key-file", key_file],
             stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "FIDDLER_RUNTIME_DIR": str(runtime)},
         )
     try:
         deadline = time.monotonic() + 120
-        address = None
+        address = http_url = None
         while time.monotonic() < deadline and address is None:
             line = launcher.stdout.readline()
             if not line and launcher.poll() is not None:
                 break
+            if line.startswith("http: the OpenAI API at "):
+                http_url = line.split()[5].removesuffix("/v1")
             if line.startswith("ready: prompts at "):
                 address = line.split("ready: prompts at ", 1)[1].strip()
-        assert address, f"the launcher never became ready: {log_file.read_text()[-2000:]}"
+        assert address and http_url, f"the launcher never became ready: {log_file.read_text()[-2000:]}"
         workers = children_of(launcher.pid)
-        yield Launched(launcher, address, workers, runtime)
+        yield Launched(launcher, address, workers, runtime, checkpoints["tiny"], http_url, "test-key-0123")
     finally:
         launcher.send_signal(signal.SIGINT)
         launcher.communicate(timeout=60)

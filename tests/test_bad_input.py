@@ -312,8 +312,9 @@ def test_bad_requests_get_a_clear_error_and_the_service_keeps_serving(launched, 
 # --- item 7: local only by default ---
 
 
-def listening_sockets(pid: int) -> tuple[list[str], int]:
-    """(paths of the unix sockets this process listens on, how many tcp sockets it listens on)."""
+def listening_sockets(pid: int) -> tuple[list[str], list[str]]:
+    """(paths of the unix sockets this process listens on, the local addresses of its listening tcp sockets as
+    /proc writes them: 0100007F:1F40 is 127.0.0.1:8000)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -328,11 +329,12 @@ def listening_sockets(pid: int) -> tuple[list[str], int]:
         # Num RefCount Protocol Flags Type St Inode [Path]; flag 0x10000 is __SO_ACCEPTCON, a listening socket
         if fields[6] in inodes and int(fields[3], 16) & 0x10000:
             unix.append(fields[7] if len(fields) > 7 else "")
-    tcp = 0
+    tcp = []
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
             fields = line.split()
-            tcp += fields[3] == "0A" and fields[9] in inodes  # 0A: LISTEN
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                tcp.append(fields[1])
     return unix, tcp
 
 
@@ -343,17 +345,19 @@ def free_port() -> int:
 
 
 def test_local_only_by_default(launched, cli, monkeypatch, tmp_path):
-    """The launcher's and its workers' sockets are ipc files in a 0700 folder of ours, no tcp; a worker that
-    listens beyond loopback needs a token, refuses a wrong one, and never logs it."""
+    """The launcher's and its workers' sockets are ipc files in a 0700 folder of ours; the only tcp port is the
+    launcher's --http API on 127.0.0.1; a worker that listens beyond loopback needs a token, refuses a wrong one,
+    and never logs it."""
     launcher, address, workers = launched.process, launched.address, launched.workers
     assert address.startswith("ipc://")
     run_dir = Path(address[len("ipc://") :]).parent
     info = run_dir.stat()
     assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
     assert run_dir.parent == launched.runtime  # its FIDDLER_RUNTIME_DIR
+    http_port = int(launched.http_url.rsplit(":", 1)[1])
     for pid in [launcher.pid, *workers]:
         unix, tcp = listening_sockets(pid)
-        assert tcp == 0, f"pid {pid} listens on tcp"
+        assert tcp == ([f"0100007F:{http_port:04X}"] if pid == launcher.pid else []), f"pid {pid} listens on {tcp}"
         assert unix and all(Path(path).parent == run_dir for path in unix), unix
         for path in unix:
             assert stat.S_ISSOCK(os.stat(path).st_mode)

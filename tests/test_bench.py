@@ -124,3 +124,24 @@ def test_offload_contestant_splits_the_model_at_the_budget_and_computes_transfor
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, reference(folder)(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_serve_measures_concurrent_http_clients_beside_transformers(cli, tmp_path):
+    out = tmp_path / "serve"
+    done = cli(fiddler.app, "bench", "serve", "--preset", "tiny", "--clients", "1,2", "--prompt-len", "8",
+               "--new-tokens", "4", "--repeats", "1", "--out", out)
+    assert done.exit_code == 0, done.stderr
+    assert "| 2 | fiddler |" in done.stdout and "transformers, batch of 2" in done.stdout
+    [result_file] = out.glob("serve-tiny-bfloat16-*.json")
+    result = json.loads(result_file.read_text())
+    assert [r["clients"] for r in result["fiddler"]] == [r["clients"] for r in result["transformers"]] == [1, 2]
+    for row in [*result["fiddler"], *result["transformers"]]:
+        assert row["aggregate_decode_tokens_per_second"] > 0 and row["ttft_seconds"] > 0
+        assert row["rounds"][0]["tokens"] == [4] * row["clients"]  # every stream got all its tokens
+    assert result["fiddler"][0]["versus_one_client"] == 1.0
+    assert result["cluster_layout"]["transformers_threads"] >= 1
+    pytest.importorskip("matplotlib")
+    [chart] = out.glob("serve-tiny-bfloat16-*.png")
+    assert chart.read_bytes()[:8] == PNG_MAGIC
+    assert runtime_leftovers() == []
+    assert "1,0" in error_line(cli(fiddler.app, "bench", "serve", "--clients", "1,0", "--out", tmp_path / "bad"))

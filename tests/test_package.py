@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lower ranks first; a package may import packages of a lower rank (and itself), never one of its own rank or higher.
 RANK = {"protocol": 0, "host": 0, "native": 1, "experts": 2, "expert_worker": 3, "coordinator": 3, "launch": 4,
-        "benchmarks": 5, "cli": 6}
+        "serving": 5, "benchmarks": 6, "cli": 7}
 
 
 def _modules() -> list[tuple[str, Path]]:
