@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM
 
 from fiddler_moe.benchmarks import train_tiny
 from fiddler_moe.benchmarks.bench import bench_checkpoint_path
-from fiddler_moe.experts import quant
+from fiddler_moe.experts import fp8, mxfp4, quant
 from fiddler_moe.launch.synthetic import write_checkpoint
 
 
@@ -68,13 +68,26 @@ def expert_output(module: torch.nn.Module, expert: int, x: torch.Tensor, weights
     return y + module.down_proj_bias[expert].double() if getattr(module, "has_bias", False) else y
 
 
+def round_trip(w: torch.Tensor, name: str) -> torch.Tensor:
+    """An [out, in] float32 matrix through format `name` and back: int8, int4, a checkpoint's mxfp4 or fp8 (blocks
+    of 128x128, DeepSeek-V3's), or a chain such as mxfp4+int8 (a checkpoint's format, then --quantize)."""
+    for step in name.split("+"):
+        if step == "mxfp4":
+            w = mxfp4.dequantize(*mxfp4.quantize(w.t()), torch.float32).t()
+        elif step == "fp8":
+            w = fp8.dequantize(*fp8.quantize(w, (min(128, w.shape[0]), min(128, w.shape[1]))), torch.float32)
+        else:
+            w = quant.dequantize(quant.quantize(w, step))
+    return w
+
+
 def dequantize_experts(modules: list[torch.nn.Module], name: str) -> None:
-    """Every routed expert's matrices replaced by their `name` quantization, dequantized (in place)."""
+    """Every routed expert's matrices replaced by their round trip through `name`, in place."""
     for module in modules:
         for p in matrices(module):
             for e in range(p.shape[0]):
                 w = p[e].t() if module.is_transposed else p[e]
-                q = quant.dequantize(quant.quantize(w, name))
+                q = round_trip(w.float(), name)
                 p[e] = q.t() if module.is_transposed else q
 
 
@@ -89,8 +102,7 @@ def expert_errors(modules: list[torch.nn.Module], captured: dict, originals: lis
             if not rows.any():
                 continue
             float_w = [p[e] for p in originals[i]]
-            quant_w = [quant.dequantize(quant.quantize(w.t() if module.is_transposed else w, name))
-                       for w in float_w]
+            quant_w = [round_trip((w.t() if module.is_transposed else w).float(), name) for w in float_w]
             quant_w = [w.t() if module.is_transposed else w for w in quant_w]
             want = expert_output(module, e, hidden[rows], float_w)
             got = expert_output(module, e, hidden[rows], quant_w)
@@ -150,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", type=int, default=256, help="tokens per window of text")
     parser.add_argument("--batch", type=int, default=4, help="windows per forward")
     parser.add_argument("--cluster", action="store_true", help="also measure the perplexity through a real cluster")
+    parser.add_argument("--checkpoint-formats", action="store_true", help="also the experts as an MXFP4 or FP8 "
+                        "checkpoint would hold them, alone and quantized again with int8 and int4 (transformers only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
@@ -193,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["float"] = {"perplexity": perplexity(float_logits, ids)}
     print(f"{folder.name}: {ids.numel()} tokens of {text}; float32 perplexity {results['float']['perplexity']:.4f}")
     names = ["none", *quant.FORMATS] if args.cluster else list(quant.FORMATS)
+    if args.checkpoint_formats:
+        names += [f"{stored}{again}" for stored in ("mxfp4", "fp8") for again in ("", "+int8", "+int4")]
     for name in names:
         r = results["formats"].setdefault(name, {})
         if name != "none":
@@ -208,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             logits = float_logits
             r["perplexity"] = results["float"]["perplexity"]
-        if args.cluster:
+        if args.cluster and name in quant.CHOICES:
             got = cluster_logits(folder, name, ids, args.batch)
             r["cluster"] = {"perplexity": perplexity(got, ids), "max_logit_difference": (got - logits).abs().max().item(),
                             **kl_figures(float_logits, got)}
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['expert_relative_error']['max']:.2%} over {len(errors)} experts; next-token KL mean "
                      f"{r['kl_nats']['mean']:.2e}, max {r['kl_nats']['max']:.2e} nats; same top token "
                      f"{r['same_top_token']:.1%}")
-        if args.cluster:
+        if "cluster" in r:
             line += (f"; cluster perplexity {r['cluster']['perplexity']:.4f}, logits within "
                      f"{r['cluster']['max_logit_difference']:.1e} of the reference")
         print(line)
