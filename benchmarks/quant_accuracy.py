@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
             r["perplexity"] = results["float"]["perplexity"]
         if args.cluster and name in quant.CHOICES:
             got = cluster_logits(folder, name, ids, args.batch)
-            r["cluster"] = {"perplexity": perplexity(got, ids), "max_logit_difference": (got - logits).abs().max().item(),
+            r["cluster"] = {"perplexity": perplexity(got, ids),
+                            "max_logit_difference": (got - logits).abs().max().item(),
                             **kl_figures(float_logits, got)}
         line = f"{name}: perplexity {r['perplexity']:.4f} ({r['perplexity'] / results['float']['perplexity'] - 1:+.2%})"
         if name != "none":

@@ -44,7 +44,8 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype
         scale_inv = scale_inv.reshape(*weight.shape[:-2], 1, 1)
     scale_rows, scale_cols = scale_inv.shape[-2:]
     block_m, block_n = -(-rows // scale_rows), -(-cols // scale_cols)
-    if -(-rows // block_m) != scale_rows or -(-cols // block_n) != scale_cols or scale_inv.shape[:-2] != weight.shape[:-2]:
+    if (-(-rows // block_m) != scale_rows or -(-cols // block_n) != scale_cols
+            or scale_inv.shape[:-2] != weight.shape[:-2]):
         raise ValueError(f"FP8 weight {list(weight.shape)} does not match its block scales {list(scale_inv.shape)}")
     if scale_inv.dtype == torch.uint8:  # E8M0: the scale is 2 ** (byte - 127)
         scale = (scale_inv.float() - 127.0).exp2()
