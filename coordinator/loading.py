@@ -34,7 +34,7 @@ from transformers.core_model_loading import (
 from fiddler_moe.coordinator.experts import IMPLEMENTATION_NAME
 from fiddler_moe.experts import quant
 from fiddler_moe.experts.checkpoint import CheckpointError, TensorReader, fingerprint, tensor_table
-from fiddler_moe.experts import mxfp4
+from fiddler_moe.experts import fp8, mxfp4
 from fiddler_moe.experts.compute import ExpertKernel, activation
 from fiddler_moe.protocol.messages import ExpertSource, KernelSpec, TensorRef
 from fiddler_moe.protocol.wire import dtype_name
@@ -65,7 +65,9 @@ class ModelLayout:
     # the converter's first target name -> [(checkpoint key, the converter's source pattern, where it lies)]
     non_expert_converted: dict[str, list[tuple[str, str, TensorRef]]] = field(default_factory=dict)
     non_expert_bytes: int = 0
-    quantization: str = ""  # "mxfp4": the checkpoint's experts are 4-bit, dequantized to `dtype` when loaded
+    quantization: str = ""  # "mxfp4" or "fp8": the checkpoint's weights, dequantized to `dtype` when loaded
+    # FP8 checkpoints: the block scales of each quantized non-expert weight, by the weight's checkpoint key
+    non_expert_scales: dict[str, TensorRef] = field(default_factory=dict)
     checkpoint_expert_bytes: int = 0  # all experts' tensors as the checkpoint stores them
 
     @property
@@ -93,11 +95,8 @@ class ModelLayout:
         return quant.expert_nbytes(quantize, gate_up, down, bias_bytes=self.expert_bytes - matrices)
 
     def check_quantize(self, quantize: str) -> None:
-        """Refuse --quantize for experts it cannot take (4-bit MXFP4 ones, matrices that do not cut into blocks),
-        naming the fix."""
-        if quantize != "none" and self.quantization == "mxfp4":
-            raise ValueError(f"--quantize {quantize} does not take MXFP4 checkpoints yet; run them with --quantize "
-                             "none")
+        """Refuse --quantize for experts whose matrices do not cut into blocks, naming the fix. Experts stored
+        quantized (MXFP4, FP8) are quantized again from their dequantized weights."""
         if quantize != "none":
             gate_up, down = self.expert_matrices()
             quant.check_shape(quantize, *gate_up, "the experts' gate/up matrix")
@@ -330,18 +329,28 @@ _MXFP4_FIELDS = {
 
 
 def checkpoint_quantization(config: transformers.PreTrainedConfig) -> str:
-    """"" for float weights, "mxfp4" for gpt-oss's 4-bit experts; any other quantization is refused."""
+    """"" for float weights, "mxfp4" for gpt-oss's 4-bit experts, "fp8" for FP8 weights with block scales
+    (DeepSeek-V3/R1, Qwen3 FP8); any other quantization is refused, naming what is not read."""
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return ""
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
-        quantization, "quant_method", None)
+    spec = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    method = spec.get("quant_method")
     method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
     if method == "mxfp4":
         return "mxfp4"
+    if method == "fp8":
+        if spec.get("expert_dtype", "fp8") != "fp8":
+            raise CheckpointError(f"the checkpoint's experts are {spec['expert_dtype']} in an FP8 checkpoint, which "
+                                  "fiddler-moe does not read yet; use its bfloat16 or FP8 release")
+        block = spec.get("weight_block_size")
+        if not (isinstance(block, list | tuple) and len(block) == 2):
+            raise CheckpointError(f"the checkpoint's FP8 weights have no weight_block_size ({block!r}); fiddler-moe "
+                                  "reads FP8 with block scales (DeepSeek-V3, Qwen3 FP8): use the bfloat16 release")
+        return "fp8"
     raise CheckpointError(
         f"the checkpoint's weights are quantized ({method}), which fiddler-moe does not read yet; use a bfloat16 "
-        "or float32 checkpoint of the model (or gpt-oss's MXFP4 one)"
+        "or float32 checkpoint of the model (or its FP8 block-scaled or gpt-oss's MXFP4 one)"
     )
 
 
@@ -396,10 +405,15 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
     by_prefix = {layer.name + ".": layer for layer in moe_layers}
 
     parts: dict[tuple[int, int, str], list[tuple[int, TensorRef]]] = {}
-    per_expert: dict[tuple[int, str, int], list[tuple[str, TensorRef]]] = {}
+    per_expert: dict[tuple[int, str, int], list[tuple[str, TensorRef, TensorRef | None]]] = {}
     non_expert: dict[str, TensorRef] = {}
     converted: dict[str, list[tuple[str, str, TensorRef]]] = {}
+    # FP8: each weight's block scales go with the weight (experts.fp8), and activation scales are not weights
+    scales = {fp8.weight_key(k): TensorRef(info.file, k) for k, info in table.items()
+              if quantization == "fp8" and fp8.weight_key(k) in table}
     for key, info in table.items():
+        if quantization == "fp8" and (fp8.weight_key(key) in table or fp8.is_activation_scale(key)):
+            continue
         target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
         if target not in meta_state and key in meta_state:  # as transformers does: a key renamed by mistake
             target, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
@@ -421,6 +435,7 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
         if param not in fields:
             raise CheckpointError(f"unexpected expert tensor {key} (maps to {target})")
         slot = fields[param]
+        scale = scales.get(key)
         if pattern is None:  # fused checkpoint: one [num_experts, ...] tensor for the whole layer
             if not info.shape or info.shape[0] != owner.num_experts:
                 raise CheckpointError(
@@ -428,10 +443,13 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
                 )
             for e in range(owner.num_experts):
                 parts.setdefault((owner.layer, e, slot), []).append((0, TensorRef(info.file, key, e)))
+                if scale is not None:
+                    parts.setdefault((owner.layer, e, f"{slot}_scales"), []).append(
+                        (0, TensorRef(scale.file, scale.key, e)))
         else:  # one tensor per expert, fused by transformers' converter in source-pattern order
             converter = _converter_for(pattern, converters)
             order = converter.source_patterns.index(pattern)
-            per_expert.setdefault((owner.layer, slot, order), []).append((key, TensorRef(info.file, key)))
+            per_expert.setdefault((owner.layer, slot, order), []).append((key, TensorRef(info.file, key), scale))
     # transformers stacks a layer's per-expert tensors in the natural order of their keys (MergeModulelist over
     # the state dict sorted by dot_natural_key): the n-th key is expert n.
     for (layer_index, slot, order), keyed in per_expert.items():
@@ -441,8 +459,10 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
                 f"layer {layer_index} has {len(keyed)} tensors like {keyed[0][0]} but {count} experts; the "
                 "checkpoint is incomplete or does not match its config.json"
             )
-        for expert, (_, ref) in enumerate(sorted(keyed, key=lambda item: dot_natural_key(item[0]))):
+        for expert, (_, ref, scale) in enumerate(sorted(keyed, key=lambda item: dot_natural_key(item[0]))):
             parts.setdefault((layer_index, expert, slot), []).append((order, ref))
+            if scale is not None:
+                parts.setdefault((layer_index, expert, f"{slot}_scales"), []).append((order, scale))
 
     experts: dict[tuple[int, int], ExpertSource] = {}
     for layer in moe_layers:
@@ -492,6 +512,8 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
         non_expert_bytes=sum(meta_state[n].numel() * meta_state[n].element_size()
                              for n in [*non_expert, *converted_shapes]),
         quantization=quantization,
+        non_expert_scales={ref.key: scales[ref.key] for ref in [*non_expert.values(),
+                           *(r for parts in converted.values() for _, _, r in parts)] if ref.key in scales},
         checkpoint_expert_bytes=sum(_stored_bytes(source, table) for source in experts.values()),
     )
     return model, layout
@@ -562,11 +584,16 @@ def _check_expert_shapes(moe_layers: list[MoELayer], experts: dict, table: dict)
                 share = (expected[0] // len(refs), *expected[1:]) if expected else expected
                 scales = getattr(source, f"{slot}_scales", None) or [None] * len(refs)
                 if len(scales) != len(refs):
-                    raise CheckpointError(f"layer {layer.layer} expert {e} {param} has {len(refs)} MXFP4 block "
+                    raise CheckpointError(f"layer {layer.layer} expert {e} {param} has {len(refs)} quantized "
                                           f"tensor(s) but {len(scales)} scale tensor(s); the checkpoint is incomplete")
                 for ref, scale in zip(refs, scales):
                     shape = table[ref.key].shape[1:] if ref.index is not None else table[ref.key].shape
-                    if scale is not None:  # MXFP4: blocks [out, groups, 16] and scales [out, groups]
+                    if scale is not None and table[ref.key].dtype != "U8":  # FP8: the weight's shape, block scales
+                        scale_shape = table[scale.key].shape[1:] if scale.index is not None else table[scale.key].shape
+                        if len(scale_shape) not in (0, 2) or any(s > d for s, d in zip(scale_shape, shape)):
+                            raise CheckpointError(f"FP8 weight {ref.key} {list(shape)} and its scales {scale.key} "
+                                                  f"{list(scale_shape)} do not match; the checkpoint is damaged")
+                    elif scale is not None:  # MXFP4: blocks [out, groups, 16] and scales [out, groups]
                         scale_shape = table[scale.key].shape[1:] if scale.index is not None else table[scale.key].shape
                         if len(shape) != 3 or tuple(scale_shape) != tuple(shape[:-1]):
                             raise CheckpointError(
@@ -598,13 +625,27 @@ def load_non_expert(model: nn.Module, layout: ModelLayout, device: torch.device)
         else:
             module._buffers[attr] = tensor
 
+    def read(ref: TensorRef, dtype: torch.dtype | None) -> torch.Tensor:
+        """A tensor as stored, or an FP8 weight dequantized to `dtype` (the parameter's, else the model's) as
+        transformers does on a CPU."""
+        tensor = reader.read(ref.file, ref.key)
+        scale = layout.non_expert_scales.get(ref.key)
+        if scale is None:
+            return tensor
+        try:
+            return fp8.dequantize(tensor, reader.read(scale.file, scale.key), dtype or layout.dtype)
+        except ValueError as e:
+            raise CheckpointError(f"{ref.key}: {e}; the checkpoint is damaged") from None
+
     try:
         for name, ref in layout.non_expert.items():
-            put(name, reader.read(ref.file, ref.key))
+            module_name, _, attr = name.rpartition(".")
+            current = getattr(model.get_submodule(module_name), attr, None)
+            put(name, read(ref, getattr(current, "dtype", None)))
         if layout.non_expert_converted:
             converters = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)]
             for target, parts in layout.non_expert_converted.items():
-                tensors = [reader.read(ref.file, ref.key) for _, _, ref in parts]
+                tensors = [read(ref, layout.dtype) for _, _, ref in parts]
                 for name, tensor in _convert(converters, target, parts, tensors, model, layout.config).items():
                     put(name, tensor)
     finally:

@@ -71,13 +71,16 @@ def cache_path(fingerprint: str, name: str, key: str) -> Path:
 def quantize_expert(reader: TensorReader, source: ExpertSource, name: str, dtype: torch.dtype,
                     transposed: bool) -> quant.QuantizedExpertWeights:
     """One expert read from the checkpoint and quantized from its stored values (as float32); biases in `dtype`.
-    Checkpoints stored [in, out] (transposed) are turned to [out, in] first."""
+    Weights stored quantized (MXFP4, FP8) are quantized from their dequantization in `dtype`, the weights
+    transformers' model of the checkpoint holds. Checkpoints stored [in, out] (transposed) are turned to [out, in]
+    first."""
 
-    def matrix(refs) -> quant.QuantMatrix:
-        weight = _gather(reader, refs, torch.float32)
+    def matrix(refs, scales) -> quant.QuantMatrix:
+        weight = _gather(reader, refs, dtype if scales else torch.float32, scales)
         return quant.quantize(weight.t() if transposed else weight, name)
 
-    return quant.QuantizedExpertWeights(matrix(source.gate_up), matrix(source.down),
+    return quant.QuantizedExpertWeights(matrix(source.gate_up, source.gate_up_scales),
+                                        matrix(source.down, source.down_scales),
                                         _gather(reader, source.gate_up_bias, dtype),
                                         _gather(reader, source.down_bias, dtype))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fiddler_moe.experts import mxfp4
+from fiddler_moe.experts import fp8, mxfp4
 from fiddler_moe.experts.checkpoint import CheckpointError, TensorInfo, TensorReader, tensor_table
 from fiddler_moe.experts.compute import ExpertWeights
 from fiddler_moe.protocol.messages import ExpertSource, SharedTensor, TensorRef
@@ -29,16 +29,30 @@ def _gather(reader: TensorReader, refs: list[TensorRef], dtype: torch.dtype,
             scales: list[TensorRef] | None = None) -> torch.Tensor | None:
     if not refs:
         return None
-    if scales:  # MXFP4 blocks and scales, dequantized as transformers does (experts.mxfp4)
-        if len(scales) != 1 or len(refs) != 1:
-            raise CheckpointError(f"MXFP4 weight {refs[0].key} comes in {len(refs)} parts; fiddler-moe reads it "
-                                  "as one blocks and one scales tensor, as gpt-oss ships it")
-        blocks = reader.read(refs[0].file, refs[0].key, refs[0].index)
-        scale = reader.read(scales[0].file, scales[0].key, scales[0].index)
-        try:
-            return mxfp4.dequantize(blocks, scale, dtype)
-        except ValueError as e:
-            raise CheckpointError(f"{refs[0].key}: {e}") from None
+    if scales:
+        if len(scales) != len(refs):
+            raise CheckpointError(f"weight {refs[0].key} comes in {len(refs)} parts but {len(scales)} scale tensors; "
+                                  "the checkpoint is incomplete")
+        first = reader.read(refs[0].file, refs[0].key, refs[0].index)
+        if first.dtype == torch.uint8:  # MXFP4 blocks and scales, dequantized as transformers does (experts.mxfp4)
+            if len(refs) != 1:
+                raise CheckpointError(f"MXFP4 weight {refs[0].key} comes in {len(refs)} parts; fiddler-moe reads it "
+                                      "as one blocks and one scales tensor, as gpt-oss ships it")
+            scale = reader.read(scales[0].file, scales[0].key, scales[0].index)
+            try:
+                return mxfp4.dequantize(first, scale, dtype)
+            except ValueError as e:
+                raise CheckpointError(f"{refs[0].key}: {e}") from None
+        # FP8 with block scales (experts.fp8): each part dequantized to `dtype` as transformers does, then joined
+        parts = []
+        for i, (ref, scale_ref) in enumerate(zip(refs, scales)):
+            weight = first if i == 0 else reader.read(ref.file, ref.key, ref.index)
+            try:
+                parts.append(fp8.dequantize(weight, reader.read(scale_ref.file, scale_ref.key, scale_ref.index),
+                                            dtype))
+            except ValueError as e:
+                raise CheckpointError(f"{ref.key}: {e}; the checkpoint is damaged") from None
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).contiguous()
     parts = [reader.read(r.file, r.key, r.index) for r in refs]
     # Per-expert layouts (Mixtral's w1/w3, Qwen's gate_proj/up_proj) concatenate along the output dim, as
     # transformers' own conversion does when it fuses them into gate_up_proj.
@@ -111,7 +125,7 @@ def _shape(table: dict[str, TensorInfo], refs: list[TensorRef], scales: list[Ten
     """The shape `_gather` produces for these refs, from the checkpoint's headers alone."""
     if not refs:
         return None
-    if scales:
+    if scales and table[refs[0].key].dtype == "U8":  # MXFP4; FP8 weights have their own shape
         blocks = _shape(table, refs)
         if blocks is None or len(blocks) != 3:
             raise CheckpointError(f"MXFP4 blocks {refs[0].key} have shape {blocks}; the checkpoint is damaged")

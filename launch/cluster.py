@@ -148,7 +148,7 @@ class Cluster:
         self.log(f"model: {prepared.layout.folder} ({prepared.layout.config.model_type}, {prepared.layout.dtype}), "
                  f"device: {prepared.device}, transport: {cfg.transport}")
         if prepared.layout.quantization:
-            self.log(self.dequantization_note(prepared.layout))
+            self.log(self.dequantization_note(prepared.layout, cfg.quantize))
         try:
             self.run_dir = rundir.create()
             self.slots = layout.workers
@@ -172,11 +172,17 @@ class Cluster:
             raise
 
     @staticmethod
-    def dequantization_note(layout) -> str:
+    def dequantization_note(layout, quantize: str = "none") -> str:
+        stored = (f"experts: {layout.quantization.upper()} in the checkpoint "
+                  f"({format_size(layout.checkpoint_expert_bytes)}); ")
+        if quantize != "none":
+            held = layout.cold_expert_bytes(quantize) * layout.num_experts
+            return (stored + f"each worker dequantizes its experts one at a time and quantizes them to {quantize} "
+                    f"(once, cached), so they take {format_size(held)} of memory, "
+                    f"{held / max(1, layout.checkpoint_expert_bytes):.1f}x the checkpoint's")
         dequantized = layout.expert_bytes * layout.num_experts
-        return (f"experts: {layout.quantization.upper()} in the checkpoint ({format_size(layout.checkpoint_expert_bytes)}); "
-                f"each worker dequantizes its shard to {str(layout.dtype).removeprefix('torch.')} once as it loads, "
-                f"so the experts take {format_size(dequantized)} of memory, "
+        return (stored + f"each worker dequantizes its shard to {str(layout.dtype).removeprefix('torch.')} once as it "
+                f"loads, so the experts take {format_size(dequantized)} of memory, "
                 f"{dequantized / max(1, layout.checkpoint_expert_bytes):.1f}x the checkpoint's")
 
     def _spawn_worker(self, slot: numa.WorkerSlot, address: str) -> subprocess.Popen:

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,8 +215,9 @@ def estimated_bytes(preset: Preset, dtype: torch.dtype) -> int:
     return params * torch.empty((), dtype=dtype).element_size()
 
 
-def build_tokenizer(vocab_size: int, model_max_length: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on TRAINING_TEXT, padded with filler tokens to exactly vocab_size.
+def build_tokenizer(vocab_size: int, model_max_length: int = 4096,
+                    texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on TRAINING_TEXT (or on `texts`), padded with filler tokens to exactly vocab_size.
 
     Byte level means every UTF-8 string encodes and decodes back unchanged, with no <unk>. The text
     only supports a few hundred merges, so large vocabularies get unreachable filler entries
@@ -231,7 +233,7 @@ def build_tokenizer(vocab_size: int, model_max_length: int = 4096) -> PreTrained
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([TRAINING_TEXT], trainer=trainer)
+    tok.train_from_iterator([TRAINING_TEXT] if texts is None else texts, trainer=trainer)
     trained = tok.get_vocab_size()
     if trained < vocab_size:
         # Extending the BPE vocab (not added tokens) keeps tokenizer.json small and encoding unaffected.
@@ -372,6 +374,42 @@ def _store_experts_as_mxfp4(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# DeepSeek-V3's published quantization_config; the block size is the writer's.
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}
+
+
+def _store_weights_as_fp8(folder: Path, block: tuple[int, int]) -> None:
+    """Rewrite every linear weight but the embeddings, the head and the routers as float8_e4m3fn beside float32
+    block scales `X.weight_scale_inv` (experts.fp8), and mark config.json with DeepSeek-V3's quantization_config
+    with weight_block_size `block`: the layout of the FP8 releases (DeepSeek-V3/R1, Qwen3 FP8), which
+    transformers dequantizes when it loads them on a CPU."""
+    from safetensors.torch import load_file, save_file
+
+    from fiddler_moe.experts import fp8
+
+    config = json.loads((folder / "config.json").read_text())
+    experts = next((config[k] for k in ("num_local_experts", "num_experts") if k in config), 0)
+    added: dict[str, str] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(path)
+        for key in list(tensors):
+            w = tensors[key]
+            router = key.endswith((".gate.weight", ".router.weight")) and w.shape[0] == experts
+            if (w.dim() != 2 or not key.endswith(".weight") or router or "embed" in key or "lm_head" in key
+                    or w.shape[0] % block[0] or w.shape[1] % block[1]):
+                continue
+            tensors[key], tensors[fp8.scale_key(key)] = fp8.quantize(w, block)
+            added[fp8.scale_key(key)] = path.name
+        save_file(tensors, path, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        spec = json.loads(index.read_text())
+        spec["weight_map"].update(added)
+        index.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    config["quantization_config"] = {**FP8_QUANTIZATION_CONFIG, "weight_block_size": list(block)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _fsync_tree(folder: Path) -> None:
     # Without this a power cut after the rename can leave a complete-looking folder of truncated files.
     for path in sorted(folder.iterdir()):
@@ -395,6 +433,7 @@ def write_checkpoint(
     seed: int = 0,
     max_shard_size: str | None = None,
     mxfp4: bool = False,
+    fp8_block: tuple[int, int] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of `preset` into `folder` and return the folder.
 
@@ -402,7 +441,9 @@ def write_checkpoint(
     built in a temporary sibling folder and renamed into place, so `folder` is either absent or complete,
     and concurrent writers all return a valid folder. `max_shard_size` (default 5GB) goes to
     save_pretrained; below the model size it produces shards plus model.safetensors.index.json.
-    `mxfp4` (gpt_oss only) stores the experts' matrices as gpt-oss ships them (`_store_experts_as_mxfp4`).
+    `mxfp4` (gpt_oss only) stores the experts' matrices as gpt-oss ships them (`_store_experts_as_mxfp4`);
+    `fp8_block` stores the linear weights in FP8 with scales per block of that size, as DeepSeek-V3 and the Qwen3 FP8
+    releases ship them (`_store_weights_as_fp8`).
     """
     preset = _resolve(preset)
     if mxfp4 and preset.architecture != "gpt_oss":
@@ -437,6 +478,8 @@ def write_checkpoint(
         del model
         if mxfp4:
             _store_experts_as_mxfp4(staging)
+        if fp8_block:
+            _store_weights_as_fp8(staging, fp8_block)
         tokenizer.save_pretrained(staging)
         _fsync_tree(staging)
         staging.chmod(0o755)  # mkdtemp makes it 0700; the model folder should read like any other

@@ -96,18 +96,44 @@ def test_mxfp4_gpt_oss_matches_transformers_dequantized_model(tmp_path, dtype):
     assert relative_error(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert got_tokens == want_tokens
     assert stats.hot_pairs > 0 and stats.cold_pairs > 0
-    if dtype == torch.float32:  # --quantize does not take MXFP4 experts: refused before any process starts
-        with pytest.raises(ValueError, match="does not take MXFP4 checkpoints yet"):
-            Cluster(folder, workers=1, device="cpu", quiet=True, quantize="int8").start()
 
 
-def test_other_quantized_checkpoints_are_refused_in_one_line(tmp_path):
+def test_mxfp4_experts_quantized_again_are_transformers_with_those_experts(tmp_path):
+    """--quantize int8 on an MXFP4 checkpoint: each worker dequantizes an expert and quantizes it to int8 (double
+    quantization); the cluster is transformers' dequantized model with every expert's weights so quantized."""
+    from fiddler_moe.experts import quant
+
+    folder = write_checkpoint("tiny-gpt-oss", tmp_path / "gpt-oss-mxfp4", mxfp4=True)
+    _, layout = loading.inspect(folder, "float32")
+    assert "quantizes them to int8" in Cluster.dequantization_note(layout, "int8")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                               quantization_config=Mxfp4Config(dequantize=True)).eval()
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, GptOssExperts):
+                for param in (module.gate_up_proj, module.down_proj):  # [in, out] per expert
+                    for e in range(param.shape[0]):
+                        param[e] = quant.dequantize(quant.quantize(param[e].t(), "int8")).t()
+    prompt = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        want = ref(input_ids=prompt).logits
+    with Cluster(folder, device="cpu", quiet=True, dtype="float32", workers=1, quantize="int8") as c:
+        got = c.logits(prompt, torch.ones_like(prompt))
+    assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("quantization, named", [
+    ({"quant_method": "gptq", "bits": 4}, "quantized (gptq)"),
+    ({"quant_method": "fp8", "weight_block_size": None}, "no weight_block_size"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128], "expert_dtype": "fp4"}, "experts are fp4"),
+])
+def test_other_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, named):
     import json
 
-    folder = write_checkpoint("tiny-gpt-oss", tmp_path / "fp8")
+    folder = write_checkpoint("tiny-gpt-oss", tmp_path / "quantized")
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = quantization
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(loading.CheckpointError) as refused:
         loading.inspect(folder)
-    assert "quantized (fp8)" in str(refused.value) and "\n" not in str(refused.value)
+    assert named in str(refused.value) and "\n" not in str(refused.value)
