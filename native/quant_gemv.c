@@ -69,6 +69,7 @@ AVX2 static void quantize_row_avx2(const float *x, int64_t cols, int8_t *q, floa
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < cols / 32; b++) {
         __m256 v[4], m = _mm256_setzero_ps();
+        _Pragma("GCC unroll 16")
         for (int k = 0; k < 4; k++) {
             v[k] = _mm256_loadu_ps(x + 32 * b + 8 * k);
             m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
@@ -79,6 +80,7 @@ AVX2 static void quantize_row_avx2(const float *x, int64_t cols, int8_t *q, floa
         float scale = _mm_cvtss_f32(h) / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
         d[b] = scale;
         __m256i i[4];
+        _Pragma("GCC unroll 16")
         for (int k = 0; k < 4; k++) /* cvtps rounds to nearest even, as nearbyintf */
             i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(inverse)));
         __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
@@ -94,7 +96,7 @@ typedef struct {
     int8_t *q;    /* [n, cols] */
     float *d;     /* [n, blocks] */
     int32_t *k;   /* [n, blocks]: -K * the block's code sum */
-    /* VNNI decoding: per row and pair of blocks, 64 codes, 16 scales and 16 starting sums in the lanes of the
+    /* VNNI decoding: per pair of blocks and row, 64 codes, 16 scales and 16 starting sums in the lanes of the
        weights' vector (pair_lanes) */
     int8_t *pq;
     float *pd;
@@ -151,9 +153,9 @@ static void prepare_acts(acts *a, int format, int isa, const float *xs) {
         }
         if (a->pq) { /* a missing second block: zero codes, scale and sum */
             for (int64_t p = 0; p < pairs; p++) {
-                int8_t *pq = a->pq + (i * pairs + p) * 64;
-                float *pd = a->pd + (i * pairs + p) * 16;
-                int32_t *pk = a->pk + (i * pairs + p) * 16;
+                int8_t *pq = a->pq + (p * n + i) * 64;
+                float *pd = a->pd + (p * n + i) * 16;
+                int32_t *pk = a->pk + (p * n + i) * 16;
                 memset(pq, 0, 64), memset(pd, 0, 64), memset(pk, 0, 64);
                 for (int64_t h = 0; h < 2 && 2 * p + h < blocks; h++) {
                     int64_t b = 2 * p + h;
@@ -238,12 +240,14 @@ AVX2 INLINE __m256i block_avx2(int format, const uint8_t *codes) {
 AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t i0,
                           const int N, float *y, int64_t ystride) {
     __m256 acc[MAX_ROWS];
+    _Pragma("GCC unroll 16")
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t blocks = a->blocks, block_codes = format == QUANT_INT8 ? 32 : 16;
     for (int64_t b = 0; b < blocks; b++) {
         __m256i w = block_avx2(format, codes + b * block_codes), aw = _mm256_sign_epi8(w, w);
         float dw = _cvtsh_ss(scale[b]);
+        _Pragma("GCC unroll 16")
         for (int i = 0; i < N; i++) {
             int64_t row = i0 + i;
             __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + row * a->cols + 32 * b));
@@ -251,6 +255,7 @@ AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scal
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->d[row * blocks + b]), acc[i]);
         }
     }
+    _Pragma("GCC unroll 16")
     for (int i = 0; i < N; i++) y[i * ystride] = hsum8(acc[i]);
 }
 
@@ -309,17 +314,20 @@ VNNI INLINE __m512i pair_vnni(int format, const uint8_t *codes, const uint16_t *
 VNNI INLINE void row_vnni(int format, const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t i0,
                           const int N, float *y, int64_t ystride) {
     __m512 acc[MAX_ROWS];
+    _Pragma("GCC unroll 16")
     for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
     int64_t pairs = pairs_of(a->blocks);
     for (int64_t p = 0; p < pairs; p++) {
         __m512 dw;
         __m512i w = pair_vnni(format, codes, scale, p, 2 * p + 1 < a->blocks, &dw);
+        _Pragma("GCC unroll 16")
         for (int i = 0; i < N; i++) {
-            int64_t at = (i0 + i) * pairs + p;
+            int64_t at = p * a->n + i0 + i;
             __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512(a->pk + 16 * at), w, _mm512_load_si512(a->pq + 64 * at));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_load_ps(a->pd + 16 * at)), acc[i]);
         }
     }
+    _Pragma("GCC unroll 16")
     for (int i = 0; i < N; i++) y[i * ystride] = _mm512_reduce_add_ps(acc[i]);
 }
 
@@ -342,11 +350,14 @@ VNNI INLINE void tile_vnni(int format, const uint8_t *q, const uint16_t *scale, 
                            const acts *a, int64_t g0, const int RG, float *y, int64_t ystride) {
     int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols);
     __m512 acc[TILE_W][TILE_G];
+    _Pragma("GCC unroll 16")
     for (int m = 0; m < RW; m++)
+        _Pragma("GCC unroll 16")
         for (int g = 0; g < RG; g++) acc[m][g] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         uint32_t words[TILE_W][8] __attribute__((aligned(32)));
         float dw[TILE_W];
+        _Pragma("GCC unroll 16")
         for (int m = 0; m < RW; m++) {
             const uint8_t *codes = q + (r0 + m) * row_codes;
             __m256i w;
@@ -360,24 +371,33 @@ VNNI INLINE void tile_vnni(int format, const uint8_t *q, const uint16_t *scale, 
             dw[m] = _cvtsh_ss(scale[(r0 + m) * blocks + b]);
         }
         __m512i sum[TILE_W][TILE_G];
+        _Pragma("GCC unroll 16")
         for (int g = 0; g < RG; g++) {
             __m512i k = _mm512_load_si512(a->gk + ((g0 + g) * blocks + b) * 16);
+            _Pragma("GCC unroll 16")
             for (int m = 0; m < RW; m++) sum[m][g] = k;
         }
+        _Pragma("GCC unroll 16")
         for (int c = 0; c < 8; c++)
+            _Pragma("GCC unroll 16")
             for (int g = 0; g < RG; g++) {
                 __m512i x = _mm512_load_si512(a->gq + ((g0 + g) * blocks + b) * 512 + 64 * c);
+                _Pragma("GCC unroll 16")
                 for (int m = 0; m < RW; m++)
                     sum[m][g] = _mm512_dpbusd_epi32(sum[m][g], _mm512_set1_epi32((int)words[m][c]), x);
             }
+        _Pragma("GCC unroll 16")
         for (int g = 0; g < RG; g++) {
             __m512 dx = _mm512_load_ps(a->gd + ((g0 + g) * blocks + b) * 16);
+            _Pragma("GCC unroll 16")
             for (int m = 0; m < RW; m++)
                 acc[m][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][g]), _mm512_mul_ps(dx, _mm512_set1_ps(dw[m])),
                                             acc[m][g]);
         }
     }
+    _Pragma("GCC unroll 16")
     for (int m = 0; m < RW; m++)
+        _Pragma("GCC unroll 16")
         for (int g = 0; g < RG; g++) {
             float lanes[16] __attribute__((aligned(64)));
             _mm512_store_ps(lanes, acc[m][g]);
