@@ -166,7 +166,30 @@ def _codes(blocks: torch.Tensor, d: torch.Tensor, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize(weight: torch.Tensor, name: str) -> QuantMatrix:
-    """`weight` [out, in] (any float dtype, on the CPU) in format `name`, rounded to nearest as described above."""
+    """`weight` [out, in] (any float dtype, on the CPU) in format `name`, rounded to nearest as described above:
+    by the C quantizer (native/quantize.c, at memory speed) for float32 and bfloat16 weights where the kernel
+    library is built, else by `quantize_reference`; the two give the same bits."""
+    fmt = FORMATS[name]
+    rows, cols = weight.shape
+    check_shape(name, rows, cols)
+    if weight.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu" or not kernels.available():
+        return quantize_reference(weight, name)
+    weight = weight.contiguous()
+    q = torch.empty(fmt.codes_shape(rows, cols), dtype=fmt.codes_dtype)
+    scale = torch.empty(rows, cols // BLOCK, dtype=torch.float16)
+    status = kernels.library().fiddler_quantize(fmt.code, weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+                                                rows, cols, q.data_ptr(), scale.data_ptr())
+    if status == -3:
+        raise ValueError(f"--quantize {name}: the weights hold NaN or infinity, or values too large for float16 "
+                         "scales; run with --quantize none")
+    if status != 0:
+        raise ValueError(f"fiddler_quantize: the kernel does not take format {name} for a [{rows}, {cols}] matrix")
+    return QuantMatrix(name, q, scale)
+
+
+@torch.no_grad()
+def quantize_reference(weight: torch.Tensor, name: str) -> QuantMatrix:
+    """`quantize` in PyTorch operations: the reference the C quantizer is held to, and the path without it."""
     fmt = FORMATS[name]
     rows, cols = weight.shape
     check_shape(name, rows, cols)

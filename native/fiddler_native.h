@@ -72,6 +72,8 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
                               const void *x, int x_bf16, int64_t n, void *out, int isa);
 int fiddler_quant_activations(const void *x, int x_bf16, int64_t n, int64_t cols, int8_t *q, float *d, int isa);
 int fiddler_quant_isa(void);
+/* quantize.c: weights into the formats */
+int fiddler_quantize(int format, const void *w, int w_bf16, int64_t rows, int64_t cols, uint8_t *q, uint16_t *scale);
 
 /* parked_wait.c */
 int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);

@@ -122,6 +122,31 @@ def test_shapes_the_formats_cannot_cut_are_refused_with_the_fix():
 
 
 @needs_library
+@pytest.mark.parametrize("name", FORMATS)
+def test_the_c_quantizer_gives_the_bits_of_the_reference(name):
+    """native/quantize.c against quantize_reference, float32 and bfloat16 weights: rows from 1e-9 to 1e3 (scales
+    below float16's normal range), a block of zeros, largest weights of either sign, a tie of magnitudes (the first
+    counts), values halfway between codes, and scales moved one float16 step up so as not to clip."""
+    generator = torch.Generator().manual_seed(14)
+    w = torch.randn(64, 256, generator=generator) * torch.logspace(-9, 3, 64).unsqueeze(1)
+    w[0, :32] = 0
+    w[1, :32] = torch.arange(-16, 16) / 8
+    w[2, :32] = torch.arange(16, -16, -1) / 8
+    w[3, 32:64] = 1.0
+    w[3, 40] = -1.0
+    w[4, :32] = torch.arange(32) * 0.5
+    w[5, :32] = 2.0**-20
+    for dtype in (torch.float32, torch.bfloat16):
+        got, want = quant.quantize(w.to(dtype), name), quant.quantize_reference(w.to(dtype), name)
+        assert torch.equal(got.q, want.q) and torch.equal(got.scale.view(torch.int16), want.scale.view(torch.int16))
+    assert torch.equal(quant.quantize(w.t().contiguous().t(), name).q, quant.quantize_reference(w, name).q)
+    for bad in (float("nan"), float("inf")):
+        w[7, 5] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            quant.quantize(w, name)
+
+
+@needs_library
 def test_the_activations_are_quantized_alike_in_python_and_c():
     """Bit for bit on every path: bfloat16 and float32 rows, a block of zeros, a block whose values fall halfway
     between codes (halves to even), tiny and large values."""
