@@ -311,34 +311,65 @@ VNNI INLINE __m512i pair_vnni(int format, const uint8_t *codes, const uint16_t *
     return w;
 }
 
-VNNI INLINE void row_vnni(int format, const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t i0,
-                          const int N, float *y, int64_t ystride) {
-    __m512 acc[MAX_ROWS];
-    _Pragma("GCC unroll 16")
-    for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
-    int64_t pairs = pairs_of(a->blocks);
+/* RW weight rows (r, r + 1, ...) against N activation rows: each pair of activation blocks is read once for the RW
+   weight rows, which matters once the rows' copies no longer fit the L1 cache. */
+VNNI INLINE void row_vnni(int format, const uint8_t *codes, int64_t row_codes, const uint16_t *scale, int64_t blocks,
+                          const int RW, const acts *a, const int N, float *y, int64_t ystride) {
+    __m512 acc[4][MAX_ROWS];
+    _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[m][i] = _mm512_setzero_ps();
+    int64_t pairs = pairs_of(blocks);
     for (int64_t p = 0; p < pairs; p++) {
-        __m512 dw;
-        __m512i w = pair_vnni(format, codes, scale, p, 2 * p + 1 < a->blocks, &dw);
-        _Pragma("GCC unroll 16")
-        for (int i = 0; i < N; i++) {
-            int64_t at = p * a->n + i0 + i;
-            __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512(a->pk + 16 * at), w, _mm512_load_si512(a->pq + 64 * at));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_load_ps(a->pd + 16 * at)), acc[i]);
+        __m512 dw[4];
+        __m512i w[4];
+        _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
+            w[m] = pair_vnni(format, codes + m * row_codes, scale + m * blocks, p, 2 * p + 1 < blocks, &dw[m]);
+        _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
+            int64_t at = p * a->n + i;
+            __m512i k = _mm512_load_si512(a->pk + 16 * at), x = _mm512_load_si512(a->pq + 64 * at);
+            __m512 dx = _mm512_load_ps(a->pd + 16 * at);
+            _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++) {
+                __m512i s = _mm512_dpbusd_epi32(k, w[m], x);
+                acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[m], dx), acc[m][i]);
+            }
         }
     }
-    _Pragma("GCC unroll 16")
-    for (int i = 0; i < N; i++) y[i * ystride] = _mm512_reduce_add_ps(acc[i]);
+    _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) y[i * ystride + m] = _mm512_reduce_add_ps(acc[m][i]);
 }
 
+#define VNNI_CASE(FORMAT, RW, N) \
+    case N: row_vnni(FORMAT, q + r * row_codes, row_codes, scale + r * blocks, blocks, RW, a, N, y + r, ystride); break;
+#define VNNI_SWITCH(FORMAT, RW)                                                                                   \
+    switch (n) {                                                                                                  \
+        VNNI_CASE(FORMAT, RW, 1) VNNI_CASE(FORMAT, RW, 2) VNNI_CASE(FORMAT, RW, 3) VNNI_CASE(FORMAT, RW, 4)      \
+        VNNI_CASE(FORMAT, RW, 5) VNNI_CASE(FORMAT, RW, 6) VNNI_CASE(FORMAT, RW, 7) VNNI_CASE(FORMAT, RW, 8)      \
+    }
+
+/* Weight rows r0 <= r < r1, two at a time (four for up to 4 activation rows: the accumulators fit the registers). */
 VNNI static void rows_vnni_decode(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
                                   const acts *a, float *y, int64_t ystride) {
-    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), n = a->n, i0 = 0;
-    for (int64_t r = r0; r < r1; r++) {
+    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), n = a->n, r = r0;
+    if (n <= 4)
+        for (; r + 4 <= r1; r += 4) {
+            if (format == QUANT_INT8) {
+                VNNI_SWITCH(QUANT_INT8, 4)
+            } else {
+                VNNI_SWITCH(QUANT_INT4, 4)
+            }
+        }
+    for (; r + 2 <= r1; r += 2) {
         if (format == QUANT_INT8) {
-            ROW_SWITCH(row_vnni, QUANT_INT8)
+            VNNI_SWITCH(QUANT_INT8, 2)
         } else {
-            ROW_SWITCH(row_vnni, QUANT_INT4)
+            VNNI_SWITCH(QUANT_INT4, 2)
+        }
+    }
+    for (; r < r1; r++) {
+        if (format == QUANT_INT8) {
+            VNNI_SWITCH(QUANT_INT8, 1)
+        } else {
+            VNNI_SWITCH(QUANT_INT4, 1)
         }
     }
 }
