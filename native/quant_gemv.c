@@ -121,7 +121,8 @@ static int alloc_acts(acts *a, int isa, int64_t n, int64_t cols) {
     int64_t blocks = cols / 32, pairs = pairs_of(blocks), groups = groups_of(n);
     memset(a, 0, sizeof *a);
     a->n = n, a->cols = cols, a->blocks = blocks;
-    a->q = scratch((size_t)(n * cols)), a->d = scratch((size_t)(n * blocks) * 4), a->k = scratch((size_t)(n * blocks) * 4);
+    a->q = scratch((size_t)(n * cols));
+    a->d = scratch((size_t)(n * blocks) * 4), a->k = scratch((size_t)(n * blocks) * 4);
     int ok = a->q && a->d && a->k;
     if (isa == QUANT_ISA_AVX512 && n <= MAX_ROWS) {
         a->pq = scratch((size_t)(n * pairs) * 64), a->pd = scratch((size_t)(n * pairs) * 64);
@@ -289,7 +290,8 @@ AVX2 static void rows_avx2(int format, const uint8_t *q, const uint16_t *scale, 
 
 /* --- the AVX-512 VNNI path --- */
 
-/* Blocks 2p and 2p + 1 of a weight row as 64 unsigned codes (int8 q + 128, int4 q) in pair_lane's order, and
+/* Blocks 2p and 2p + 1 of a weight row as 64 unsigned codes (int8 q + 128, int4 q) in the order the activations' copies
+   follow (int8 in order; int4 the low nibbles of both blocks, then the high ones), and
    their scales in the matching lanes; a missing second block reads as zeros. */
 VNNI INLINE __m512i pair_vnni(int format, const uint8_t *codes, const uint16_t *scale, int64_t p, int whole,
                               __m512 *dw) {
@@ -315,13 +317,16 @@ VNNI INLINE __m512i pair_vnni(int format, const uint8_t *codes, const uint16_t *
    weight rows, which matters once the rows' copies no longer fit the L1 cache. */
 VNNI INLINE void row_vnni(int format, const uint8_t *codes, int64_t row_codes, const uint16_t *scale, int64_t blocks,
                           const int RW, const acts *a, const int N, float *y, int64_t ystride) {
-    __m512 acc[4][MAX_ROWS];
+    __m512 acc[2][MAX_ROWS];
     _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
     _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[m][i] = _mm512_setzero_ps();
     int64_t pairs = pairs_of(blocks);
     for (int64_t p = 0; p < pairs; p++) {
-        __m512 dw[4];
-        __m512i w[4];
+        __m512 dw[2];
+        __m512i w[2];
+        _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++) /* the weights 8 pairs ahead, from memory */
+            _mm_prefetch((const char *)(codes + m * row_codes + (format == QUANT_INT8 ? 64 : 32) * (p + 8)),
+                         _MM_HINT_T0);
         _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
             w[m] = pair_vnni(format, codes + m * row_codes, scale + m * blocks, p, 2 * p + 1 < blocks, &dw[m]);
         _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
@@ -346,19 +351,11 @@ VNNI INLINE void row_vnni(int format, const uint8_t *codes, int64_t row_codes, c
         VNNI_CASE(FORMAT, RW, 5) VNNI_CASE(FORMAT, RW, 6) VNNI_CASE(FORMAT, RW, 7) VNNI_CASE(FORMAT, RW, 8)      \
     }
 
-/* Weight rows r0 <= r < r1, two at a time (four for up to 4 activation rows: the accumulators fit the registers). */
+/* Weight rows r0 <= r < r1, two at a time for several activation rows (one row streams fastest alone). */
 VNNI static void rows_vnni_decode(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
                                   const acts *a, float *y, int64_t ystride) {
     int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), n = a->n, r = r0;
-    if (n <= 4)
-        for (; r + 4 <= r1; r += 4) {
-            if (format == QUANT_INT8) {
-                VNNI_SWITCH(QUANT_INT8, 4)
-            } else {
-                VNNI_SWITCH(QUANT_INT4, 4)
-            }
-        }
-    for (; r + 2 <= r1; r += 2) {
+    for (; n > 1 && r + 2 <= r1; r += 2) {
         if (format == QUANT_INT8) {
             VNNI_SWITCH(QUANT_INT8, 2)
         } else {
@@ -393,7 +390,8 @@ VNNI INLINE void tile_vnni(int format, const uint8_t *q, const uint16_t *scale, 
             const uint8_t *codes = q + (r0 + m) * row_codes;
             __m256i w;
             if (format == QUANT_INT8) {
-                w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + 32 * b)), _mm256_set1_epi8((char)0x80));
+                w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + 32 * b)),
+                                     _mm256_set1_epi8((char)0x80));
             } else {
                 __m128i v = _mm_loadu_si128((const __m128i *)(codes + 16 * b)), nibble = _mm_set1_epi8(15);
                 w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
@@ -432,7 +430,8 @@ VNNI INLINE void tile_vnni(int format, const uint8_t *q, const uint16_t *scale, 
         for (int g = 0; g < RG; g++) {
             float lanes[16] __attribute__((aligned(64)));
             _mm512_store_ps(lanes, acc[m][g]);
-            for (int l = 0; l < 16 && 16 * (g0 + g) + l < a->n; l++) y[(16 * (g0 + g) + l) * ystride + r0 + m] = lanes[l];
+            for (int l = 0; l < 16 && 16 * (g0 + g) + l < a->n; l++)
+                y[(16 * (g0 + g) + l) * ystride + r0 + m] = lanes[l];
         }
 }
 
