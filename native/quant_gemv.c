@@ -351,11 +351,12 @@ VNNI INLINE void row_vnni(int format, const uint8_t *codes, int64_t row_codes, c
         VNNI_CASE(FORMAT, RW, 5) VNNI_CASE(FORMAT, RW, 6) VNNI_CASE(FORMAT, RW, 7) VNNI_CASE(FORMAT, RW, 8)      \
     }
 
-/* Weight rows r0 <= r < r1, two at a time for several activation rows (one row streams fastest alone). */
+/* Weight rows r0 <= r < r1: two at a time for more than 4 activation rows, whose copies then outgrow the L1
+   cache; one at a time for fewer, which streams the weights faster (measured: docs/performance-log.md). */
 VNNI static void rows_vnni_decode(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
                                   const acts *a, float *y, int64_t ystride) {
     int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), n = a->n, r = r0;
-    for (; n > 1 && r + 2 <= r1; r += 2) {
+    for (; n > 4 && r + 2 <= r1; r += 2) {
         if (format == QUANT_INT8) {
             VNNI_SWITCH(QUANT_INT8, 2)
         } else {
