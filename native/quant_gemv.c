@@ -137,12 +137,11 @@ static int alloc_acts(acts *a, int isa, int64_t n, int64_t cols) {
     return ok ? 0 : -1;
 }
 
-/* Fills `a` from xs [n, cols] float32; call inside a parallel region (ends with a barrier). */
-static void prepare_acts(acts *a, int format, int isa, const float *xs) {
+/* Row i of `a` from row i of xs [n, cols] float32: its codes, scales and sums, and the decoding path's copies. */
+static void prepare_row(acts *a, int format, int isa, const float *xs, int64_t i) {
     int64_t n = a->n, cols = a->cols, blocks = a->blocks, pairs = pairs_of(blocks);
     int32_t K = format == QUANT_INT8 ? 128 : 8;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
+    {
         if (isa >= QUANT_ISA_AVX2)
             quantize_row_avx2(xs + i * cols, cols, a->q + i * cols, a->d + i * blocks);
         else
@@ -175,6 +174,12 @@ static void prepare_acts(acts *a, int format, int isa, const float *xs) {
             }
         }
     }
+}
+
+/* The prefill path's copies of every row (after prepare_row has done them all); call inside a parallel region or
+   outside one. Ends with a barrier inside a parallel region, where it has anything to do. */
+static void prepare_groups(acts *a) {
+    int64_t n = a->n, cols = a->cols, blocks = a->blocks;
     if (a->gq) {
         int64_t groups = groups_of(n);
 #pragma omp for schedule(static)
@@ -193,6 +198,13 @@ static void prepare_acts(acts *a, int format, int isa, const float *xs) {
             }
         }
     }
+}
+
+/* Fills `a` from xs [n, cols] float32, on the calling thread: the activations of a call are few against its
+   weights, and a parallel region's barriers cost more than this on a busy machine. */
+static void prepare_acts(acts *a, int format, int isa, const float *xs) {
+    for (int64_t i = 0; i < a->n; i++) prepare_row(a, format, isa, xs, i);
+    prepare_groups(a);
 }
 
 /* --- the plain path --- */
@@ -548,9 +560,9 @@ int fiddler_quant_linear(int format, const uint8_t *q, const uint16_t *scale, in
     float *xs = float_rows(x, x_bf16, n * cols), *y = x_bf16 ? scratch((size_t)(n * rows) * sizeof(float)) : out;
     int ok = xs != NULL && y != NULL && alloc_acts(&a, isa, n, cols) == 0;
     if (ok) {
+        prepare_acts(&a, format, isa, xs);
 #pragma omp parallel
         {
-            prepare_acts(&a, format, isa, xs);
             quant_rows(format, isa, q, scale, rows, &a, y);
             if (x_bf16) store(y, n * rows, 1, out);
         }
@@ -582,24 +594,27 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
     int ok = xs && h && ps && y && (have_x = alloc_acts(&ax, isa, n, hidden) == 0)
              && (have_p = alloc_acts(&ap, isa, n, inter) == 0);
     if (ok) {
+        prepare_acts(&ax, format, isa, xs);
 #pragma omp parallel
         {
-            prepare_acts(&ax, format, isa, xs);
             quant_rows(format, isa, gate_up, gate_up_scale, 2 * inter, &ax, h);
+            /* the activation, a row at a time, each row quantized for the down product as soon as it is done */
 #pragma omp for schedule(static)
-            for (int64_t j = 0; j < n * inter; j++) {
-                int64_t i = j / inter, c = j % inter;
-                float g = h[i * 2 * inter + c], u = h[i * 2 * inter + inter + c];
-                if (x_bf16) {
-                    g = bf16_to_float(float_to_bf16(g));
-                    u = bf16_to_float(float_to_bf16(u));
-                    float act = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
-                    ps[j] = bf16_to_float(float_to_bf16(act * u));
-                } else {
-                    ps[j] = g / (1.0f + expf(-g)) * u;
+            for (int64_t i = 0; i < n; i++) {
+                for (int64_t c = 0; c < inter; c++) {
+                    float g = h[i * 2 * inter + c], u = h[i * 2 * inter + inter + c];
+                    if (x_bf16) {
+                        g = bf16_to_float(float_to_bf16(g));
+                        u = bf16_to_float(float_to_bf16(u));
+                        float act = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
+                        ps[i * inter + c] = bf16_to_float(float_to_bf16(act * u));
+                    } else {
+                        ps[i * inter + c] = g / (1.0f + expf(-g)) * u;
+                    }
                 }
+                prepare_row(&ap, format, isa, ps, i);
             }
-            prepare_acts(&ap, format, isa, ps);
+            prepare_groups(&ap);
             quant_rows(format, isa, down, down_scale, hidden, &ap, y);
             if (x_bf16) store(y, n * hidden, 1, out);
         }
