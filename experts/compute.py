@@ -24,8 +24,8 @@ FIDDLER_BF16_PATH chooses one (`bfloat16_path`); FIDDLER_PACK_WEIGHTS=0 turns al
 are left as they are (the exactness tests compare them with transformers to 1e-5), and so is anything on a GPU.
 
 Quantized experts (a worker's shard with --quantize int8 or int4: experts/quant.py's QuantizedExpertWeights) take
-experts/quant.py's products: the fused C kernel for a gated SiLU expert's decoding rows, else one product at a
-time, with the activation between them computed here in the compute dtype as for float weights.
+experts/quant.py's products: the fused C kernel for a gated SiLU expert without biases (any number of rows), else
+one product at a time, with the activation between them computed here in the compute dtype as for float weights.
 """
 
 from __future__ import annotations

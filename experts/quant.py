@@ -28,11 +28,19 @@ than Q4_0 but 11% more bytes, which decoding pays in time one for one, and its d
 float32. Planes rather than llama.cpp's interleaved 34- and 18-byte blocks: aligned vector loads in C, and plain
 tensor views for the Python paths.
 
-Exactness: the reference of a quantized product is x @ dequantize(W).T computed in float64 (`reference_linear`),
-the activations as they are (not quantized). The decoding kernels (native/quant_gemv.c) and the prefill path
-(float32 tiles of dequantized weights, then torch.mm) differ from it only by float32 sums in another order, and
-the final rounding to the compute dtype; tests/test_quant.py holds them to that. What quantizing costs against
-the float weights is measured and published (`benchmarks/quant_accuracy.py`, README), not folded into a bound.
+Activations: a product quantizes its activation rows too, per block of 32 along the input (`quantize_activations`:
+dx = amax / 127 in float32, codes round(x / dx) in [-127, 127], as llama.cpp's Q8_0 with a float32 scale), once per
+call, so that the kernels compute each block's dot product in integers (native/quant_gemv.c). The activations' own
+error is about that of int8 weights (docs/performance-log.md).
+
+Exactness: the reference of a quantized product is dequantize_activations(quantize_activations(x)) @
+dequantize(W).T computed in float64 (`reference_linear`): the same quantized weights and the same quantized
+activations, both dequantized. The kernels (native/quant_gemv.c, any number of rows) and the Python path without
+the library differ from it only by float32 products of the scales and sums in another order, and the final
+rounding to the compute dtype; tests/test_quant.py holds them to that. A model that computes the same function
+(tests/test_quant_cluster.py's reference) quantizes each expert product's input with these two functions. What
+quantizing costs against the float weights and activations is measured and published
+(`benchmarks/quant_accuracy.py`, README), not folded into a bound.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from fiddler_moe.native import kernels
-from fiddler_moe.native.limits import MAX_ROWS, QUANT_BLOCK, QUANT_INT4, QUANT_INT8
+from fiddler_moe.native.limits import QUANT_BLOCK, QUANT_INT4, QUANT_INT8
 
 BLOCK = QUANT_BLOCK
 
@@ -158,7 +166,30 @@ def _codes(blocks: torch.Tensor, d: torch.Tensor, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize(weight: torch.Tensor, name: str) -> QuantMatrix:
-    """`weight` [out, in] (any float dtype, on the CPU) in format `name`, rounded to nearest as described above."""
+    """`weight` [out, in] (any float dtype, on the CPU) in format `name`, rounded to nearest as described above:
+    by the C quantizer (native/quantize.c, at memory speed) for float32 and bfloat16 weights where the kernel
+    library is built, else by `quantize_reference`; the two give the same bits."""
+    fmt = FORMATS[name]
+    rows, cols = weight.shape
+    check_shape(name, rows, cols)
+    if weight.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu" or not kernels.available():
+        return quantize_reference(weight, name)
+    weight = weight.contiguous()
+    q = torch.empty(fmt.codes_shape(rows, cols), dtype=fmt.codes_dtype)
+    scale = torch.empty(rows, cols // BLOCK, dtype=torch.float16)
+    status = kernels.library().fiddler_quantize(fmt.code, weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+                                                rows, cols, q.data_ptr(), scale.data_ptr())
+    if status == -3:
+        raise ValueError(f"--quantize {name}: the weights hold NaN or infinity, or values too large for float16 "
+                         "scales; run with --quantize none")
+    if status != 0:
+        raise ValueError(f"fiddler_quantize: the kernel does not take format {name} for a [{rows}, {cols}] matrix")
+    return QuantMatrix(name, q, scale)
+
+
+@torch.no_grad()
+def quantize_reference(weight: torch.Tensor, name: str) -> QuantMatrix:
+    """`quantize` in PyTorch operations: the reference the C quantizer is held to, and the path without it."""
     fmt = FORMATS[name]
     rows, cols = weight.shape
     check_shape(name, rows, cols)
@@ -188,9 +219,34 @@ def dequantize(m: QuantMatrix, dtype: torch.dtype = torch.float32) -> torch.Tens
     return codes(m).to(dtype) * d
 
 
+@torch.no_grad()
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, cols] quantized per block of 32 as every product quantizes its activations, bit for bit with the C
+    kernels' (native/quant_gemv.c): (codes int8 [n, cols], scales float32 [n, cols / 32]). dx = amax / 127 and
+    codes round(x * (1 / dx)), halves to even, all in float32; a block of zeros has dx = 0 and codes 0."""
+    n, cols = x.shape
+    blocks = x.float().reshape(n, cols // BLOCK, BLOCK)
+    d = blocks.abs().amax(dim=-1) / 127
+    inverse = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
+    q = torch.round(blocks * inverse.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(n, cols), d
+
+
+def dequantize_activations(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The activations dx * code as [n, cols] `dtype` (exact in float64)."""
+    return q.to(dtype) * d.to(dtype).repeat_interleave(BLOCK, dim=1)
+
+
+def quantized_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the products see it: quantized per block and dequantized, in float32 (rounded to it: dx * code has up
+    to 31 bits), x's shape. What a reference model feeds each quantized expert product instead of x."""
+    flat = x.reshape(-1, x.shape[-1])
+    return dequantize_activations(*quantize_activations(flat), torch.float32).reshape(x.shape)
+
+
 def reference_linear(x: torch.Tensor, m: QuantMatrix) -> torch.Tensor:
-    """The exact product x @ dequantize(m).T in float64, the activations as given."""
-    return x.double() @ dequantize(m, torch.float64).t()
+    """The exact product of x quantized per block with m, in float64: both dequantized."""
+    return dequantize_activations(*quantize_activations(x)) @ dequantize(m, torch.float64).t()
 
 
 # --- the products a worker computes ---
@@ -222,35 +278,26 @@ def expert_nbytes(name: str, gate_up: tuple[int, int], down: tuple[int, int], bi
     return fmt.nbytes(*gate_up) + fmt.nbytes(*down) + bias_bytes
 
 
-TILE = 1 << 20  # weights dequantized at a time for a prefill product (4 MiB of float32): still in cache when used
+TILE = 1 << 20  # weights dequantized at a time without the kernel library (4 MiB of float32)
 
 
 def _float32_tiles(m: QuantMatrix):
-    """(first row, those rows dequantized to float32) for consecutive tiles of about TILE weights, into one reused
-    scratch buffer."""
+    """(first row, those rows dequantized to float32) for consecutive tiles of about TILE weights."""
     rows, cols = m.shape
     step = max(1, TILE // cols)
-    scratch = torch.empty(min(step, rows), cols)
     for start in range(0, rows, step):
-        count = min(step, rows - start)
-        tile = scratch[:count]
-        if kernels.available():
-            kernels.quant_dequantize(m.code, m.q[start : start + count], m.scale[start : start + count], tile)
-        else:
-            part = QuantMatrix(m.format, m.q[start : start + count], m.scale[start : start + count])
-            tile.copy_(dequantize(part))
-        yield start, tile
+        yield start, dequantize(QuantMatrix(m.format, m.q[start : start + step], m.scale[start : start + step]))
 
 
 @torch.no_grad()
 def linear(x: torch.Tensor, m: QuantMatrix) -> torch.Tensor:
-    """x @ dequantize(m).T for x [n, cols], accumulated in float32 and rounded once to x's dtype. A few rows
-    (decoding) take the C kernel, which streams the codes once for all rows; more rows (prefill), or any rows
-    without the kernel library, multiply float32 tiles of dequantized weights with torch.mm."""
+    """x quantized per block @ dequantize(m).T for x [n, cols], accumulated in float32 and rounded once to x's
+    dtype: the C kernel's integer dot products for any number of rows; without the kernel library, float32 tiles
+    of dequantized weights times the dequantized activations with torch.mm."""
     n = x.shape[0]
-    if kernels.quant_applies(x, m.cols) and n <= MAX_ROWS:
+    if kernels.quant_applies(x, m.cols):
         return kernels.quant_linear(m.code, m.q, m.scale, x)
-    xf = x.float()
+    xf = quantized_input(x) if n else x.float()
     out_t = torch.empty(m.rows, n)
     for start, tile in _float32_tiles(m):
         torch.mm(tile, xf.t(), out=out_t[start : start + len(tile)])

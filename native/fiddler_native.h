@@ -70,9 +70,10 @@ int fiddler_quant_linear(int format, const uint8_t *q, const uint16_t *scale, in
 int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t *gate_up_scale,
                               const uint8_t *down, const uint16_t *down_scale, int64_t hidden, int64_t inter,
                               const void *x, int x_bf16, int64_t n, void *out, int isa);
-int fiddler_quant_dequantize(int format, const uint8_t *q, const uint16_t *scale, int64_t rows, int64_t cols,
-                             float *out);
+int fiddler_quant_activations(const void *x, int x_bf16, int64_t n, int64_t cols, int8_t *q, float *d, int isa);
 int fiddler_quant_isa(void);
+/* quantize.c: weights into the formats */
+int fiddler_quantize(int format, const void *w, int w_bf16, int64_t rows, int64_t cols, uint8_t *q, uint16_t *scale);
 
 /* parked_wait.c */
 int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);

@@ -6,9 +6,10 @@ every weight it passes, so its speed is how fast the weights stream from memory,
 than PyTorch's bfloat16 matrix-vector product on CPUs without oneDNN's bfloat16 support (docs/performance-log.md, item 7).
 Its results equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in another order).
 
-`quant_linear`, `quant_silu_expert` and `quant_dequantize` are the same for quantized weights (quant_gemv.c; the
-formats are described in experts/quant.py): a few rows of bfloat16 or float32 activations against int8 or int4
-codes with float16 scales, and the float32 tiles the prefill path multiplies.
+`quant_linear` and `quant_silu_expert` are the same for quantized weights (quant_gemv.c; the formats are described
+in experts/quant.py): any number of rows of bfloat16 or float32 activations, quantized per block of 32 to int8 in
+the call, against int8 or int4 codes with float16 scales, by integer dot products; `quant_activations` is that
+quantization of the activations alone (tests hold experts/quant.py's to its bits).
 
 The rest are the small C pieces of a decoding step's hand-over between processes: `gather_rows` and `combine`
 (bit-equal to the dispatcher's tensor ops) and `parked_wait` (parked_wait.c); the worker's serving loop and the
@@ -77,10 +78,10 @@ def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out:
 
 
 def quant_applies(x: torch.Tensor, cols: int) -> bool:
-    """Whether the quantized kernels take activations x [n, cols]: bfloat16 or float32 on the CPU, 1 to MAX_ROWS
-    rows, and the library built."""
+    """Whether the quantized kernels take activations x [n, cols]: bfloat16 or float32 on the CPU, at least one
+    row, and the library built."""
     return (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu" and x.dim() == 2
-            and x.shape[1] == cols and 0 < x.shape[0] <= MAX_ROWS and available())
+            and x.shape[1] == cols and x.shape[0] > 0 and available())
 
 
 def _quant_status(status: int, what: str) -> None:
@@ -92,8 +93,8 @@ def _quant_status(status: int, what: str) -> None:
 
 def quant_linear(code: int, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, isa: int = 0) -> torch.Tensor:
     """x [n, cols] @ w.T for a quantized w (codes q, float16 scales [rows, cols / 32], format `code` of
-    native/limits.py), rounded once to x's dtype, where `quant_applies` says so. `isa`: 0 for the best path of this
-    CPU, or QUANT_ISA_PLAIN / QUANT_ISA_AVX2."""
+    native/limits.py) and x quantized per block, rounded once to x's dtype, where `quant_applies` says so. `isa`: 0
+    for the best path of this CPU, or QUANT_ISA_PLAIN / _AVX2 / _AVX512."""
     rows, cols = scale.shape[0], scale.shape[1] * 32
     x = x.contiguous()
     out = torch.empty(x.shape[0], rows, dtype=x.dtype)
@@ -118,12 +119,16 @@ def quant_silu_expert(code: int, gate_up: tuple[torch.Tensor, torch.Tensor], dow
     return out
 
 
-def quant_dequantize(code: int, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The dequantized weights into `out` [rows, cols] float32 (contiguous)."""
-    rows, cols = scale.shape[0], scale.shape[1] * 32
-    _quant_status(library().fiddler_quant_dequantize(code, q.data_ptr(), scale.data_ptr(), rows, cols,
-                                                     out.data_ptr()), "fiddler_quant_dequantize")
-    return out
+def quant_activations(x: torch.Tensor, isa: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, cols] (bfloat16 or float32) quantized per block of 32 as the products quantize it: (codes int8 [n,
+    cols], scales float32 [n, cols / 32])."""
+    x = x.contiguous()
+    n, cols = x.shape
+    q = torch.empty(n, cols, dtype=torch.int8)
+    d = torch.empty(n, cols // 32)
+    _quant_status(library().fiddler_quant_activations(x.data_ptr(), int(x.dtype == torch.bfloat16), n, cols,
+                                                      q.data_ptr(), d.data_ptr(), isa), "fiddler_quant_activations")
+    return q, d
 
 
 def _int64_array(values: list[int]) -> ctypes.Array:

@@ -1,18 +1,32 @@
 /* Products with quantized weights (experts/quant.py describes the formats: int8 as llama.cpp's Q8_0, int4 as its
-   Q4_0, blocks of QUANT_BLOCK weights along a row with one float16 scale each) for a few rows of activations.
+   Q4_0, blocks of QUANT_BLOCK = 32 weights along a row with one float16 scale each), by integer dot products as
+   llama.cpp computes them.
 
-   out[i, r] = sum_c x[i, c] * w[r, c], w the dequantized weight d * code, accumulated in float32 and rounded once
-   to the activations' dtype (bfloat16 or float32). Each dequantized weight is exact in float32 (an 11-bit scale
-   times a code of at most 8 bits), so the only difference from the float64 reference is the order and rounding
-   of the float32 sums. The activations stay in float32, not quantized per block as llama.cpp's integer dot
-   products take them: the kernel computes with exactly the reference's weights and activations. A row of int8
-   streams about as fast as bfloat16 does; int4, and several rows, are bound by the float32 multiply-adds, which
-   integer dot products would cut (docs/performance-log.md, 2026-12-02).
+   The activations are quantized too, once per call, each row per block of 32 (`quantize_row`, the same arithmetic
+   as experts/quant.py's quantize_activations, bit for bit): dx = amax / 127 in float32, codes round(x / dx) in
+   [-127, 127]. Then each block's dot product of weight codes and activation codes is an exact integer, and one
+   float multiply-add per block adds it with the two scales:
 
-   A weight row's codes are read once for all the activation rows of the call: each block of 32 weights is
-   dequantized into registers, then multiplied with every row. Paths: AVX-512, AVX2 (with FMA and F16C) and plain
-   C, chosen at run time (`isa` 0: the best this CPU has; QUANT_ISA_PLAIN, _AVX2 or _AVX512 to ask for one). Threads:
-   OpenMP, over weight rows, as bf16_gemv.c. */
+       out[i, r] = sum_b dw[r, b] * dx[i, b] * sum_{c in b} wq[r, c] * xq[i, c]
+
+   accumulated in float32 and rounded once to the activations' dtype. Its exact reference is the same sum in
+   float64 (experts/quant.py's reference_linear); the kernel differs from it only by the float32 products of scales
+   and integers and by the order of the float32 sums.
+
+   The integer instructions multiply unsigned by signed bytes, so one side is made unsigned: the weights' codes
+   (int8 codes + 128; int4 codes as stored, 0..15), the activations signed; the products then carry K * sum of the
+   block's activation codes too (K = 128 for int8, 8 for int4), taken off by starting each block's integer sum at
+   -K * sum(xq), computed once per call with the activations.
+
+   Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for the best, QUANT_ISA_* for one):
+   - AVX-512 with VNNI (vpdpbusd: 64 byte products a instruction). Decoding (up to MAX_ROWS rows): a weight row's
+     blocks two at a time in one vector, against each row. Prefill (more rows): 16 activation rows across a
+     vector's lanes, each weight's four bytes broadcast to them, a tile of 4 weight rows x 32 activation rows so
+     that each weight block is read once for 32 rows and each activation vector once for 4 weight rows.
+   - AVX2 (vpmaddubsw + vpmaddwd, llama.cpp's AVX2 method: |w| times x with w's sign), one weight row's block
+     against up to MAX_ROWS rows at a time.
+   - plain C, the same sums.
+   Threads: OpenMP, over pieces of weight rows. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -27,43 +41,198 @@
 #error "quant_gemv.c reads blocks of 32 weights, but native/limits.py sets another QUANT_BLOCK"
 #endif
 
-#define PIECE_ROWS 16 /* weight rows a thread takes at a time */
+#define PIECE_ROWS 32 /* weight rows a thread takes at a time (a multiple of TILE_W) */
+#define TILE_W 8      /* weight rows of a prefill tile */
+#define TILE_G 1      /* groups of 16 activation rows of a prefill tile */
+#define INLINE static inline __attribute__((always_inline))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 static int64_t codes_per_row(int format, int64_t cols) { return format == QUANT_INT8 ? cols : cols / 2; }
+static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* --- the activations, quantized per block --- */
+
+/* One row's blocks: codes q [cols] and scales d [cols / 32]. float32 multiply, nearest-even rounding: the same
+   numbers on every path and in experts/quant.py. */
+static void quantize_row_plain(const float *x, int64_t cols, int8_t *q, float *d) {
+    for (int64_t b = 0; b < cols / 32; b++) {
+        float amax = 0.0f;
+        for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(x[32 * b + k]));
+        float scale = amax / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+        d[b] = scale;
+        for (int k = 0; k < 32; k++) q[32 * b + k] = (int8_t)nearbyintf(x[32 * b + k] * inverse);
+    }
+}
+
+AVX2 static void quantize_row_avx2(const float *x, int64_t cols, int8_t *q, float *d) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < cols / 32; b++) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        _Pragma("GCC unroll 16")
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(x + 32 * b + 8 * k);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float scale = _mm_cvtss_f32(h) / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+        d[b] = scale;
+        __m256i i[4];
+        _Pragma("GCC unroll 16")
+        for (int k = 0; k < 4; k++) /* cvtps rounds to nearest even, as nearbyintf */
+            i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(inverse)));
+        __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* packs work per lane */
+        _mm256_storeu_si256((__m256i *)(q + 32 * b), w);
+    }
+}
+
+/* The activation rows of one call: codes, scales and each block's code sum, and the copies laid out for the path
+   that reads them. */
+typedef struct {
+    int64_t n, cols, blocks;
+    int8_t *q;    /* [n, cols] */
+    float *d;     /* [n, blocks] */
+    int32_t *k;   /* [n, blocks]: -K * the block's code sum */
+    /* VNNI decoding: per pair of blocks and row, 64 codes, 16 scales and 16 starting sums in the lanes of the
+       weights' vector (pair_lanes) */
+    int8_t *pq;
+    float *pd;
+    int32_t *pk;
+    /* VNNI prefill: per group of 16 rows and block, the 32 codes of the 16 rows as 8 vectors of [row][4 codes],
+       and the 16 rows' scales and starting sums */
+    int8_t *gq;
+    float *gd;
+    int32_t *gk;
+} acts;
+
+static int64_t pairs_of(int64_t blocks) { return (blocks + 1) / 2; }
+static int64_t groups_of(int64_t n) { return (n + 15) / 16; }
+
+static void free_acts(acts *a) {
+    free(a->q), free(a->d), free(a->k), free(a->pq), free(a->pd), free(a->pk), free(a->gq), free(a->gd), free(a->gk);
+    memset(a, 0, sizeof *a);
+}
+
+/* Allocates what `prepare_acts` fills; 0, or -1 when there is no memory. */
+static int alloc_acts(acts *a, int isa, int64_t n, int64_t cols) {
+    int64_t blocks = cols / 32, pairs = pairs_of(blocks), groups = groups_of(n);
+    memset(a, 0, sizeof *a);
+    a->n = n, a->cols = cols, a->blocks = blocks;
+    a->q = scratch((size_t)(n * cols));
+    a->d = scratch((size_t)(n * blocks) * 4), a->k = scratch((size_t)(n * blocks) * 4);
+    int ok = a->q && a->d && a->k;
+    if (isa == QUANT_ISA_AVX512 && n <= MAX_ROWS) {
+        a->pq = scratch((size_t)(n * pairs) * 64), a->pd = scratch((size_t)(n * pairs) * 64);
+        a->pk = scratch((size_t)(n * pairs) * 64);
+        ok = ok && a->pq && a->pd && a->pk;
+    } else if (isa == QUANT_ISA_AVX512) {
+        a->gq = scratch((size_t)(groups * blocks) * 512), a->gd = scratch((size_t)(groups * blocks) * 64);
+        a->gk = scratch((size_t)(groups * blocks) * 64);
+        ok = ok && a->gq && a->gd && a->gk;
+    }
+    if (!ok) free_acts(a);
+    return ok ? 0 : -1;
+}
+
+/* Row i of `a` from row i of xs [n, cols] float32: its codes, scales and sums, and the decoding path's copies. */
+static void prepare_row(acts *a, int format, int isa, const float *xs, int64_t i) {
+    int64_t n = a->n, cols = a->cols, blocks = a->blocks, pairs = pairs_of(blocks);
+    int32_t K = format == QUANT_INT8 ? 128 : 8;
+    {
+        if (isa >= QUANT_ISA_AVX2)
+            quantize_row_avx2(xs + i * cols, cols, a->q + i * cols, a->d + i * blocks);
+        else
+            quantize_row_plain(xs + i * cols, cols, a->q + i * cols, a->d + i * blocks);
+        for (int64_t b = 0; b < blocks; b++) {
+            int32_t sum = 0;
+            for (int c = 0; c < 32; c++) sum += a->q[i * cols + 32 * b + c];
+            a->k[i * blocks + b] = -K * sum;
+        }
+        if (a->pq) { /* a missing second block: zero codes, scale and sum */
+            for (int64_t p = 0; p < pairs; p++) {
+                int8_t *pq = a->pq + (p * n + i) * 64;
+                float *pd = a->pd + (p * n + i) * 16;
+                int32_t *pk = a->pk + (p * n + i) * 16;
+                memset(pq, 0, 64), memset(pd, 0, 64), memset(pk, 0, 64);
+                for (int64_t h = 0; h < 2 && 2 * p + h < blocks; h++) {
+                    int64_t b = 2 * p + h;
+                    const int8_t *codes = a->q + i * cols + 32 * b;
+                    float d = a->d[i * blocks + b];
+                    if (format == QUANT_INT8) { /* codes in order: lanes 8h .. 8h + 7 */
+                        memcpy(pq + 32 * h, codes, 32);
+                        for (int l = 0; l < 8; l++) pd[8 * h + l] = d;
+                        pk[8 * h] = a->k[i * blocks + b];
+                    } else { /* low nibbles' codes in lanes 4h .. 4h + 3, high ones' in 8 + 4h .. 11 + 4h */
+                        memcpy(pq + 16 * h, codes, 16), memcpy(pq + 32 + 16 * h, codes + 16, 16);
+                        for (int l = 0; l < 4; l++) pd[4 * h + l] = pd[8 + 4 * h + l] = d;
+                        pk[4 * h] = a->k[i * blocks + b];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* The prefill path's copies of every row (after prepare_row has done them all); call inside a parallel region or
+   outside one. Ends with a barrier inside a parallel region, where it has anything to do. */
+static void prepare_groups(acts *a) {
+    int64_t n = a->n, cols = a->cols, blocks = a->blocks;
+    if (a->gq) {
+        int64_t groups = groups_of(n);
+#pragma omp for schedule(static)
+        for (int64_t gb = 0; gb < groups * blocks; gb++) {
+            int64_t g = gb / blocks, b = gb % blocks;
+            int8_t *gq = a->gq + gb * 512;
+            for (int r = 0; r < 16; r++) {
+                int64_t i = 16 * g + r;
+                for (int w = 0; w < 8; w++) { /* codes 4w .. 4w + 3 of row r */
+                    int32_t word = 0;
+                    if (i < n) memcpy(&word, a->q + i * cols + 32 * b + 4 * w, 4);
+                    memcpy(gq + 64 * w + 4 * r, &word, 4);
+                }
+                a->gd[gb * 16 + r] = i < n ? a->d[i * blocks + b] : 0.0f;
+                a->gk[gb * 16 + r] = i < n ? a->k[i * blocks + b] : 0;
+            }
+        }
+    }
+}
+
+/* Fills `a` from xs [n, cols] float32, on the calling thread: the activations of a call are few against its
+   weights, and a parallel region's barriers cost more than this on a busy machine. */
+static void prepare_acts(acts *a, int format, int isa, const float *xs) {
+    for (int64_t i = 0; i < a->n; i++) prepare_row(a, format, isa, xs, i);
+    prepare_groups(a);
+}
 
 /* --- the plain path --- */
 
-/* The 32 weights of block b of a row, dequantized. */
-static void block_plain(int format, const uint8_t *codes, float d, float *w) {
-    if (format == QUANT_INT8) {
-        for (int k = 0; k < 32; k++) w[k] = d * (float)(int8_t)codes[k];
-    } else {
-        for (int k = 0; k < 16; k++) {
-            w[k] = d * (float)((codes[k] & 15) - 8);
-            w[k + 16] = d * (float)((codes[k] >> 4) - 8);
-        }
-    }
+/* Weight code c of a row (signed: q, or q - 8 for int4). */
+static int weight_code(int format, const uint8_t *codes, int64_t c) {
+    if (format == QUANT_INT8) return (int8_t)codes[c];
+    uint8_t byte = codes[(c / 32) * 16 + c % 16];
+    return (c % 32 < 16 ? byte & 15 : byte >> 4) - 8;
 }
 
-/* y[i * ystride + r] for weight rows r0 <= r < r1 and activation rows i < n (xs [n, cols] float32). */
-static void rows_plain(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1, int64_t cols,
-                       const float *xs, int64_t n, float *y, int64_t ystride) {
-    int64_t blocks = cols / 32, row_codes = codes_per_row(format, cols), block_codes = row_codes / blocks;
-    for (int64_t r = r0; r < r1; r++) {
-        float acc[MAX_ROWS] = {0}, w[32];
-        for (int64_t b = 0; b < blocks; b++) {
-            block_plain(format, q + r * row_codes + b * block_codes, half_to_float(scale[r * blocks + b]), w);
-            for (int64_t i = 0; i < n; i++)
-                for (int k = 0; k < 32; k++) acc[i] += w[k] * xs[i * cols + b * 32 + k];
+static void rows_plain(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1, const acts *a,
+                       float *y, int64_t ystride) {
+    int64_t cols = a->cols, blocks = a->blocks, row_codes = codes_per_row(format, cols);
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < a->n; i++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < blocks; b++) {
+                int32_t sum = 0;
+                for (int c = 0; c < 32; c++)
+                    sum += weight_code(format, q + r * row_codes, 32 * b + c) * a->q[i * cols + 32 * b + c];
+                acc += half_to_float(scale[r * blocks + b]) * a->d[i * blocks + b] * (float)sum;
+            }
+            y[i * ystride + r] = acc;
         }
-        for (int64_t i = 0; i < n; i++) y[i * ystride + r] = acc[i];
-    }
 }
 
 /* --- the AVX2 path --- */
-
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#define INLINE static inline __attribute__((always_inline))
 
 AVX2 INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -72,146 +241,39 @@ AVX2 INLINE float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The 32 weights of one block as four vectors of 8, in order, from its scale d and off = -8d: int8 d * q, int4
-   d * q + off, both exact (see above). int4 codes: weights 0-7 and 16-23 are the low and high four bits of bytes
-   0-7, weights 8-15 and 24-31 those of bytes 8-15. */
-AVX2 INLINE void block_avx2(int format, const uint8_t *codes, float scale, float off, __m256 w[4]) {
-    __m256 d = _mm256_set1_ps(scale);
-    if (format == QUANT_INT8) {
-        for (int k = 0; k < 4; k++) {
-            __m128i v = _mm_loadl_epi64((const __m128i *)(codes + 8 * k));
-            w[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
-        }
-    } else {
-        __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
-        __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8)));
-        __m256i nibble = _mm256_set1_epi32(15);
-        __m256i parts[4] = {_mm256_and_si256(lo, nibble), _mm256_and_si256(hi, nibble), _mm256_srli_epi32(lo, 4),
-                            _mm256_srli_epi32(hi, 4)};
-        __m256 o = _mm256_set1_ps(off);
-        for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(parts[k]), d, o);
-    }
+/* The 32 signed codes of a weight block, in order. */
+AVX2 INLINE __m256i block_avx2(int format, const uint8_t *codes) {
+    if (format == QUANT_INT8) return _mm256_loadu_si256((const __m256i *)codes);
+    __m128i v = _mm_loadu_si128((const __m128i *)codes), nibble = _mm_set1_epi8(15);
+    __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
+    return _mm256_sub_epi8(w, _mm256_set1_epi8(8));
 }
 
-/* Up to 16 blocks' scales as float32 (d) and -8 d (off), converted together; returns how many. */
-AVX2 INLINE int scales_avx2(const uint16_t *scale, int64_t left, float *d, float *off) {
-    if (left >= 16) {
-        for (int k = 0; k < 2; k++) {
-            __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + 8 * k)));
-            _mm256_storeu_ps(d + 8 * k, s);
-            _mm256_storeu_ps(off + 8 * k, _mm256_mul_ps(s, _mm256_set1_ps(-8.0f)));
-        }
-        return 16;
-    }
-    for (int j = 0; j < left; j++) {
-        d[j] = _cvtsh_ss(scale[j]);
-        off[j] = -8.0f * d[j];
-    }
-    return (int)left;
-}
-
-/* One weight row against N activation rows (N a constant in each instance, so the accumulators stay in
-   registers): A independent sums per activation row keep the FMA units busy when N is small. */
-AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scale, int64_t cols, const float *xs,
+/* One weight row against N activation rows (a constant in each instance: the sums stay in registers). */
+AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t i0,
                           const int N, float *y, int64_t ystride) {
-    const int A = N == 1 ? 4 : N <= 4 ? 2 : 1;
-    __m256 acc[MAX_ROWS][4];
-    for (int i = 0; i < N; i++)
-        for (int a = 0; a < A; a++) acc[i][a] = _mm256_setzero_ps();
-    int64_t blocks = cols / 32, block_codes = format == QUANT_INT8 ? 32 : 16;
-    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-        float d[16], off[16];
-        int count = scales_avx2(scale + b0, blocks - b0, d, off);
-        for (int j = 0; j < count; j++) {
-            int64_t b = b0 + j;
-            __m256 w[4];
-            block_avx2(format, codes + b * block_codes, d[j], off[j], w);
-            for (int i = 0; i < N; i++)
-                for (int k = 0; k < 4; k++)
-                    acc[i][k % A] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xs + i * cols + b * 32 + 8 * k),
-                                                    acc[i][k % A]);
+    __m256 acc[MAX_ROWS];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t blocks = a->blocks, block_codes = format == QUANT_INT8 ? 32 : 16;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i w = block_avx2(format, codes + b * block_codes), aw = _mm256_sign_epi8(w, w);
+        float dw = _cvtsh_ss(scale[b]);
+        _Pragma("GCC unroll 16")
+        for (int i = 0; i < N; i++) {
+            int64_t row = i0 + i;
+            __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + row * a->cols + 32 * b));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a->d[row * blocks + b]), acc[i]);
         }
     }
-    for (int i = 0; i < N; i++) {
-        __m256 sum = acc[i][0];
-        for (int a = 1; a < A; a++) sum = _mm256_add_ps(sum, acc[i][a]);
-        y[i * ystride] = hsum8(sum);
-    }
-}
-
-/* --- the AVX-512 path: the same with vectors of 16 --- */
-
-#define AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-
-/* int4 codes: weights 0-15 and 16-31 are the low and high four bits of bytes 0-15. d * k + off is exact for the
-   codes k as for the weights (the same products). */
-AVX512 INLINE void block_avx512(int format, const uint8_t *codes, float scale, float off, __m512 w[2]) {
-    __m512 d = _mm512_set1_ps(scale);
-    if (format == QUANT_INT8) {
-        for (int k = 0; k < 2; k++) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(codes + 16 * k));
-            w[k] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
-        }
-    } else { /* the block's 16 values d * (k - 8) in a register, looked up by code (vpermps reads 4 index bits) */
-        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
-        __m512 k = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        __m512 values = _mm512_fmadd_ps(k, d, _mm512_set1_ps(off));
-        w[0] = _mm512_permutexvar_ps(v, values);
-        w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), values);
-    }
-}
-
-AVX512 INLINE int scales_avx512(const uint16_t *scale, int64_t left, float *d, float *off) {
-    if (left >= 16) {
-        __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scale));
-        _mm512_storeu_ps(d, s);
-        _mm512_storeu_ps(off, _mm512_mul_ps(s, _mm512_set1_ps(-8.0f)));
-        return 16;
-    }
-    for (int j = 0; j < left; j++) {
-        d[j] = _cvtsh_ss(scale[j]);
-        off[j] = -8.0f * d[j];
-    }
-    return (int)left;
-}
-
-/* One step of row_avx512: block b into accumulators (2 * PARITY + k) % A. */
-AVX512 INLINE void step_avx512(int format, const uint8_t *codes, float d, float off, int64_t b, int64_t cols,
-                               const float *xs, const int N, const int A, const int PARITY, __m512 acc[][4]) {
-    __m512 w[2];
-    block_avx512(format, codes + b * (format == QUANT_INT8 ? 32 : 16), d, off, w);
-    for (int i = 0; i < N; i++)
-        for (int k = 0; k < 2; k++) {
-            int a = (2 * PARITY + k) % A;
-            acc[i][a] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(xs + i * cols + b * 32 + 16 * k), acc[i][a]);
-        }
-}
-
-AVX512 INLINE void row_avx512(int format, const uint8_t *codes, const uint16_t *scale, int64_t cols,
-                              const float *xs, const int N, float *y, int64_t ystride) {
-    const int A = N == 1 ? 4 : N <= 4 ? 2 : 1;
-    __m512 acc[MAX_ROWS][4];
-    for (int i = 0; i < N; i++)
-        for (int a = 0; a < A; a++) acc[i][a] = _mm512_setzero_ps();
-    int64_t blocks = cols / 32;
-    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-        float d[16], off[16];
-        int count = scales_avx512(scale + b0, blocks - b0, d, off), j = 0;
-        for (; j + 1 < count; j += 2) { /* two blocks a step: four independent sums for one row */
-            step_avx512(format, codes, d[j], off[j], b0 + j, cols, xs, N, A, 0, acc);
-            step_avx512(format, codes, d[j + 1], off[j + 1], b0 + j + 1, cols, xs, N, A, 1, acc);
-        }
-        if (j < count) step_avx512(format, codes, d[j], off[j], b0 + j, cols, xs, N, A, 0, acc);
-    }
-    for (int i = 0; i < N; i++) {
-        __m512 sum = acc[i][0];
-        for (int a = 1; a < A; a++) sum = _mm512_add_ps(sum, acc[i][a]);
-        y[i * ystride] = _mm512_reduce_add_ps(sum);
-    }
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < N; i++) y[i * ystride] = hsum8(acc[i]);
 }
 
 #define ROW_CASE(ROW, FORMAT, N) \
-    case N: ROW(FORMAT, q + r * row_codes, scale + r * blocks, cols, xs, N, y + r, ystride); break;
+    case N: ROW(FORMAT, q + r * row_codes, scale + r * blocks, a, i0, N, y + i0 * ystride + r, ystride); break;
 #define ROW_SWITCH(ROW, FORMAT)                                                                                \
     switch (n) {                                                                                               \
         ROW_CASE(ROW, FORMAT, 1) ROW_CASE(ROW, FORMAT, 2) ROW_CASE(ROW, FORMAT, 3) ROW_CASE(ROW, FORMAT, 4)  \
@@ -219,49 +281,201 @@ AVX512 INLINE void row_avx512(int format, const uint8_t *codes, const uint16_t *
     }
 
 #if MAX_ROWS != 8
-#error "rows_avx2 and rows_avx512 have a case for each row count up to 8; native/limits.py's MAX_ROWS differs"
+#error "rows_avx2 and rows_vnni have a case for each row count up to 8; native/limits.py's MAX_ROWS differs"
 #endif
 
+/* Weight rows r0 <= r < r1 against every activation row, MAX_ROWS rows at a time. */
 AVX2 static void rows_avx2(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
-                           int64_t cols, const float *xs, int64_t n, float *y, int64_t ystride) {
-    int64_t blocks = cols / 32, row_codes = codes_per_row(format, cols);
-    for (int64_t r = r0; r < r1; r++) {
-        if (format == QUANT_INT8) {
-            ROW_SWITCH(row_avx2, QUANT_INT8)
-        } else {
-            ROW_SWITCH(row_avx2, QUANT_INT4)
+                           const acts *a, float *y, int64_t ystride) {
+    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols);
+    for (int64_t i0 = 0; i0 < a->n; i0 += MAX_ROWS) {
+        int64_t n = a->n - i0 < MAX_ROWS ? a->n - i0 : MAX_ROWS;
+        for (int64_t r = r0; r < r1; r++) {
+            if (format == QUANT_INT8) {
+                ROW_SWITCH(row_avx2, QUANT_INT8)
+            } else {
+                ROW_SWITCH(row_avx2, QUANT_INT4)
+            }
         }
     }
 }
 
-AVX512 static void rows_avx512(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
-                               int64_t cols, const float *xs, int64_t n, float *y, int64_t ystride) {
-    int64_t blocks = cols / 32, row_codes = codes_per_row(format, cols);
-    for (int64_t r = r0; r < r1; r++) {
+/* --- the AVX-512 VNNI path --- */
+
+/* Blocks 2p and 2p + 1 of a weight row as 64 unsigned codes (int8 q + 128, int4 q) in the order the activations' copies
+   follow (int8 in order; int4 the low nibbles of both blocks, then the high ones), and
+   their scales in the matching lanes; a missing second block reads as zeros. */
+VNNI INLINE __m512i pair_vnni(int format, const uint8_t *codes, const uint16_t *scale, int64_t p, int whole,
+                              __m512 *dw) {
+    __m512i w;
+    uint32_t two = whole ? *(const uint32_t *)(scale + 2 * p) : scale[2 * p];
+    __m512 d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two)));
+    if (format == QUANT_INT8) {
+        w = whole ? _mm512_loadu_si512(codes + 64 * p) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, codes + 64 * p);
+        w = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+        if (!whole) w = _mm512_maskz_mov_epi8(0xFFFFFFFFull, w);
+        *dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), d);
+    } else {
+        __m256i v = whole ? _mm256_loadu_si256((const __m256i *)(codes + 32 * p))
+                          : _mm256_maskz_loadu_epi8(0xFFFF, codes + 32 * p);
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+        w = _mm512_and_si512(w, _mm512_set1_epi8(15));
+        *dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1), d);
+    }
+    return w;
+}
+
+/* RW weight rows (r, r + 1, ...) against N activation rows: each pair of activation blocks is read once for the RW
+   weight rows, which matters once the rows' copies no longer fit the L1 cache. */
+VNNI INLINE void row_vnni(int format, const uint8_t *codes, int64_t row_codes, const uint16_t *scale, int64_t blocks,
+                          const int RW, const acts *a, const int N, float *y, int64_t ystride) {
+    __m512 acc[2][MAX_ROWS];
+    _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[m][i] = _mm512_setzero_ps();
+    int64_t pairs = pairs_of(blocks);
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512 dw[2];
+        __m512i w[2];
+        _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++) /* the weights 8 pairs ahead, from memory */
+            _mm_prefetch((const char *)(codes + m * row_codes + (format == QUANT_INT8 ? 64 : 32) * (p + 8)),
+                         _MM_HINT_T0);
+        _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
+            w[m] = pair_vnni(format, codes + m * row_codes, scale + m * blocks, p, 2 * p + 1 < blocks, &dw[m]);
+        _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
+            int64_t at = p * a->n + i;
+            __m512i k = _mm512_load_si512(a->pk + 16 * at), x = _mm512_load_si512(a->pq + 64 * at);
+            __m512 dx = _mm512_load_ps(a->pd + 16 * at);
+            _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++) {
+                __m512i s = _mm512_dpbusd_epi32(k, w[m], x);
+                acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[m], dx), acc[m][i]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) y[i * ystride + m] = _mm512_reduce_add_ps(acc[m][i]);
+}
+
+#define VNNI_CASE(FORMAT, RW, N) \
+    case N: row_vnni(FORMAT, q + r * row_codes, row_codes, scale + r * blocks, blocks, RW, a, N, y + r, ystride); break;
+#define VNNI_SWITCH(FORMAT, RW)                                                                                   \
+    switch (n) {                                                                                                  \
+        VNNI_CASE(FORMAT, RW, 1) VNNI_CASE(FORMAT, RW, 2) VNNI_CASE(FORMAT, RW, 3) VNNI_CASE(FORMAT, RW, 4)      \
+        VNNI_CASE(FORMAT, RW, 5) VNNI_CASE(FORMAT, RW, 6) VNNI_CASE(FORMAT, RW, 7) VNNI_CASE(FORMAT, RW, 8)      \
+    }
+
+/* Weight rows r0 <= r < r1: two at a time for more than 4 activation rows, whose copies then outgrow the L1
+   cache; one at a time for fewer, which streams the weights faster (measured: docs/performance-log.md). */
+VNNI static void rows_vnni_decode(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
+                                  const acts *a, float *y, int64_t ystride) {
+    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), n = a->n, r = r0;
+    for (; n > 4 && r + 2 <= r1; r += 2) {
         if (format == QUANT_INT8) {
-            ROW_SWITCH(row_avx512, QUANT_INT8)
+            VNNI_SWITCH(QUANT_INT8, 2)
         } else {
-            ROW_SWITCH(row_avx512, QUANT_INT4)
+            VNNI_SWITCH(QUANT_INT4, 2)
+        }
+    }
+    for (; r < r1; r++) {
+        if (format == QUANT_INT8) {
+            VNNI_SWITCH(QUANT_INT8, 1)
+        } else {
+            VNNI_SWITCH(QUANT_INT4, 1)
         }
     }
 }
 
-AVX2 static void dequantize_avx2(int format, const uint8_t *codes, const uint16_t *scale, int64_t blocks,
-                                 float *out) {
-    int64_t block_codes = format == QUANT_INT8 ? 32 : 16;
+/* A prefill tile: weight rows r0 .. r0 + RW against the activation rows of groups g0 .. g0 + RG (16 rows each,
+   across the lanes). Each weight block is unpacked to 32 unsigned codes once, and each of its 4-code words
+   broadcast to the lanes of every group. */
+VNNI INLINE void tile_vnni(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, const int RW,
+                           const acts *a, int64_t g0, const int RG, float *y, int64_t ystride) {
+    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols);
+    __m512 acc[TILE_W][TILE_G];
+    _Pragma("GCC unroll 16")
+    for (int m = 0; m < RW; m++)
+        _Pragma("GCC unroll 16")
+        for (int g = 0; g < RG; g++) acc[m][g] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        __m256 w[4];
-        float d = _cvtsh_ss(scale[b]);
-        block_avx2(format, codes + b * block_codes, d, -8.0f * d, w);
-        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + b * 32 + 8 * k, w[k]);
+        uint32_t words[TILE_W][8] __attribute__((aligned(32)));
+        float dw[TILE_W];
+        _Pragma("GCC unroll 16")
+        for (int m = 0; m < RW; m++) {
+            const uint8_t *codes = q + (r0 + m) * row_codes;
+            __m256i w;
+            if (format == QUANT_INT8) {
+                w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + 32 * b)),
+                                     _mm256_set1_epi8((char)0x80));
+            } else {
+                __m128i v = _mm_loadu_si128((const __m128i *)(codes + 16 * b)), nibble = _mm_set1_epi8(15);
+                w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
+            }
+            _mm256_store_si256((__m256i *)words[m], w);
+            dw[m] = _cvtsh_ss(scale[(r0 + m) * blocks + b]);
+        }
+        __m512i sum[TILE_W][TILE_G];
+        _Pragma("GCC unroll 16")
+        for (int g = 0; g < RG; g++) {
+            __m512i k = _mm512_load_si512(a->gk + ((g0 + g) * blocks + b) * 16);
+            _Pragma("GCC unroll 16")
+            for (int m = 0; m < RW; m++) sum[m][g] = k;
+        }
+        _Pragma("GCC unroll 16")
+        for (int c = 0; c < 8; c++)
+            _Pragma("GCC unroll 16")
+            for (int g = 0; g < RG; g++) {
+                __m512i x = _mm512_load_si512(a->gq + ((g0 + g) * blocks + b) * 512 + 64 * c);
+                _Pragma("GCC unroll 16")
+                for (int m = 0; m < RW; m++)
+                    sum[m][g] = _mm512_dpbusd_epi32(sum[m][g], _mm512_set1_epi32((int)words[m][c]), x);
+            }
+        _Pragma("GCC unroll 16")
+        for (int g = 0; g < RG; g++) {
+            __m512 dx = _mm512_load_ps(a->gd + ((g0 + g) * blocks + b) * 16);
+            _Pragma("GCC unroll 16")
+            for (int m = 0; m < RW; m++)
+                acc[m][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][g]), _mm512_mul_ps(dx, _mm512_set1_ps(dw[m])),
+                                            acc[m][g]);
+        }
+    }
+    _Pragma("GCC unroll 16")
+    for (int m = 0; m < RW; m++)
+        _Pragma("GCC unroll 16")
+        for (int g = 0; g < RG; g++) {
+            float lanes[16] __attribute__((aligned(64)));
+            _mm512_store_ps(lanes, acc[m][g]);
+            for (int l = 0; l < 16 && 16 * (g0 + g) + l < a->n; l++)
+                y[(16 * (g0 + g) + l) * ystride + r0 + m] = lanes[l];
+        }
+}
+
+VNNI static void rows_vnni_prefill(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
+                                   const acts *a, float *y, int64_t ystride) {
+    int64_t groups = groups_of(a->n);
+    for (int64_t g0 = 0; g0 < groups; g0 += TILE_G) {
+        int whole_g = g0 + TILE_G <= groups;
+        int64_t r = r0;
+        for (; r + TILE_W <= r1; r += TILE_W) {
+            if (whole_g)
+                tile_vnni(format, q, scale, r, TILE_W, a, g0, TILE_G, y, ystride);
+            else
+                tile_vnni(format, q, scale, r, TILE_W, a, g0, 1, y, ystride);
+        }
+        for (; r < r1; r++) {
+            if (whole_g)
+                tile_vnni(format, q, scale, r, 1, a, g0, TILE_G, y, ystride);
+            else
+                tile_vnni(format, q, scale, r, 1, a, g0, 1, y, ystride);
+        }
     }
 }
 
 /* --- choosing a path, and the calls --- */
 
+/* The one place that reads the CPU's features. */
 static int best_isa(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         return QUANT_ISA_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         return QUANT_ISA_AVX2;
@@ -272,31 +486,33 @@ int fiddler_quant_isa(void) { return best_isa(); }
 
 /* The path to take for `isa`, or 0 when the arguments are not ones these kernels take. */
 static int checked(int format, int64_t cols, int64_t n, int isa) {
-    if ((format != QUANT_INT8 && format != QUANT_INT4) || cols <= 0 || cols % 32 != 0 || n < 0 || n > MAX_ROWS)
-        return 0;
+    if ((format != QUANT_INT8 && format != QUANT_INT4) || cols <= 0 || cols % 32 != 0 || n < 0) return 0;
     int best = best_isa();
     if (isa == 0) return best;
     return (isa == QUANT_ISA_PLAIN || isa == QUANT_ISA_AVX2 || isa == QUANT_ISA_AVX512) && isa <= best ? isa : 0;
 }
 
-/* y [n, rows] float32 for weight rows `rows` of q; call inside a parallel region (ends with a barrier). */
-static void quant_rows(int format, int isa, const uint8_t *q, const uint16_t *scale, int64_t rows, int64_t cols,
-                       const float *xs, int64_t n, float *y) {
+/* y [n, rows] float32 for the weight rows of q against the prepared activations; call inside a parallel region
+   (ends with a barrier). */
+static void quant_rows(int format, int isa, const uint8_t *q, const uint16_t *scale, int64_t rows, const acts *a,
+                       float *y) {
     int64_t pieces = (rows + PIECE_ROWS - 1) / PIECE_ROWS;
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < pieces; p++) {
         int64_t r0 = p * PIECE_ROWS, r1 = r0 + PIECE_ROWS < rows ? r0 + PIECE_ROWS : rows;
-        if (isa == QUANT_ISA_AVX512)
-            rows_avx512(format, q, scale, r0, r1, cols, xs, n, y, rows);
+        if (isa == QUANT_ISA_AVX512 && a->pq)
+            rows_vnni_decode(format, q, scale, r0, r1, a, y, rows);
+        else if (isa == QUANT_ISA_AVX512)
+            rows_vnni_prefill(format, q, scale, r0, r1, a, y, rows);
         else if (isa == QUANT_ISA_AVX2)
-            rows_avx2(format, q, scale, r0, r1, cols, xs, n, y, rows);
+            rows_avx2(format, q, scale, r0, r1, a, y, rows);
         else
-            rows_plain(format, q, scale, r0, r1, cols, xs, n, y, rows);
+            rows_plain(format, q, scale, r0, r1, a, y, rows);
     }
 }
 
 static float *float_rows(const void *x, int x_bf16, int64_t count) {
-    float *xs = aligned_alloc(64, (size_t)(count * sizeof(float) + 63) / 64 * 64);
+    float *xs = scratch((size_t)count * sizeof(float));
     if (xs == NULL) return NULL;
     for (int64_t j = 0; j < count; j++)
         xs[j] = x_bf16 ? bf16_to_float(((const uint16_t *)x)[j]) : ((const float *)x)[j];
@@ -314,30 +530,51 @@ static void store(const float *y, int64_t count, int out_bf16, void *out) {
     }
 }
 
-/* out [n, rows] = x [n, cols] @ w.T for a quantized weight w [rows, cols] (codes q, float16 scales), x and out
-   bfloat16 (x_bf16) or float32; n at most MAX_ROWS, cols a multiple of 32. Returns 0, -1 when scratch memory cannot
-   be had, -2 for arguments it does not take (format, shape, or an isa this CPU lacks). */
+/* q [n, cols] int8 and d [n, cols / 32] float32: the activations x (bfloat16 when x_bf16, else float32) quantized
+   per block as the products quantize them (experts/quant.py holds its own quantizer to these bits). Returns 0, -1
+   without memory, -2 for a shape it does not take. */
+int fiddler_quant_activations(const void *x, int x_bf16, int64_t n, int64_t cols, int8_t *q, float *d, int isa) {
+    isa = checked(QUANT_INT8, cols, n, isa);
+    if (isa == 0) return -2;
+    float *xs = float_rows(x, x_bf16, n * cols);
+    if (xs == NULL) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        if (isa >= QUANT_ISA_AVX2)
+            quantize_row_avx2(xs + i * cols, cols, q + i * cols, d + i * (cols / 32));
+        else
+            quantize_row_plain(xs + i * cols, cols, q + i * cols, d + i * (cols / 32));
+    }
+    free(xs);
+    return 0;
+}
+
+/* out [n, rows] = x [n, cols] @ w.T for a quantized w [rows, cols] (codes q, float16 scales) and x quantized per
+   block (above), x and out bfloat16 (x_bf16) or float32; cols a multiple of 32. Returns 0, -1 when scratch memory
+   cannot be had, -2 for arguments it does not take (format, shape, or an isa this CPU lacks). */
 int fiddler_quant_linear(int format, const uint8_t *q, const uint16_t *scale, int64_t rows, int64_t cols,
                          const void *x, int x_bf16, int64_t n, void *out, int isa) {
     isa = checked(format, cols, n, isa);
     if (isa == 0) return -2;
-    float *xs = float_rows(x, x_bf16, n * cols), *y = x_bf16 ? malloc((size_t)(n * rows) * sizeof(float)) : out;
-    if (xs == NULL || y == NULL) {
-        free(xs);
-        if (x_bf16) free(y);
-        return -1;
-    }
+    if (n == 0) return 0;
+    acts a;
+    float *xs = float_rows(x, x_bf16, n * cols), *y = x_bf16 ? scratch((size_t)(n * rows) * sizeof(float)) : out;
+    int ok = xs != NULL && y != NULL && alloc_acts(&a, isa, n, cols) == 0;
+    if (ok) {
+        prepare_acts(&a, format, isa, xs);
 #pragma omp parallel
-    {
-        quant_rows(format, isa, q, scale, rows, cols, xs, n, y);
-        if (x_bf16) store(y, n * rows, 1, out);
+        {
+            quant_rows(format, isa, q, scale, rows, &a, y);
+            if (x_bf16) store(y, n * rows, 1, out);
+        }
+        free_acts(&a);
     }
     free(xs);
     if (x_bf16) free(y);
-    return 0;
+    return ok ? 0 : -1;
 }
 
-/* One gated SiLU expert with quantized weights, as transformers computes it with the dequantized ones:
+/* One gated SiLU expert with quantized weights, as transformers computes it with the dequantized ones and the
+   activations quantized before each product (experts/quant.py's reference_expert):
        h = x @ gate_up.T;  gate, up = h[:, :inter], h[:, inter:];  out = (silu(gate) * up) @ down.T
    rounded to the activations' dtype where PyTorch rounds (each product, the activation, the elementwise product;
    nothing to round in float32), in one parallel region. gate_up [2 * inter, hidden] and down [hidden, inter] in
@@ -348,59 +585,45 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
                               const void *x, int x_bf16, int64_t n, void *out, int isa) {
     isa = checked(format, hidden, n, isa);
     if (isa == 0 || checked(format, inter, n, isa) == 0) return -2;
-    float *xs = float_rows(x, x_bf16, n * hidden);
-    float *h = malloc((size_t)(n * 2 * inter) * sizeof(float));
-    float *ps = aligned_alloc(64, (size_t)(n * inter * sizeof(float) + 63) / 64 * 64);
-    float *y = x_bf16 ? malloc((size_t)(n * hidden) * sizeof(float)) : out;
-    if (xs == NULL || h == NULL || ps == NULL || y == NULL) {
-        free(xs);
-        free(h);
-        free(ps);
-        if (x_bf16) free(y);
-        return -1;
-    }
+    if (n == 0) return 0;
+    acts ax, ap;
+    int have_x = 0, have_p = 0;
+    float *xs = float_rows(x, x_bf16, n * hidden), *h = scratch((size_t)(n * 2 * inter) * sizeof(float));
+    float *ps = scratch((size_t)(n * inter) * sizeof(float));
+    float *y = x_bf16 ? scratch((size_t)(n * hidden) * sizeof(float)) : out;
+    int ok = xs && h && ps && y && (have_x = alloc_acts(&ax, isa, n, hidden) == 0)
+             && (have_p = alloc_acts(&ap, isa, n, inter) == 0);
+    if (ok) {
+        prepare_acts(&ax, format, isa, xs);
 #pragma omp parallel
-    {
-        quant_rows(format, isa, gate_up, gate_up_scale, 2 * inter, hidden, xs, n, h);
+        {
+            quant_rows(format, isa, gate_up, gate_up_scale, 2 * inter, &ax, h);
+            /* the activation, a row at a time, each row quantized for the down product as soon as it is done */
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < n * inter; j++) {
-            int64_t i = j / inter, c = j % inter;
-            float g = h[i * 2 * inter + c], u = h[i * 2 * inter + inter + c];
-            if (x_bf16) {
-                g = bf16_to_float(float_to_bf16(g));
-                u = bf16_to_float(float_to_bf16(u));
-                float a = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
-                ps[j] = bf16_to_float(float_to_bf16(a * u));
-            } else {
-                ps[j] = g / (1.0f + expf(-g)) * u;
+            for (int64_t i = 0; i < n; i++) {
+                for (int64_t c = 0; c < inter; c++) {
+                    float g = h[i * 2 * inter + c], u = h[i * 2 * inter + inter + c];
+                    if (x_bf16) {
+                        g = bf16_to_float(float_to_bf16(g));
+                        u = bf16_to_float(float_to_bf16(u));
+                        float act = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
+                        ps[i * inter + c] = bf16_to_float(float_to_bf16(act * u));
+                    } else {
+                        ps[i * inter + c] = g / (1.0f + expf(-g)) * u;
+                    }
+                }
+                prepare_row(&ap, format, isa, ps, i);
             }
+            prepare_groups(&ap);
+            quant_rows(format, isa, down, down_scale, hidden, &ap, y);
+            if (x_bf16) store(y, n * hidden, 1, out);
         }
-        quant_rows(format, isa, down, down_scale, hidden, inter, ps, n, y);
-        if (x_bf16) store(y, n * hidden, 1, out);
     }
+    if (have_x) free_acts(&ax);
+    if (have_p) free_acts(&ap);
     free(xs);
     free(h);
     free(ps);
     if (x_bf16) free(y);
-    return 0;
-}
-
-/* out [rows, cols] float32 = the dequantized weights (the prefill path multiplies such tiles). Returns 0, or -2
-   for a format or shape these kernels do not take. */
-int fiddler_quant_dequantize(int format, const uint8_t *q, const uint16_t *scale, int64_t rows, int64_t cols,
-                             float *out) {
-    int isa = checked(format, cols, 0, 0);
-    if (isa == 0) return -2;
-    int64_t blocks = cols / 32, row_codes = codes_per_row(format, cols);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        if (isa >= QUANT_ISA_AVX2) {
-            dequantize_avx2(format, q + r * row_codes, scale + r * blocks, blocks, out + r * cols);
-        } else {
-            for (int64_t b = 0; b < blocks; b++)
-                block_plain(format, q + r * row_codes + b * (row_codes / blocks), half_to_float(scale[r * blocks + b]),
-                            out + r * cols + b * 32);
-        }
-    }
-    return 0;
+    return ok ? 0 : -1;
 }

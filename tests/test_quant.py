@@ -1,6 +1,8 @@
-"""Quantized expert weights: the formats round-trip within their step, and every product computed with them (the C
-decoding kernels on each path, the fused expert, the prefill tiles, the worker's C loop) is the exact product with
-the dequantized weights, computed in float64, to within float32 sums and the final rounding."""
+"""Quantized expert weights: the formats round-trip within their step, the activations are quantized per block the
+same way by Python and C, and every product computed with them (the C kernels on each path for any row count, the
+fused expert, the Python path without the library, the worker's C loop) is the exact product of the quantized
+activations and weights, both dequantized, computed in float64, to within float32 arithmetic and the final
+rounding."""
 
 from __future__ import annotations
 
@@ -34,13 +36,15 @@ def weights(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def float32_bound(x: torch.Tensor, m: quant.QuantMatrix) -> torch.Tensor:
-    """What float32 sums of cols products in any order may lose, at most: cols * 2^-24 * sum |x| |w| (each
-    dequantized weight is exact in float32, so the products and the sums are all that round)."""
-    return m.cols * 2.0**-24 * (x.double().abs() @ quant.dequantize(m, torch.float64).abs().t())
+    """What the kernels' float32 arithmetic may lose, at most: (cols + 3) * 2^-24 * sum |xq| |wq| over the
+    quantized activations xq and weights wq. Each block's integer dot product is exact; its product with the two
+    scales rounds twice, and float32 sums of at most cols terms in any order round cols times."""
+    xq = quant.dequantize_activations(*quant.quantize_activations(x))
+    return (m.cols + 3) * 2.0**-24 * (xq.abs() @ quant.dequantize(m, torch.float64).abs().t())
 
 
 def assert_exact_product(got: torch.Tensor, x: torch.Tensor, m: quant.QuantMatrix) -> None:
-    """got is x @ dequantize(m).T within float32 sums, rounded once to got's dtype."""
+    """got is x quantized per block @ dequantize(m).T within float32 arithmetic, rounded once to got's dtype."""
     want = quant.reference_linear(x, m)
     bound = float32_bound(x, m)
     assert got.shape == want.shape
@@ -119,16 +123,61 @@ def test_shapes_the_formats_cannot_cut_are_refused_with_the_fix():
 
 @needs_library
 @pytest.mark.parametrize("name", FORMATS)
-def test_decoding_kernel_is_the_exact_product_on_every_path(name):
-    """1 to MAX_ROWS rows, bfloat16 and float32 activations, each C path this CPU has, a row count that is not a
-    whole number of the threads' pieces, rows of fewer blocks than the kernels convert scales at a time (16) and of
-    more with some over."""
+def test_the_c_quantizer_gives_the_bits_of_the_reference(name):
+    """native/quantize.c against quantize_reference, float32 and bfloat16 weights: rows from 1e-9 to 1e3 (scales
+    below float16's normal range), a block of zeros, largest weights of either sign, a tie of magnitudes (the first
+    counts), values halfway between codes, and scales moved one float16 step up so as not to clip."""
+    generator = torch.Generator().manual_seed(14)
+    w = torch.randn(64, 256, generator=generator) * torch.logspace(-9, 3, 64).unsqueeze(1)
+    w[0, :32] = 0
+    w[1, :32] = torch.arange(-16, 16) / 8
+    w[2, :32] = torch.arange(16, -16, -1) / 8
+    w[3, 32:64] = 1.0
+    w[3, 40] = -1.0
+    w[4, :32] = torch.arange(32) * 0.5
+    w[5, :32] = 2.0**-20
+    for dtype in (torch.float32, torch.bfloat16):
+        got, want = quant.quantize(w.to(dtype), name), quant.quantize_reference(w.to(dtype), name)
+        assert torch.equal(got.q, want.q) and torch.equal(got.scale.view(torch.int16), want.scale.view(torch.int16))
+    assert torch.equal(quant.quantize(w.t().contiguous().t(), name).q, quant.quantize_reference(w, name).q)
+    for bad in (float("nan"), float("inf")):
+        w[7, 5] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            quant.quantize(w, name)
+
+
+@needs_library
+def test_the_activations_are_quantized_alike_in_python_and_c():
+    """Bit for bit on every path: bfloat16 and float32 rows, a block of zeros, a block whose values fall halfway
+    between codes (halves to even), tiny and large values."""
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(5, 32 * 9, generator=generator) * torch.logspace(-6, 3, 5).unsqueeze(1)
+    x[0, :32] = 0
+    x[1, 32:64] = torch.arange(-15.5, 16.5)  # amax 15.5 ... scaled to codes: some land on .5 steps
+    x[2, 64:96] = torch.linspace(-127, 127, 32).round() / 2  # dx = 0.5: every odd code is a half
+    q, d = quant.quantize_activations(x)
+    assert q.dtype == torch.int8 and d.dtype == torch.float32 and q.abs().max() == 127
+    assert (q[0, :32] == 0).all() and d[0, 0] == 0
+    assert (quant.dequantize_activations(q, d) - x.double()).abs().max(dim=1).values.le(d.double().amax(1) / 2).all()
+    for dtype in (torch.float32, torch.bfloat16):
+        want = quant.quantize_activations(x.to(dtype))
+        for isa in paths():
+            got = kernels.quant_activations(x.to(dtype), isa=isa)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_library
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_kernel_path_is_the_exact_product_for_any_row_count(name):
+    """Decoding (1 to MAX_ROWS rows) and prefill row counts (whole and partial groups of 16 rows), bfloat16 and
+    float32 activations, each C path this CPU has, a weight row count that is not a whole number of the threads'
+    pieces or of the prefill tiles, an odd number of blocks (the AVX-512 path takes them two at a time) and more."""
     generator = torch.Generator().manual_seed(4)
     for cols in (160, 32 * 37):
         m = quant.quantize(weights(98, cols, seed=3), name)
         for isa in paths():
             for dtype in (torch.float32, torch.bfloat16):
-                for rows in range(1, limits.MAX_ROWS + 1):
+                for rows in [*range(1, limits.MAX_ROWS + 1), 9, 16, 33, 70]:
                     x = torch.randn(rows, cols, generator=generator).to(dtype)
                     got = kernels.quant_linear(m.code, m.q, m.scale, x, isa=isa)
                     assert got.dtype == dtype
@@ -141,34 +190,32 @@ def test_the_kernels_refuse_what_they_do_not_take():
     lib = kernels.library()
     x = torch.randn(1, 64)
     out = torch.empty(1, 8)
-    for fmt, cols, n, isa in [(7, 64, 1, 0), (limits.QUANT_INT8, 40, 1, 0), (limits.QUANT_INT8, 64, 9, 0),
+    for fmt, cols, n, isa in [(7, 64, 1, 0), (limits.QUANT_INT8, 40, 1, 0), (limits.QUANT_INT8, 64, -1, 0),
                               (limits.QUANT_INT8, 64, 1, 99)]:
         assert lib.fiddler_quant_linear(fmt, m.q.data_ptr(), m.scale.data_ptr(), 8, cols, x.data_ptr(), 0, n,
                                         out.data_ptr(), isa) == -2
     with pytest.raises(ValueError, match="does not take"):
         kernels.quant_linear(7, m.q, m.scale, x)
-    assert not kernels.quant_applies(torch.randn(limits.MAX_ROWS + 1, 64), 64)
+    assert kernels.quant_applies(torch.randn(limits.MAX_ROWS + 1, 64), 64)
+    assert not kernels.quant_applies(torch.randn(0, 64), 64)
     assert not kernels.quant_applies(torch.randn(1, 64).half(), 64)
     assert not kernels.quant_applies(torch.randn(1, 32), 64)
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_prefill_tiles_are_the_exact_product(name, monkeypatch):
-    """More rows than the decoding kernel takes: float32 tiles of dequantized weights (several, the last partial)
-    and torch.mm; the same without the kernel library (torch dequantizes)."""
+def test_the_python_path_is_the_exact_product(name, monkeypatch):
+    """Without the kernel library: float32 tiles of dequantized weights (several, the last partial) times the
+    quantized activations with torch.mm, for decoding and prefill row counts."""
     monkeypatch.setattr(quant, "TILE", 1000)
+    monkeypatch.setattr(kernels, "available", lambda: False)
     m = quant.quantize(weights(98, 160, seed=6), name)
     generator = torch.Generator().manual_seed(7)
-    for rows in (limits.MAX_ROWS + 1, 70):
+    for rows in (1, limits.MAX_ROWS + 1, 70):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, 160, generator=generator).to(dtype)
             got = quant.linear(x, m)
             assert got.dtype == dtype and got.is_contiguous()
             assert_exact_product(got, x, m)
-            monkeypatch.setattr(kernels, "available", lambda: False)
-            assert torch.equal(quant.linear(x, m), got)
-            monkeypatch.undo()
-            monkeypatch.setattr(quant, "TILE", 1000)
 
 
 def quantized_expert(name: str, hidden: int, inter: int, seed: int) -> quant.QuantizedExpertWeights:
@@ -177,10 +224,11 @@ def quantized_expert(name: str, hidden: int, inter: int, seed: int) -> quant.Qua
 
 
 def reference_expert(x: torch.Tensor, w: quant.QuantizedExpertWeights) -> torch.Tensor:
-    """The gated SiLU expert with the dequantized weights, in float64."""
-    h = quant.reference_linear(x, w.gate_up)
+    """The gated SiLU expert with the dequantized weights, each product exact in float64 (`reference_linear`), the
+    activation between them computed in x's dtype as the kernels compute it, since the down product quantizes it."""
+    h = quant.reference_linear(x, w.gate_up).to(x.dtype)
     gate, up = h.chunk(2, dim=-1)
-    return (nn.functional.silu(gate) * up) @ quant.dequantize(w.down, torch.float64).t()
+    return quant.reference_linear(nn.functional.silu(gate) * up, w.down)
 
 
 @needs_library
@@ -195,7 +243,7 @@ def test_fused_expert_is_the_two_products(name):
     generator = torch.Generator().manual_seed(9)
     for dtype, tolerance in ((torch.bfloat16, 0.02), (torch.float32, 1e-5)):
         for isa in paths():
-            for rows in range(1, limits.MAX_ROWS + 1):
+            for rows in [*range(1, limits.MAX_ROWS + 1), 20]:
                 x = (torch.randn(rows, 64, generator=generator) * 3).to(dtype)
                 fused = kernels.quant_silu_expert(w.gate_up.code, (w.gate_up.q, w.gate_up.scale),
                                                   (w.down.q, w.down.scale), x, isa=isa)
@@ -233,9 +281,9 @@ def test_expert_kernel_computes_quantized_experts_for_any_row_count(name):
                                           torch.randn(64, generator=generator))
     gelu = ExpertKernel(KernelSpec(activation="gelu", has_bias=True, dtype="float32"))
     x = torch.randn(3, 64, generator=generator)
-    h = quant.reference_linear(x, w.gate_up) + biased.gate_up_bias.double()
+    h = (quant.reference_linear(x, w.gate_up) + biased.gate_up_bias.double()).float()
     gate, up = h.chunk(2, dim=-1)
-    want = (nn.functional.gelu(gate) * up) @ quant.dequantize(w.down, torch.float64).t() + biased.down_bias.double()
+    want = quant.reference_linear(nn.functional.gelu(gate) * up, w.down) + biased.down_bias.double()
     got = gelu.forward(biased, x)
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 

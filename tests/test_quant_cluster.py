@@ -1,14 +1,17 @@
 """A cluster with --quantize: its workers hold int8 or int4 experts, quantized once from the checkpoint and mapped
-from the cache afterwards, and the cluster computes transformers' model with those experts' weights dequantized."""
+from the cache afterwards, and the cluster computes transformers' model with those experts' weights dequantized and
+each expert product's input quantized per block as the kernels quantize it (experts/quant.py)."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import moe
 
 from fiddler_moe.experts import quant
 from fiddler_moe.launch.cluster import Cluster
@@ -17,10 +20,31 @@ from fiddler_moe.launch.synthetic import TINY_VOCAB, Preset, write_checkpoint
 PROMPTS = ["The mixture of experts", "Hello", "Offloading experts to the CPU saves memory bandwidth on small GPUs"]
 
 
+def quantized_grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """transformers' grouped expert product as the workers compute it: the input quantized per block
+    (quant.quantized_input), times the weights in float32, rounded once to the input's dtype."""
+    return ORIGINAL_GROUPED_MM(quant.quantized_input(input), weight.float(), offs).to(input.dtype)
+
+
+ORIGINAL_GROUPED_MM = moe._grouped_mm
+
+
+def with_quantized_inputs(forward):
+    """An experts module's forward (transformers' grouped_mm implementation) with its products' inputs quantized."""
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        moe._grouped_mm = quantized_grouped_mm
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            moe._grouped_mm = ORIGINAL_GROUPED_MM
+    return wrapped
+
+
 def dequantized_reference(folder: Path, name: str, dtype: torch.dtype) -> torch.nn.Module:
     """transformers' model of `folder` in `dtype`, its routed experts' weights replaced by their `name`
     quantization, dequantized (quantized from the checkpoint's values, as the workers do, when it is stored in
-    `dtype`), rounded to `dtype`."""
+    `dtype`), rounded to `dtype`, and each expert product's input quantized as the workers quantize it."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     with torch.no_grad():
         for module in model.modules():
@@ -29,6 +53,7 @@ def dequantized_reference(folder: Path, name: str, dtype: torch.dtype) -> torch.
                 for param in (gate_up, module.down_proj):
                     for e in range(param.shape[0]):
                         param[e] = quant.dequantize(quant.quantize(param[e].float(), name))
+                module.forward = with_quantized_inputs(module.forward)
     return model
 
 
@@ -79,9 +104,9 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
     prompt = input_ids[2:3]
     with torch.inference_mode():
         want_logits = ref(input_ids=input_ids, attention_mask=mask).logits
-        if dtype == "bfloat16":  # nothing was lost to quantizing
+        if dtype == "bfloat16":  # nothing was lost to quantizing the weights
             plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
-            assert torch.equal(plain(input_ids=input_ids, attention_mask=mask).logits, want_logits)
+            assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), ref.parameters(), strict=True))
         want_tokens = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
                                    min_new_tokens=32, do_sample=False)[0, prompt.shape[1]:]
     with Cluster(folder, workers=2, device="cpu", dtype=dtype, quantize=name, quiet=True) as cluster:
@@ -92,8 +117,13 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
         layout = cluster.coordinator.layout
         plan = "\n".join(cluster.coordinator.placement.describe() + cluster.coordinator.describe_scheduling())
     real = mask.bool()
-    # the same function, to float32 sums (and bfloat16's roundings, which transformers takes in another order)
-    assert relative_error(got_logits[real], want_logits[real]) < (1e-5 if dtype == "float32" else 2e-2)
+    # the same function, to float32 sums (and bfloat16's roundings, which transformers takes in another order); in
+    # float32 3e-4 rather than 1e-5 (measured up to 9e-5): where the two sides' float32 sums differ at an activation
+    # block's halfway point, its code differs by one, an error of one activation step (1/127 of the block's
+    # largest value) times one weight, which the later layers carry.
+    error = relative_error(got_logits[real], want_logits[real])
+    print(f"logits relative error {error:.2e}")
+    assert error < (3e-4 if dtype == "float32" else 2e-2)
     assert got.token_ids == want_tokens.tolist()
     assert stats.cold_pairs > 0 and stats.hot_pairs == 0
     assert all(r.quantize_cache in ("written", "hit") for r in readies)
