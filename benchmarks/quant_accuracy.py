@@ -6,8 +6,9 @@ the next-token distributions move, and the perplexity of held-out text.
     .venv/bin/python benchmarks/quant_accuracy.py --model ~/models/Mixtral-8x7B-Instruct-v0.1 --text held-out.txt
 
 In float32, with transformers' own model: the float model as the checkpoint holds it, and the same model with every
-routed expert's weights replaced by their int8 or int4 quantization, dequantized (the function a cluster with
---quantize computes: tests/test_quant_cluster.py holds it to that). Two figures per format:
+routed expert's weights replaced by their int8 or int4 quantization, dequantized, and each expert product's input
+quantized per block as the workers' kernels quantize it (`quantized_reference`: the function a cluster with
+--quantize computes; tests/test_quant_cluster.py holds it to that). Three figures per format:
 - expert error: over each MoE layer's experts, ||y_q - y|| / ||y|| of the expert outputs for the rows the router
   really sends them (captured while the float model reads the text), in float64;
 - next-token distributions: KL(float || quantized) at every position of the text, its mean and largest, and how
@@ -30,12 +31,14 @@ if __name__ == "__main__":  # OpenMP's waiting as the fiddler commands set it, r
     numa.use_openmp_settings()
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.integrations import moe
 
 from fiddler_moe.benchmarks import train_tiny
 from fiddler_moe.benchmarks.bench import bench_checkpoint_path
@@ -51,12 +54,15 @@ def matrices(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [module.gate_up_proj if module.has_gate else module.up_proj, module.down_proj]
 
 
-def expert_output(module: torch.nn.Module, expert: int, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """One expert's function in float64 ([out, in] weights; biases and transposed layouts as the module has them)."""
+def expert_output(module: torch.nn.Module, expert: int, x: torch.Tensor, weights: list[torch.Tensor],
+                  quantized_inputs: bool = False) -> torch.Tensor:
+    """One expert's function in float64 ([out, in] weights; biases and transposed layouts as the module has them),
+    with each product's input quantized per block as the workers quantize it when `quantized_inputs`."""
     gate_up, down = (w.double() for w in weights)
     if module.is_transposed:
         gate_up, down = gate_up.t(), down.t()
-    h = x.double() @ gate_up.t()
+    given = (lambda t: quant.quantized_input(t.float()).double()) if quantized_inputs else (lambda t: t.double())
+    h = given(x) @ gate_up.t()
     if getattr(module, "has_bias", False):
         h = h + module.gate_up_proj_bias[expert].double()
     if module.has_gate:
@@ -64,7 +70,7 @@ def expert_output(module: torch.nn.Module, expert: int, x: torch.Tensor, weights
         h = module.act_fn(gate) * up
     else:
         h = module.act_fn(h)
-    y = h @ down.t()
+    y = given(h) @ down.t()
     return y + module.down_proj_bias[expert].double() if getattr(module, "has_bias", False) else y
 
 
@@ -81,6 +87,13 @@ def round_trip(w: torch.Tensor, name: str) -> torch.Tensor:
     return w
 
 
+def quantizes_inputs(name: str) -> bool:
+    """Whether the workers' products under format `name` (a chain such as mxfp4+int8) quantize their inputs: when
+    they end in a --quantize format."""
+    return name.split("+")[-1] in quant.FORMATS
+
+
+@torch.no_grad()
 def dequantize_experts(modules: list[torch.nn.Module], name: str) -> None:
     """Every routed expert's matrices replaced by their round trip through `name`, in place."""
     for module in modules:
@@ -89,6 +102,52 @@ def dequantize_experts(modules: list[torch.nn.Module], name: str) -> None:
                 w = p[e].t() if module.is_transposed else p[e]
                 q = round_trip(w.float(), name)
                 p[e] = q.t() if module.is_transposed else q
+
+
+# How far a float32 cluster with --quantize may be from quantized_reference, relative to the logits' largest: where
+# the two sides' float32 sums differ in the last bit at an activation block's halfway point, that activation's code
+# differs by one, an error of one step (1/127 of the block's largest value) times one weight, which later layers
+# carry. Measured up to 9e-5 (int8, int4) and 3.2e-4 (an FP8 checkpoint's experts quantized to int4) on the tiny
+# presets; the function itself is the same, so everything else agrees to 1e-5.
+FLOAT32_TOLERANCE = 1e-3
+
+_GROUPED_MM = moe._grouped_mm
+
+
+def _quantized_grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """transformers' grouped expert product as the workers compute it: the input quantized per block
+    (quant.quantized_input), times the weights in float32, rounded once to the input's dtype."""
+    return _GROUPED_MM(quant.quantized_input(input), weight.float(), offs).to(input.dtype)
+
+
+def _with_quantized_inputs(forward):
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        moe._grouped_mm = _quantized_grouped_mm
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            moe._grouped_mm = _GROUPED_MM
+    return wrapped
+
+
+def quantized_reference(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """`model` (transformers', its experts in the grouped_mm implementation) made into the function a cluster with
+    --quantize computes, in place: every routed expert's weights through format `name` and back, and, where the
+    format ends in int8 or int4, each expert product's input quantized per block as the workers' kernels quantize
+    it. Returns the model. The references of the tests and of this script."""
+    modules = experts_modules(model)
+    dequantize_experts(modules, name)
+    if quantizes_inputs(name):
+        for module in modules:
+            module.forward = _with_quantized_inputs(module.forward)
+    return model
+
+
+def float_inputs(model: torch.nn.Module) -> None:
+    """Undoes quantized_reference's input quantization (the weights stay as they are)."""
+    for module in experts_modules(model):
+        module.__dict__.pop("forward", None)
 
 
 def expert_errors(modules: list[torch.nn.Module], captured: dict, originals: list, name: str) -> list[float]:
@@ -105,7 +164,7 @@ def expert_errors(modules: list[torch.nn.Module], captured: dict, originals: lis
             quant_w = [round_trip((w.t() if module.is_transposed else w).float(), name) for w in float_w]
             quant_w = [w.t() if module.is_transposed else w for w in quant_w]
             want = expert_output(module, e, hidden[rows], float_w)
-            got = expert_output(module, e, hidden[rows], quant_w)
+            got = expert_output(module, e, hidden[rows], quant_w, quantizes_inputs(name))
             errors.append(((got - want).norm() / want.norm()).item())
     return errors
 
@@ -213,8 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
         r = results["formats"].setdefault(name, {})
         if name != "none":
             errors = torch.tensor(expert_errors(modules, captured_rows, originals, name))
-            dequantize_experts(modules, name)
+            quantized_reference(model, name)
             logits = batched_logits(lambda x: model(x).logits, ids, args.batch)
+            float_inputs(model)
             for module, saved in zip(modules, originals):  # the float weights back, for the next format
                 for p, w in zip(matrices(module), saved):
                     p.copy_(w)

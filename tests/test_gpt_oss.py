@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, Mxfp4Config
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
+from fiddler_moe.benchmarks.quant_accuracy import FLOAT32_TOLERANCE, quantized_reference
 from fiddler_moe.coordinator import loading
 from fiddler_moe.experts import mxfp4
 from fiddler_moe.experts.compute import ExpertKernel
@@ -101,25 +102,17 @@ def test_mxfp4_gpt_oss_matches_transformers_dequantized_model(tmp_path, dtype):
 def test_mxfp4_experts_quantized_again_are_transformers_with_those_experts(tmp_path):
     """--quantize int8 on an MXFP4 checkpoint: each worker dequantizes an expert and quantizes it to int8 (double
     quantization); the cluster is transformers' dequantized model with every expert's weights so quantized."""
-    from fiddler_moe.experts import quant
-
     folder = write_checkpoint("tiny-gpt-oss", tmp_path / "gpt-oss-mxfp4", mxfp4=True)
     _, layout = loading.inspect(folder, "float32")
     assert "quantizes them to int8" in Cluster.dequantization_note(layout, "int8")
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                               quantization_config=Mxfp4Config(dequantize=True)).eval()
-    with torch.no_grad():
-        for module in ref.modules():
-            if isinstance(module, GptOssExperts):
-                for param in (module.gate_up_proj, module.down_proj):  # [in, out] per expert
-                    for e in range(param.shape[0]):
-                        param[e] = quant.dequantize(quant.quantize(param[e].t(), "int8")).t()
+    ref = quantized_reference(AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True)).eval(), "int8")
     prompt = torch.tensor([PROMPT])
     with torch.inference_mode():
         want = ref(input_ids=prompt).logits
     with Cluster(folder, device="cpu", quiet=True, dtype="float32", workers=1, quantize="int8") as c:
         got = c.logits(prompt, torch.ones_like(prompt))
-    assert relative_error(got, want) < 1e-5
+    assert relative_error(got, want) < FLOAT32_TOLERANCE
 
 
 @pytest.mark.parametrize("quantization, named", [

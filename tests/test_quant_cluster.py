@@ -4,15 +4,14 @@ each expert product's input quantized per block as the kernels quantize it (expe
 
 from __future__ import annotations
 
-import functools
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations import moe
 
+from fiddler_moe.benchmarks.quant_accuracy import FLOAT32_TOLERANCE, quantized_reference
 from fiddler_moe.experts import quant
 from fiddler_moe.launch.cluster import Cluster
 from fiddler_moe.launch.synthetic import TINY_VOCAB, Preset, write_checkpoint
@@ -20,41 +19,11 @@ from fiddler_moe.launch.synthetic import TINY_VOCAB, Preset, write_checkpoint
 PROMPTS = ["The mixture of experts", "Hello", "Offloading experts to the CPU saves memory bandwidth on small GPUs"]
 
 
-def quantized_grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """transformers' grouped expert product as the workers compute it: the input quantized per block
-    (quant.quantized_input), times the weights in float32, rounded once to the input's dtype."""
-    return ORIGINAL_GROUPED_MM(quant.quantized_input(input), weight.float(), offs).to(input.dtype)
-
-
-ORIGINAL_GROUPED_MM = moe._grouped_mm
-
-
-def with_quantized_inputs(forward):
-    """An experts module's forward (transformers' grouped_mm implementation) with its products' inputs quantized."""
-    @functools.wraps(forward)
-    def wrapped(*args, **kwargs):
-        moe._grouped_mm = quantized_grouped_mm
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            moe._grouped_mm = ORIGINAL_GROUPED_MM
-    return wrapped
-
-
 def dequantized_reference(folder: Path, name: str, dtype: torch.dtype) -> torch.nn.Module:
     """transformers' model of `folder` in `dtype`, its routed experts' weights replaced by their `name`
     quantization, dequantized (quantized from the checkpoint's values, as the workers do, when it is stored in
     `dtype`), rounded to `dtype`, and each expert product's input quantized as the workers quantize it."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "down_proj") and hasattr(module, "_is_expert_parallel"):
-                gate_up = module.gate_up_proj if module.has_gate else module.up_proj
-                for param in (gate_up, module.down_proj):
-                    for e in range(param.shape[0]):
-                        param[e] = quant.dequantize(quant.quantize(param[e].float(), name))
-                module.forward = with_quantized_inputs(module.forward)
-    return model
+    return quantized_reference(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), name)
 
 
 def batch(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,13 +86,11 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
         layout = cluster.coordinator.layout
         plan = "\n".join(cluster.coordinator.placement.describe() + cluster.coordinator.describe_scheduling())
     real = mask.bool()
-    # the same function, to float32 sums (and bfloat16's roundings, which transformers takes in another order); in
-    # float32 3e-4 rather than 1e-5 (measured up to 9e-5): where the two sides' float32 sums differ at an activation
-    # block's halfway point, its code differs by one, an error of one activation step (1/127 of the block's
-    # largest value) times one weight, which the later layers carry.
+    # the same function, to float32 sums and an activation code's halfway point (FLOAT32_TOLERANCE says why), and
+    # bfloat16's roundings, which transformers takes in another order
     error = relative_error(got_logits[real], want_logits[real])
     print(f"logits relative error {error:.2e}")
-    assert error < (3e-4 if dtype == "float32" else 2e-2)
+    assert error < (FLOAT32_TOLERANCE if dtype == "float32" else 2e-2)
     assert got.token_ids == want_tokens.tolist()
     assert stats.cold_pairs > 0 and stats.hot_pairs == 0
     assert all(r.quantize_cache in ("written", "hit") for r in readies)
