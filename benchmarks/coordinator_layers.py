@@ -10,7 +10,7 @@ Each way is transformers' own model of the preset with its experts replaced by n
   (FIDDLER_BF16_PATH), DynamicCache;
 - onednn-static: onednn with transformers' StaticCache (no growing the cache by `cat` each step);
 - onednn-eager: onednn with transformers' eager attention instead of SDPA (attn_implementation="eager").
-A turn times --steps decode steps after a --context-token prompt; each way gets --turns turns. With one thread the
+A turn times --steps decode steps after a prompt of --context tokens; each way gets --turns turns. With one thread the
 clock is the thread's CPU time, which a busy neighbour on a shared machine moves far less than the wall clock;
 with more, the wall clock. Prints each way's median and range, its ratio to the first way per turn, and the floor:
 the non-expert bytes of a decode token (benchmarks/bench.py's decode_bytes) over the read bandwidth at these threads.
