@@ -326,11 +326,35 @@ def load_baseline(folder: str, dtype: torch.dtype, device: torch.device, offload
     return model.eval()
 
 
+def pad_token_id(model) -> int:
+    """The id transformers' generate pads a batch with: the pad token, else the (first) end-of-sequence token."""
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+    return pad[0] if isinstance(pad, list) else pad
+
+
+def first_token_streamer():
+    """A streamer for transformers' generate that records (`first_at`, perf_counter) when the first new token
+    comes: generate's first call hands over the prompt, its second the first new token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        calls, first_at = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2:
+                self.first_at = time.perf_counter()
+
+        def end(self):
+            pass
+
+    return FirstToken()
+
+
 def _baseline_process(spec: dict) -> None:
     """The child side of TransformersRunner: load, say ready, then answer `run N` lines until stdin closes."""
     import tempfile
-
-    from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -338,27 +362,14 @@ def _baseline_process(spec: dict) -> None:
     # accelerate's disk offload, only on a CPU with a budget; removed at exit
     spill = tempfile.TemporaryDirectory(prefix="fiddler-offload-") if budget and device.type == "cpu" else None
     model = load_baseline(spec["folder"], getattr(torch, spec["dtype"]), device, budget, spill and spill.name)
-    pad = model.generation_config.pad_token_id
-    pad = model.generation_config.eos_token_id if pad is None else pad
-    pad = pad[0] if isinstance(pad, list) else pad
+    pad = pad_token_id(model)
     prompt = spec["prompt"]
     implementation = getattr(model.config, "_experts_implementation", None) or "default"
     print(json.dumps({"experts_implementation": implementation}), flush=True)
 
-    class FirstToken(BaseStreamer):
-        calls, first_at = 0, None
-
-        def put(self, value):
-            self.calls += 1
-            if self.calls == 2:  # the first call hands over the prompt
-                self.first_at = time.perf_counter()
-
-        def end(self):
-            pass
-
     for line in sys.stdin:
         n = int(line.split()[1])
-        streamer = FirstToken()
+        streamer = first_token_streamer()
         input_ids = torch.tensor([prompt], device=device)
         started = time.perf_counter()
         with torch.inference_mode():

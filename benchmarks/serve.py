@@ -34,6 +34,7 @@ import torch
 
 from fiddler_moe.benchmarks.bench import (BenchOptions, describe_machine, prepare_checkpoint, random_prompt,
                                           torch_dtype)
+from fiddler_moe.benchmarks.runners import first_token_streamer, pad_token_id
 from fiddler_moe.launch.cluster import Cluster
 from fiddler_moe.launch.options import ClusterOptions
 from fiddler_moe.serving.app import Served, make_app
@@ -186,31 +187,16 @@ def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list
 def bench_transformers(folder: Path, dtype: str, options: ServeOptions, prompts: list[list[int]], threads: int,
                        log: Callable[[str], None]) -> list[dict]:
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype)).eval()
-    pad = model.generation_config.pad_token_id
-    pad = model.generation_config.eos_token_id if pad is None else pad
-    pad = pad[0] if isinstance(pad, list) else pad
-
-    class FirstToken(BaseStreamer):
-        def __init__(self):
-            self.calls, self.first_at = 0, None
-
-        def put(self, value):
-            self.calls += 1
-            if self.calls == 2:  # the first call hands over the prompt
-                self.first_at = time.perf_counter()
-
-        def end(self):
-            pass
+    pad = pad_token_id(model)
 
     def run(batch: list[list[int]], new_tokens: int) -> list[Stream]:
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        streamer = FirstToken()
+        streamer = first_token_streamer()
         sent = time.perf_counter()
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,

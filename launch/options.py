@@ -33,17 +33,22 @@ def flag(*names: str, help: str, type: object = None) -> dict:
     return {"flag": Flag(names, help, type)}
 
 
+def read_secret_file(path: Path, flag: str, what: str) -> str:
+    """A secret kept in a file (`flag` names it in errors; `what` says what belongs in it), stripped."""
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read {flag} {path}: {e.strerror}") from None
+    if not secret:
+        raise ValueError(f"{flag} {path} is empty; put {what} in it")
+    return secret
+
+
 def read_token(token_file: Path | None) -> str:
     """The cluster token: from --token-file, else $FIDDLER_TOKEN; never printed."""
     if token_file is None:
         return os.environ.get("FIDDLER_TOKEN", "")
-    try:
-        token = Path(token_file).read_text().strip()
-    except OSError as e:
-        raise ValueError(f"cannot read --token-file {token_file}: {e.strerror}") from None
-    if not token:
-        raise ValueError(f"--token-file {token_file} is empty; put the cluster token in it")
-    return token
+    return read_secret_file(token_file, "--token-file", "the cluster token")
 
 
 def parse_device_memory(text: str | None) -> int | Literal["all"] | None:

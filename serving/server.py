@@ -21,6 +21,8 @@ from pathlib import Path
 
 import uvicorn
 
+from fiddler_moe.launch.options import read_secret_file
+
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 
@@ -58,13 +60,7 @@ def read_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
             raise ValueError("--api-key is empty; give a key, or leave the flag out to serve loopback only")
         return api_key.strip()
     if api_key_file is not None:
-        try:
-            key = Path(api_key_file).read_text().strip()
-        except OSError as e:
-            raise ValueError(f"cannot read --api-key-file {api_key_file}: {e.strerror}") from None
-        if not key:
-            raise ValueError(f"--api-key-file {api_key_file} is empty; put the API key in it")
-        return key
+        return read_secret_file(api_key_file, "--api-key-file", "the API key")
     return os.environ.get("FIDDLER_API_KEY", "").strip() or None
 
 
