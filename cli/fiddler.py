@@ -449,11 +449,13 @@ def bench(
 
     _terminate_as_interrupt()
     options = bench_module.BenchOptions(
-        preset=preset, model=Path(model) if model else None, dtype=dtype, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+        preset=preset, model=Path(model) if model else None, dtype=dtype, prompt_len=prompt_len,
+        new_tokens=new_tokens, repeats=repeats,
         warmup=warmup, workers=_int_list(workers, "--workers"),
         threads_per_worker=_int_list(threads_per_worker, "--threads-per-worker") if threads_per_worker else [None],
         device_memory=[part.strip() for part in device_memory.split(",")] if device_memory else [None],
-        device=device, baseline=baseline, offload=offload, out=Path(out), chart=chart, seed=seed, bandwidth_mib=bandwidth_mib,
+        device=device, baseline=baseline, offload=offload, out=Path(out), chart=chart, seed=seed,
+        bandwidth_mib=bandwidth_mib,
         quantize=[part.strip() for part in quantize.split(",")],
         coordinator_threads=_int_list(coordinator_threads, "--coordinator-threads") if coordinator_threads else [None],
         interleave=interleave,

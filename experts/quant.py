@@ -23,10 +23,10 @@ to four digits on normal and heavy-tailed weights), take half the bytes, and mak
 in float32 (an 11-bit scale times a code of at most 8 bits), so a kernel that dequantizes into float32 computes
 with the very weights of the reference. Below float16's normal range (a block whose largest weight is under
 127 * 2^-14 = 0.0078 for int8, 8 * 2^-14 = 0.00049 for int4) a scale has fewer bits: such a block's step is up
-to 2^-24 coarser than ideal, which is under 1% for blocks whose largest weight is above 0.001. For int4, Q4_1 (a minimum per block besides the scale) had 9% less error
-than Q4_0 but 11% more bytes, which decoding pays in time one for one, and its d * q + m is not always exact in
-float32. Planes rather than llama.cpp's interleaved 34- and 18-byte blocks: aligned vector loads in C, and plain
-tensor views for the Python paths.
+to 2^-24 coarser than ideal, which is under 1% for blocks whose largest weight is above 0.001. For int4,
+Q4_1 (a minimum per block besides the scale) had 9% less error than Q4_0 but 11% more bytes, which decoding pays
+in time one for one, and its d * q + m is not always exact in float32. Planes rather than llama.cpp's interleaved
+34- and 18-byte blocks: aligned vector loads in C, and plain tensor views for the Python paths.
 
 Activations: a product quantizes its activation rows too, per block of 32 along the input (`quantize_activations`:
 dx = amax / 127 in float32, codes round(x / dx) in [-127, 127], as llama.cpp's Q8_0 with a float32 scale), once per

@@ -9,9 +9,10 @@ and every later launch with the same checkpoint, shard and format reads that fil
 the checkpoint or computed, only bytes copied. The shard is read into the worker's own memory rather than mapped
 from the page cache: memory the worker allocates sits on its NUMA node (it is bound there), and under memory
 pressure the kernel would drop clean file pages of a mapping first and read them back from disk in the middle of
-a decoding step, where a private copy stays put like the float shard does. The shard hash covers the experts and where their tensors live, the compute dtype (of the biases), the
-layout version and each safetensors file's size and modification time: the fingerprint alone names a config and
-a tensor table, so a checkpoint written again with other values would otherwise find the old entry.
+a decoding step, where a private copy stays put like the float shard does. The shard hash covers the
+experts and where their tensors live, the compute dtype (of the biases), the layout version and each safetensors
+file's size and modification time: the fingerprint alone names a config and a tensor table, so a checkpoint
+written again with other values would otherwise find the old entry.
 """
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ def build_tokenizer(vocab_size: int, model_max_length: int = 4096,
         spec["model"]["vocab"].update({f"<filler_{i:05d}>": i for i in range(trained, vocab_size)})
         tok = Tokenizer.from_str(json.dumps(spec))
     if tok.get_vocab_size() != vocab_size:
-        raise ValueError(f"Cannot build a tokenizer of {vocab_size} tokens (got {tok.get_vocab_size()}); use at least 260.")
+        raise ValueError(f"Cannot build a tokenizer of {vocab_size} tokens (got {tok.get_vocab_size()}); "
+                         "use at least 260.")
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, SPECIAL_TOKENS.index(BOS))]
     )

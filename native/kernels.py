@@ -3,7 +3,8 @@
 `linear` is nn.Linear for a few rows of bfloat16 activations on AVX2 CPUs (bf16_gemv.c), and `silu_expert` a whole
 gated SiLU expert (both products and the activation between them) in one call. Decoding multiplies one row by
 every weight it passes, so its speed is how fast the weights stream from memory, which this kernel does faster
-than PyTorch's bfloat16 matrix-vector product on CPUs without oneDNN's bfloat16 support (docs/performance-log.md, item 7).
+than PyTorch's bfloat16 matrix-vector product on CPUs without oneDNN's bfloat16 support (docs/performance-log.md,
+item 7).
 Its results equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in another order).
 
 `quant_linear` and `quant_silu_expert` are the same for quantized weights (quant_gemv.c; the formats are described

@@ -173,8 +173,8 @@ class Launched:
 @pytest.fixture(scope="session")
 def launched(checkpoints, tmp_path_factory) -> Launched:
     """`fiddler-launch` serving the tiny model with one worker, and its HTTP API with a key, for tests that only send
-    it requests (good, bad and fuzzed ones). Stopped with Ctrl-C at the end of the session, and checked: a clean exit, no traceback, no
-    process, socket, folder or shared-memory file left."""
+    it requests (good, bad and fuzzed ones). Stopped with Ctrl-C at the end of the session, and checked: a clean exit,
+    no traceback, no process, socket, folder or shared-memory file left."""
     shm_before = shm_files()
     runtime = tmp_path_factory.mktemp("launched-runtime")
     runtime.chmod(0o700)
