@@ -7,7 +7,8 @@ the next-token distributions move, and the perplexity of held-out text.
 
 In float32, with transformers' own model: the float model as the checkpoint holds it, and the same model with every
 routed expert's weights replaced by their int8 or int4 quantization, dequantized, and each expert product's input
-quantized per block as the workers' kernels quantize it (`quantized_reference`: the function a cluster with
+quantized per block as the workers' kernels quantize it, and the linear layers a CPU coordinator quantizes
+(attention, shared experts, head; not the routers) computed alike (`quantized_reference`: the function a cluster with
 --quantize computes; tests/test_quant_cluster.py holds it to that). Three figures per format:
 - expert error: over each MoE layer's experts, ||y_q - y|| / ||y|| of the expert outputs for the rows the router
   really sends them (captured while the float model reads the text), in float64;
@@ -42,6 +43,7 @@ from transformers.integrations import moe
 
 from fiddler_moe.benchmarks import train_tiny
 from fiddler_moe.benchmarks.bench import bench_checkpoint_path
+from fiddler_moe.coordinator.cpu_linear import quantizable_linear_layers
 from fiddler_moe.experts import fp8, mxfp4, quant
 from fiddler_moe.launch.synthetic import write_checkpoint
 
@@ -107,9 +109,10 @@ def dequantize_experts(modules: list[torch.nn.Module], name: str) -> None:
 # How far a float32 cluster with --quantize may be from quantized_reference, relative to the logits' largest: where
 # the two sides' float32 sums differ in the last bit at an activation block's halfway point, that activation's code
 # differs by one, an error of one step (1/127 of the block's largest value) times one weight, which later layers
-# carry. Measured up to 9e-5 (int8, int4) and 3.2e-4 (an FP8 checkpoint's experts quantized to int4) on the tiny
-# presets; the function itself is the same, so everything else agrees to 1e-5.
-FLOAT32_TOLERANCE = 1e-3
+# carry. A flip in the head's input (a CPU coordinator's layers are quantized too) goes straight to the logits.
+# Measured up to 6e-3 (tiny, int8) with the coordinator's layers, 9e-5 without, and 3.2e-4 (an FP8 checkpoint's
+# experts quantized to int4) on the tiny presets; the function itself is the same, so everything else agrees to 1e-5.
+FLOAT32_TOLERANCE = 1e-2
 
 _GROUPED_MM = moe._grouped_mm
 
@@ -131,22 +134,46 @@ def _with_quantized_inputs(forward):
     return wrapped
 
 
-def quantized_reference(model: torch.nn.Module, name: str) -> torch.nn.Module:
+def _dequantized_linear_forward(module: torch.nn.Linear, weight: torch.Tensor):
+    """A linear layer as a CPU coordinator computes it with --quantize (coordinator/cpu_linear.py): the input
+    quantized per block, times the dequantized weight in float32, rounded once to the input's dtype, plus bias."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.linear(quant.quantized_input(x), weight).to(x.dtype)
+        return out if module.bias is None else out + module.bias
+    return forward
+
+
+@torch.no_grad()
+def quantize_coordinator_layers(model: torch.nn.Module, name: str) -> None:
+    """The linear layers a CPU coordinator quantizes (attention, shared experts, head; not the routers) computed
+    through format `name` and back, their inputs quantized, in place; a weight shared with another module (a tied
+    head) is left as it is for that module."""
+    skip = tuple(n for n, m in model.named_modules() if m in experts_modules(model))
+    for _, module in quantizable_linear_layers(model, skip):
+        weight = quant.dequantize(quant.quantize(module.weight.detach().float(), name))
+        module.forward = _dequantized_linear_forward(module, weight)
+
+
+def quantized_reference(model: torch.nn.Module, name: str, coordinator_layers: bool = True) -> torch.nn.Module:
     """`model` (transformers', its experts in the grouped_mm implementation) made into the function a cluster with
     --quantize computes, in place: every routed expert's weights through format `name` and back, and, where the
     format ends in int8 or int4, each expert product's input quantized per block as the workers' kernels quantize
-    it. Returns the model. The references of the tests and of this script."""
+    it; with `coordinator_layers`, also the linear layers a CPU coordinator quantizes (routers aside) through that
+    last format, their inputs quantized alike. Returns the model. The references of the tests and of this script."""
     modules = experts_modules(model)
     dequantize_experts(modules, name)
     if quantizes_inputs(name):
         for module in modules:
             module.forward = _with_quantized_inputs(module.forward)
+        if coordinator_layers:
+            quantize_coordinator_layers(model, name.split("+")[-1])
     return model
 
 
 def float_inputs(model: torch.nn.Module) -> None:
-    """Undoes quantized_reference's input quantization (the weights stay as they are)."""
-    for module in experts_modules(model):
+    """Undoes quantized_reference's input quantization and its coordinator layers (the experts' weights stay as
+    they are)."""
+    for module in experts_modules(model) + [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
         module.__dict__.pop("forward", None)
 
 

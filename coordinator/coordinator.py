@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from fiddler_moe.coordinator import loading
-from fiddler_moe.coordinator.cpu_linear import pack_linear_layers
+from fiddler_moe.coordinator.cpu_linear import pack_linear_layers, quantize_linear_layers
 from fiddler_moe.coordinator.dispatch import ClusterDegraded, Dispatcher, WorkerFailed, WorkerLink
 from fiddler_moe.coordinator.placement import Placement, format_size, plan
 from fiddler_moe.coordinator.profile import ExpertProfile
@@ -64,13 +64,17 @@ class Prepared:
         experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
         return with_cold_format(plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, self.budget,
                                      len(worker_weights), self.hot_experts, profile=self.profile,
-                                     worker_weights=worker_weights), layout, self.quantize)
+                                     worker_weights=worker_weights), layout, self.quantize, self.device)
 
 
-def with_cold_format(placement: Placement, layout: loading.ModelLayout, quantize: str) -> Placement:
-    """The placement, saying what a cold expert takes on a worker in the --quantize format."""
+def with_cold_format(placement: Placement, layout: loading.ModelLayout, quantize: str,
+                     device: torch.device) -> Placement:
+    """The placement, saying what a cold expert takes on a worker in the --quantize format, and whether the
+    coordinator's own linear layers take it too (on a CPU: coordinator/cpu_linear.py)."""
     if quantize != "none":
         placement.cold_expert_bytes, placement.cold_format = layout.cold_expert_bytes(quantize), quantize
+        if device.type == "cpu":
+            placement.coordinator_format = quantize
     return placement
 
 
@@ -200,7 +204,8 @@ def prepare(
     experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
     placement = plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, budget, workers, hot_experts,
                      profile=profile)
-    return Prepared(skeleton, layout, tokenizer, with_cold_format(placement, layout, quantize), torch_device, budget,
+    placement = with_cold_format(placement, layout, quantize, torch_device)
+    return Prepared(skeleton, layout, tokenizer, placement, torch_device, budget,
                     hot_experts, profile, scheduling, staging, quantize)
 
 
@@ -328,7 +333,10 @@ class Coordinator:
                   leave=False) as bar:
             loading.load_non_expert(self.model, layout, self.device)
             if self.device.type == "cpu":  # bfloat16 attention and head at memory speed (coordinator/cpu_linear.py)
-                pack_linear_layers(self.model, skip=tuple(layer.name for layer in layout.moe_layers))
+                experts = tuple(layer.name for layer in layout.moe_layers)
+                if self.prepared.quantize != "none":  # --quantize applies to these too, routers aside
+                    quantize_linear_layers(self.model, self.prepared.quantize, skip=experts)
+                pack_linear_layers(self.model, skip=experts)
             bar.update(layout.non_expert_bytes)
             hot = {}
             reader = TensorReader(layout.folder)

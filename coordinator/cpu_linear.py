@@ -7,6 +7,14 @@ for each (experts/compute.py, docs/performance-log.md); this gives the coordinat
 by giving each module a forward over its packed weight (oneDNN) or one that takes the AVX2 paths (decoding rows
 through native/kernels.py, batches of rows in float32). transformers' modeling code is untouched: the modules
 stay where they are and compute the same function.
+
+With --quantize int8 or int4 a CPU coordinator's own linear layers take the workers' format too
+(`quantize_linear_layers`): attention projections, shared experts and the head hold their weights quantized
+(experts/quant.py) and compute through the same kernels, any number of rows, their inputs quantized per block.
+Routers (a MoE block's gate, a shared expert's gate) stay in the compute dtype, as llama.cpp keeps them: they
+pick the experts, are small, and an error there changes which experts run. A layer whose input is not a whole
+number of blocks stays in the compute dtype too. benchmarks/quant_accuracy.py's `quantized_reference` computes
+the same function.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from fiddler_moe.native import kernels
+from fiddler_moe.experts import quant
 from fiddler_moe.experts.compute import PACK_BFLOAT16, UPCAST_BFLOAT16, fast_linear
 
 
@@ -35,6 +44,47 @@ def _avx2_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.view(*shape[:-1], out.shape[-1])
 
 
+def is_router(name: str) -> bool:
+    """Whether the nn.Linear at module path `name` chooses or weighs experts (kept in the compute dtype)."""
+    last = name.rsplit(".", 1)[-1]
+    return last in ("gate", "router") or last.endswith("_gate")
+
+
+def quantizable_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
+    """The (name, module) of the linear layers --quantize applies to on a CPU coordinator: every nn.Linear on the
+    CPU outside `skip` (the experts modules) but the routers, whose input is a whole number of blocks."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not name.startswith(skip) and not is_router(name)
+            and module.weight.device.type == "cpu" and module.in_features % quant.BLOCK == 0]
+
+
+def _quantized_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    out = quant.linear(x.reshape(-1, shape[-1]), self.quant_weight)
+    if self.bias is not None:
+        out += self.bias
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+@torch.no_grad()
+def quantize_linear_layers(model: nn.Module, name: str, skip: tuple[str, ...] = ()) -> int:
+    """Quantize `quantizable_linear_layers` to format `name` (int8, int4) and compute them through the quantized
+    kernels; the dense weight is dropped unless another module shares it (a tied head's embedding). Returns how
+    many."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    layers = quantizable_linear_layers(model, skip)
+    for _, module in layers:
+        weight = module.weight
+        module.quant_weight = quant.quantize(weight.detach(), name)
+        if owners.get(id(weight), 0) <= 1:  # a meta placeholder keeps the shape and dtype readable
+            module.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
+        module.forward = types.MethodType(_quantized_forward, module)
+    return len(layers)
+
+
 def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Give every bfloat16 nn.Linear on the CPU a fast forward: packed (oneDNN bfloat16), where no other module
     shares its weight (a tied head keeps its embedding's dense weight), or the AVX2 paths. Returns how many."""
@@ -48,7 +98,7 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
             owners[id(param)] = owners.get(id(param), 0) + 1
     packed = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name.startswith(skip):
+        if not isinstance(module, nn.Linear) or name.startswith(skip) or hasattr(module, "quant_weight"):
             continue
         weight = module.weight
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":

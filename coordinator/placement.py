@@ -76,6 +76,7 @@ class Placement:
     worker_weights: list[float] | None = None  # relative compute capacity per worker, as given to plan()
     cold_expert_bytes: int | None = None  # one expert on a worker, where it differs from expert_bytes (--quantize)
     cold_format: str = ""  # the workers' format then, e.g. "int4"
+    coordinator_format: str = ""  # the format of a CPU coordinator's own linear layers, routers aside, if quantized
 
     def shard(self, worker: int) -> list[Expert]:
         return sorted(e for e, w in self.owner.items() if w == worker)
@@ -101,6 +102,9 @@ class Placement:
             if self.expected_load is not None:
                 line += f", {self.expected_load[w]:.1%} of cold routings"
             lines.append(line)
+        if self.coordinator_format:
+            lines.append(f"  coordinator: attention, shared experts and head in {self.coordinator_format} on the CPU "
+                         "(routers and hot experts in the compute dtype)")
         return lines + [f"  note: {n}" for n in self.notes]
 
 

@@ -104,6 +104,9 @@ class Cluster:
             f"coordinator on cpu {numa.format_cpu_list(layout.coordinator_cpus)}"
             + (", taking turns with the workers" if coordinator_cores(cfg, topology) == 0 else ""),
         ]
+        if placement.coordinator_format:
+            lines.append(f"coordinator: attention, shared experts and head in {placement.coordinator_format} "
+                         "(routers and hot experts in the compute dtype)")
         warnings = list(layout.warnings)
         for node in topology.nodes:
             slots = [s for s in layout.workers if s.node in (node.id, None)]

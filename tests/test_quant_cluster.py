@@ -87,11 +87,20 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
         plan = "\n".join(cluster.coordinator.placement.describe() + cluster.coordinator.describe_scheduling())
     real = mask.bool()
     # the same function, to float32 sums and an activation code's halfway point (FLOAT32_TOLERANCE says why), and
-    # bfloat16's roundings, which transformers takes in another order
+    # bfloat16's roundings, which transformers takes in another order. In bfloat16 the coordinator's quantized
+    # layers (every attention projection and the head) widen the bound: a last-bit difference of a bfloat16
+    # activation (2^-8 of it) moves its int8 code (a step of 1/127 of its block's largest) about half the time, so
+    # those rounding-order differences become code differences in each layer; the same modules on one machine agree
+    # to bfloat16's last bit (measured 4e-4 of the logits against 7e-2 through the cluster, whose expert sums round
+    # in another order). Those differences can turn a near tie of this random model's next tokens, so the greedy
+    # tokens are held identical in float32, and in bfloat16 only the first.
     error = relative_error(got_logits[real], want_logits[real])
     print(f"logits relative error {error:.2e}")
-    assert error < (FLOAT32_TOLERANCE if dtype == "float32" else 2e-2)
-    assert got.token_ids == want_tokens.tolist()
+    assert error < (FLOAT32_TOLERANCE if dtype == "float32" else 1e-1)
+    if dtype == "float32":
+        assert got.token_ids == want_tokens.tolist()
+    else:
+        assert got.token_ids[0] == want_tokens[0].item()
     assert stats.cold_pairs > 0 and stats.hot_pairs == 0
     assert all(r.quantize_cache in ("written", "hit") for r in readies)
     # the workers hold the experts in the format's bytes, as the plan print says
@@ -99,6 +108,7 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
     weights = layout.expert_bytes // torch_dtype.itemsize  # no biases in these models
     assert layout.cold_expert_bytes(name) * 2 == weights * (17 if name == "int8" else 9) // 8  # 8.5, 4.5 bits each
     assert f"cold on 2 worker(s) in {name}" in plan and f"scheduler: off: the cold experts are {name}" in plan
+    assert f"attention, shared experts and head in {name} on the CPU" in plan
 
 
 def cache_entries(cache: Path) -> list[Path]:
@@ -133,7 +143,7 @@ def test_the_next_launch_reads_the_cached_shard_and_a_changed_checkpoint_gets_it
     with torch.inference_mode():
         want = dequantized_reference(folder, "int4", torch.float32)(input_ids=input_ids, attention_mask=mask).logits
     real = mask.bool()
-    assert relative_error(third[real], want[real]) < 1e-5 and relative_error(third[real], first[real]) > 0.1
+    assert relative_error(third[real], want[real]) < FLOAT32_TOLERANCE and relative_error(third[real], first[real]) > 0.1
 
 
 def rss_bytes(pid: int) -> int:
