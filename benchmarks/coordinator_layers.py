@@ -9,7 +9,9 @@ Each way is transformers' own model of the preset with its experts replaced by n
 - onednn / avx2: the coordinator's linear layers through coordinator/cpu_linear.py with that bfloat16 path
   (FIDDLER_BF16_PATH), DynamicCache;
 - onednn-static: onednn with transformers' StaticCache (no growing the cache by `cat` each step);
-- onednn-eager: onednn with transformers' eager attention instead of SDPA (attn_implementation="eager").
+- onednn-eager: onednn with transformers' eager attention instead of SDPA (attn_implementation="eager");
+- int8 / int4: the linear layers a CPU coordinator quantizes with --quantize (attention, shared experts, head)
+  through the quantized kernels (cpu_linear.quantize_linear_layers), the rest onednn, DynamicCache.
 A turn times --steps decode steps after a prompt of --context tokens; each way gets --turns turns. With one thread the
 clock is the thread's CPU time, which a busy neighbour on a shared machine moves far less than the wall clock;
 with more, the wall clock. Prints each way's median and range, its ratio to the first way per turn, and the floor:
@@ -24,7 +26,7 @@ import time
 
 import torch
 
-WAYS = ("plain", "onednn", "avx2", "onednn-static", "onednn-eager")
+WAYS = ("plain", "onednn", "avx2", "onednn-static", "onednn-eager", "int8", "int4")
 
 
 def load(folder: str, way: str) -> torch.nn.Module:
@@ -42,6 +44,9 @@ def load(folder: str, way: str) -> torch.nn.Module:
         if type(module).__name__.endswith("Experts"):
             for name, _ in list(module.named_parameters(recurse=False)):
                 setattr(module, name, empty)
+    if way in ("int8", "int4"):
+        cpu_linear.quantize_linear_layers(model, way)
+        way = "onednn"
     if way != "plain":
         path = way.split("-")[0]
         if path == "onednn" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
