@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, Mxfp4Config
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from fiddler_moe.benchmarks.quant_accuracy import FLOAT32_TOLERANCE, quantized_reference
+from fiddler_moe.benchmarks.quant_accuracy import check_logits, quantized_reference
 from fiddler_moe.coordinator import loading
 from fiddler_moe.experts import mxfp4
 from fiddler_moe.experts.compute import ExpertKernel
@@ -112,7 +112,7 @@ def test_mxfp4_experts_quantized_again_are_transformers_with_those_experts(tmp_p
         want = ref(input_ids=prompt).logits
     with Cluster(folder, device="cpu", quiet=True, dtype="float32", workers=1, quantize="int8") as c:
         got = c.logits(prompt, torch.ones_like(prompt))
-    assert relative_error(got, want) < FLOAT32_TOLERANCE
+    check_logits(got, want)
 
 
 @pytest.mark.parametrize("quantization, named", [

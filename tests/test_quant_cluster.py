@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fiddler_moe.benchmarks.quant_accuracy import FLOAT32_TOLERANCE, quantized_reference
+from fiddler_moe.benchmarks.quant_accuracy import check_logits, logit_errors, quantized_reference
 from fiddler_moe.experts import quant
 from fiddler_moe.launch.cluster import Cluster
 from fiddler_moe.launch.synthetic import TINY_VOCAB, Preset, write_checkpoint
@@ -94,9 +94,12 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
     # to bfloat16's last bit (measured 4e-4 of the logits against 7e-2 through the cluster, whose expert sums round
     # in another order). Those differences can turn a near tie of this random model's next tokens, so the greedy
     # tokens are held identical in float32, and in bfloat16 only the first.
-    error = relative_error(got_logits[real], want_logits[real])
-    print(f"logits relative error {error:.2e}")
-    assert error < (FLOAT32_TOLERANCE if dtype == "float32" else 1e-1)
+    error, typical = logit_errors(got_logits[real], want_logits[real])
+    print(f"logits relative error {error:.2e}, median {typical:.2e}")
+    if dtype == "float32":
+        check_logits(got_logits[real], want_logits[real])
+    else:  # the typical logit still agrees (measured: exactly); a wrong scale or layer would move most of them
+        assert error < 1e-1 and typical < 1e-3
     if dtype == "float32":
         assert got.token_ids == want_tokens.tolist()
     else:
@@ -143,7 +146,7 @@ def test_the_next_launch_reads_the_cached_shard_and_a_changed_checkpoint_gets_it
     with torch.inference_mode():
         want = dequantized_reference(folder, "int4", torch.float32)(input_ids=input_ids, attention_mask=mask).logits
     real = mask.bool()
-    assert relative_error(third[real], want[real]) < FLOAT32_TOLERANCE
+    check_logits(third[real], want[real])
     assert relative_error(third[real], first[real]) > 0.1
 
 
