@@ -44,6 +44,16 @@ def _avx2_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.view(*shape[:-1], out.shape[-1])
 
 
+def _owners(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many modules hold it: a weight held by more than one (a tied head's embedding) must stay
+    dense, since the other module reads it."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return owners
+
+
 def is_router(name: str) -> bool:
     """Whether the nn.Linear at module path `name` chooses or weighs experts (kept in the compute dtype)."""
     last = name.rsplit(".", 1)[-1]
@@ -71,10 +81,7 @@ def quantize_linear_layers(model: nn.Module, name: str, skip: tuple[str, ...] = 
     """Quantize `quantizable_linear_layers` to format `name` (int8, int4) and compute them through the quantized
     kernels; the dense weight is dropped unless another module shares it (a tied head's embedding). Returns how
     many."""
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
+    owners = _owners(model)
     layers = quantizable_linear_layers(model, skip)
     for _, module in layers:
         weight = module.weight
@@ -92,10 +99,7 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         return 0
     if UPCAST_BFLOAT16:
         kernels.available()  # build the decoding kernel now (once per machine), not during the first token
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
+    owners = _owners(model)
     packed = 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name.startswith(skip) or hasattr(module, "quant_weight"):
