@@ -131,6 +131,7 @@ def check_logits(got: torch.Tensor, want: torch.Tensor) -> None:
     largest, typical = logit_errors(got, want)
     assert largest < FLOAT32_TOLERANCE and typical < FLOAT32_TYPICAL_TOLERANCE, (largest, typical)
 
+
 _GROUPED_MM = moe._grouped_mm
 
 
@@ -165,7 +166,8 @@ def quantize_coordinator_layers(model: torch.nn.Module, name: str) -> None:
     """The linear layers a CPU coordinator quantizes (attention, shared experts, head; not the routers) computed
     through format `name` and back, their inputs quantized, in place; a weight shared with another module (a tied
     head) is left as it is for that module."""
-    skip = tuple(n for n, m in model.named_modules() if m in experts_modules(model))
+    experts = {id(m) for m in experts_modules(model)}
+    skip = tuple(n for n, m in model.named_modules() if id(m) in experts)
     for _, module in quantizable_linear_layers(model, skip):
         weight = quant.dequantize(quant.quantize(module.weight.detach().float(), name))
         module.forward = _dequantized_linear_forward(module, weight)
