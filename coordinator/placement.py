@@ -103,9 +103,13 @@ class Placement:
                 line += f", {self.expected_load[w]:.1%} of cold routings"
             lines.append(line)
         if self.coordinator_format:
-            lines.append(f"  coordinator: attention, shared experts and head in {self.coordinator_format} on the CPU "
-                         "(routers and hot experts in the compute dtype)")
+            lines.append(f"  {self.coordinator_line()}")
         return lines + [f"  note: {n}" for n in self.notes]
+
+    def coordinator_line(self) -> str:
+        """What a CPU coordinator's own linear layers are held in, when --quantize reaches them."""
+        return (f"coordinator: attention, shared experts and head in {self.coordinator_format} on the CPU "
+                "(routers and hot experts in the compute dtype)")
 
 
 def plan(

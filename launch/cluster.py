@@ -105,8 +105,7 @@ class Cluster:
             + (", taking turns with the workers" if coordinator_cores(cfg, topology) == 0 else ""),
         ]
         if placement.coordinator_format:
-            lines.append(f"coordinator: attention, shared experts and head in {placement.coordinator_format} "
-                         "(routers and hot experts in the compute dtype)")
+            lines.append(placement.coordinator_line())
         warnings = list(layout.warnings)
         for node in topology.nodes:
             slots = [s for s in layout.workers if s.node in (node.id, None)]
