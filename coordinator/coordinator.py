@@ -209,6 +209,14 @@ def prepare(
                     hot_experts, profile, scheduling, staging, quantize)
 
 
+def chat_prompt_ids(tokenizer: transformers.PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The token ids of a conversation through the tokenizer's chat template, the assistant's turn opened."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some tokenizers answer with an encoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None = None,
                    num_beams: int = 1) -> None:
     if max_new_tokens < 1:
@@ -570,12 +578,7 @@ class Coordinator:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model's tokenizer has no chat template; drop --chat")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
+            return chat_prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
         return self.tokenizer(prompt)["input_ids"]
 
     @property

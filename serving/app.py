@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fiddler_moe.coordinator.batching import BatchEngine, RequestHandle, SamplingParams
+from fiddler_moe.coordinator.coordinator import chat_prompt_ids
 from fiddler_moe.coordinator.dispatch import ClusterDegraded, WorkerFailed
 from fiddler_moe.serving import metrics
 from fiddler_moe.serving.schema import ApiError, ChatCompletionRequest, CompletionRequest, validation_error
@@ -244,12 +245,10 @@ def make_app(served: Served, api_key: str | None = None) -> FastAPI:
             raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages",
                            "no_chat_template")
         try:
-            ids = tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True, tokenize=True)
+            ids = chat_prompt_ids(tokenizer, body.conversation())
         except Exception as e:  # the template's own complaint (e.g. roles out of order) is the client's to fix
             raise ApiError(400, f"the chat template refused the messages: {e}", "messages", "invalid_messages")
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return await respond(request, body, [list(ids)], body.new_token_limit(), chat=True)
+        return await respond(request, body, [ids], body.new_token_limit(), chat=True)
 
     async def respond(request: Request, body, prompts: list[list[int]], max_tokens: int | None, chat: bool):
         choices = submit(body, prompts, max_tokens)
@@ -396,13 +395,13 @@ class Reply:
             choice = {"index": index, "delta": content, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": content, "logprobs": None, "finish_reason": finish_reason}
-        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                 "created": self.created, "model": self.model, "choices": [choice]}
-        if include_usage:
-            chunk["usage"] = None
-        return f"data: {json.dumps(chunk)}\n\n"
+        return self._chunk([choice], **({"usage": None} if include_usage else {}))
 
     def usage_event(self, choices: list[Choice]) -> str:
+        return self._chunk([], usage=self.usage(choices))
+
+    def _chunk(self, choices: list[dict], **extra) -> str:
+        """One server-sent event of the stream."""
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                 "created": self.created, "model": self.model, "choices": [], "usage": self.usage(choices)}
+                 "created": self.created, "model": self.model, "choices": choices, **extra}
         return f"data: {json.dumps(chunk)}\n\n"
