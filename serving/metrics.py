@@ -8,6 +8,7 @@ registry of its own, so that one process may serve several apps (tests) without 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -55,17 +56,13 @@ def _rate(tokens: float, seconds: float) -> float:
 def families(counters: Counters, served) -> list:
     found = []
 
-    def counter(name, doc, value, labels=None, samples=()):
-        family = CounterMetricFamily(name, doc, value=None if labels else value, labels=labels)
+    def add(kind, name, doc, value=None, labels=None, samples=()):
+        family = kind(name, doc, value=None if labels else value, labels=labels)
         for label_values, v in samples:
             family.add_metric(label_values, v)
         found.append(family)
 
-    def gauge(name, doc, value=None, labels=None, samples=()):
-        family = GaugeMetricFamily(name, doc, value=None if labels else value, labels=labels)
-        for label_values, v in samples:
-            family.add_metric(label_values, v)
-        found.append(family)
+    counter, gauge = functools.partial(add, CounterMetricFamily), functools.partial(add, GaugeMetricFamily)
 
     with counters.lock:
         requests = dict(counters.answered)
