@@ -124,6 +124,15 @@ def _memory_total() -> int | None:
         return None
 
 
+def staging_bytes(layout: loading.ModelLayout, quantize: str) -> int:
+    """Device bytes of one staging buffer (coordinator/staging.py): an expert in the compute dtype, or in the
+    --quantize format plus its matrices dequantized to float32."""
+    if quantize == "none":
+        return layout.expert_bytes
+    gate_up, down = layout.expert_matrices()
+    return layout.cold_expert_bytes(quantize) + 4 * (gate_up[0] * gate_up[1] + down[0] * down[1])
+
+
 def prepare(
     model: Path,
     workers: int,
@@ -139,7 +148,8 @@ def prepare(
     profile: a profile file (`fiddler profile`) or an ExpertProfile, refused unless recorded on this checkpoint.
     scheduling: auto (the scheduler moves cold experts to a GPU when that finishes a layer call sooner), never, or
     always (every cold expert with several rows moves, also to a CPU device: for tests of the move path).
-    quantize: the workers' format for cold experts (none, int8, int4); quantized experts are not moved.
+    quantize: the workers' format for cold experts (none, int8, int4); a moved expert travels in that format and
+    is dequantized on the device.
     The caller has checked each value on its own (sizes read, counts not negative); here they meet the device and
     the checkpoint, so that every mistake is found before any process starts."""
     torch_device = resolve_device(device)
@@ -184,12 +194,10 @@ def prepare(
         profile.check(layout.fingerprint)
     elif profile is not None:
         profile = ExpertProfile.load(profile, expected_fingerprint=layout.fingerprint)
-    # Staging buffers for moved experts come out of the device budget, when some experts will be cold. Quantized
-    # cold experts are never moved (the move path copies weights in the compute dtype): nothing is staged for them.
-    staging = 0
-    if quantize != "none":
-        scheduling = "never"
-    elif scheduling == "always":
+    # Staging buffers for moved experts come out of the device budget, when some experts will be cold. A quantized
+    # expert's buffer holds its format's bytes and, beside them, the expert dequantized to float32.
+    staging, per_buffer = 0, staging_bytes(layout, quantize)
+    if scheduling == "always":
         staging = STAGING_BUFFERS
     elif scheduling == "auto" and torch_device.type == "cuda" and budget is not None:
         spare = budget - layout.non_expert_bytes
@@ -198,9 +206,9 @@ def prepare(
             spare -= min(hot_experts, layout.num_experts) * layout.expert_bytes
         else:
             some_cold = spare < layout.expert_bytes * layout.num_experts
-        if some_cold and spare >= STAGING_BUFFERS * layout.expert_bytes:
+        if some_cold and spare >= STAGING_BUFFERS * per_buffer:
             staging = STAGING_BUFFERS
-            budget -= staging * layout.expert_bytes
+            budget -= staging * per_buffer
     experts_per_layer = {layer.layer: layer.num_experts for layer in layout.moe_layers}
     placement = plan(experts_per_layer, layout.expert_bytes, layout.non_expert_bytes, budget, workers, hot_experts,
                      profile=profile)
@@ -256,6 +264,14 @@ class Generation:
 def _who(link: WorkerLink) -> str:
     """A worker named in a start-up error: with its shard once it has one."""
     return link.describe() if link.shard else f"{link.name} ({link.client.address})"
+
+
+def moved_as(staging: Staging) -> str:
+    """The plan print's words on what a move copies, for a quantized shard."""
+    if staging.format == "none":
+        return ""
+    return (f"; an expert moves as {staging.copy_nbytes / 2**20:.2f} MiB of {staging.format}, dequantized on "
+            "the device")
 
 
 class Coordinator:
@@ -407,7 +423,7 @@ class Coordinator:
                 self.notes.append(ready.shared_note + "; its experts are not moved to the device")
             return
         try:
-            mapped = MappedShard(ready, self.layout.dtype)
+            mapped = MappedShard(ready, self.layout.dtype, self.prepared.quantize)
         except (OSError, ValueError) as e:
             self.notes.append(f"{self.links[index].name}'s shard could not be mapped ({e}); its experts are not moved "
                               "to the device")
@@ -423,10 +439,6 @@ class Coordinator:
         """The per-call decision (coordinator/scheduling.py) and the staging buffers, or (None, None); sets the
         plan print's line saying what the scheduler does."""
         prepared, layout = self.prepared, self.layout
-        if prepared.quantize != "none" and placement.owner:
-            self.scheduling_line = (f"scheduler: off: the cold experts are {prepared.quantize} on the workers, which "
-                                    "are not moved to the device; every cold expert is computed by its worker")
-            return None, None
         if prepared.scheduling == "never":
             self.scheduling_line = "scheduler: off (scheduling='never'); every cold expert is computed by its worker"
             return None, None
@@ -446,7 +458,7 @@ class Coordinator:
         staging = Staging(template, self.device, prepared.staging_buffers)
         if prepared.scheduling == "always":
             self.scheduling_line = (f"scheduler: forced to move every cold expert with several rows to {self.device} "
-                                    f"({staging.nbytes / 2**20:.1f} MiB staging)")
+                                    f"({staging.nbytes / 2**20:.1f} MiB staging{moved_as(staging)})")
             return MoveEveryExpert(), staging
         threads = [h.threads for h in self.hellos]
         # template is shared: timed as the workers compute it, never re-laid out (experts/compute.py)
@@ -457,7 +469,8 @@ class Coordinator:
         self.scheduling_line = (
             f"scheduler: moves a cold expert to {self.device} for a layer call when that ends the call sooner "
             f"(copy {cost.copy_seconds * 1e3:.2f} ms, worker {cost.worker_seconds(1) * 1e3:.2f} ms for 1 row and "
-            f"{cost.worker_seconds(512) * 1e3:.1f} ms for 512; {staging.nbytes / 2**20:.0f} MiB staging)"
+            f"{cost.worker_seconds(512) * 1e3:.1f} ms for 512; {staging.nbytes / 2**20:.0f} MiB staging"
+            f"{moved_as(staging)})"
         )
         return scheduler, staging
 

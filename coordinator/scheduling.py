@@ -23,6 +23,9 @@ The cost model holds three measured quantities for one expert of this model's sh
   measured points interpolated linearly);
 - `device`: the same on the coordinator's device with the weights already there;
 - `copy_seconds`: host -> device copy of one expert's weights.
+With --quantize the workers hold int8 or int4 experts: the worker curve is measured with the quantized kernel, a
+move copies the format's bytes and dequantizes them on the device (that time is part of `copy_seconds`), the
+device curve computes the dequantized expert, and the shape key names the format, so each format has its entry.
 `measure_cost_model` measures them (`measure_worker_curve`, `measure_device_curve`, `measure_copy_seconds`), and
 `CostModel.save` / `CostModel.load` cache them in one JSON file keyed by machine and model shape
 (`machine_key`, `shape_key`); `load_or_measure` does both.
@@ -53,12 +56,14 @@ from pathlib import Path
 
 import torch
 
+from fiddler_moe.experts import quant
 from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights, plain_gate
 from fiddler_moe.protocol.messages import KernelSpec
 
 log = logging.getLogger("fiddler.scheduling")
 
 Expert = tuple[int, int]  # (layer, expert), as in coordinator/placement.py
+Weights = ExpertWeights | quant.QuantizedExpertWeights  # an expert as a worker holds it
 COST_FILE_VERSION = 1
 DEFAULT_ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MIN_ROWS_TO_MOVE = 2  # a single row (one decoding token) always stays on its worker: Fiddler's core case
@@ -251,13 +256,17 @@ def machine_key(device: torch.device | str, worker_threads: int | None = None) -
     return " / ".join(parts)
 
 
-def shape_key(spec: KernelSpec, weights: ExpertWeights) -> str:
-    """Which expert shape the costs are for: the kernel and the weight shapes and dtype."""
+def shape_key(spec: KernelSpec, weights: Weights) -> str:
+    """Which expert shape the costs are for: the kernel and the weight shapes and dtype, or the quantized format
+    (in the compute dtype)."""
     gate = "" if plain_gate(spec) else (f" interleaved={spec.interleaved} limit={spec.limit} alpha={spec.alpha} "
                                         f"up_offset={spec.up_offset}")
+    if isinstance(weights, quant.QuantizedExpertWeights):
+        held = f"{weights.gate_up.format} in {spec.dtype}"
+    else:
+        held = str(weights.gate_up.dtype).removeprefix("torch.")
     return (f"{spec.activation} gate={spec.has_gate} bias={spec.has_bias} transposed={spec.is_transposed}{gate} "
-            f"{str(weights.gate_up.dtype).removeprefix('torch.')} gate_up={list(weights.gate_up.shape)} "
-            f"down={list(weights.down.shape)}")
+            f"{held} gate_up={list(weights.gate_up.shape)} down={list(weights.down.shape)}")
 
 
 def _cpu_model() -> str:
@@ -274,7 +283,9 @@ def _cpu_model() -> str:
 # --- measuring ---
 
 
-def _hidden_size(kernel: ExpertKernel, weights: ExpertWeights) -> int:
+def _hidden_size(kernel: ExpertKernel, weights: Weights | quant.DequantizedExpertWeights) -> int:
+    if not isinstance(weights, ExpertWeights):  # [out, in] whatever the checkpoint's layout
+        return weights.hidden
     return weights.down.shape[1] if kernel.spec.is_transposed else weights.down.shape[0]
 
 
@@ -296,20 +307,21 @@ def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) 
     return best
 
 
-def _measure_curve(kernel: ExpertKernel, weights: ExpertWeights, device: torch.device,
+def _measure_curve(kernel: ExpertKernel, weights: Weights | quant.DequantizedExpertWeights, device: torch.device,
                    row_counts: Sequence[int], repeats: int) -> Curve:
     hidden = _hidden_size(kernel, weights)
     points = []
     for rows in sorted(set(row_counts)):
-        x = torch.randn(rows, hidden, dtype=weights.gate_up.dtype, device=device)
+        x = torch.randn(rows, hidden, dtype=kernel.dtype, device=device)
         points.append((rows, _best_seconds(lambda: kernel.forward(weights, x), device, repeats)))
     return Curve.table(points)
 
 
-def measure_worker_curve(kernel: ExpertKernel, weights: ExpertWeights, row_counts: Sequence[int] = DEFAULT_ROW_COUNTS,
+def measure_worker_curve(kernel: ExpertKernel, weights: Weights, row_counts: Sequence[int] = DEFAULT_ROW_COUNTS,
                          repeats: int = 3, threads: int | None = None) -> Curve:
     """Time ExpertKernel.forward on the CPU for each row count, with `threads` torch threads (a worker's setting;
-    None: the current one). Measures compute only, not the round trip to a worker process."""
+    None: the current one): quantized weights with the quantized kernel. Measures compute only, not the round trip
+    to a worker process."""
     weights = weights.to("cpu")
     previous = torch.get_num_threads()
     if threads:
@@ -320,29 +332,49 @@ def measure_worker_curve(kernel: ExpertKernel, weights: ExpertWeights, row_count
         torch.set_num_threads(previous)
 
 
-def measure_device_curve(kernel: ExpertKernel, weights: ExpertWeights, device: torch.device | str,
+def measure_device_curve(kernel: ExpertKernel, weights: Weights, device: torch.device | str,
                          row_counts: Sequence[int] = DEFAULT_ROW_COUNTS, repeats: int = 3) -> Curve:
-    """Time ExpertKernel.forward on the coordinator's device, weights already there."""
+    """Time ExpertKernel.forward on the coordinator's device, weights already there (a quantized expert
+    dequantized there, as a move computes it)."""
     device = torch.device(device)
-    return _measure_curve(kernel, weights.to(device), device, row_counts, repeats)
+    on_device = weights.to(device)
+    if isinstance(on_device, quant.QuantizedExpertWeights):
+        on_device = quant.dequantize_expert(on_device)
+    return _measure_curve(kernel, on_device, device, row_counts, repeats)
 
 
-def measure_copy_seconds(weights: ExpertWeights, device: torch.device | str, repeats: int = 3) -> float:
-    """Seconds to copy one expert's weights from (pinned) host memory to the device. 0 on a CPU device: there is
-    nothing to copy, and moving an expert there gains nothing (CostModel.can_move is False)."""
+def copied_tensors(weights: Weights) -> list[torch.Tensor]:
+    """What a move copies of an expert: its weights as the worker holds them (a quantized expert's codes, scales
+    and biases: the format's bytes)."""
+    if isinstance(weights, quant.QuantizedExpertWeights):
+        return list(weights.planes().values())
+    return [t for t in (weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias) if t is not None]
+
+
+def measure_copy_seconds(weights: Weights, device: torch.device | str, repeats: int = 3) -> float:
+    """Seconds to copy one expert's weights from (pinned) host memory to the device, and for a quantized expert
+    to dequantize them there. 0 on a CPU device: there is nothing to copy, and moving an expert there gains
+    nothing (CostModel.can_move is False)."""
     device = torch.device(device)
     if device.type == "cpu":
         return 0.0
-    host = weights.to("cpu")
-    tensors = [t for t in (host.gate_up, host.down, host.gate_up_bias, host.down_bias) if t is not None]
+    tensors = [t.to("cpu") for t in copied_tensors(weights)]
     try:
         tensors = [t.pin_memory() for t in tensors]
     except RuntimeError:  # pinning unavailable: time the pageable copy, which is what we would get
         pass
-    return _best_seconds(lambda: [t.to(device, non_blocking=True) for t in tensors], device, repeats)
+    if not isinstance(weights, quant.QuantizedExpertWeights):
+        return _best_seconds(lambda: [t.to(device, non_blocking=True) for t in tensors], device, repeats)
+    names, into = list(weights.planes()), quant.DequantizedExpertWeights.empty_like(weights, device)
+
+    def move() -> None:
+        planes = {name: t.to(device, non_blocking=True) for name, t in zip(names, tensors)}
+        quant.dequantize_expert(quant.QuantizedExpertWeights.from_planes(weights.gate_up.format, planes), into)
+
+    return _best_seconds(move, device, repeats)
 
 
-def measure_cost_model(kernel: ExpertKernel, weights: ExpertWeights, device: torch.device | str,
+def measure_cost_model(kernel: ExpertKernel, weights: Weights, device: torch.device | str,
                        row_counts: Sequence[int] = DEFAULT_ROW_COUNTS, worker_threads: int | None = None,
                        repeats: int = 3) -> CostModel:
     """Measure all three costs with one expert's weights (random weights of the right shape do as well)."""
@@ -355,7 +387,7 @@ def measure_cost_model(kernel: ExpertKernel, weights: ExpertWeights, device: tor
                      shape=shape_key(kernel.spec, weights))
 
 
-def load_or_measure(kernel: ExpertKernel, weights: ExpertWeights, device: torch.device | str,
+def load_or_measure(kernel: ExpertKernel, weights: Weights, device: torch.device | str,
                     worker_threads: int | None = None, path: str | os.PathLike | None = None,
                     row_counts: Sequence[int] = DEFAULT_ROW_COUNTS) -> CostModel:
     """The cached cost model for this machine and shape, measured and saved on first use."""

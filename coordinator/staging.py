@@ -7,8 +7,11 @@ the mapping is page-locked (cudaHostRegister, read-only) so that copies from it 
 
 When the scheduler moves an expert for one layer call, `Staging` copies its weights from the mapping into one of a
 few device buffers and hands back ExpertWeights viewing that buffer, and the dispatcher computes the expert's rows
-there. On CUDA the copies run on a stream of their own, so the next expert's copy overlaps this one's compute;
-events keep a buffer from being overwritten before the compute reading it is done.
+there. A quantized shard (--quantize int8 or int4) is moved in its format's bytes (2-4x fewer than bfloat16's) and
+dequantized on the device into a float32 buffer beside them (experts/quant.py's DequantizedExpertWeights), whose
+products quantize their inputs per block as the workers' kernels do: the moved expert computes the format's
+function, the same as its worker. On CUDA the copies run on a stream of their own, so the next expert's copy
+overlaps this one's compute; events keep a buffer from being overwritten before the compute reading it is done.
 
 Without a GPU nothing is mapped (the scheduler has nothing to move to), unless a test forces moves: then the
 buffers are in the coordinator's RAM and the same path runs on the CPU.
@@ -24,7 +27,9 @@ import os
 
 import torch
 
+from fiddler_moe.experts import quant
 from fiddler_moe.experts.compute import ExpertWeights
+from fiddler_moe.experts.quantized_shard import shared_quantized_views
 from fiddler_moe.experts.shard import SHARED_DIR, WEIGHT_NAMES, shared_views
 from fiddler_moe.protocol import messages as m
 
@@ -37,7 +42,7 @@ STAGING_BUFFERS = 2  # one expert each: while one is computed, the next is copie
 class MappedShard:
     """A worker's shared shard, mapped read-only into the coordinator: `experts` views it, nothing is copied."""
 
-    def __init__(self, ready: m.Ready, dtype: torch.dtype):
+    def __init__(self, ready: m.Ready, dtype: torch.dtype, quantize: str = "none"):
         path = ready.shared_path
         in_shm = os.path.realpath(os.path.dirname(path)) == os.path.realpath(SHARED_DIR)
         if not in_shm or not os.path.basename(path).startswith("fiddler-"):
@@ -54,7 +59,9 @@ class MappedShard:
                 os.unlink(path)  # both sides hold the mapping now; no name is left behind
         self.path = path
         self.size = size
-        self.experts: dict[tuple[int, int], ExpertWeights] = shared_views(self.mm, ready.shared_tensors, dtype)
+        self.experts: dict[tuple[int, int], ExpertWeights | quant.QuantizedExpertWeights] = (
+            shared_views(self.mm, ready.shared_tensors, dtype) if quantize == "none"
+            else shared_quantized_views(self.mm, ready.shared_tensors, quantize))
         self._registered: int | None = None  # base address while page-locked
 
     def _base(self) -> int:
@@ -94,16 +101,25 @@ def _clear_cuda_error() -> None:
         pass
 
 
-class Staging:
-    """Device buffers for moved experts, each sized for one expert, used in turn."""
+def _planes(weights: ExpertWeights | quant.QuantizedExpertWeights) -> dict[str, torch.Tensor]:
+    """The tensors a move copies, by name."""
+    if isinstance(weights, quant.QuantizedExpertWeights):
+        return weights.planes()
+    return {name: getattr(weights, name) for name in WEIGHT_NAMES if getattr(weights, name) is not None}
 
-    def __init__(self, template: ExpertWeights, device: torch.device, buffers: int = STAGING_BUFFERS):
+
+class Staging:
+    """Device buffers for moved experts, each sized for one expert, used in turn; for a quantized shard, each with
+    room for the expert dequantized."""
+
+    def __init__(self, template: ExpertWeights | quant.QuantizedExpertWeights, device: torch.device,
+                 buffers: int = STAGING_BUFFERS):
         self.device = torch.device(device)
-        self.names = [name for name in WEIGHT_NAMES if getattr(template, name) is not None]
-        self.buffers = [
-            {name: torch.empty_like(getattr(template, name), device=self.device) for name in self.names}
-            for _ in range(max(1, buffers))
-        ]
+        self.format = template.gate_up.format if isinstance(template, quant.QuantizedExpertWeights) else "none"
+        self.buffers = [{name: torch.empty_like(t, device=self.device) for name, t in _planes(template).items()}
+                        for _ in range(max(1, buffers))]
+        self.dequantized = ([quant.DequantizedExpertWeights.empty_like(template, self.device) for _ in self.buffers]
+                            if self.format != "none" else [])
         self.next = 0
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -112,25 +128,36 @@ class Staging:
             self.free = [torch.cuda.Event() for _ in self.buffers]  # the compute reading buffer i is done
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for buffer in self.buffers for t in buffer.values())
+    def copy_nbytes(self) -> int:
+        """Bytes one move copies: the expert in the shard's format."""
+        return sum(t.numel() * t.element_size() for t in self.buffers[0].values())
 
-    def load(self, weights: ExpertWeights) -> tuple[int, ExpertWeights]:
-        """Copy an expert's weights into the next buffer; returns (slot, weights viewing the buffer). Call
-        release(slot) once the compute that reads it is enqueued."""
+    @property
+    def nbytes(self) -> int:
+        dequantized = sum(w.gate_up.numel() * 4 + w.down.numel() * 4 for w in self.dequantized)
+        return self.copy_nbytes * len(self.buffers) + dequantized
+
+    def load(self, weights: ExpertWeights | quant.QuantizedExpertWeights
+             ) -> tuple[int, ExpertWeights | quant.DequantizedExpertWeights]:
+        """Copy an expert's weights into the next buffer (and dequantize them there); returns (slot, weights viewing
+        the buffer). Call release(slot) once the compute that reads it is enqueued."""
         slot = self.next
         self.next = (slot + 1) % len(self.buffers)
         buffer = self.buffers[slot]
+        source = _planes(weights)
         if self.cuda:
             self.stream.wait_event(self.free[slot])
             with torch.cuda.stream(self.stream):
-                for name in self.names:
-                    buffer[name].copy_(getattr(weights, name), non_blocking=True)
+                for name, tensor in buffer.items():
+                    tensor.copy_(source[name], non_blocking=True)
             self.copied[slot].record(self.stream)
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
         else:
-            for name in self.names:
-                buffer[name].copy_(getattr(weights, name))
+            for name, tensor in buffer.items():
+                tensor.copy_(source[name])
+        if self.format != "none":  # on the compute stream, after the copy: the dequantized weights of the reference
+            return slot, quant.dequantize_expert(quant.QuantizedExpertWeights.from_planes(self.format, buffer),
+                                                 into=self.dequantized[slot])
         # A fresh ExpertWeights each time: the kernel may re-lay a CPU expert out in its own copy, never in ours.
         return slot, ExpertWeights(**{name: buffer.get(name) for name in WEIGHT_NAMES})
 

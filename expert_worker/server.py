@@ -128,10 +128,15 @@ class Worker:
             quant.check_format(msg.quantize)
             self._drop_shard()  # before loading the new one, so that the two are never in memory together
             note, cache = "", ""
-            if msg.quantize != "none":  # never shared: the coordinator does not move quantized experts
-                self.shard, from_cache, path = load_quantized_shard(
-                    folder, msg.fingerprint, msg.experts, msg.quantize, msg.kernel.dtype, msg.kernel.is_transposed,
-                    self.config.name)
+            if msg.quantize != "none":  # in shared memory when asked: the coordinator moves the quantized bytes
+                args = (folder, msg.fingerprint, msg.experts, msg.quantize, msg.kernel.dtype, msg.kernel.is_transposed,
+                        self.config.name)
+                try:
+                    self.shard, from_cache, _, self.shared = load_quantized_shard(*args, shared=msg.shared)
+                except SharedMemoryUnavailable as e:
+                    note = f"{self.config.name} keeps its shard in private memory: {e}"
+                    log.warning("%s", note)
+                    self.shard, from_cache, _, _ = load_quantized_shard(*args)
                 cache = "hit" if from_cache else "written"
             elif msg.shared:
                 try:
@@ -152,13 +157,14 @@ class Worker:
         if any(source.gate_up_scales or source.down_scales for source in msg.experts):
             where += f", dequantized from the checkpoint's MXFP4 to {msg.kernel.dtype}"
         if cache:
-            where = f" in {msg.quantize}, " + ("read from the cache" if cache == "hit" else "quantized and cached")
+            where = (f" in {msg.quantize}, " + ("read from the cache" if cache == "hit" else "quantized and cached")
+                     + (", in shared memory" if self.shared is not None else ""))
         log.info("%s: loaded %d experts (%.1f MiB)%s in %.2fs", self.config.name, len(self.shard), nbytes / 2**20,
                  where, seconds)
         if self.shared is None:
             return m.Ready(len(self.shard), nbytes, seconds, shared_note=note, quantize_cache=cache)
         return m.Ready(len(self.shard), nbytes, seconds, shared_path=self.shared.path, shared_bytes=self.shared.size,
-                       shared_tensors=self.shared.tensors)
+                       shared_tensors=self.shared.tensors, quantize_cache=cache)
 
     def _reuse_shard(self, started: float, quantize: str) -> m.Message:
         """The shard asked for is the one in memory, kept from an earlier cluster: ready without reading it."""

@@ -26,6 +26,8 @@ are left as they are (the exactness tests compare them with transformers to 1e-5
 Quantized experts (a worker's shard with --quantize int8 or int4: experts/quant.py's QuantizedExpertWeights) take
 experts/quant.py's products: the fused C kernel for a gated SiLU expert without biases (any number of rows), else
 one product at a time, with the activation between them computed here in the compute dtype as for float weights.
+A quantized expert moved to another device is computed there dequantized (quant.DequantizedExpertWeights), its
+products quantizing their inputs alike.
 """
 
 from __future__ import annotations
@@ -265,13 +267,29 @@ class ExpertKernel:
             h = h + weights.down_bias
         return h if out is None else out.copy_(h)
 
+    def _forward_dequantized(self, weights: quant.DequantizedExpertWeights, x: torch.Tensor,
+                             out: torch.Tensor | None) -> torch.Tensor:
+        """A quantized expert dequantized on a device (a moved one): the products of the reference, each rounded to
+        the compute dtype, with the activation between them in the compute dtype, as the workers compute it."""
+        if x.shape[0] == 0:
+            return x.new_empty((0, weights.hidden)) if out is None else out
+        h = quant.dequantized_linear(x, weights.gate_up)
+        if weights.gate_up_bias is not None:
+            h = h + weights.gate_up_bias
+        h = quant.dequantized_linear(self._activate(h), weights.down)
+        if weights.down_bias is not None:
+            h = h + weights.down_bias
+        return h if out is None else out.copy_(h)
+
     @torch.inference_mode()
-    def forward(self, weights: ExpertWeights | quant.QuantizedExpertWeights, x: torch.Tensor,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, weights: ExpertWeights | quant.QuantizedExpertWeights | quant.DequantizedExpertWeights,
+                x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The expert's output rows for x [rows, hidden], written into `out` when given (same shape and dtype)."""
-        if isinstance(weights, quant.QuantizedExpertWeights):
+        if isinstance(weights, (quant.QuantizedExpertWeights, quant.DequantizedExpertWeights)):
             if x.dtype != self.dtype:
                 x = x.to(self.dtype)
+            if isinstance(weights, quant.DequantizedExpertWeights):
+                return self._forward_dequantized(weights, x, out)
             return self._forward_quantized(weights, x, out)
         if self._packable(weights):
             weights.pack()

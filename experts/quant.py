@@ -213,10 +213,11 @@ def codes(m: QuantMatrix) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dequantize(m: QuantMatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weights d * code as [rows, cols] `dtype`; exact in float32 and float64 (see above)."""
+def dequantize(m: QuantMatrix, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights d * code as [rows, cols] `dtype` (into `out` when given), on m's device; exact in float32 and
+    float64 (see above)."""
     d = m.scale.to(dtype).repeat_interleave(BLOCK, dim=1)
-    return codes(m).to(dtype) * d
+    return torch.mul(codes(m).to(dtype), d, out=out)
 
 
 @torch.no_grad()
@@ -270,6 +271,65 @@ class QuantizedExpertWeights:
     @property
     def hidden(self) -> int:
         return self.down.rows
+
+    def planes(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the expert by name (gate_up.q, gate_up.scale, down.q, down.scale, and the biases it has):
+        what the quantized cache stores and a move copies."""
+        found = {"gate_up.q": self.gate_up.q, "gate_up.scale": self.gate_up.scale, "down.q": self.down.q,
+                 "down.scale": self.down.scale}
+        if self.gate_up_bias is not None:
+            found["gate_up_bias"] = self.gate_up_bias
+        if self.down_bias is not None:
+            found["down_bias"] = self.down_bias
+        return found
+
+    @classmethod
+    def from_planes(cls, name: str, planes: dict[str, torch.Tensor]) -> QuantizedExpertWeights:
+        return cls(QuantMatrix(name, planes["gate_up.q"], planes["gate_up.scale"]),
+                   QuantMatrix(name, planes["down.q"], planes["down.scale"]),
+                   planes.get("gate_up_bias"), planes.get("down_bias"))
+
+    def to(self, device: torch.device | str) -> QuantizedExpertWeights:
+        return QuantizedExpertWeights.from_planes(self.gate_up.format,
+                                                  {k: t.to(device) for k, t in self.planes().items()})
+
+
+@dataclass
+class DequantizedExpertWeights:
+    """A quantized expert's matrices dequantized to float32 (exact: every d * code is a float32), on any device,
+    with its biases in the compute dtype: how a device other than a worker's CPU computes a quantized expert (a
+    moved one, coordinator/staging.py). Its products quantize their inputs per block as the kernels do
+    (`dequantized_linear`), so that it computes the quantized format's function, the same as its worker."""
+
+    gate_up: torch.Tensor  # float32 [out, in]
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @classmethod
+    def empty_like(cls, w: QuantizedExpertWeights, device: torch.device | str) -> DequantizedExpertWeights:
+        """Room for `w` dequantized on `device` (fill it with `dequantize_expert`)."""
+        return cls(torch.empty(w.gate_up.shape, device=device), torch.empty(w.down.shape, device=device))
+
+    @property
+    def hidden(self) -> int:
+        return self.down.shape[0]
+
+
+@torch.no_grad()
+def dequantize_expert(w: QuantizedExpertWeights, into: DequantizedExpertWeights | None = None
+                      ) -> DequantizedExpertWeights:
+    """`w` dequantized on its own device (into `into`'s matrices when given): codes and float16 scales to float32,
+    the very weights of the reference."""
+    gate_up = dequantize(w.gate_up, torch.float32, None if into is None else into.gate_up)
+    down = dequantize(w.down, torch.float32, None if into is None else into.down)
+    return DequantizedExpertWeights(gate_up, down, w.gate_up_bias, w.down_bias)
+
+
+def dequantized_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [n, cols] quantized per block (as the kernels quantize it) @ weight.T, for a dequantized float32 weight
+    on x's device, in float32 and rounded once to x's dtype: the reference's product, on any device."""
+    return (quantized_input(x) @ weight.t()).to(x.dtype)
 
 
 def expert_nbytes(name: str, gate_up: tuple[int, int], down: tuple[int, int], bias_bytes: int = 0) -> int:

@@ -9,7 +9,9 @@ and every later launch with the same checkpoint, shard and format reads that fil
 the checkpoint or computed, only bytes copied. The shard is read into the worker's own memory rather than mapped
 from the page cache: memory the worker allocates sits on its NUMA node (it is bound there), and under memory
 pressure the kernel would drop clean file pages of a mapping first and read them back from disk in the middle of
-a decoding step, where a private copy stays put like the float shard does. The shard hash covers the
+a decoding step, where a private copy stays put like the float shard does. When something may move to a GPU
+(LoadShard.shared), the same bytes are read into one /dev/shm file instead, which the coordinator maps to copy
+experts from in their format (coordinator/staging.py), as a float shard is shared. The shard hash covers the
 experts and where their tensors live, the compute dtype (of the biases), the layout version and each safetensors
 file's size and modification time: the fingerprint alone names a config and a tensor table, so a checkpoint
 written again with other values would otherwise find the old entry.
@@ -24,6 +26,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,9 +34,9 @@ import torch
 
 from fiddler_moe.experts import quant
 from fiddler_moe.experts.checkpoint import CheckpointError, TensorReader
-from fiddler_moe.experts.shard import _gather
+from fiddler_moe.experts.shard import SHARED_ALIGN, SharedShard, _gather, create_shared_file
 from fiddler_moe.host.paths import cache_dir
-from fiddler_moe.protocol.messages import ExpertSource
+from fiddler_moe.protocol.messages import ExpertSource, SharedTensor
 from fiddler_moe.protocol.wire import parse_dtype
 
 log = logging.getLogger("fiddler.worker")
@@ -42,6 +45,7 @@ LAYOUT_VERSION = 1  # bump when the bytes written for a shard change, so that ol
 ALIGN = 64  # each tensor starts on a cache line
 DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32}
+Expert = tuple[int, int]  # (layer, expert)
 PROGRESS_SECONDS = 5.0  # a log line at most this often while quantizing
 
 
@@ -86,16 +90,6 @@ def quantize_expert(reader: TensorReader, source: ExpertSource, name: str, dtype
                                         _gather(reader, source.down_bias, dtype))
 
 
-def _tensors(w: quant.QuantizedExpertWeights) -> dict[str, torch.Tensor]:
-    found = {"gate_up.q": w.gate_up.q, "gate_up.scale": w.gate_up.scale, "down.q": w.down.q,
-             "down.scale": w.down.scale}
-    if w.gate_up_bias is not None:
-        found["gate_up_bias"] = w.gate_up_bias
-    if w.down_bias is not None:
-        found["down_bias"] = w.down_bias
-    return found
-
-
 def _write(path: Path, folder: Path, sources: list[ExpertSource], name: str, dtype: torch.dtype, transposed: bool,
            worker: str) -> None:
     """Quantize the shard into path.bin and describe it in path.json (written last: its presence means whole)."""
@@ -108,7 +102,7 @@ def _write(path: Path, folder: Path, sources: list[ExpertSource], name: str, dty
         with os.fdopen(fd, "wb") as out:
             for done, source in enumerate(sources, 1):
                 weights = quantize_expert(reader, source, name, dtype, transposed)
-                for tensor_name, tensor in _tensors(weights).items():
+                for tensor_name, tensor in weights.planes().items():
                     data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
                     out.write(data + b"\0" * (-len(data) % ALIGN))
                     table.append({"layer": source.layer, "expert": source.expert, "name": tensor_name,
@@ -134,18 +128,23 @@ def _write(path: Path, folder: Path, sources: list[ExpertSource], name: str, dty
     os.replace(tmp, path.with_suffix(".json"))
 
 
-def _read(path: Path, name: str) -> dict[tuple[int, int], quant.QuantizedExpertWeights] | None:
-    """The cached shard at `path`, read into this process's memory, or None when there is none (or it is
-    incomplete)."""
+def _private(size: int) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.uint8)
+
+
+def _read(path: Path, name: str, allocate: Callable[[int], torch.Tensor] = _private
+          ) -> tuple[dict[tuple[int, int], quant.QuantizedExpertWeights], list[SharedTensor]] | None:
+    """The cached shard at `path`, read into a buffer `allocate(size)` gives (this process's memory, or a shared
+    file), and where each tensor sits in it; None when there is none (or it is incomplete)."""
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
         size = meta["size"]
         if meta["layout"] != LAYOUT_VERSION or meta["format"] != name:
             return None
-        buffer = torch.empty(size, dtype=torch.uint8)
         with open(path.with_suffix(".bin"), "rb", buffering=0) as f:
             if os.fstat(f.fileno()).st_size != size:
                 return None
+            buffer = allocate(size)
             view, done = memoryview(buffer.numpy()), 0
             while done < size:
                 got = f.readinto(view[done:])
@@ -155,6 +154,7 @@ def _read(path: Path, name: str) -> dict[tuple[int, int], quant.QuantizedExpertW
     except (OSError, ValueError, KeyError, TypeError):
         return None
     parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    where = []
     try:
         for t in meta["tensors"]:
             dtype = DTYPES[t["dtype"]]
@@ -163,39 +163,72 @@ def _read(path: Path, name: str) -> dict[tuple[int, int], quant.QuantizedExpertW
                 return None
             part = buffer[t["offset"] : t["offset"] + count * dtype.itemsize]
             parts.setdefault((t["layer"], t["expert"]), {})[t["name"]] = part.view(dtype).view(t["shape"])
-        shard = {key: quant.QuantizedExpertWeights(quant.QuantMatrix(name, p["gate_up.q"], p["gate_up.scale"]),
-                                                   quant.QuantMatrix(name, p["down.q"], p["down.scale"]),
-                                                   p.get("gate_up_bias"), p.get("down_bias"))
-                 for key, p in parts.items()}
+            where.append(SharedTensor(t["layer"], t["expert"], t["name"], t["offset"], list(t["shape"]), t["dtype"]))
+        shard = {key: quant.QuantizedExpertWeights.from_planes(name, p) for key, p in parts.items()}
         for w in shard.values():
             w.gate_up.check()
             w.down.check()
     except (KeyError, TypeError, ValueError, RuntimeError):
         return None
-    return shard
+    return shard, where
+
+
+def shared_quantized_views(buffer, tensors: list[SharedTensor], name: str
+                           ) -> dict[tuple[int, int], quant.QuantizedExpertWeights]:
+    """QuantizedExpertWeights viewing a shared quantized shard's buffer (the coordinator's read-only mapping of
+    the worker's file), as `_read` laid it out."""
+    parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for t in tensors:
+        dtype = DTYPES[t.dtype]
+        view = torch.frombuffer(buffer, dtype=dtype, count=math.prod(t.shape), offset=t.offset).view(t.shape)
+        parts.setdefault((t.layer, t.expert), {})[t.name] = view
+    return {key: quant.QuantizedExpertWeights.from_planes(name, p) for key, p in parts.items()}
 
 
 def load_quantized_shard(folder: Path, fingerprint: str, sources: list[ExpertSource], name: str, dtype_name: str,
-                         transposed: bool = False, worker: str = "worker"
-                         ) -> tuple[dict[tuple[int, int], quant.QuantizedExpertWeights], bool, Path]:
+                         transposed: bool = False, worker: str = "worker", shared: bool = False
+                         ) -> tuple[dict[Expert, quant.QuantizedExpertWeights], bool, Path, SharedShard | None]:
     """The shard in format `name`: (weights by (layer, expert), whether it came from the cache, the cache entry's
-    path without suffix). Quantizes and stores it first when the cache has no entry for it."""
+    path without suffix, and with `shared` the /dev/shm file holding it, as experts/shard.py's load_shard_shared
+    keeps a float shard, for the coordinator to map and move experts from; SharedMemoryUnavailable when there is
+    no room). Quantizes and stores it first when the cache has no entry for it."""
     dtype = parse_dtype(dtype_name)
     key = shard_key(folder, sources, name, dtype_name, transposed)
     path = cache_path(fingerprint, name, key)
-    shard = _read(path, name)
-    if shard is not None and set(shard) == {(s.layer, s.expert) for s in sources}:
-        return shard, True, path
-    log.info("%s: quantizing %d experts to %s (once; kept in %s)", worker, len(sources), name, path.parent)
-    started = time.monotonic()
-    try:
-        _write(path, folder, sources, name, dtype, transposed, worker)
-    except OSError as e:
-        raise CheckpointError(f"cannot write the quantized shard under {path.parent}: {e.strerror or e}; free disk "
-                              "space there or set FIDDLER_CACHE to a writable folder with room") from None
-    shard = _read(path, name)
-    if shard is None:
-        raise CheckpointError(f"the quantized shard just written to {path}.bin cannot be read back; check the disk "
-                              f"under {cache_dir()} or set FIDDLER_CACHE to another folder")
-    log.info("%s: quantized %d experts to %s in %.1fs", worker, len(sources), name, time.monotonic() - started)
-    return shard, False, path
+    wanted = {(s.layer, s.expert) for s in sources}
+    held: list[SharedShard] = []
+
+    def allocate(size: int) -> torch.Tensor:
+        if not shared:
+            return _private(size)
+        file, mm = create_shared_file(-(-size // SHARED_ALIGN) * SHARED_ALIGN, "fiddler-shard")
+        held.append(SharedShard(file, len(mm), mm, []))
+        return torch.frombuffer(mm, dtype=torch.uint8, count=size)
+
+    def read() -> tuple[dict[tuple[int, int], quant.QuantizedExpertWeights], list[SharedTensor]] | None:
+        found = _read(path, name, allocate)
+        if found is None or set(found[0]) != wanted:
+            found = None
+            while held:
+                held.pop().close()
+        return found
+
+    found = read()
+    from_cache = found is not None
+    if found is None:
+        log.info("%s: quantizing %d experts to %s (once; kept in %s)", worker, len(sources), name, path.parent)
+        started = time.monotonic()
+        try:
+            _write(path, folder, sources, name, dtype, transposed, worker)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the quantized shard under {path.parent}: {e.strerror or e}; free "
+                                  "disk space there or set FIDDLER_CACHE to a writable folder with room") from None
+        found = read()
+        if found is None:
+            raise CheckpointError(f"the quantized shard just written to {path}.bin cannot be read back; check the "
+                                  f"disk under {cache_dir()} or set FIDDLER_CACHE to another folder")
+        log.info("%s: quantized %d experts to %s in %.1fs", worker, len(sources), name, time.monotonic() - started)
+    shard, where = found
+    if held:
+        held[0].tensors = where
+    return shard, from_cache, path, held[0] if held else None

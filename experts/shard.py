@@ -157,7 +157,7 @@ def shared_layout(folder: Path, sources: list[ExpertSource], dtype: torch.dtype)
     return tensors, max(offset, SHARED_ALIGN)
 
 
-def _create_shared_file(size: int, prefix: str) -> tuple[str, mmap.mmap]:
+def create_shared_file(size: int, prefix: str) -> tuple[str, mmap.mmap]:
     if not os.path.isdir(SHARED_DIR):
         raise SharedMemoryUnavailable(f"{SHARED_DIR} does not exist on this machine")
     try:
@@ -197,7 +197,7 @@ def load_shard_shared(
     """load_shard, but every tensor lives in one shared-memory file (the returned weights are views of it)."""
     dtype = parse_dtype(dtype_name)
     tensors, size = shared_layout(folder, sources, dtype)
-    path, mm = _create_shared_file(size, prefix)
+    path, mm = create_shared_file(size, prefix)
     shared = SharedShard(path, size, mm, tensors)
     views = shared_views(mm, tensors, dtype)
     reader = TensorReader(folder)

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 # Bump when any message below changes shape; peers with another version are refused with an Error.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 @dataclass
@@ -129,6 +129,7 @@ class SharedTensor:
     name: str  # gate_up, down, gate_up_bias or down_bias (expert_worker.compute.ExpertWeights' fields)
     offset: int
     shape: list[int]
+    dtype: str = ""  # a quantized shard's plane (gate_up.q, gate_up.scale, ...): its own dtype; "": the shard's
 
 
 @dataclass

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 from conftest import shm_files
+from fiddler_moe.benchmarks.quant_accuracy import check_logits, quantized_reference
 from fiddler_moe.coordinator.scheduling import CostModel, Curve, Scheduler
+from fiddler_moe.experts import quant
+from fiddler_moe.experts.quant import QuantizedExpertWeights
 from fiddler_moe.experts.shard import load_shard, load_shard_shared
 from fiddler_moe.launch.cluster import Cluster
 
@@ -142,3 +146,42 @@ def test_shared_shard_holds_what_the_private_shard_holds(checkpoints, reference,
             shared_weights.clear()
             shared.close()
         assert not os.path.exists(shared.path)
+
+
+@pytest.mark.parametrize("name", list(quant.FORMATS))
+def test_a_moved_quantized_expert_travels_in_its_format_and_computes_the_formats_function(checkpoints, name):
+    """--quantize with every cold expert moved: the workers share their quantized shards, a move copies the
+    format's bytes and dequantizes them where the coordinator computes, and the cluster still computes the
+    format's reference (quant_accuracy.quantized_reference): the dequantized experts, inputs quantized per block."""
+    folder = checkpoints["tiny"]
+    ref = quantized_reference(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), name)
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        want_logits = ref(input_ids=ids).logits
+        want_tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                                   do_sample=False)[0, len(PROMPT):].tolist()
+    with Cluster(folder, workers=2, device="cpu", quantize=name, scheduling="always", quiet=True) as cluster:
+        coordinator = cluster.coordinator
+        assert sorted(coordinator.mapped) == [0, 1] and shard_files() == []
+        assert coordinator.cold_expert_tensors_held() == 0
+        staging = coordinator.dispatcher.staging
+        # what moves is the worker's quantized expert: its codes and scales, the format's bytes
+        assert staging.format == name and staging.copy_nbytes == coordinator.layout.cold_expert_bytes(name)
+        key, shared = next(iter(coordinator.reachable.items()))
+        assert isinstance(shared, QuantizedExpertWeights)
+        # the moved expert's rows against its worker's kernel on the same quantized weights
+        x = torch.randn(16, shared.hidden)
+        slot, moved = staging.load(shared)
+        got, want = coordinator.dispatcher.kernel.forward(moved, x), coordinator.dispatcher.kernel.forward(shared, x)
+        staging.release(slot)
+        check_logits(got, want)
+
+        got_logits = cluster.logits(ids)
+        stats = coordinator.dispatcher.stats
+        assert stats.moved_pairs > 0 and stats.moved_experts > 0
+        got_tokens = cluster.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids
+        assert stats.cold_pairs > 0  # decoding rows stayed on the workers
+        assert f"of {name}, dequantized on the device" in coordinator.scheduling_line
+    check_logits(got_logits[0], want_logits[0])
+    assert got_tokens == want_tokens
+    assert shard_files() == []

@@ -110,7 +110,7 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
     assert sum(r.shard_bytes for r in readies) == layout.num_experts * layout.cold_expert_bytes(name)
     weights = layout.expert_bytes // torch_dtype.itemsize  # no biases in these models
     assert layout.cold_expert_bytes(name) * 2 == weights * (17 if name == "int8" else 9) // 8  # 8.5, 4.5 bits each
-    assert f"cold on 2 worker(s) in {name}" in plan and f"scheduler: off: the cold experts are {name}" in plan
+    assert f"cold on 2 worker(s) in {name}" in plan and "scheduler: off" in plan  # nothing to move to on a CPU
     assert f"attention, shared experts and head in {name} on the CPU" in plan
 
 

@@ -4,6 +4,7 @@ curves, cache file and measurements; the Scheduler wrapper on CPU-only setups.""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import time
@@ -23,8 +24,10 @@ from fiddler_moe.coordinator.scheduling import (
     measure_copy_seconds,
     measure_cost_model,
     measure_worker_curve,
+    copied_tensors,
     shape_key,
 )
+from fiddler_moe.experts import quant
 from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
 from fiddler_moe.protocol.messages import KernelSpec
 
@@ -205,6 +208,22 @@ def test_measuring_on_the_cpu(tmp_path):
     assert not cost.can_move and cost.shape == shape_key(kernel.spec, weights) and cost.machine == machine_key("cpu")
     cached = load_or_measure(kernel, weights, "cpu", path=tmp_path / "costs.json", row_counts=(1, 8))
     assert load_or_measure(kernel, weights, "cpu", path=tmp_path / "costs.json") == cached  # second time: the cache
+
+
+def test_a_quantized_experts_costs_are_its_formats(tmp_path):
+    """--quantize: the worker curve times the quantized kernel, a move copies the format's bytes, and the cost file
+    keeps one entry per format."""
+    kernel, weights = tiny_expert()
+    formats = {name: quant.QuantizedExpertWeights(quant.quantize(weights.gate_up, name),
+                                                  quant.quantize(weights.down, name)) for name in quant.FORMATS}
+    keys = {shape_key(kernel.spec, weights)} | {shape_key(kernel.spec, w) for w in formats.values()}
+    assert len(keys) == 3 and all(name in shape_key(kernel.spec, w) for name, w in formats.items())
+    for name, w in formats.items():
+        copied = sum(t.numel() * t.element_size() for t in copied_tensors(w))
+        assert copied == quant.expert_nbytes(name, weights.gate_up.shape, weights.down.shape) < weights.nbytes / 3
+        cost = load_or_measure(kernel, w, "cpu", path=tmp_path / "costs.json", row_counts=(1, 8))
+        assert cost.shape == shape_key(kernel.spec, w) and cost.worker(8) > 0
+    assert len(json.loads((tmp_path / "costs.json").read_text())["entries"]) == 2
 
 
 # --- the Scheduler wrapper ---
