@@ -27,6 +27,7 @@ from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
 from fiddler_moe.experts.quantized_shard import load_quantized_shard
 from fiddler_moe.experts.shard import SharedMemoryUnavailable, SharedShard, load_shard, load_shard_shared
 from fiddler_moe.native.shm_serve import ShmServeLoop
+from fiddler_moe.host import memory
 from fiddler_moe.host.numa import available_memory_bytes
 from fiddler_moe.protocol import messages as m
 from fiddler_moe.protocol.shm import ShmChannel
@@ -151,6 +152,7 @@ class Worker:
         self.kernel = kernel
         self.shard_key = key
         self._build_serve_loop()
+        memory.return_freed_memory()  # the loading's temporaries: resident memory is the shard, not more
         nbytes = sum(w.nbytes for w in self.shard.values())
         seconds = time.perf_counter() - started
         where = " in shared memory" if self.shared is not None else ""

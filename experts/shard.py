@@ -57,7 +57,12 @@ def _gather(reader: TensorReader, refs: list[TensorRef], dtype: torch.dtype,
     # Per-expert layouts (Mixtral's w1/w3, Qwen's gate_proj/up_proj) concatenate along the output dim, as
     # transformers' own conversion does when it fuses them into gate_up_proj.
     tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    return tensor.to(dtype).contiguous()
+    tensor = tensor.to(dtype).contiguous()
+    # safetensors' tensors view its private mapping of the whole file: a shard that kept one would keep that
+    # mapping, and every page of it ever read, resident beside the shard (the float shard's RSS was twice its size).
+    if any(tensor.untyped_storage().data_ptr() == part.untyped_storage().data_ptr() for part in parts):
+        tensor = tensor.clone()
+    return tensor
 
 
 def load_expert(reader: TensorReader, source: ExpertSource, dtype: torch.dtype) -> ExpertWeights:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from fiddler_moe.coordinator.coordinator import Coordinator, Generation, prepare
+from fiddler_moe.coordinator.coordinator import Coordinator, Generation, Prepared, prepare
 from fiddler_moe.coordinator.dispatch import WorkerFailed
-from fiddler_moe.coordinator.placement import format_size
+from fiddler_moe.coordinator.placement import Placement, format_size
 from fiddler_moe.experts.compute import check_bfloat16_path
 from fiddler_moe.host import numa
 from fiddler_moe.launch import rundir
@@ -40,6 +40,46 @@ def coordinator_cores(options: ClusterOptions, topology: numa.Topology) -> int:
         return 1
     hot = bool(options.hot_experts or options.device_budget)  # a count, a size above 0, or "all"
     return max(1, topology.physical_cores // 8) if hot else 0
+
+
+# A worker's memory beside its shard: the interpreter, torch and the kernels (226 MiB measured on `mini`,
+# docs/performance-log.md 2026-12-02), and 10% of its shard for activations and allocator slack.
+WORKER_OWN_BYTES = 256 << 20
+WORKER_SHARD_MARGIN = 1.1
+
+
+def memory_warnings(topology: numa.Topology, layout: numa.Layout, placement: Placement, prepared: Prepared,
+                    quantize: str, available: int | None = None) -> list[str]:
+    """Where the local processes will not fit: each NUMA node's pinned workers against its memory, and every local
+    worker plus a CPU coordinator's weights against the memory this machine has available now (`available`,
+    read when None). Each worker counts its shard in the --quantize format, +10%, and WORKER_OWN_BYTES."""
+    cold_bytes = prepared.layout.cold_expert_bytes(quantize)
+
+    def worker_bytes(slot: numa.WorkerSlot) -> int:
+        return int(len(placement.shard(slot.index)) * cold_bytes * WORKER_SHARD_MARGIN) + WORKER_OWN_BYTES
+
+    smaller = {"none": "; --quantize int8 or int4 holds the experts in 0.53x or 0.28x of bfloat16's bytes",
+               "int8": "; --quantize int4 holds the experts in about half of int8's bytes"}.get(quantize, "")
+    warnings = []
+    for node in topology.nodes:
+        pinned = [s for s in layout.workers if s.node == node.id]
+        need = sum(worker_bytes(s) for s in pinned)
+        if pinned and node.memory_bytes and need > node.memory_bytes:
+            warnings.append(f"node {node.id}: its {len(pinned)} worker(s) need about {format_size(need)} (shards, "
+                            f"+10%, and {format_size(WORKER_OWN_BYTES)} a worker) but it has "
+                            f"{format_size(node.memory_bytes)}; add workers on other nodes or hosts, or hot "
+                            f"experts{smaller}")
+    coordinator = 0
+    if prepared.device.type == "cpu":  # its own weights and hot experts live beside the workers
+        coordinator = prepared.layout.non_expert_bytes + len(placement.hot) * prepared.layout.expert_bytes
+    need = sum(worker_bytes(s) for s in layout.workers) + coordinator
+    available = numa.available_memory_bytes() if available is None else available
+    if layout.workers and available is not None and need > available:
+        warnings.append(f"the {len(layout.workers)} local worker(s) need about {format_size(need)} of memory "
+                        + (f"with the coordinator's weights ({format_size(coordinator)}) " if coordinator else "")
+                        + f"but this machine has {format_size(available)} available; it would swap or be killed: "
+                        f"free memory, or move workers to other hosts (--remote-worker){smaller}")
+    return warnings
 
 
 class Cluster:
@@ -106,15 +146,12 @@ class Cluster:
         ]
         if placement.coordinator_format:
             lines.append(placement.coordinator_line())
-        warnings = list(layout.warnings)
+        warnings = list(layout.warnings) + memory_warnings(topology, layout, placement, prepared, cfg.quantize)
         for node in topology.nodes:
             slots = [s for s in layout.workers if s.node in (node.id, None)]
             shard_bytes = sum(len(placement.shard(s.index)) for s in slots) * cold_bytes
             lines.append(f"  node {node.id}: cpus {numa.format_cpu_list(node.cpus)}, {len(node.cores)} cores, "
                          f"{format_size(node.memory_bytes)}, {len(slots)} worker(s), shards {format_size(shard_bytes)}")
-            if cfg.numa == "on" and node.memory_bytes and shard_bytes > node.memory_bytes:
-                warnings.append(f"node {node.id}: its workers' shards ({format_size(shard_bytes)}) do not fit its "
-                                f"memory ({format_size(node.memory_bytes)}); add workers on other nodes or hot experts")
         for slot in layout.workers:
             shard = placement.shard(slot.index)
             where = f"node {slot.node}, cpus {numa.format_cpu_list(slot.cpus)}" if slot.node is not None else "unpinned"
@@ -137,13 +174,17 @@ class Cluster:
 
             cfg.model = builtin_model_path()
             self.log(f"using the built-in tiny model at {cfg.model} (random weights: its text is gibberish)")
-        layout = self.plan_workers()
+        topology = numa.read_topology()
+        layout = self.plan_workers(topology)
         for warning in layout.warnings:
             self.log(f"warning: {warning}")
         # Everything that can be wrong with the checkpoint or flags is found here, before any process starts.
         num_workers = len(layout.workers) + len(cfg.remote_workers)
         prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_budget, cfg.hot_experts,
                            cfg.profile, cfg.scheduling, cfg.quantize)
+        placement = prepared.plan([float(slot.threads) for slot in layout.workers] + [1.0] * len(cfg.remote_workers))
+        for warning in memory_warnings(topology, layout, placement, prepared, cfg.quantize):
+            self.log(f"warning: {warning}")
         # The coordinator's threads are counted among the cores: left at torch's default (every core) they fight
         # the workers for the cores the layout gave them.
         torch.set_num_threads(cfg.coordinator_threads or len(layout.coordinator_cpus))

@@ -163,7 +163,8 @@ WIDE = Preset("quant-wide", "mixtral", 512, 2048, 2, 8, 2, 4, 2, TINY_VOCAB)
 
 def test_a_worker_holds_its_shard_in_the_quantized_bytes_only(tmp_path, monkeypatch):
     """A worker's resident memory after loading: with --quantize int4 its float shard (96 MiB in bfloat16) is
-    not held, neither after quantizing it nor when reading it from the cache; about the int4 bytes (27 MiB) are."""
+    not held, neither after quantizing it nor when reading it from the cache; about the int4 bytes (27 MiB) are.
+    In no format does the worker keep the checkpoint's file mapped."""
     monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path / "cache"))
     folder = write_checkpoint(WIDE, tmp_path / "wide", dtype=torch.bfloat16)
     resident, shard = {}, {}
@@ -174,6 +175,9 @@ def test_a_worker_holds_its_shard_in_the_quantized_bytes_only(tmp_path, monkeypa
             ready = cluster.coordinator.readies[0]
             assert ready.quantize_cache == ("" if run == "none" else run)
             resident[run], shard[run] = rss_bytes(cluster.worker_pids[0]), ready.shard_bytes
+            # nothing of the checkpoint stays mapped: its pages would count in the worker's RSS beside the shard
+            maps = Path(f"/proc/{cluster.worker_pids[0]}/maps").read_text()
+            assert ".safetensors" not in maps, run
     assert shard["none"] == 96 << 20 and shard["written"] == shard["hit"] == 27 << 20
     saved = shard["none"] - shard["written"]
     for run in ("written", "hit"):  # generous: at least half of what the format saves, and not the float copy
@@ -207,3 +211,27 @@ def test_a_cache_that_cannot_be_written_stops_the_start_with_the_fix(checkpoints
     with pytest.raises(WorkerFailed, match="worker-0 .* refused start-up: cannot write the quantized shard under .*set FIDDLER_CACHE to a writable"):
         with Cluster(checkpoints["tiny"], workers=1, device="cpu", quantize="int8", quiet=True):
             pass
+
+
+def test_the_plan_warns_when_the_workers_would_not_fit_the_memory(checkpoints):
+    """Each worker counts its shard in the format, +10%, and the interpreter's own memory: against each NUMA
+    node's memory and against what the machine has available, with the fix named."""
+    from fiddler_moe.coordinator.coordinator import prepare
+    from fiddler_moe.host import numa
+    from fiddler_moe.launch.cluster import WORKER_OWN_BYTES, memory_warnings
+
+    topology = numa.Topology([numa.Node(0, [0, 1], [[0], [1]], memory_bytes=1 << 40)])
+    layout = numa.lay_out(topology, 2)
+    for name in ("none", "int4"):
+        prepared = prepare(checkpoints["tiny"], 2, "cpu", quantize=name)
+        placement = prepared.plan([1.0, 1.0])
+        shards = prepared.layout.num_experts * prepared.layout.cold_expert_bytes(name)
+        need = int(shards * 1.1) + 2 * WORKER_OWN_BYTES
+        assert memory_warnings(topology, layout, placement, prepared, name, available=1 << 40) == []
+        (short,) = memory_warnings(topology, layout, placement, prepared, name, available=need)  # + coordinator's
+        assert "but this machine has" in short and "available" in short
+        assert ("--quantize int8 or int4" in short) == (name == "none")
+        topology.nodes[0].memory_bytes = need - (1 << 20)
+        (node,) = memory_warnings(topology, layout, placement, prepared, name, available=1 << 40)
+        assert node.startswith("node 0: its 2 worker(s) need about") and "add workers on other nodes" in node
+        topology.nodes[0].memory_bytes = 1 << 40
