@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import shm_files
-from fiddler_moe.benchmarks.quant_accuracy import check_logits, quantized_reference
+from fiddler_moe.benchmarks.quant_accuracy import check_logits, logit_errors, quantized_reference
 from fiddler_moe.coordinator.scheduling import CostModel, Curve, Scheduler
 from fiddler_moe.experts import quant
 from fiddler_moe.experts.quant import QuantizedExpertWeights
@@ -182,6 +182,8 @@ def test_a_moved_quantized_expert_travels_in_its_format_and_computes_the_formats
         got_tokens = cluster.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids
         assert stats.cold_pairs > 0  # decoding rows stayed on the workers
         assert f"of {name}, dequantized on the device" in coordinator.scheduling_line
+    print("moved against worker %.1e (median %.1e), logits against the reference %.1e (median %.1e)"
+          % (*logit_errors(got, want), *logit_errors(got_logits[0], want_logits[0])))
     check_logits(got_logits[0], want_logits[0])
     assert got_tokens == want_tokens
     assert shard_files() == []
