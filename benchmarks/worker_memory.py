@@ -54,9 +54,8 @@ def measure(folder: Path, quantize: str, workers: int, prefill: int, idle: int) 
     with Cluster(folder, workers=workers, device="cpu", quantize=quantize, quiet=True) as cluster:
         shard_bytes = [r.shard_bytes for r in cluster.coordinator.readies]
         cache = [r.quantize_cache or "-" for r in cluster.coordinator.readies]
-        moments = [("after load", lambda: None),
-                   (f"after a {prefill}-token prefill",
-                    lambda: cluster.logits(torch.randint(3, 1000, (1, prefill), generator=torch.Generator().manual_seed(0))))]
+        prompt = torch.randint(3, 1000, (1, prefill), generator=torch.Generator().manual_seed(0))
+        moments = [("after load", lambda: None), (f"after a {prefill}-token prefill", lambda: cluster.logits(prompt))]
         for moment, run in moments:
             run()
             time.sleep(0.5)
@@ -87,14 +86,14 @@ def main() -> None:
     idle = interpreter_rss()
     print(f"idle interpreter (torch and the worker module imported): {idle / 2**20:.0f} MiB")
     mib = lambda b: f"{b / 2**20:7.0f}"  # noqa: E731
-    print(f"{'format':6} {'cache':7} {'moment':28} {'w':>2} {'shard':>7} {'RSS':>7} {'anon':>7} {'file':>7} {'shmem':>7} "
-          f"{'over':>7} goal (MiB)")
+    print(f"{'format':6} {'cache':7} {'moment':28} {'w':>2} {'shard':>7} {'RSS':>7} {'anon':>7} {'file':>7} "
+          f"{'shmem':>7} {'over':>7} goal (MiB)")
     rows = []
     for quantize in args.quantize.split(","):
         for r in measure(folder, quantize, args.workers, args.prefill, idle):
             rows.append(r)
-            print(f"{quantize:6} {r['cache']:7} {r['moment']:28} {r['worker']:2} {mib(r['shard_bytes'])} {mib(r['vmrss'])} "
-                  f"{mib(r['rssanon'])} {mib(r['rssfile'])} {mib(r['rssshmem'])} "
+            print(f"{quantize:6} {r['cache']:7} {r['moment']:28} {r['worker']:2} {mib(r['shard_bytes'])} "
+                  f"{mib(r['vmrss'])} {mib(r['rssanon'])} {mib(r['rssfile'])} {mib(r['rssshmem'])} "
                   f"{mib(r['over_shard_and_interpreter'])} {'met' if r['meets_goal'] else 'MISSED'}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"interpreter_bytes": idle, "rows": rows}, indent=2))
