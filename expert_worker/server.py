@@ -153,6 +153,7 @@ class Worker:
         self.shard_key = key
         self._build_serve_loop()
         memory.return_freed_memory()  # the loading's temporaries: resident memory is the shard, not more
+        memory.map_large_allocations_apart()  # and a prefill's, once it is done
         nbytes = sum(w.nbytes for w in self.shard.values())
         seconds = time.perf_counter() - started
         where = " in shared memory" if self.shared is not None else ""

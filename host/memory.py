@@ -28,3 +28,22 @@ def return_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: allocations at least this large get a mapping of their own
+LARGE_ALLOCATION = 1 << 19  # above a decoding step's temporaries: 8 rows of Mixtral's 14336 in float32 are 459 KiB
+
+
+def map_large_allocations_apart(threshold: int = LARGE_ALLOCATION) -> bool:
+    """Serve every allocation of `threshold` bytes or more from a mapping of its own, returned to the system when it
+    is freed (glibc's mallopt(M_MMAP_THRESHOLD)); False where the C library has no such call. Without it glibc
+    raises that threshold to the largest block freed so far, so a prefill's temporaries (a few MiB each: the rows,
+    their quantized codes, the intermediate) come from the heap after the first call and stay resident: 24-29 MiB
+    over the shard per worker after a 256-token prefill on `mini` in int4, 17 with it, against the goal's 19 (10%
+    of the shard; docs/performance-log.md). A decoding step's temporaries stay below the threshold, on the heap,
+    so its steps pay no mapping."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
