@@ -15,7 +15,6 @@ C instead (`_call_in_c`, native/shm_call.py): right after the worker's turn each
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -255,7 +254,9 @@ class Dispatcher:
 
     def _call_in_c(self, w: int, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor, entered: float) -> torch.Tensor | None:
-        """The whole call through shm_call.c (see native/shm_call.py), or None when it does not take it."""
+        """The whole call through shm_call.c (see native/shm_call.py), or None when it does not take it. What the
+        reply's arrival needs is made before the post; after it only the C call's return and the statistics run,
+        each Python step slow from the caches the worker's turn has flushed."""
         link = self.workers[w]
         if link.channel is None:
             return None
@@ -264,21 +265,35 @@ class Dispatcher:
             lane = self._shm_calls[w] = ShmCall(link.channel)
         num_tokens = top_k_index.shape[0]
         result = torch.empty(num_tokens, hidden.shape[1], dtype=hidden.dtype)
-        finish = functools.partial(lane.finish, top_k_weights, layer, hidden.shape[1], result=result)
         # Nothing between posting and waiting: the worker's threads take every core as soon as they wake.
         self._next_id += 1
         sent = time.perf_counter()
-        if not lane.post(hidden, top_k_index, self._next_id, layer):
+        if not lane.post(hidden, top_k_index, top_k_weights, self._next_id, layer, result):
             return None
-        if self._wait(w, layer, finish) == 1:
+        if self._wait(w, layer, lane.finish) == 1:
             seconds = lane.call.compute_seconds
         else:  # not a plain reply to this call (an error, say): the Python path reads it
             reply = self._receive(w, self._next_id, lane.call.seq, layer)
             result = _combine(reply.outputs, lane.order(), top_k_weights).to(hidden.dtype)
             seconds = reply.compute_seconds
         done = time.perf_counter()
-        # No device work to overlap here: the wait runs from the post.
-        self._record(layer, num_tokens, lane.routed(), top_k_index.numel(), {w: seconds}, entered, sent, sent, done)
+        # No device work to overlap here: the wait runs from the post. The statistics of _record, written out for
+        # this path's one worker and its few experts.
+        stats, call = self.stats, lane.call
+        routed, ids, counts = stats.routed, call.expert_ids, call.row_counts
+        for i in range(call.experts):
+            key = (layer, ids[i])
+            routed[key] = routed.get(key, 0) + counts[i]
+        stats.cold_pairs += num_tokens * top_k_index.shape[1]
+        stats.layer_calls += 1
+        if layer == self.first_layer:
+            stats.tokens += num_tokens
+        stats.wait_seconds += done - sent
+        stats.round_trip_seconds += done - sent
+        stats.worker_compute_seconds += seconds
+        link.requests += 1
+        link.busy_seconds += seconds
+        stats.dispatch_seconds += time.perf_counter() - entered
         return result
 
     def _record(self, layer: int, num_tokens: int, routed: list[tuple[int, int]], cold_pairs: int,
