@@ -277,8 +277,8 @@ class Dispatcher:
             result = _combine(reply.outputs, lane.order(), top_k_weights).to(hidden.dtype)
             seconds = reply.compute_seconds
         done = time.perf_counter()
-        # No device work to overlap here: the wait runs from the post. The statistics of _record, written out for
-        # this path's one worker and its few experts.
+        # No device work to overlap here: the wait runs from the post. _record's statistics, written out for this
+        # path's one worker and few experts (its lists and dicts cost more than the counting).
         stats, call = self.stats, lane.call
         routed, ids, counts = stats.routed, call.expert_ids, call.row_counts
         for i in range(call.experts):
@@ -298,10 +298,12 @@ class Dispatcher:
 
     def _record(self, layer: int, num_tokens: int, routed: list[tuple[int, int]], cold_pairs: int,
                 computed: dict[int, float], entered: float, sent: float, waited: float, done: float) -> None:
-        """The statistics of a finished layer call, either path's: the pairs `routed` to each expert (expert,
+        """The statistics of a finished layer call through Python: the pairs `routed` to each expert (expert,
         pairs) and those the workers computed, the call and its tokens (counted at the first layer), the wait for
         the workers from `waited` to `done` and their round trip from `sent`, the slowest one's compute, and each
-        worker's request and busy seconds (`computed`: its reply's compute seconds, per worker asked)."""
+        worker's request and busy seconds (`computed`: its reply's compute seconds, per worker asked).
+        `_call_in_c` writes the same counters out for its one worker; tests/test_dispatch_paths.py holds the two
+        paths' statistics equal."""
         stats = self.stats
         for expert, count in routed:
             key = (layer, expert)
