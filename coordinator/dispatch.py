@@ -256,7 +256,7 @@ class Dispatcher:
                    top_k_weights: torch.Tensor, entered: float) -> torch.Tensor | None:
         """The whole call through shm_call.c (see native/shm_call.py), or None when it does not take it. What the
         reply's arrival needs is made before the post; after it only the C call's return and the statistics run,
-        each Python step slow from the caches the worker's turn has flushed."""
+        each line of Python slow from the caches the worker's turn has flushed."""
         link = self.workers[w]
         if link.channel is None:
             return None
@@ -277,33 +277,16 @@ class Dispatcher:
             result = _combine(reply.outputs, lane.order(), top_k_weights).to(hidden.dtype)
             seconds = reply.compute_seconds
         done = time.perf_counter()
-        # No device work to overlap here: the wait runs from the post. _record's statistics, written out for this
-        # path's one worker and few experts (its lists and dicts cost more than the counting).
-        stats, call = self.stats, lane.call
-        routed, ids, counts = stats.routed, call.expert_ids, call.row_counts
-        for i in range(call.experts):
-            key = (layer, ids[i])
-            routed[key] = routed.get(key, 0) + counts[i]
-        stats.cold_pairs += num_tokens * top_k_index.shape[1]
-        stats.layer_calls += 1
-        if layer == self.first_layer:
-            stats.tokens += num_tokens
-        stats.wait_seconds += done - sent
-        stats.round_trip_seconds += done - sent
-        stats.worker_compute_seconds += seconds
-        link.requests += 1
-        link.busy_seconds += seconds
-        stats.dispatch_seconds += time.perf_counter() - entered
+        # No device work to overlap here: the wait runs from the post.
+        self._record(layer, num_tokens, lane.routed(), top_k_index.numel(), {w: seconds}, entered, sent, sent, done)
         return result
 
     def _record(self, layer: int, num_tokens: int, routed: list[tuple[int, int]], cold_pairs: int,
                 computed: dict[int, float], entered: float, sent: float, waited: float, done: float) -> None:
-        """The statistics of a finished layer call through Python: the pairs `routed` to each expert (expert,
+        """The statistics of a finished layer call, either path's: the pairs `routed` to each expert (expert,
         pairs) and those the workers computed, the call and its tokens (counted at the first layer), the wait for
         the workers from `waited` to `done` and their round trip from `sent`, the slowest one's compute, and each
-        worker's request and busy seconds (`computed`: its reply's compute seconds, per worker asked).
-        `_call_in_c` writes the same counters out for its one worker; tests/test_dispatch_paths.py holds the two
-        paths' statistics equal."""
+        worker's request and busy seconds (`computed`: its reply's compute seconds, per worker asked)."""
         stats = self.stats
         for expert, count in routed:
             key = (layer, expert)
