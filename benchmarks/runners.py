@@ -31,12 +31,13 @@ BREAKDOWN_PARTS = {  # key -> label, in the order of the stacked bars
 }
 
 NOT_BANDWIDTH = {  # what bounds a part's time beyond its bytes at the read bandwidth (bench.bandwidth_bound)
-    "non_expert": "linear layers short of the bandwidth, Python and small ops between them",
+    "non_expert": "linear layers short of the bandwidth; Python and small ops between them, slower after each "
+                  "layer call, whose worker turn flushes the caches (benchmarks/coordinator_step.py splits it)",
     "hot_experts": "Python and small ops around the hot experts",
     "routing": "Python, routing bookkeeping",
     "worker_compute": "the workers' kernels short of the bandwidth",
     "transport": "synchronisation: messages and waking the other side",
-    "sampling_overhead": "Python in generate's loop",
+    "sampling_overhead": "the serving engine's step around the forward: inputs, the logits' copy, sampling",
 }
 
 

@@ -15,7 +15,6 @@ C instead (`_call_in_c`, native/shm_call.py): right after the worker's turn each
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -255,7 +254,9 @@ class Dispatcher:
 
     def _call_in_c(self, w: int, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor, entered: float) -> torch.Tensor | None:
-        """The whole call through shm_call.c (see native/shm_call.py), or None when it does not take it."""
+        """The whole call through shm_call.c (see native/shm_call.py), or None when it does not take it. What the
+        reply's arrival needs is made before the post; after it only the C call's return and the statistics run,
+        each line of Python slow from the caches the worker's turn has flushed."""
         link = self.workers[w]
         if link.channel is None:
             return None
@@ -264,13 +265,12 @@ class Dispatcher:
             lane = self._shm_calls[w] = ShmCall(link.channel)
         num_tokens = top_k_index.shape[0]
         result = torch.empty(num_tokens, hidden.shape[1], dtype=hidden.dtype)
-        finish = functools.partial(lane.finish, top_k_weights, layer, hidden.shape[1], result=result)
         # Nothing between posting and waiting: the worker's threads take every core as soon as they wake.
         self._next_id += 1
         sent = time.perf_counter()
-        if not lane.post(hidden, top_k_index, self._next_id, layer):
+        if not lane.post(hidden, top_k_index, top_k_weights, self._next_id, layer, result):
             return None
-        if self._wait(w, layer, finish) == 1:
+        if self._wait(w, layer, lane.finish) == 1:
             seconds = lane.call.compute_seconds
         else:  # not a plain reply to this call (an error, say): the Python path reads it
             reply = self._receive(w, self._next_id, lane.call.seq, layer)

@@ -25,11 +25,14 @@ class LayerCall(ctypes.Structure):  # layer_call in fiddler_native.h (its size i
 
 
 def takes(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> bool:
-    """Whether the tensors of a call suit the C path (bfloat16 rows on the CPU, contiguous; int64 routing)."""
-    return (hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and hidden.dim() == 2
-            and hidden.is_contiguous() and top_k_index.dtype == torch.int64 and top_k_index.is_contiguous()
-            and top_k_index.numel() <= MAX_PAIRS and top_k_weights.dtype in (torch.float32, torch.bfloat16)
-            and top_k_weights.is_contiguous() and top_k_weights.device.type == "cpu" and kernels.available())
+    """Whether the tensors of a call suit the C path (bfloat16 rows on the CPU, contiguous; int64 routing). Called
+    for every layer of a decoding step: properties that build no objects (`is_cpu`, not `device.type`), the cheap
+    and likely-false checks first."""
+    return (top_k_index.numel() <= MAX_PAIRS and hidden.dtype is torch.bfloat16 and hidden.is_cpu
+            and top_k_index.dtype is torch.int64 and top_k_weights.is_cpu
+            and top_k_weights.dtype in (torch.float32, torch.bfloat16) and hidden.dim() == 2
+            and hidden.is_contiguous() and top_k_index.is_contiguous() and top_k_weights.is_contiguous()
+            and kernels.available())
 
 
 class ShmCall:
@@ -39,13 +42,26 @@ class ShmCall:
         self.channel = channel
         self._slots = channel.slot_addresses()
         self.call = LayerCall()
+        library = kernels.library()
+        self._post, self._finish = library.fiddler_post_layer_call, library.fiddler_finish_layer_call
+        self._slots_ref, self._call_ref = ctypes.byref(self._slots), ctypes.byref(self.call)
+        self._spin_ns = int(200e-6 * 1e9) if channel.spin else 0
+        self._park = int(channel.sleep is kernels.parked_wait)
+        self._finish_head: tuple = ()
+        self._finish_tail: tuple = ()
 
-    def post(self, hidden: torch.Tensor, top_k_index: torch.Tensor, request_id: int, layer: int) -> bool:
-        """Send the call; False (nothing sent) when shm_call.c does not take it."""
+    def post(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, request_id: int,
+             layer: int, result: torch.Tensor) -> bool:
+        """Send the call, whose reply `finish` combines with top_k_weights into `result` (the caller keeps both
+        alive until then); False (nothing sent) when shm_call.c does not take it. finish's arguments are made
+        here, before the worker's turn: after it every Python step runs from cold caches."""
         tokens, top_k = top_k_index.shape
-        posted = kernels.library().fiddler_post_layer_call(
-            ctypes.byref(self._slots), hidden.data_ptr(), top_k_index.data_ptr(), tokens, top_k, hidden.shape[1],
-            request_id, layer, PROTOCOL_VERSION, ctypes.byref(self.call))
+        width = hidden.shape[1]
+        self._finish_head = (self._slots_ref, self._call_ref, tokens, top_k, width, layer, PROTOCOL_VERSION,
+                             top_k_weights.data_ptr(), int(top_k_weights.dtype is torch.bfloat16))
+        self._finish_tail = (self._spin_ns, self._park, result.data_ptr())
+        posted = self._post(self._slots_ref, hidden.data_ptr(), top_k_index.data_ptr(), tokens, top_k, width,
+                            request_id, layer, PROTOCOL_VERSION, self._call_ref)
         if posted:
             self.channel.last_request_seq = self.call.seq
         return bool(posted)
@@ -63,13 +79,7 @@ class ShmCall:
             order[pairs[pair]] = pair
         return order
 
-    def finish(self, top_k_weights: torch.Tensor, layer: int, width: int, timeout_s: float,
-               result: torch.Tensor) -> int:
-        """Wait up to timeout_s for the reply and combine it into `result`: 1 done, 0 not yet, -1 the reply is
-        something else (decode it in Python)."""
-        tokens, top_k = top_k_weights.shape
-        return kernels.library().fiddler_finish_layer_call(
-            ctypes.byref(self._slots), ctypes.byref(self.call), tokens, top_k, width, layer, PROTOCOL_VERSION,
-            top_k_weights.data_ptr(), int(top_k_weights.dtype == torch.bfloat16), int(timeout_s * 1e9),
-            int(200e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is kernels.parked_wait),
-            result.data_ptr())
+    def finish(self, timeout_s: float) -> int:
+        """Wait up to timeout_s for the posted call's reply and combine it into its `result`: 1 done, 0 not yet, -1
+        the reply is something else (decode it in Python)."""
+        return self._finish(*self._finish_head, int(timeout_s * 1e9), *self._finish_tail)

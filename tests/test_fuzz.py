@@ -242,13 +242,13 @@ def test_c_paths_over_the_slot_take_only_what_the_decoder_accepts(avx2_bfloat16_
     reply = valid_frames([m.ExpertReply(8, 0, torch.randn(2, 16).bfloat16(), 0.5)])[0]
     taken = 0
     for request_id in range(8, 608):
-        assert lane.post(hidden, top_k_index, request_id, 0)
+        assert lane.post(hidden, top_k_index, weights, request_id, 0, result)
         seq, _ = worker.wait_request(timeout_s=1)
         frames = mutate([msgpack.packb({**msgpack.unpackb(reply[0]), "body": {
             "request_id": request_id, "layer": 0, "compute_seconds": 0.5}}), reply[1]], chooser) or [b""]
         data = frames[1] if len(frames) > 1 and len(frames[1]) <= 4096 else b""
         worker.post_reply(seq, frames[0][:60000], len(data))
-        if lane.finish(weights, 0, 16, 1.0, result) == 1:
+        if lane.finish(1.0) == 1:
             taken += 1
             message = decode([frames[0], data])
             assert isinstance(message, m.ExpertReply) and message.request_id == request_id

@@ -164,9 +164,9 @@ def test_decoding_layer_calls_in_c_are_the_python_path(avx2_bfloat16_path, shm_p
         weights = torch.rand(tokens, 2, generator=generator).to(weight_dtype)
         serving = threading.Thread(target=loop.serve, args=(0.2,))
         serving.start()
-        assert lane.post(hidden, top_k_index, request_id=9, layer=2)
         result = torch.empty(tokens, 64, dtype=torch.bfloat16)
-        while (status := lane.finish(weights, 2, 64, 1.0, result)) == 0:
+        assert lane.post(hidden, top_k_index, weights, request_id=9, layer=2, result=result)
+        while (status := lane.finish(1.0)) == 0:
             pass
         serving.join()
         order, token_of, groups = _group_by_expert(top_k_index)
@@ -179,10 +179,10 @@ def test_decoding_layer_calls_in_c_are_the_python_path(avx2_bfloat16_path, shm_p
         assert torch.equal(result, _combine(torch.cat(outputs), order, weights))
         assert lane.call.compute_seconds > 0
 
-    assert lane.post(hidden, top_k_index, request_id=10, layer=2)  # answered with an error this time
+    assert lane.post(hidden, top_k_index, weights, request_id=10, layer=2, result=result)  # answered with an error
     seq, _ = worker.wait_request(timeout_s=1)
     worker.post_reply(seq, encode_header(m.Error(code="internal", message="no")), 0)
-    assert lane.finish(weights, 2, 64, 1.0, result) == -1
+    assert lane.finish(1.0) == -1
     assert decode(coordinator.wait_reply(seq, timeout_s=0)) == m.Error(code="internal", message="no")
 
 
