@@ -30,6 +30,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,9 +42,11 @@
 #error "quant_gemv.c reads blocks of 32 weights, but native/limits.py sets another QUANT_BLOCK"
 #endif
 
-#define PIECE_ROWS 32 /* weight rows a thread takes at a time (a multiple of TILE_W) */
-#define TILE_W 8      /* weight rows of a prefill tile */
-#define TILE_G 1      /* groups of 16 activation rows of a prefill tile */
+#define PANEL 16                     /* weight rows of a packed panel: one vector's lanes */
+#define PANEL_BLOCK (8 * 64 + 16 * 4) /* bytes of one block of a panel: 8 vectors of codes, 16 float scales */
+#define TILE_P 2                     /* panels of a prefill tile */
+#define TILE_N 6                     /* activation rows of a prefill tile */
+#define PIECE_ROWS (TILE_P * PANEL)  /* weight rows a thread takes at a time */
 #define INLINE static inline __attribute__((always_inline))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
@@ -101,24 +104,21 @@ typedef struct {
     int8_t *pq;
     float *pd;
     int32_t *pk;
-    /* VNNI prefill: per group of 16 rows and block, the 32 codes of the 16 rows as 8 vectors of [row][4 codes],
-       and the 16 rows' scales and starting sums */
-    int8_t *gq;
-    float *gd;
-    int32_t *gk;
+    /* VNNI prefill: each thread's packed panels of weight rows (pack_panels), TILE_P * blocks * PANEL_BLOCK
+       bytes a thread */
+    uint8_t *panels;
 } acts;
 
 static int64_t pairs_of(int64_t blocks) { return (blocks + 1) / 2; }
-static int64_t groups_of(int64_t n) { return (n + 15) / 16; }
 
 static void free_acts(acts *a) {
-    free(a->q), free(a->d), free(a->k), free(a->pq), free(a->pd), free(a->pk), free(a->gq), free(a->gd), free(a->gk);
+    free(a->q), free(a->d), free(a->k), free(a->pq), free(a->pd), free(a->pk), free(a->panels);
     memset(a, 0, sizeof *a);
 }
 
 /* Allocates what `prepare_acts` fills; 0, or -1 when there is no memory. */
 static int alloc_acts(acts *a, int isa, int64_t n, int64_t cols) {
-    int64_t blocks = cols / 32, pairs = pairs_of(blocks), groups = groups_of(n);
+    int64_t blocks = cols / 32, pairs = pairs_of(blocks);
     memset(a, 0, sizeof *a);
     a->n = n, a->cols = cols, a->blocks = blocks;
     a->q = scratch((size_t)(n * cols));
@@ -129,9 +129,9 @@ static int alloc_acts(acts *a, int isa, int64_t n, int64_t cols) {
         a->pk = scratch((size_t)(n * pairs) * 64);
         ok = ok && a->pq && a->pd && a->pk;
     } else if (isa == QUANT_ISA_AVX512) {
-        a->gq = scratch((size_t)(groups * blocks) * 512), a->gd = scratch((size_t)(groups * blocks) * 64);
-        a->gk = scratch((size_t)(groups * blocks) * 64);
-        ok = ok && a->gq && a->gd && a->gk;
+        /* a parallel region started after this has no more threads than this says */
+        a->panels = scratch((size_t)(omp_get_max_threads() * TILE_P * blocks) * PANEL_BLOCK);
+        ok = ok && a->panels;
     }
     if (!ok) free_acts(a);
     return ok ? 0 : -1;
@@ -176,35 +176,10 @@ static void prepare_row(acts *a, int format, int isa, const float *xs, int64_t i
     }
 }
 
-/* The prefill path's copies of every row (after prepare_row has done them all); call inside a parallel region or
-   outside one. Ends with a barrier inside a parallel region, where it has anything to do. */
-static void prepare_groups(acts *a) {
-    int64_t n = a->n, cols = a->cols, blocks = a->blocks;
-    if (a->gq) {
-        int64_t groups = groups_of(n);
-#pragma omp for schedule(static)
-        for (int64_t gb = 0; gb < groups * blocks; gb++) {
-            int64_t g = gb / blocks, b = gb % blocks;
-            int8_t *gq = a->gq + gb * 512;
-            for (int r = 0; r < 16; r++) {
-                int64_t i = 16 * g + r;
-                for (int w = 0; w < 8; w++) { /* codes 4w .. 4w + 3 of row r */
-                    int32_t word = 0;
-                    if (i < n) memcpy(&word, a->q + i * cols + 32 * b + 4 * w, 4);
-                    memcpy(gq + 64 * w + 4 * r, &word, 4);
-                }
-                a->gd[gb * 16 + r] = i < n ? a->d[i * blocks + b] : 0.0f;
-                a->gk[gb * 16 + r] = i < n ? a->k[i * blocks + b] : 0;
-            }
-        }
-    }
-}
-
 /* Fills `a` from xs [n, cols] float32, on the calling thread: the activations of a call are few against its
    weights, and a parallel region's barriers cost more than this on a busy machine. */
 static void prepare_acts(acts *a, int format, int isa, const float *xs) {
     for (int64_t i = 0; i < a->n; i++) prepare_row(a, format, isa, xs, i);
-    prepare_groups(a);
 }
 
 /* --- the plain path --- */
@@ -384,87 +359,135 @@ VNNI static void rows_vnni_decode(int format, const uint8_t *q, const uint16_t *
     }
 }
 
-/* A prefill tile: weight rows r0 .. r0 + RW against the activation rows of groups g0 .. g0 + RG (16 rows each,
-   across the lanes). Each weight block is unpacked to 32 unsigned codes once, and each of its 4-code words
-   broadcast to the lanes of every group. */
-VNNI INLINE void tile_vnni(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, const int RW,
-                           const acts *a, int64_t g0, const int RG, float *y, int64_t ystride) {
-    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols);
-    __m512 acc[TILE_W][TILE_G];
-    _Pragma("GCC unroll 16")
-    for (int m = 0; m < RW; m++)
-        _Pragma("GCC unroll 16")
-        for (int g = 0; g < RG; g++) acc[m][g] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-        uint32_t words[TILE_W][8] __attribute__((aligned(32)));
-        float dw[TILE_W];
-        _Pragma("GCC unroll 16")
-        for (int m = 0; m < RW; m++) {
-            const uint8_t *codes = q + (r0 + m) * row_codes;
-            __m256i w;
-            if (format == QUANT_INT8) {
-                w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + 32 * b)),
-                                     _mm256_set1_epi8((char)0x80));
-            } else {
-                __m128i v = _mm_loadu_si128((const __m128i *)(codes + 16 * b)), nibble = _mm_set1_epi8(15);
-                w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
+/* Prefill: the weight rows of a thread's piece packed, PANEL rows at a time, so that a vector holds one 4-code
+   word of each of 16 rows (unsigned: int8 q + 128, int4 q), and each activation row's word is broadcast to them:
+   a tile of TILE_P panels x TILE_N activation rows keeps its 2 * TILE_P * TILE_N sums in registers across the
+   blocks, reads each packed vector once for TILE_N rows and each activation word once for TILE_P panels, and
+   writes 16 neighbouring outputs a vector. A panel's block: 8 vectors (codes 4c .. 4c + 3 of row r in lane r),
+   then the 16 rows' scales in float32. Packing reads the weights once and costs a few per cent of the products
+   from 64 rows on; llama.cpp and KTransformers keep such interleaved layouts on disk, we pack per call and keep
+   one layout for every path. */
+
+/* The 8x16 transpose of a block's words: register j starts with rows j and j + 8 (8 words each), and three
+   swaps of a register bit with a lane bit (vpermt2d) leave word c of row r in register c, lane r. */
+VNNI INLINE void transpose_words(__m512i v[8]) {
+    _Pragma("GCC unroll 4")
+    for (int bit = 4; bit >= 1; bit /= 2) {
+        int32_t lo[16], hi[16];
+        for (int l = 0; l < 16; l++) {
+            lo[l] = l & bit ? 16 + (l & ~bit) : l;
+            hi[l] = l & bit ? 16 + l : l | bit;
+        }
+        __m512i take_lo = _mm512_loadu_si512(lo), take_hi = _mm512_loadu_si512(hi);
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < 8; j++)
+            if (!(j & bit)) {
+                __m512i a = v[j], b = v[j | bit];
+                v[j] = _mm512_permutex2var_epi32(a, take_lo, b);
+                v[j | bit] = _mm512_permutex2var_epi32(a, take_hi, b);
             }
-            _mm256_store_si256((__m256i *)words[m], w);
-            dw[m] = _cvtsh_ss(scale[(r0 + m) * blocks + b]);
-        }
-        __m512i sum[TILE_W][TILE_G];
-        _Pragma("GCC unroll 16")
-        for (int g = 0; g < RG; g++) {
-            __m512i k = _mm512_load_si512(a->gk + ((g0 + g) * blocks + b) * 16);
-            _Pragma("GCC unroll 16")
-            for (int m = 0; m < RW; m++) sum[m][g] = k;
-        }
-        _Pragma("GCC unroll 16")
-        for (int c = 0; c < 8; c++)
-            _Pragma("GCC unroll 16")
-            for (int g = 0; g < RG; g++) {
-                __m512i x = _mm512_load_si512(a->gq + ((g0 + g) * blocks + b) * 512 + 64 * c);
-                _Pragma("GCC unroll 16")
-                for (int m = 0; m < RW; m++)
-                    sum[m][g] = _mm512_dpbusd_epi32(sum[m][g], _mm512_set1_epi32((int)words[m][c]), x);
-            }
-        _Pragma("GCC unroll 16")
-        for (int g = 0; g < RG; g++) {
-            __m512 dx = _mm512_load_ps(a->gd + ((g0 + g) * blocks + b) * 16);
-            _Pragma("GCC unroll 16")
-            for (int m = 0; m < RW; m++)
-                acc[m][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][g]), _mm512_mul_ps(dx, _mm512_set1_ps(dw[m])),
-                                            acc[m][g]);
-        }
     }
-    _Pragma("GCC unroll 16")
-    for (int m = 0; m < RW; m++)
-        _Pragma("GCC unroll 16")
-        for (int g = 0; g < RG; g++) {
-            float lanes[16] __attribute__((aligned(64)));
-            _mm512_store_ps(lanes, acc[m][g]);
-            for (int l = 0; l < 16 && 16 * (g0 + g) + l < a->n; l++)
-                y[(16 * (g0 + g) + l) * ystride + r0 + m] = lanes[l];
-        }
 }
 
+/* One block's 32 unsigned codes of a weight row, in order. */
+VNNI INLINE __m256i unsigned_block(int format, const uint8_t *codes, int64_t b) {
+    if (format == QUANT_INT8)
+        return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + 32 * b)), _mm256_set1_epi8((char)0x80));
+    __m128i v = _mm_loadu_si128((const __m128i *)(codes + 16 * b)), nibble = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
+}
+
+/* Weight rows r0 .. r0 + count (count <= PANEL) packed into `panel` (blocks * PANEL_BLOCK bytes); the lanes of
+   missing rows get codes 0 and scale 0, and are not stored. */
+VNNI static void pack_panel(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int count,
+                            int64_t blocks, int64_t row_codes, uint8_t *panel) {
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i v[8];
+        for (int j = 0; j < 8; j++) {
+            __m256i lo = j < count ? unsigned_block(format, q + (r0 + j) * row_codes, b) : _mm256_setzero_si256();
+            __m256i hi = j + 8 < count ? unsigned_block(format, q + (r0 + j + 8) * row_codes, b)
+                                       : _mm256_setzero_si256();
+            v[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
+        transpose_words(v);
+        uint8_t *out = panel + b * PANEL_BLOCK;
+        for (int c = 0; c < 8; c++) _mm512_store_si512(out + 64 * c, v[c]);
+        uint16_t halves[16] __attribute__((aligned(32))) = {0};
+        for (int r = 0; r < count; r++) halves[r] = scale[(r0 + r) * blocks + b];
+        _mm512_store_ps(out + 512, _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)halves)));
+    }
+}
+
+/* A prefill tile: P packed panels (panel_bytes apart) against activation rows i0 .. i0 + N; per block each sum
+   starts at the row's -K * sum(xq), takes 8 vpdpbusd, and is added with the two scales as the decoding path
+   does: acc += float(sum) * (dw * dx). masks[p]: the lanes of panel p that are weight rows. */
+VNNI INLINE void tile_vnni(const uint8_t *panels, int64_t panel_bytes, const int P, const acts *a, int64_t i0,
+                           const int N, const __mmask16 *masks, float *y, int64_t ystride) {
+    int64_t blocks = a->blocks, cols = a->cols;
+    const int8_t *xq = a->q + i0 * cols;
+    const float *xd = a->d + i0 * blocks;
+    const int32_t *xk = a->k + i0 * blocks;
+    __m512 acc[TILE_P][TILE_N];
+    _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[p][i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *w = panels + b * PANEL_BLOCK;
+        __m512i sum[TILE_P][TILE_N];
+        _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
+            __m512i k = _mm512_set1_epi32(xk[i * blocks + b]);
+            _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) sum[p][i] = k;
+        }
+        _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
+            __m512i wv[TILE_P];
+            _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) wv[p] = _mm512_load_si512(w + p * panel_bytes + 64 * c);
+            _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
+                int32_t word;
+                memcpy(&word, xq + i * cols + 32 * b + 4 * c, 4);
+                __m512i x = _mm512_set1_epi32(word);
+                _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) sum[p][i] = _mm512_dpbusd_epi32(sum[p][i], wv[p], x);
+            }
+        }
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {
+            __m512 dw = _mm512_load_ps(w + p * panel_bytes + 512);
+            _Pragma("GCC unroll 16") for (int i = 0; i < N; i++)
+                acc[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[p][i]),
+                                            _mm512_mul_ps(_mm512_set1_ps(xd[i * blocks + b]), dw), acc[p][i]);
+        }
+    }
+    _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++)
+        _mm512_mask_storeu_ps(y + (i0 + i) * ystride + PANEL * p, masks[p], acc[p][i]);
+}
+
+#define TILE_CASE(P, N) case N: tile_vnni(panels, panel_bytes, P, a, i0, N, masks, y + r0, ystride); break;
+#define TILE_SWITCH(P)                                                                                      \
+    switch (n) {                                                                                            \
+        TILE_CASE(P, 1) TILE_CASE(P, 2) TILE_CASE(P, 3) TILE_CASE(P, 4) TILE_CASE(P, 5) TILE_CASE(P, 6)     \
+    }
+
+#if TILE_N != 6 || TILE_P != 2
+#error "rows_vnni_prefill has a case for each tile of up to 2 panels and 6 rows"
+#endif
+
+/* Weight rows r0 <= r < r1 (at most PIECE_ROWS) against every activation row: packed once into this thread's
+   panels, then TILE_N activation rows at a time. */
 VNNI static void rows_vnni_prefill(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
                                    const acts *a, float *y, int64_t ystride) {
-    int64_t groups = groups_of(a->n);
-    for (int64_t g0 = 0; g0 < groups; g0 += TILE_G) {
-        int whole_g = g0 + TILE_G <= groups;
-        int64_t r = r0;
-        for (; r + TILE_W <= r1; r += TILE_W) {
-            if (whole_g)
-                tile_vnni(format, q, scale, r, TILE_W, a, g0, TILE_G, y, ystride);
-            else
-                tile_vnni(format, q, scale, r, TILE_W, a, g0, 1, y, ystride);
-        }
-        for (; r < r1; r++) {
-            if (whole_g)
-                tile_vnni(format, q, scale, r, 1, a, g0, TILE_G, y, ystride);
-            else
-                tile_vnni(format, q, scale, r, 1, a, g0, 1, y, ystride);
+    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), panel_bytes = blocks * PANEL_BLOCK;
+    uint8_t *panels = a->panels + (int64_t)omp_get_thread_num() * TILE_P * panel_bytes;
+    int count = (int)(r1 - r0), used = (count + PANEL - 1) / PANEL;
+    __mmask16 masks[TILE_P];
+    for (int p = 0; p < used; p++) {
+        int rows = count - PANEL * p < PANEL ? count - PANEL * p : PANEL;
+        masks[p] = (__mmask16)((1u << rows) - 1);
+        pack_panel(format, q, scale, r0 + PANEL * p, rows, blocks, row_codes, panels + p * panel_bytes);
+    }
+    for (int64_t i0 = 0; i0 < a->n; i0 += TILE_N) {
+        int64_t n = a->n - i0 < TILE_N ? a->n - i0 : TILE_N;
+        if (used == 2) {
+            TILE_SWITCH(2)
+        } else {
+            TILE_SWITCH(1)
         }
     }
 }
@@ -614,7 +637,6 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
                 }
                 prepare_row(&ap, format, isa, ps, i);
             }
-            prepare_groups(&ap);
             quant_rows(format, isa, down, down_scale, hidden, &ap, y);
             if (x_bf16) store(y, n * hidden, 1, out);
         }
