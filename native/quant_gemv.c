@@ -492,6 +492,73 @@ VNNI static void rows_vnni_prefill(int format, const uint8_t *q, const uint16_t 
     }
 }
 
+/* --- the activation between an expert's products --- */
+
+/* ps [inter] = silu(gate) * up for one row of h = [gate | up], as PyTorch computes it: in bfloat16 (bf16) each of
+   gate, up, silu(gate) and the product rounded to bfloat16, silu(g) = g / (1 + exp(-g)) in float32. */
+static void silu_row_plain(const float *h, int64_t inter, int bf16, float *ps) {
+    for (int64_t c = 0; c < inter; c++) {
+        float g = h[c], u = h[inter + c];
+        if (bf16) {
+            g = bf16_to_float(float_to_bf16(g));
+            u = bf16_to_float(float_to_bf16(u));
+            float act = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
+            ps[c] = bf16_to_float(float_to_bf16(act * u));
+        } else {
+            ps[c] = g / (1.0f + expf(-g)) * u;
+        }
+    }
+}
+
+/* float32 rounded to the nearest bfloat16 (ties to even, NaN to 0x7FC0, as float_to_bf16), kept in float32. */
+AVX2 INLINE __m256 round_bf16_avx2(__m256 f) {
+    __m256i u = _mm256_castps_si256(f);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))),
+                         _mm256_set1_epi32((int)0xFFFF0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(u), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                            _mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+}
+
+/* 2^k for integer k in the normal range, as the bits of a float. */
+AVX2 INLINE __m256 power_of_two_avx2(__m256i k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+}
+
+/* exp(x) as PyTorch's vectorized float exp computes it on x86 (SLEEF's expf_u10, with FMA), so that the
+   activation here has PyTorch's bits (tests/test_quant.py checks every bfloat16 input): x = k ln 2 + s with ln 2
+   in two parts, e^s by a degree-7 polynomial, times 2^k in two halves (no overflow of the power), 0 below -104,
+   infinity above 100. */
+AVX2 INLINE __m256 exp_avx2(__m256 x) {
+    __m256i k = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.442695040888963407359924681001892137f)));
+    __m256 kf = _mm256_cvtepi32_ps(k);
+    __m256 s = _mm256_fmadd_ps(kf, _mm256_set1_ps(-0.693145751953125f), x);
+    s = _mm256_fmadd_ps(kf, _mm256_set1_ps(-1.428606765330187045e-06f), s);
+    static const float poly[6] = {0.000198527617612853646278381f, 0.00139304355252534151077271f,
+                                  0.00833336077630519866943359f, 0.0416664853692054748535156f,
+                                  0.166666671633720397949219f, 0.5f};
+    __m256 p = _mm256_set1_ps(poly[0]);
+    for (int j = 1; j < 6; j++) p = _mm256_fmadd_ps(p, s, _mm256_set1_ps(poly[j]));
+    p = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_mul_ps(s, s), p, s));
+    __m256i half = _mm256_srai_epi32(k, 1);
+    p = _mm256_mul_ps(_mm256_mul_ps(p, power_of_two_avx2(half)), power_of_two_avx2(_mm256_sub_epi32(k, half)));
+    p = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), p);
+    return _mm256_blendv_ps(p, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(100.0f), _CMP_GT_OQ));
+}
+
+/* silu_row_plain, 8 columns at a time (inter is a multiple of 32). */
+AVX2 static void silu_row_avx2(const float *h, int64_t inter, int bf16, float *ps) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t c = 0; c < inter; c += 8) {
+        __m256 g = _mm256_loadu_ps(h + c), u = _mm256_loadu_ps(h + inter + c);
+        if (bf16) g = round_bf16_avx2(g), u = round_bf16_avx2(u);
+        __m256 act = _mm256_div_ps(g, _mm256_add_ps(one, exp_avx2(_mm256_xor_ps(g, sign))));
+        if (bf16) act = round_bf16_avx2(act);
+        __m256 p = _mm256_mul_ps(act, u);
+        _mm256_storeu_ps(ps + c, bf16 ? round_bf16_avx2(p) : p);
+    }
+}
+
 /* --- choosing a path, and the calls --- */
 
 /* The one place that reads the CPU's features. */
@@ -551,6 +618,21 @@ static void store(const float *y, int64_t count, int out_bf16, void *out) {
         else
             ((float *)out)[j] = y[j];
     }
+}
+
+/* ps [n, inter] = silu(gate) * up for h [n, 2 * inter] float32 as the fused expert computes it between its
+   products (bf16: rounded where PyTorch rounds in bfloat16); for the tests that hold it to PyTorch's bits. Returns
+   0, or -2 for a shape or path it does not take. */
+int fiddler_silu_product(const float *h, int64_t n, int64_t inter, int bf16, float *ps, int isa) {
+    isa = checked(QUANT_INT8, inter, n, isa);
+    if (isa == 0) return -2;
+    for (int64_t i = 0; i < n; i++) {
+        if (isa >= QUANT_ISA_AVX2)
+            silu_row_avx2(h + i * 2 * inter, inter, bf16, ps + i * inter);
+        else
+            silu_row_plain(h + i * 2 * inter, inter, bf16, ps + i * inter);
+    }
+    return 0;
 }
 
 /* q [n, cols] int8 and d [n, cols / 32] float32: the activations x (bfloat16 when x_bf16, else float32) quantized
@@ -624,17 +706,10 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
             /* the activation, a row at a time, each row quantized for the down product as soon as it is done */
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n; i++) {
-                for (int64_t c = 0; c < inter; c++) {
-                    float g = h[i * 2 * inter + c], u = h[i * 2 * inter + inter + c];
-                    if (x_bf16) {
-                        g = bf16_to_float(float_to_bf16(g));
-                        u = bf16_to_float(float_to_bf16(u));
-                        float act = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
-                        ps[i * inter + c] = bf16_to_float(float_to_bf16(act * u));
-                    } else {
-                        ps[i * inter + c] = g / (1.0f + expf(-g)) * u;
-                    }
-                }
+                if (isa >= QUANT_ISA_AVX2)
+                    silu_row_avx2(h + i * 2 * inter, inter, x_bf16, ps + i * inter);
+                else
+                    silu_row_plain(h + i * 2 * inter, inter, x_bf16, ps + i * inter);
                 prepare_row(&ap, format, isa, ps, i);
             }
             quant_rows(format, isa, down, down_scale, hidden, &ap, y);

@@ -232,6 +232,24 @@ def reference_expert(x: torch.Tensor, w: quant.QuantizedExpertWeights) -> torch.
 
 
 @needs_library
+def test_the_fused_experts_activation_has_pytorchs_bits():
+    """silu(gate) * up between the fused expert's products equals PyTorch's on each path: for every bfloat16 gate
+    (up = 1, so the product is the activation itself) and for random float32 rows."""
+    lib = kernels.library()
+    gate = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gate = gate[~gate.isnan()][:(1 << 16) - 512]  # a whole number of 32-column blocks
+    h = torch.cat([gate.float(), torch.ones(gate.numel())]).view(1, -1)
+    x = torch.randn(3, 2 * 256, generator=torch.Generator().manual_seed(14)) * 4
+    for isa in paths():
+        got = torch.empty(1, gate.numel())
+        assert lib.fiddler_silu_product(h.data_ptr(), 1, gate.numel(), 1, got.data_ptr(), isa) == 0
+        assert torch.equal(got[0], nn.functional.silu(gate).float())
+        got = torch.empty(3, 256)
+        assert lib.fiddler_silu_product(x.data_ptr(), 3, 256, 0, got.data_ptr(), isa) == 0
+        assert torch.allclose(got, nn.functional.silu(x[:, :256]) * x[:, 256:], rtol=1e-6, atol=0)
+
+
+@needs_library
 @pytest.mark.parametrize("name", FORMATS)
 def test_fused_expert_is_the_two_products(name):
     """One call per expert (what the worker's C loop calls) gives the two products with PyTorch's activation and
