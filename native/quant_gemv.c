@@ -401,28 +401,40 @@ VNNI INLINE __m256i unsigned_block(int format, const uint8_t *codes, int64_t b) 
    missing rows get codes 0 and scale 0, and are not stored. */
 VNNI static void pack_panel(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int count,
                             int64_t blocks, int64_t row_codes, uint8_t *panel) {
+    const uint8_t *rows[PANEL];
+    for (int r = 0; r < PANEL; r++) rows[r] = q + (r0 + (r < count ? r : 0)) * row_codes;
+    int64_t block_codes = format == QUANT_INT8 ? 32 : 16;
     for (int64_t b = 0; b < blocks; b++) {
+        if (b % 2 == 0) /* each row's codes a few lines ahead, where the tiles have not prefetched them */
+            for (int r = 0; r < PANEL; r++) _mm_prefetch((const char *)rows[r] + (b + 16) * block_codes, _MM_HINT_T0);
         __m512i v[8];
-        for (int j = 0; j < 8; j++) {
-            __m256i lo = j < count ? unsigned_block(format, q + (r0 + j) * row_codes, b) : _mm256_setzero_si256();
-            __m256i hi = j + 8 < count ? unsigned_block(format, q + (r0 + j + 8) * row_codes, b)
-                                       : _mm256_setzero_si256();
-            v[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < 8; j++)
+            v[j] = _mm512_inserti64x4(_mm512_castsi256_si512(unsigned_block(format, rows[j], b)),
+                                      unsigned_block(format, rows[j + 8], b), 1);
+        if (count < PANEL) { /* a piece's last panel: rows past the weights read row r0 again, then zeroed */
+            for (int j = 0; j < 8; j++) /* register j: row j in lanes 0-7, row j + 8 in lanes 8-15 */
+                v[j] = _mm512_maskz_mov_epi32((__mmask16)((j < count ? 0x00FF : 0) | (j + 8 < count ? 0xFF00 : 0)),
+                                              v[j]);
         }
         transpose_words(v);
         uint8_t *out = panel + b * PANEL_BLOCK;
+        _Pragma("GCC unroll 8")
         for (int c = 0; c < 8; c++) _mm512_store_si512(out + 64 * c, v[c]);
-        uint16_t halves[16] __attribute__((aligned(32))) = {0};
-        for (int r = 0; r < count; r++) halves[r] = scale[(r0 + r) * blocks + b];
-        _mm512_store_ps(out + 512, _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)halves)));
     }
+    for (int r = 0; r < PANEL; r++) /* the scales, a row at a time: stores of floats, no reloads */
+        for (int64_t b = 0; b < blocks; b++)
+            ((float *)(panel + b * PANEL_BLOCK + 512))[r] =
+                r < count ? _cvtsh_ss(scale[(r0 + r) * blocks + b]) : 0.0f;
 }
 
 /* A prefill tile: P packed panels (panel_bytes apart) against activation rows i0 .. i0 + N; per block each sum
    starts at the row's -K * sum(xq), takes 8 vpdpbusd, and is added with the two scales as the decoding path
-   does: acc += float(sum) * (dw * dx). masks[p]: the lanes of panel p that are weight rows. */
+   does: acc += float(sum) * (dw * dx). masks[p]: the lanes of panel p that are weight rows. Each block also
+   prefetches two cache lines from *ahead (the next piece's weights, while this one computes) until `end`. */
 VNNI INLINE void tile_vnni(const uint8_t *panels, int64_t panel_bytes, const int P, const acts *a, int64_t i0,
-                           const int N, const __mmask16 *masks, float *y, int64_t ystride) {
+                           const int N, const __mmask16 *masks, float *y, int64_t ystride, const uint8_t **ahead,
+                           const uint8_t *end) {
     int64_t blocks = a->blocks, cols = a->cols;
     const int8_t *xq = a->q + i0 * cols;
     const float *xd = a->d + i0 * blocks;
@@ -430,8 +442,14 @@ VNNI INLINE void tile_vnni(const uint8_t *panels, int64_t panel_bytes, const int
     __m512 acc[TILE_P][TILE_N];
     _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)
     _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[p][i] = _mm512_setzero_ps();
+    const uint8_t *next = *ahead;
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *w = panels + b * PANEL_BLOCK;
+        if (next < end) {
+            _mm_prefetch((const char *)next, _MM_HINT_T1);
+            _mm_prefetch((const char *)next + 64, _MM_HINT_T1);
+            next += 128;
+        }
         __m512i sum[TILE_P][TILE_N];
         _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
             __m512i k = _mm512_set1_epi32(xk[i * blocks + b]);
@@ -457,9 +475,11 @@ VNNI INLINE void tile_vnni(const uint8_t *panels, int64_t panel_bytes, const int
     _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)
     _Pragma("GCC unroll 16") for (int i = 0; i < N; i++)
         _mm512_mask_storeu_ps(y + (i0 + i) * ystride + PANEL * p, masks[p], acc[p][i]);
+    *ahead = next;
 }
 
-#define TILE_CASE(P, N) case N: tile_vnni(panels, panel_bytes, P, a, i0, N, masks, y + r0, ystride); break;
+#define TILE_CASE(P, N) \
+    case N: tile_vnni(panels, panel_bytes, P, a, i0, N, masks, y + r0, ystride, &ahead, end); break;
 #define TILE_SWITCH(P)                                                                                      \
     switch (n) {                                                                                            \
         TILE_CASE(P, 1) TILE_CASE(P, 2) TILE_CASE(P, 3) TILE_CASE(P, 4) TILE_CASE(P, 5) TILE_CASE(P, 6)     \
@@ -469,18 +489,21 @@ VNNI INLINE void tile_vnni(const uint8_t *panels, int64_t panel_bytes, const int
 #error "rows_vnni_prefill has a case for each tile of up to 2 panels and 6 rows"
 #endif
 
-/* Weight rows r0 <= r < r1 (at most PIECE_ROWS) against every activation row: packed once into this thread's
-   panels, then TILE_N activation rows at a time. */
+/* Weight rows r0 <= r < r1 (at most PIECE_ROWS, of `rows`) against every activation row: packed once into this
+   thread's panels, then TILE_N activation rows at a time, while the tiles prefetch the codes of the next
+   PIECE_ROWS rows (a thread's next piece: its pieces are consecutive). */
 VNNI static void rows_vnni_prefill(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
-                                   const acts *a, float *y, int64_t ystride) {
+                                   int64_t rows, const acts *a, float *y, int64_t ystride) {
     int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), panel_bytes = blocks * PANEL_BLOCK;
+    int64_t next_end = r1 + PIECE_ROWS < rows ? r1 + PIECE_ROWS : rows;
+    const uint8_t *ahead = q + r1 * row_codes, *end = q + next_end * row_codes;
     uint8_t *panels = a->panels + (int64_t)omp_get_thread_num() * TILE_P * panel_bytes;
     int count = (int)(r1 - r0), used = (count + PANEL - 1) / PANEL;
     __mmask16 masks[TILE_P];
     for (int p = 0; p < used; p++) {
-        int rows = count - PANEL * p < PANEL ? count - PANEL * p : PANEL;
-        masks[p] = (__mmask16)((1u << rows) - 1);
-        pack_panel(format, q, scale, r0 + PANEL * p, rows, blocks, row_codes, panels + p * panel_bytes);
+        int panel_rows = count - PANEL * p < PANEL ? count - PANEL * p : PANEL;
+        masks[p] = (__mmask16)((1u << panel_rows) - 1);
+        pack_panel(format, q, scale, r0 + PANEL * p, panel_rows, blocks, row_codes, panels + p * panel_bytes);
     }
     for (int64_t i0 = 0; i0 < a->n; i0 += TILE_N) {
         int64_t n = a->n - i0 < TILE_N ? a->n - i0 : TILE_N;
@@ -593,7 +616,7 @@ static void quant_rows(int format, int isa, const uint8_t *q, const uint16_t *sc
         if (isa == QUANT_ISA_AVX512 && a->pq)
             rows_vnni_decode(format, q, scale, r0, r1, a, y, rows);
         else if (isa == QUANT_ISA_AVX512)
-            rows_vnni_prefill(format, q, scale, r0, r1, a, y, rows);
+            rows_vnni_prefill(format, q, scale, r0, r1, rows, a, y, rows);
         else if (isa == QUANT_ISA_AVX2)
             rows_avx2(format, q, scale, r0, r1, a, y, rows);
         else
