@@ -457,12 +457,14 @@ VNNI INLINE void tile_vnni(const uint8_t *panels, int64_t panel_bytes, const int
         }
         _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
             __m512i wv[TILE_P];
-            _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) wv[p] = _mm512_load_si512(w + p * panel_bytes + 64 * c);
+            _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)
+                wv[p] = _mm512_load_si512(w + p * panel_bytes + 64 * c);
             _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
                 int32_t word;
                 memcpy(&word, xq + i * cols + 32 * b + 4 * c, 4);
                 __m512i x = _mm512_set1_epi32(word);
-                _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) sum[p][i] = _mm512_dpbusd_epi32(sum[p][i], wv[p], x);
+                _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)
+                    sum[p][i] = _mm512_dpbusd_epi32(sum[p][i], wv[p], x);
             }
         }
         _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {
@@ -582,6 +584,63 @@ AVX2 static void silu_row_avx2(const float *h, int64_t inter, int bf16, float *p
     }
 }
 
+/* The same, 16 columns at a time (AVX-512: the activation is a tenth of a prefill's time at 8). */
+VNNI INLINE __m512 round_bf16_avx512(__m512 f) {
+    __m512i u = _mm512_castps_si512(f);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
+                         _mm512_set1_epi32((int)0xFFFF0000u));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_castsi512_ps(u),
+                                _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+}
+
+VNNI INLINE __m512 power_of_two_avx512(__m512i k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(127)), 23));
+}
+
+VNNI INLINE __m512 exp_avx512(__m512 x) {
+    __m512i k = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(1.442695040888963407359924681001892137f)));
+    __m512 kf = _mm512_cvtepi32_ps(k);
+    __m512 s = _mm512_fmadd_ps(kf, _mm512_set1_ps(-0.693145751953125f), x);
+    s = _mm512_fmadd_ps(kf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+    __m512 p = _mm512_set1_ps(0.000198527617612853646278381f);
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(0.00139304355252534151077271f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(0.00833336077630519866943359f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(0.0416664853692054748535156f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(0.166666671633720397949219f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(0.5f));
+    p = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), p, s));
+    __m512i half = _mm512_srai_epi32(k, 1);
+    p = _mm512_mul_ps(_mm512_mul_ps(p, power_of_two_avx512(half)), power_of_two_avx512(_mm512_sub_epi32(k, half)));
+    p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_NLT_UQ), p);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(100.0f), _CMP_GT_OQ), p,
+                                _mm512_set1_ps(INFINITY));
+}
+
+VNNI static void silu_row_avx512(const float *h, int64_t inter, int bf16, float *ps) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t c = 0; c < inter; c += 16) {
+        __m512 g = _mm512_loadu_ps(h + c), u = _mm512_loadu_ps(h + inter + c);
+        if (bf16) g = round_bf16_avx512(g), u = round_bf16_avx512(u);
+        __m512 minus = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g),
+                                                             _mm512_set1_epi32((int)0x80000000u)));
+        __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp_avx512(minus)));
+        if (bf16) act = round_bf16_avx512(act);
+        __m512 p = _mm512_mul_ps(act, u);
+        _mm512_storeu_ps(ps + c, bf16 ? round_bf16_avx512(p) : p);
+    }
+}
+
+/* The activation of one row on the path `isa` (inter a multiple of 32). */
+static void silu_row(int isa, const float *h, int64_t inter, int bf16, float *ps) {
+    if (isa == QUANT_ISA_AVX512)
+        silu_row_avx512(h, inter, bf16, ps);
+    else if (isa == QUANT_ISA_AVX2)
+        silu_row_avx2(h, inter, bf16, ps);
+    else
+        silu_row_plain(h, inter, bf16, ps);
+}
+
 /* --- choosing a path, and the calls --- */
 
 /* The one place that reads the CPU's features. */
@@ -650,10 +709,7 @@ int fiddler_silu_product(const float *h, int64_t n, int64_t inter, int bf16, flo
     isa = checked(QUANT_INT8, inter, n, isa);
     if (isa == 0) return -2;
     for (int64_t i = 0; i < n; i++) {
-        if (isa >= QUANT_ISA_AVX2)
-            silu_row_avx2(h + i * 2 * inter, inter, bf16, ps + i * inter);
-        else
-            silu_row_plain(h + i * 2 * inter, inter, bf16, ps + i * inter);
+        silu_row(isa, h + i * 2 * inter, inter, bf16, ps + i * inter);
     }
     return 0;
 }
@@ -729,10 +785,7 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
             /* the activation, a row at a time, each row quantized for the down product as soon as it is done */
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n; i++) {
-                if (isa >= QUANT_ISA_AVX2)
-                    silu_row_avx2(h + i * 2 * inter, inter, x_bf16, ps + i * inter);
-                else
-                    silu_row_plain(h + i * 2 * inter, inter, x_bf16, ps + i * inter);
+                silu_row(isa, h + i * 2 * inter, inter, x_bf16, ps + i * inter);
                 prepare_row(&ap, format, isa, ps, i);
             }
             quant_rows(format, isa, down, down_scale, hidden, &ap, y);
