@@ -19,10 +19,11 @@
    -K * sum(xq), computed once per call with the activations.
 
    Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for the best, QUANT_ISA_* for one):
-   - AVX-512 with VNNI (vpdpbusd: 64 byte products a instruction). Decoding (up to MAX_ROWS rows): a weight row's
-     blocks two at a time in one vector, against each row. Prefill (more rows): 16 activation rows across a
-     vector's lanes, each weight's four bytes broadcast to them, a tile of 4 weight rows x 32 activation rows so
-     that each weight block is read once for 32 rows and each activation vector once for 4 weight rows.
+   - AVX-512 with VNNI (vpdpbusd: 64 byte products a instruction). Decoding (up to 4 rows, 6 for int4:
+     `vnni_decodes`): a weight row's blocks two at a time in one vector, against each row. More rows: a thread's
+     32 weight rows packed into two panels whose vectors hold one 4-code word of each of 16 rows, each activation
+     row's words broadcast to them, tiles of 32 weight rows x 6 activation rows with their sums in registers
+     (`tile_vnni`).
    - AVX2 (vpmaddubsw + vpmaddwd, llama.cpp's AVX2 method: |w| times x with w's sign), one weight row's block
      against up to MAX_ROWS rows at a time.
    - plain C, the same sums.
@@ -116,15 +117,21 @@ static void free_acts(acts *a) {
     memset(a, 0, sizeof *a);
 }
 
+/* Whether the VNNI path takes n rows as decoding (each weight row's blocks against each row) rather than as
+   prefill (packed panels, tiles of rows): up to 4 rows, 6 for int4, whose blocks unpack faster in the decoding
+   path (one expert of mini, 5-8 rows with the weights from memory: int8 1.1-1.25x faster as tiles, int4 5-6 rows
+   0.65-0.9x, 7-8 rows 1.0-1.2x; docs/performance-log.md). */
+static int vnni_decodes(int format, int64_t n) { return n <= (format == QUANT_INT4 ? 6 : 4); }
+
 /* Allocates what `prepare_acts` fills; 0, or -1 when there is no memory. */
-static int alloc_acts(acts *a, int isa, int64_t n, int64_t cols) {
+static int alloc_acts(acts *a, int format, int isa, int64_t n, int64_t cols) {
     int64_t blocks = cols / 32, pairs = pairs_of(blocks);
     memset(a, 0, sizeof *a);
     a->n = n, a->cols = cols, a->blocks = blocks;
     a->q = scratch((size_t)(n * cols));
     a->d = scratch((size_t)(n * blocks) * 4), a->k = scratch((size_t)(n * blocks) * 4);
     int ok = a->q && a->d && a->k;
-    if (isa == QUANT_ISA_AVX512 && n <= MAX_ROWS) {
+    if (isa == QUANT_ISA_AVX512 && vnni_decodes(format, n)) {
         a->pq = scratch((size_t)(n * pairs) * 64), a->pd = scratch((size_t)(n * pairs) * 64);
         a->pk = scratch((size_t)(n * pairs) * 64);
         ok = ok && a->pq && a->pd && a->pk;
@@ -742,7 +749,7 @@ int fiddler_quant_linear(int format, const uint8_t *q, const uint16_t *scale, in
     if (n == 0) return 0;
     acts a;
     float *xs = float_rows(x, x_bf16, n * cols), *y = x_bf16 ? scratch((size_t)(n * rows) * sizeof(float)) : out;
-    int ok = xs != NULL && y != NULL && alloc_acts(&a, isa, n, cols) == 0;
+    int ok = xs != NULL && y != NULL && alloc_acts(&a, format, isa, n, cols) == 0;
     if (ok) {
         prepare_acts(&a, format, isa, xs);
 #pragma omp parallel
@@ -775,8 +782,8 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
     float *xs = float_rows(x, x_bf16, n * hidden), *h = scratch((size_t)(n * 2 * inter) * sizeof(float));
     float *ps = scratch((size_t)(n * inter) * sizeof(float));
     float *y = x_bf16 ? scratch((size_t)(n * hidden) * sizeof(float)) : out;
-    int ok = xs && h && ps && y && (have_x = alloc_acts(&ax, isa, n, hidden) == 0)
-             && (have_p = alloc_acts(&ap, isa, n, inter) == 0);
+    int ok = xs && h && ps && y && (have_x = alloc_acts(&ax, format, isa, n, hidden) == 0)
+             && (have_p = alloc_acts(&ap, format, isa, n, inter) == 0);
     if (ok) {
         prepare_acts(&ax, format, isa, xs);
 #pragma omp parallel

@@ -169,12 +169,13 @@ def test_the_activations_are_quantized_alike_in_python_and_c():
 @needs_library
 @pytest.mark.parametrize("name", FORMATS)
 def test_every_kernel_path_is_the_exact_product_for_any_row_count(name):
-    """Decoding (1 to MAX_ROWS rows) and prefill row counts (whole and partial groups of 16 rows), bfloat16 and
-    float32 activations, each C path this CPU has, a weight row count that is not a whole number of the threads'
-    pieces or of the prefill tiles, an odd number of blocks (the AVX-512 path takes them two at a time) and more."""
+    """Decoding (1 to MAX_ROWS rows) and prefill row counts (whole and partial tiles of 6 rows), bfloat16 and
+    float32 activations, each C path this CPU has, weight row counts that are not a whole number of the threads'
+    pieces of 32 rows (a last piece of one partial panel of 16 rows, or a whole and a partial one), an odd number of
+    blocks (the AVX-512 decoding path takes them two at a time) and more."""
     generator = torch.Generator().manual_seed(4)
-    for cols in (160, 32 * 37):
-        m = quant.quantize(weights(98, cols, seed=3), name)
+    for out_rows, cols in ((98, 160), (116, 32 * 37)):
+        m = quant.quantize(weights(out_rows, cols, seed=3), name)
         for isa in paths():
             for dtype in (torch.float32, torch.bfloat16):
                 for rows in [*range(1, limits.MAX_ROWS + 1), 9, 16, 33, 70]:
