@@ -25,7 +25,8 @@
      row's words broadcast to them, tiles of 32 weight rows x 6 activation rows with their sums in registers
      (`tile_vnni`).
    - AVX2 (vpmaddubsw + vpmaddwd, llama.cpp's AVX2 method: |w| times x with w's sign), one weight row's block
-     against up to MAX_ROWS rows at a time.
+     against up to MAX_ROWS rows at a time; more rows as the VNNI path's tiles, with 8-row panels
+     (`tile_avx2`).
    - plain C, the same sums.
    Threads: OpenMP, over pieces of weight rows. */
 
@@ -48,6 +49,7 @@
 #define TILE_P 2                     /* panels of a prefill tile */
 #define TILE_N 6                     /* activation rows of a prefill tile */
 #define PIECE_ROWS (TILE_P * PANEL)  /* weight rows a thread takes at a time */
+#define PIECE_BYTES(blocks) ((blocks) * TILE_P * PANEL_BLOCK) /* a thread's packed panels, on either path */
 #define INLINE static inline __attribute__((always_inline))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
@@ -105,8 +107,8 @@ typedef struct {
     int8_t *pq;
     float *pd;
     int32_t *pk;
-    /* VNNI prefill: each thread's packed panels of weight rows (pack_panels), TILE_P * blocks * PANEL_BLOCK
-       bytes a thread */
+    /* prefill (VNNI, and AVX2 beyond MAX_ROWS rows): each thread's packed panels of weight rows (pack_panel,
+       pack_panel_avx2), PIECE_BYTES(blocks) a thread */
     uint8_t *panels;
 } acts;
 
@@ -135,9 +137,9 @@ static int alloc_acts(acts *a, int format, int isa, int64_t n, int64_t cols) {
         a->pq = scratch((size_t)(n * pairs) * 64), a->pd = scratch((size_t)(n * pairs) * 64);
         a->pk = scratch((size_t)(n * pairs) * 64);
         ok = ok && a->pq && a->pd && a->pk;
-    } else if (isa == QUANT_ISA_AVX512) {
+    } else if (isa == QUANT_ISA_AVX512 || (isa == QUANT_ISA_AVX2 && n > MAX_ROWS)) {
         /* a parallel region started after this has no more threads than this says */
-        a->panels = scratch((size_t)(omp_get_max_threads() * TILE_P * blocks) * PANEL_BLOCK);
+        a->panels = scratch((size_t)omp_get_max_threads() * (size_t)PIECE_BYTES(blocks));
         ok = ok && a->panels;
     }
     if (!ok) free_acts(a);
@@ -183,10 +185,24 @@ static void prepare_row(acts *a, int format, int isa, const float *xs, int64_t i
     }
 }
 
-/* Fills `a` from xs [n, cols] float32, on the calling thread: the activations of a call are few against its
-   weights, and a parallel region's barriers cost more than this on a busy machine. */
-static void prepare_acts(acts *a, int format, int isa, const float *xs) {
-    for (int64_t i = 0; i < a->n; i++) prepare_row(a, format, isa, xs, i);
+/* Row i of x [n, cols] (bfloat16 when x_bf16, else float32) into xs as float32. */
+static void float_row(const void *x, int x_bf16, int64_t cols, int64_t i, float *xs) {
+    for (int64_t j = i * cols; j < (i + 1) * cols; j++)
+        xs[j] = x_bf16 ? bf16_to_float(((const uint16_t *)x)[j]) : ((const float *)x)[j];
+}
+
+/* Whether the threads share the preparing of n rows: for prefill; a few decoding rows are prepared on the calling
+   thread, since a parallel region's barriers cost more than they do on a busy machine. */
+static int shared_preparing(int64_t n) { return n > MAX_ROWS; }
+
+/* Fills `a` from x [n, cols] (bfloat16 when x_bf16, else float32), through xs (n * cols floats): on the calling
+   thread outside a parallel region, or shared among the threads inside one (then ends with a barrier). */
+static void prepare_acts(acts *a, int format, int isa, const void *x, int x_bf16, float *xs) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a->n; i++) {
+        float_row(x, x_bf16, a->cols, i, xs);
+        prepare_row(a, format, isa, xs, i);
+    }
 }
 
 /* --- the plain path --- */
@@ -281,6 +297,137 @@ AVX2 static void rows_avx2(int format, const uint8_t *q, const uint16_t *scale, 
         }
     }
 }
+
+/* Prefill on AVX2, as the VNNI path's (below) with 8-row panels: a vector holds one 4-code word of each of 8 rows,
+   a panel's block is 8 such vectors and the 8 rows' float32 scales (PANEL_BLOCK_AVX2 bytes). int8 codes stay
+   signed and take llama.cpp's sign trick (|w| times x with w's sign: vpmaddubsw cannot saturate), each word's
+   pairs summed to 32 bits (vpmaddwd) at once; int4 codes (0..15) are unsigned as they are, so a block's 8 words
+   add up in 16 bits without overflow (8 x 2 x 15 x 127 < 2^15) and are widened once. */
+#define PANEL_AVX2 8
+#define PANEL_BLOCK_AVX2 (8 * 32 + 8 * 4)
+#define TILE_N_AVX2 4
+
+/* The 8x8 transpose of 32-bit words: word c of row r into vector c, lane r. */
+AVX2 INLINE void transpose_words_avx2(__m256i v[8]) {
+    __m256i t[8], u[8];
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_epi32(v[j], v[j + 1]);
+        t[j + 1] = _mm256_unpackhi_epi32(v[j], v[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+        u[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+        u[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+        u[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+        u[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        v[c] = _mm256_permute2x128_si256(u[c], u[c + 4], 0x20);
+        v[c + 4] = _mm256_permute2x128_si256(u[c], u[c + 4], 0x31);
+    }
+}
+
+/* Weight rows r0 .. r0 + count (count <= 8) packed into `panel` (blocks * PANEL_BLOCK_AVX2 bytes): int8 codes as
+   stored, int4 codes unpacked to bytes 0..15; missing rows zero. */
+AVX2 static void pack_panel_avx2(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int count,
+                                 int64_t blocks, int64_t row_codes, uint8_t *panel) {
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i v[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *codes = q + (r0 + r) * row_codes;
+            if (r >= count) {
+                v[r] = _mm256_setzero_si256();
+            } else if (format == QUANT_INT8) {
+                v[r] = _mm256_loadu_si256((const __m256i *)(codes + 32 * b));
+            } else {
+                __m128i x = _mm_loadu_si128((const __m128i *)(codes + 16 * b)), nibble = _mm_set1_epi8(15);
+                v[r] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x, 4), nibble), _mm_and_si128(x, nibble));
+            }
+        }
+        transpose_words_avx2(v);
+        uint8_t *out = panel + b * PANEL_BLOCK_AVX2;
+        for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)(out + 32 * c), v[c]);
+        for (int r = 0; r < 8; r++)
+            ((float *)(out + 256))[r] = r < count ? _cvtsh_ss(scale[(r0 + r) * blocks + b]) : 0.0f;
+    }
+}
+
+/* One packed panel against activation rows i0 .. i0 + N; out lanes past `count` rows are not stored. Per block:
+   int8 sums start at 0 (the sign trick's products are the signed ones), int4 sums at -8 * sum(xq); then added
+   with the two scales as every path does: acc += float(sum) * (dw * dx). */
+AVX2 INLINE void tile_avx2(int format, const uint8_t *panel, const acts *a, int64_t i0, const int N, int count,
+                           float *y, int64_t ystride) {
+    int64_t blocks = a->blocks, cols = a->cols;
+    const int8_t *xq = a->q + i0 * cols;
+    const float *xd = a->d + i0 * blocks;
+    const int32_t *xk = a->k + i0 * blocks;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_N_AVX2];
+    _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *w = panel + b * PANEL_BLOCK_AVX2;
+        __m256i sum[TILE_N_AVX2];
+        if (format == QUANT_INT8) {
+            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) sum[i] = _mm256_setzero_si256();
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 32 * c)), aw = _mm256_sign_epi8(wv, wv);
+                _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) {
+                    int32_t word;
+                    memcpy(&word, xq + i * cols + 32 * b + 4 * c, 4);
+                    __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(word), wv);
+                    sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x), ones));
+                }
+            }
+        } else {
+            __m256i pairs[TILE_N_AVX2];
+            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) pairs[i] = _mm256_setzero_si256();
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
+                _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) {
+                    int32_t word;
+                    memcpy(&word, xq + i * cols + 32 * b + 4 * c, 4);
+                    pairs[i] = _mm256_add_epi16(pairs[i], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(word)));
+                }
+            }
+            _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)
+                sum[i] = _mm256_add_epi32(_mm256_madd_epi16(pairs[i], ones), _mm256_set1_epi32(xk[i * blocks + b]));
+        }
+        __m256 dw = _mm256_loadu_ps((const float *)(w + 256));
+        _Pragma("GCC unroll 8") for (int i = 0; i < N; i++)
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i]), _mm256_mul_ps(_mm256_set1_ps(xd[i * blocks + b]), dw),
+                                     acc[i]);
+    }
+    __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes);
+    _Pragma("GCC unroll 8") for (int i = 0; i < N; i++) _mm256_maskstore_ps(y + (i0 + i) * ystride, mask, acc[i]);
+}
+
+/* Weight rows r0 <= r < r1 (at most PIECE_ROWS) against every activation row: each 8-row panel packed into this
+   thread's buffer, then TILE_N_AVX2 activation rows at a time. */
+AVX2 static void rows_avx2_prefill(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
+                                   const acts *a, float *y, int64_t ystride) {
+    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols);
+    uint8_t *panel = a->panels + (int64_t)omp_get_thread_num() * PIECE_BYTES(blocks);
+    for (int64_t p0 = r0; p0 < r1; p0 += PANEL_AVX2) {
+        int count = r1 - p0 < PANEL_AVX2 ? (int)(r1 - p0) : PANEL_AVX2;
+        pack_panel_avx2(format, q, scale, p0, count, blocks, row_codes, panel);
+        for (int64_t i0 = 0; i0 < a->n; i0 += TILE_N_AVX2) {
+            int64_t n = a->n - i0 < TILE_N_AVX2 ? a->n - i0 : TILE_N_AVX2;
+#define AVX2_CASE(FORMAT, N) case N: tile_avx2(FORMAT, panel, a, i0, N, count, y + p0, ystride); break;
+            if (format == QUANT_INT8) {
+                switch (n) { AVX2_CASE(QUANT_INT8, 1) AVX2_CASE(QUANT_INT8, 2) AVX2_CASE(QUANT_INT8, 3)
+                             AVX2_CASE(QUANT_INT8, 4) }
+            } else {
+                switch (n) { AVX2_CASE(QUANT_INT4, 1) AVX2_CASE(QUANT_INT4, 2) AVX2_CASE(QUANT_INT4, 3)
+                             AVX2_CASE(QUANT_INT4, 4) }
+            }
+#undef AVX2_CASE
+        }
+    }
+}
+
+#if PANEL_BLOCK_AVX2 * (PIECE_ROWS / PANEL_AVX2) > TILE_P * PANEL_BLOCK
+#error "PIECE_BYTES holds the VNNI path's panels of a piece but not the AVX2 path's"
+#endif
 
 /* --- the AVX-512 VNNI path --- */
 
@@ -506,7 +653,7 @@ VNNI static void rows_vnni_prefill(int format, const uint8_t *q, const uint16_t 
     int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), panel_bytes = blocks * PANEL_BLOCK;
     int64_t next_end = r1 + PIECE_ROWS < rows ? r1 + PIECE_ROWS : rows;
     const uint8_t *ahead = q + r1 * row_codes, *end = q + next_end * row_codes;
-    uint8_t *panels = a->panels + (int64_t)omp_get_thread_num() * TILE_P * panel_bytes;
+    uint8_t *panels = a->panels + (int64_t)omp_get_thread_num() * PIECE_BYTES(blocks);
     int count = (int)(r1 - r0), used = (count + PANEL - 1) / PANEL;
     __mmask16 masks[TILE_P];
     for (int p = 0; p < used; p++) {
@@ -683,6 +830,8 @@ static void quant_rows(int format, int isa, const uint8_t *q, const uint16_t *sc
             rows_vnni_decode(format, q, scale, r0, r1, a, y, rows);
         else if (isa == QUANT_ISA_AVX512)
             rows_vnni_prefill(format, q, scale, r0, r1, rows, a, y, rows);
+        else if (isa == QUANT_ISA_AVX2 && a->panels)
+            rows_avx2_prefill(format, q, scale, r0, r1, a, y, rows);
         else if (isa == QUANT_ISA_AVX2)
             rows_avx2(format, q, scale, r0, r1, a, y, rows);
         else
@@ -690,13 +839,6 @@ static void quant_rows(int format, int isa, const uint8_t *q, const uint16_t *sc
     }
 }
 
-static float *float_rows(const void *x, int x_bf16, int64_t count) {
-    float *xs = scratch((size_t)count * sizeof(float));
-    if (xs == NULL) return NULL;
-    for (int64_t j = 0; j < count; j++)
-        xs[j] = x_bf16 ? bf16_to_float(((const uint16_t *)x)[j]) : ((const float *)x)[j];
-    return xs;
-}
 
 /* y (float32) into out, rounded to bfloat16 when out_bf16; call inside a parallel region. */
 static void store(const float *y, int64_t count, int out_bf16, void *out) {
@@ -727,9 +869,10 @@ int fiddler_silu_product(const float *h, int64_t n, int64_t inter, int bf16, flo
 int fiddler_quant_activations(const void *x, int x_bf16, int64_t n, int64_t cols, int8_t *q, float *d, int isa) {
     isa = checked(QUANT_INT8, cols, n, isa);
     if (isa == 0) return -2;
-    float *xs = float_rows(x, x_bf16, n * cols);
+    float *xs = scratch((size_t)(n * cols) * sizeof(float));
     if (xs == NULL) return -1;
     for (int64_t i = 0; i < n; i++) {
+        float_row(x, x_bf16, cols, i, xs);
         if (isa >= QUANT_ISA_AVX2)
             quantize_row_avx2(xs + i * cols, cols, q + i * cols, d + i * (cols / 32));
         else
@@ -748,12 +891,14 @@ int fiddler_quant_linear(int format, const uint8_t *q, const uint16_t *scale, in
     if (isa == 0) return -2;
     if (n == 0) return 0;
     acts a;
-    float *xs = float_rows(x, x_bf16, n * cols), *y = x_bf16 ? scratch((size_t)(n * rows) * sizeof(float)) : out;
-    int ok = xs != NULL && y != NULL && alloc_acts(&a, format, isa, n, cols) == 0;
+    float *xs = scratch((size_t)(n * cols) * sizeof(float));
+    float *y = x_bf16 ? scratch((size_t)(n * rows) * sizeof(float)) : out;
+    int ok = xs != NULL && y != NULL && alloc_acts(&a, format, isa, n, cols) == 0, shared = shared_preparing(n);
     if (ok) {
-        prepare_acts(&a, format, isa, xs);
+        if (!shared) prepare_acts(&a, format, isa, x, x_bf16, xs);
 #pragma omp parallel
         {
+            if (shared) prepare_acts(&a, format, isa, x, x_bf16, xs);
             quant_rows(format, isa, q, scale, rows, &a, y);
             if (x_bf16) store(y, n * rows, 1, out);
         }
@@ -779,15 +924,17 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
     if (n == 0) return 0;
     acts ax, ap;
     int have_x = 0, have_p = 0;
-    float *xs = float_rows(x, x_bf16, n * hidden), *h = scratch((size_t)(n * 2 * inter) * sizeof(float));
+    float *xs = scratch((size_t)(n * hidden) * sizeof(float)), *h = scratch((size_t)(n * 2 * inter) * sizeof(float));
     float *ps = scratch((size_t)(n * inter) * sizeof(float));
     float *y = x_bf16 ? scratch((size_t)(n * hidden) * sizeof(float)) : out;
     int ok = xs && h && ps && y && (have_x = alloc_acts(&ax, format, isa, n, hidden) == 0)
              && (have_p = alloc_acts(&ap, format, isa, n, inter) == 0);
+    int shared = shared_preparing(n);
     if (ok) {
-        prepare_acts(&ax, format, isa, xs);
+        if (!shared) prepare_acts(&ax, format, isa, x, x_bf16, xs);
 #pragma omp parallel
         {
+            if (shared) prepare_acts(&ax, format, isa, x, x_bf16, xs);
             quant_rows(format, isa, gate_up, gate_up_scale, 2 * inter, &ax, h);
             /* the activation, a row at a time, each row quantized for the down product as soon as it is done */
 #pragma omp for schedule(static)
