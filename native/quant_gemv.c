@@ -515,12 +515,13 @@ VNNI static void rows_vnni_decode(int format, const uint8_t *q, const uint16_t *
 
 /* Prefill: the weight rows of a thread's piece packed, PANEL rows at a time, so that a vector holds one 4-code
    word of each of 16 rows (unsigned: int8 q + 128, int4 q), and each activation row's word is broadcast to them:
-   a tile of TILE_P panels x TILE_N activation rows keeps its 2 * TILE_P * TILE_N sums in registers across the
-   blocks, reads each packed vector once for TILE_N rows and each activation word once for TILE_P panels, and
-   writes 16 neighbouring outputs a vector. A panel's block: 8 vectors (codes 4c .. 4c + 3 of row r in lane r),
-   then the 16 rows' scales in float32. Packing reads the weights once and costs a few per cent of the products
-   from 64 rows on; llama.cpp and KTransformers keep such interleaved layouts on disk, we pack per call and keep
-   one layout for every path. */
+   a tile of TILE_P panels x TILE_N activation rows keeps its TILE_P * TILE_N integer sums and as many float
+   accumulators in registers across the blocks, reads each packed vector once for TILE_N rows and each activation
+   word once for TILE_P panels, and writes 16 neighbouring outputs a vector. A panel's block: 8 vectors (codes
+   4c .. 4c + 3 of row r in lane r), then the 16 rows' scales in float32. Packing reads the weights once and costs
+   a few per cent of the products from 64 rows on; llama.cpp and KTransformers keep such interleaved layouts on
+   disk, we pack per call so that one stored layout serves every path, the quantized cache and the move path,
+   and a worker holds its shard once (docs/performance-log.md, "packed weight panels"). */
 
 /* The 8x16 transpose of a block's words: register j starts with rows j and j + 8 (8 words each), and three
    swaps of a register bit with a lane bit (vpermt2d) leave word c of row r in register c, lane r. */
