@@ -121,8 +121,8 @@ static void free_acts(acts *a) {
 
 /* Whether the VNNI path takes n rows as decoding (each weight row's blocks against each row) rather than as
    prefill (packed panels, tiles of rows): up to 4 rows, 6 for int4, whose blocks unpack faster in the decoding
-   path (one expert of mini, 5-8 rows with the weights from memory: int8 1.1-1.25x faster as tiles, int4 5-6 rows
-   0.65-0.9x, 7-8 rows 1.0-1.2x; docs/performance-log.md). */
+   path (one expert of mini, 5-8 rows with the weights from memory: int8 about 1.1-1.3x faster as tiles, int4
+   5-6 rows 0.65-0.98x, 7-8 rows 1.0-1.2x; docs/performance-log.md). */
 static int vnni_decodes(int format, int64_t n) { return n <= (format == QUANT_INT4 ? 6 : 4); }
 
 /* Allocates what `prepare_acts` fills; 0, or -1 when there is no memory. */
@@ -192,7 +192,7 @@ static void float_row(const void *x, int x_bf16, int64_t cols, int64_t i, float 
 }
 
 /* Whether the threads share the preparing of n rows: for prefill; a few decoding rows are prepared on the calling
-   thread, since a parallel region's barriers cost more than they do on a busy machine. */
+   thread, since a parallel region's barriers would cost more than preparing them there on a busy machine. */
 static int shared_preparing(int64_t n) { return n > MAX_ROWS; }
 
 /* Fills `a` from x [n, cols] (bfloat16 when x_bf16, else float32), through xs (n * cols floats): on the calling
