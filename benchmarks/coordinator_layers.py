@@ -12,10 +12,11 @@ Each way is transformers' own model of the preset with its experts replaced by n
 - onednn-eager: onednn with transformers' eager attention instead of SDPA (attn_implementation="eager");
 - int8 / int4: the linear layers a CPU coordinator quantizes with --quantize (attention, shared experts, head)
   through the quantized kernels (cpu_linear.quantize_linear_layers), the rest onednn, DynamicCache.
-A turn times --steps decode steps after a prompt of --context tokens; each way gets --turns turns. With one thread the
-clock is the thread's CPU time, which a busy neighbour on a shared machine moves far less than the wall clock;
-with more, the wall clock. Prints each way's median and range, its ratio to the first way per turn, and the floor:
-the non-expert bytes of a decode token (benchmarks/bench.py's decode_bytes) over the read bandwidth at these threads.
+A turn times --steps decode steps after a prompt of --context tokens (or, with --prefill, the prompt); each way gets
+--turns turns. With one thread the clock is the thread's CPU time, which a busy neighbour on a shared machine moves
+far less than the wall clock; with more, the wall clock. Prints each way's median and range, its ratio to the first
+way per turn, and the floor: the non-expert bytes of a decode token (benchmarks/bench.py's decode_bytes) over the
+read bandwidth at these threads.
 """
 
 from __future__ import annotations
@@ -56,15 +57,19 @@ def load(folder: str, way: str) -> torch.nn.Module:
     return model
 
 
-def turn(model: torch.nn.Module, static: bool, context: int, steps: int, clock) -> float:
-    """Seconds per decode step of one turn: a prompt of `context` tokens, then `steps` greedy steps."""
+def turn(model: torch.nn.Module, static: bool, context: int, steps: int, clock, prefill: bool = False) -> float:
+    """Seconds per decode step of one turn: a prompt of `context` tokens, then `steps` greedy steps; or with
+    `prefill` the seconds of the prompt's pass alone."""
     from transformers import DynamicCache, StaticCache
 
     prompt = torch.arange(10, 10 + context).unsqueeze(0)
     with torch.inference_mode():
         cache = (StaticCache(config=model.config, max_cache_len=context + steps + 1) if static
                  else DynamicCache(config=model.config))
+        started = clock()
         out = model(prompt, past_key_values=cache, use_cache=True)
+        if prefill:
+            return clock() - started
         token = out.logits[:, -1:].argmax(-1)
         started = clock()
         for i in range(steps):
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=12)
     parser.add_argument("--steps", type=int, default=8, help="decode steps a turn")
     parser.add_argument("--context", type=int, default=32, help="prompt tokens before a turn's steps")
+    parser.add_argument("--prefill", action="store_true", help="time the prompt's pass of --context tokens instead "
+                        "of the decode steps (ms per prompt; the floor is then a decode step's, for scale)")
     parser.add_argument("--bandwidth-gbs", type=float, help="the read bandwidth for the floor, GB/s (default: "
                         "measured now, which a busy machine lowers)")
     args = parser.parse_args()
@@ -108,7 +115,8 @@ def main() -> None:
     times: dict[str, list[float]] = {way: [] for way in ways}
     for i in range(args.turns):
         for way in ways if i % 2 == 0 else ways[::-1]:
-            times[way].append(1e3 * turn(models[way], way.endswith("static"), args.context, args.steps, clock))
+            times[way].append(1e3 * turn(models[way], way.endswith("static"), args.context, args.steps, clock,
+                                         args.prefill))
     bandwidth = (args.bandwidth_gbs * 1e9 if args.bandwidth_gbs
                  else measure_read_bandwidth([args.threads], 512)["bytes_per_second"])
     floor = 1e3 * own_bytes / bandwidth
@@ -117,7 +125,8 @@ def main() -> None:
     first = ways[0]
     for way, ms in times.items():
         ratios = [a / b for a, b in zip(ms, times[first])]
-        print(f"{way}: ms per decode step median {statistics.median(ms):.2f} (min {min(ms):.2f}, max {max(ms):.2f}); "
+        print(f"{way}: ms per {'prompt' if args.prefill else 'decode step'} median {statistics.median(ms):.2f} "
+              f"(min {min(ms):.2f}, max {max(ms):.2f}); "
               f"{statistics.median(ms) / floor:.2f}x the floor; over {first} per turn median "
               f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
 

@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=3584)
     parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2")
     parser.add_argument("--rows", default="1", help="activation rows per expert, e.g. 1,8,128")
+    parser.add_argument("--paths", default="plain,avx2,avx512", help="C paths of the fused quantized kernel to time "
+                        "by name besides the worker's own choice, e.g. avx2; none for none")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=32)
     parser.add_argument("--cpu-time", action="store_true", help="time with this thread's CPU time instead of the "
@@ -71,6 +73,8 @@ def main() -> None:
                 for name in quant.FORMATS:
                     ws = contestants[name][1]
                     for isa, label in PATHS.items():
+                        if label not in args.paths.split(","):
+                            continue
                         if isa > kernels.library().fiddler_quant_isa() or (isa == limits.QUANT_ISA_PLAIN
                                                                             and rows > limits.MAX_ROWS):
                             continue  # the plain path only where it takes seconds, not minutes

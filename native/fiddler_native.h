@@ -72,6 +72,7 @@ int fiddler_quant_silu_expert(int format, const uint8_t *gate_up, const uint16_t
                               const void *x, int x_bf16, int64_t n, void *out, int isa);
 int fiddler_quant_activations(const void *x, int x_bf16, int64_t n, int64_t cols, int8_t *q, float *d, int isa);
 int fiddler_quant_isa(void);
+int fiddler_silu_product(const float *h, int64_t n, int64_t inter, int bf16, float *ps, int isa);
 /* quantize.c: weights into the formats */
 int fiddler_quantize(int format, const void *w, int w_bf16, int64_t rows, int64_t cols, uint8_t *q, uint16_t *scale);
 

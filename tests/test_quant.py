@@ -169,12 +169,13 @@ def test_the_activations_are_quantized_alike_in_python_and_c():
 @needs_library
 @pytest.mark.parametrize("name", FORMATS)
 def test_every_kernel_path_is_the_exact_product_for_any_row_count(name):
-    """Decoding (1 to MAX_ROWS rows) and prefill row counts (whole and partial groups of 16 rows), bfloat16 and
-    float32 activations, each C path this CPU has, a weight row count that is not a whole number of the threads'
-    pieces or of the prefill tiles, an odd number of blocks (the AVX-512 path takes them two at a time) and more."""
+    """Decoding (1 to MAX_ROWS rows) and prefill row counts (whole and partial tiles of 6 rows), bfloat16 and
+    float32 activations, each C path this CPU has, weight row counts that are not a whole number of the threads'
+    pieces of 32 rows (a last piece of one partial panel of 16 rows, or a whole and a partial one), an odd number of
+    blocks (the AVX-512 decoding path takes them two at a time) and more."""
     generator = torch.Generator().manual_seed(4)
-    for cols in (160, 32 * 37):
-        m = quant.quantize(weights(98, cols, seed=3), name)
+    for out_rows, cols in ((98, 160), (116, 32 * 37)):
+        m = quant.quantize(weights(out_rows, cols, seed=3), name)
         for isa in paths():
             for dtype in (torch.float32, torch.bfloat16):
                 for rows in [*range(1, limits.MAX_ROWS + 1), 9, 16, 33, 70]:
@@ -229,6 +230,24 @@ def reference_expert(x: torch.Tensor, w: quant.QuantizedExpertWeights) -> torch.
     h = quant.reference_linear(x, w.gate_up).to(x.dtype)
     gate, up = h.chunk(2, dim=-1)
     return quant.reference_linear(nn.functional.silu(gate) * up, w.down)
+
+
+@needs_library
+def test_the_fused_experts_activation_has_pytorchs_bits():
+    """silu(gate) * up between the fused expert's products equals PyTorch's on each path: for every bfloat16 gate
+    (up = 1, so the product is the activation itself) and for random float32 rows."""
+    lib = kernels.library()
+    gate = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gate = gate[~gate.isnan()][:(1 << 16) - 512]  # a whole number of 32-column blocks
+    h = torch.cat([gate.float(), torch.ones(gate.numel())]).view(1, -1)
+    x = torch.randn(3, 2 * 256, generator=torch.Generator().manual_seed(14)) * 4
+    for isa in paths():
+        got = torch.empty(1, gate.numel())
+        assert lib.fiddler_silu_product(h.data_ptr(), 1, gate.numel(), 1, got.data_ptr(), isa) == 0
+        assert torch.equal(got[0], nn.functional.silu(gate).float())
+        got = torch.empty(3, 256)
+        assert lib.fiddler_silu_product(x.data_ptr(), 3, 256, 0, got.data_ptr(), isa) == 0
+        assert torch.allclose(got, nn.functional.silu(x[:, :256]) * x[:, 256:], rtol=1e-6, atol=0)
 
 
 @needs_library
