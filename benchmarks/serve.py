@@ -4,9 +4,11 @@ batched `generate` on the same folder and threads.
     fiddler bench serve --preset mini --clients 1,2,4,8
 
 The cluster starts once (the launcher's defaults; on a CPU every expert is cold) with its HTTP API on a loopback
-port, as `fiddler-launch --http` serves it. For each number of clients, that many threads each stream one
+port, as `fiddler-launch --http` serves it. For each number of clients, that many clients each stream one
 completion of a distinct random prompt (--prompt-len token ids, greedy, --new-tokens tokens, EOS ignored), all
-sent at once, --repeats times. Per round:
+sent at once, --repeats times. The clients run in a process of their own (benchmarks/serve_clients.py: one asyncio
+loop, a connection per client), as real clients do: threads of this process would compete with the cluster's
+engine and HTTP threads for the interpreter's lock. Per round:
 - time to first token (TTFT): from sending the request to the first streamed text, per client;
 - per-stream decode tok/s: a client's tokens after its first over the time from its first text to its end;
 - aggregate decode tok/s: every client's tokens after its first, over the time from the first client's first text
@@ -14,7 +16,8 @@ sent at once, --repeats times. Per round:
 Then transformers: `generate` on a left-padded batch of the same prompts (the same count), eager, the same dtype
 and total threads as the cluster (up to the cores there are), timed the same way (its first token is the whole
 batch's).
-Medians over the rounds; the JSON keeps every round.
+Medians over the rounds; the JSON keeps every round, with the CPU seconds it took this process (the coordinator,
+its engine and the HTTP server; not the workers) and the clients' process.
 """
 
 from __future__ import annotations
@@ -22,19 +25,19 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import torch
 
 from fiddler_moe.benchmarks.bench import (BenchOptions, describe_machine, prepare_checkpoint, random_prompt,
                                           torch_dtype)
 from fiddler_moe.benchmarks.runners import first_token_streamer, pad_token_id
+from fiddler_moe.benchmarks.serve_clients import Stream
 from fiddler_moe.launch.cluster import Cluster
 from fiddler_moe.launch.options import ClusterOptions
 from fiddler_moe.serving.app import Served, make_app
@@ -57,26 +60,7 @@ class ServeOptions:
     seed: int = 0
 
 
-@dataclass
-class Stream:
-    """One client's request, as the client saw it."""
-
-    sent: float
-    first: float | None = None
-    end: float | None = None
-    tokens: int = 0
-
-    @property
-    def ttft(self) -> float:
-        return (self.first or self.end) - self.sent
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        span = (self.end or 0) - (self.first or 0)
-        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0
-
-
-def round_figures(streams: list[Stream]) -> dict:
+def round_figures(streams: list[Stream], **cpu_seconds: float) -> dict:
     first = min(s.first or s.end for s in streams)
     last = max(s.end for s in streams)
     decoded = sum(max(0, s.tokens - 1) for s in streams)
@@ -86,6 +70,7 @@ def round_figures(streams: list[Stream]) -> dict:
         "stream_decode_tokens_per_second": [s.decode_tokens_per_second for s in streams],
         "tokens": [s.tokens for s in streams],
         "seconds": last - min(s.sent for s in streams),
+        **cpu_seconds,
     }
 
 
@@ -104,48 +89,32 @@ def summarize(rounds: list[dict], clients: int) -> dict:
 # --- the cluster over HTTP ---
 
 
-def stream_completion(client: httpx.Client, model: str, prompt: list[int], new_tokens: int) -> Stream:
-    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    stream = Stream(sent=time.perf_counter())
-    with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"the server answered {response.status_code}: {response.read()[:300]!r}")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"the stream failed: {chunk['error']['message']}")
-            if chunk["choices"] and chunk["choices"][0]["text"] and stream.first is None:
-                stream.first = time.perf_counter()
-            if chunk.get("usage"):
-                stream.tokens = chunk["usage"]["completion_tokens"]
-    stream.end = time.perf_counter()
-    return stream
+class ClientProcess:
+    """The clients of every round: one process of their own (benchmarks/serve_clients.py), started once."""
 
+    def __init__(self, url: str, model: str):
+        self.process = subprocess.Popen([sys.executable, "-m", "fiddler_moe.benchmarks.serve_clients", url, model],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-def concurrent_round(url: str, model: str, prompts: list[list[int]], new_tokens: int) -> list[Stream]:
-    results: list[Stream | BaseException | None] = [None] * len(prompts)
-    ready = threading.Barrier(len(prompts))
+    def round(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[Stream], float]:
+        """Each prompt streamed by a client of its own, all at once: the streams and the clients' CPU seconds."""
+        self.process.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the benchmark's client process ended (exit status {self.process.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"a client failed: {answer['error']}")
+        return [Stream(**s) for s in answer["streams"]], answer["cpu_seconds"]
 
-    def client(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            ready.wait()
-            try:
-                results[i] = stream_completion(http, model, prompts[i], new_tokens)
-            except BaseException as e:
-                results[i] = e
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list[list[int]],
@@ -158,19 +127,25 @@ def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list
         listener = HttpOptions.parse("127.0.0.1:0").bind()
         server = HttpServer(make_app(served), listener)
         server.start()
+        clients = None
         try:
             log(f"cluster: {len(cluster.slots)} worker(s), {threads} threads in all, HTTP at {server.url}")
-            concurrent_round(server.url, folder.name, prompts[:1], 4)  # warm-up
+            clients = ClientProcess(server.url, folder.name)
+            clients.round(prompts[:1], 4)  # warm-up
             results = []
             for n in options.clients:
                 rounds = []
                 for r in range(options.repeats):
-                    streams = concurrent_round(server.url, folder.name, prompts[:n], options.new_tokens)
-                    rounds.append(round_figures(streams))
+                    server_cpu = time.process_time()
+                    streams, client_cpu = clients.round(prompts[:n], options.new_tokens)
+                    rounds.append(round_figures(streams, server_cpu_seconds=time.process_time() - server_cpu,
+                                                client_cpu_seconds=client_cpu))
                     log(f"fiddler, {n} client(s), round {r + 1}: "
                         f"{rounds[-1]['aggregate_decode_tokens_per_second']:.1f} decode tok/s in all")
                 results.append(summarize(rounds, n))
         finally:
+            if clients is not None:
+                clients.close()
             served.shutting_down = "the benchmark is over"
             served.cancel_all()
             server.stop()

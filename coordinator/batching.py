@@ -1,9 +1,11 @@
 """The serving engine: every client of a cluster submits requests here, and one loop thread alone runs the model.
 
 `BatchEngine.submit` checks a request at once and queues it; the loop thread takes requests in arrival order and
-runs them. Each request's new tokens reach its `RequestHandle` as they are made; a handle can be cancelled from any
-thread. A worker that fails a step ends the requests of that step with the error, after `on_failure` (the
-cluster's recovery) has run in the loop thread, so that nothing else touches the coordinator meanwhile.
+runs them. Each request's new tokens reach its `RequestHandle` as they are made (all rows' tokens of a step are
+chosen first, then handed over together, so that a caller watching many requests through `on_change` wakes once a
+step); a handle can be cancelled from any thread. A worker that fails a step ends the requests of that step with
+the error, after `on_failure` (the cluster's recovery) has run in the loop thread, so that nothing else touches the
+coordinator meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ from fiddler_moe.coordinator.coordinator import Coordinator, check_sampling
 from fiddler_moe.coordinator.dispatch import ClusterDegraded, WorkerFailed
 
 log = logging.getLogger("fiddler.engine")
+
+# An idle engine's first request waits until no other has come for GATHER_S (at most GATHER_LIMIT_S in all), so that
+# requests sent together are read in one prefill: a prompt read after the others' first tokens stalls their streams
+# for its whole prefill. Clients sending at once reach the queue a few milliseconds apart (each is parsed and
+# checked first); a lone request pays GATHER_S, a fraction of a percent of a prefill's time.
+GATHER_S = 0.005
+GATHER_LIMIT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -66,10 +75,14 @@ class EngineStats:
 class RequestHandle:
     """One submitted request, as its caller sees it; the engine's loop thread fills it in."""
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 on_change: Callable[[RequestHandle], None] | None = None):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = params
+        # Called in the engine's thread after each new token and at the end: it must be quick and never block (the
+        # HTTP server's, serving/app.py, only notes the handle and wakes its event loop once for all of them).
+        self.on_change = on_change
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
         self.error: BaseException | None = None
         self.submitted_at = time.perf_counter()
@@ -94,6 +107,12 @@ class RequestHandle:
         """The new tokens so far (a copy; does not wait)."""
         with self._changed:
             return list(self._token_ids)
+
+    def tokens_from(self, start: int) -> tuple[list[int], bool]:
+        """The new tokens from index `start` on, and whether the request had finished when they were read (does
+        not wait)."""
+        with self._changed:
+            return self._token_ids[start:], self.done
 
     def tokens(self, timeout_s: float | None = None) -> Iterator[int]:
         """Each new token id as its step finishes; ends when the request finishes, raises its error if it failed.
@@ -139,6 +158,8 @@ class RequestHandle:
                 self.first_token_at = time.perf_counter()
             self._token_ids.append(token)
             self._changed.notify_all()
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         with self._changed:
@@ -148,6 +169,8 @@ class RequestHandle:
             self.finished_at = time.perf_counter()
             self.finish_reason = reason
             self._changed.notify_all()
+        if self.on_change is not None:
+            self.on_change(self)
 
 
 class _StopWhenCancelled(StoppingCriteria):
@@ -196,17 +219,31 @@ class _Row:
         return cls(handle, stop, masked, _warpers(params) if sample else None, generator,
                    len(handle.prompt_token_ids))
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this row's float32 logits (vocabulary,), as transformers' generate picks it."""
+    @property
+    def masks_eos(self) -> bool:
         params = self.handle.params
-        if self.eos_ids and (params.ignore_eos or self.made < params.min_tokens):
-            logits = logits.clone()
-            logits[self.eos_ids] = -math.inf
-        if self.warpers is None:
-            return int(torch.argmax(logits))
+        return bool(self.eos_ids) and (params.ignore_eos or self.made < params.min_tokens)
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """A sampled token from this row's float32 logits (vocabulary,), EOS already masked where it must be."""
         scores = self.warpers(None, logits[None])
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def choose(rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    """Each row's next token from float32 logits (rows, vocabulary), as transformers' generate picks it: EOS masked
+    where the row asks, then the greedy rows' argmax taken in one call for all of them (the same first maximum
+    as row by row) and each sampling row drawn from its own generator."""
+    masked = None
+    for i, row in enumerate(rows):
+        if row.masks_eos:
+            if masked is None:
+                masked = logits.clone()
+            masked[i, row.eos_ids] = -math.inf
+    scores = logits if masked is None else masked
+    greedy = scores.argmax(dim=-1).tolist() if any(row.warpers is None for row in rows) else []
+    return [greedy[i] if row.warpers is None else row.sample(scores[i]) for i, row in enumerate(rows)]
 
 
 class _Batch:
@@ -300,13 +337,15 @@ class BatchEngine:
 
     # --- clients ---
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
-        """Check the request and queue it; never waits for generation. ValueError says what is wrong."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+               on_change: Callable[[RequestHandle], None] | None = None) -> RequestHandle:
+        """Check the request and queue it; never waits for generation. ValueError says what is wrong. on_change:
+        see RequestHandle."""
         coordinator = self.coordinator
         coordinator.check_serving()
         params.check(coordinator.vocab_size)
         prompt_ids = coordinator.check_prompt(prompt_ids, params.max_new_tokens)
-        handle = RequestHandle(f"req-{next(self._ids)}", prompt_ids, params)
+        handle = RequestHandle(f"req-{next(self._ids)}", prompt_ids, params, on_change)
         with self._queue_changed:
             if self._closing:
                 raise ClusterDegraded("the engine is shutting down; the request was not started")
@@ -349,6 +388,8 @@ class BatchEngine:
             while True:
                 with self._queue_changed:
                     self._queue_changed.wait_for(lambda: self._waiting or self._batch.rows or self._closing)
+                    if not self._batch.rows:
+                        self._gather()
                     if self._closing:
                         return
                     starting = self._admit()
@@ -369,6 +410,16 @@ class BatchEngine:
                     with self._queue_changed:
                         self._starting = 0
                     self._fail(handles, e)
+
+    def _gather(self) -> None:
+        """Idle, with a request waiting: wait for those sent with it (see GATHER_S). Called holding the queue's lock."""
+        deadline = time.perf_counter() + GATHER_LIMIT_S
+        seen = len(self._waiting)
+        while not self._closing and 0 < seen < self.max_batch_size:
+            left = min(GATHER_S, deadline - time.perf_counter())
+            if left <= 0 or not self._queue_changed.wait(left) or len(self._waiting) == seen:
+                return
+            seen = len(self._waiting)
 
     def _admit(self) -> list[RequestHandle]:
         """The waiting requests that join now, in arrival order, while the batch has room. A beam search runs on
@@ -450,7 +501,7 @@ class BatchEngine:
             self._stats.prefill_seconds += time.perf_counter() - started
         logits = out.logits[:, -1, :].float().cpu()  # chosen on the CPU: each request's generator lives there
         group = _Batch(rows, cache, mask)
-        group.keep([i for i, row in enumerate(rows) if self._advance(row, row.choose(logits[i]))])
+        group.keep([i for i, (row, token) in enumerate(zip(rows, choose(rows, logits))) if self._advance(row, token)])
         self._batch.join(group)
 
     def _decode_step(self) -> None:
@@ -472,7 +523,8 @@ class BatchEngine:
             batch.keep([])
             self._fail(handles, e)
             return
-        batch.keep([i for i, row in enumerate(batch.rows) if self._advance(row, row.choose(logits[i]))])
+        tokens = choose(batch.rows, logits)
+        batch.keep([i for i, (row, token) in enumerate(zip(batch.rows, tokens)) if self._advance(row, token)])
         with self._queue_changed:
             self._stats.decode_seconds += time.perf_counter() - started
 

@@ -10,7 +10,9 @@ The combination mirrors transformers' grouped_mm implementation (weighted rows, 
 routing weights' precision), so results match transformers' own model.
 
 A decoding step whose layer is all cold on one local worker (CPU-only, every expert cold) takes the same steps in
-C instead (`_call_in_c`, native/shm_call.py): right after the worker's turn each Python step here is slow.
+C instead (`_call_in_c`, native/shm_call.py): right after the worker's turn each Python step here is slow. That is
+one sequence's step, or, where no scheduler may move experts, a batch's (the serving engine's steps of up to
+native/limits.py's MAX_PAIRS routed pairs).
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ class Dispatcher:
     ) -> torch.Tensor:
         entered = time.perf_counter()
         num_tokens, top_k = top_k_index.shape
-        if num_tokens < MIN_ROWS_TO_MOVE and layer in self.sole_worker and shm_call.takes(hidden, top_k_index,
-                                                                                           top_k_weights):
+        may_move = num_tokens >= MIN_ROWS_TO_MOVE and self.scheduler is not None and self.scheduler.enabled
+        if not may_move and layer in self.sole_worker and shm_call.takes(hidden, top_k_index, top_k_weights):
             result = self._call_in_c(self.sole_worker[layer], layer, hidden, top_k_index, top_k_weights, entered)
             if result is not None:
                 return result

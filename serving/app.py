@@ -8,9 +8,11 @@ prompt and choice (`n`); the engine decodes all of them together. The text is de
 (serving/text.py), which is also where stop strings end a request: its handle is cancelled, so it leaves the
 batch at the next step. A client that goes away mid-request cancels its handles the same way.
 
-Each engine request is read by a thread of its own that hands the tokens to the event loop: waiting for a token
-never blocks the loop, and a cancelled stream stops waiting at once. The tokenizer is this app's own copy, used
-only on the event loop's thread (a fast tokenizer must not be used from two threads at once).
+The engine's thread hands new tokens to the event loop itself (`TokenFeed`): each handle notes itself as changed,
+and the loop is woken once for all the handles a step changed, so a step of many streams costs one wake-up, not a
+thread and a wake-up per stream. Waiting for a token never blocks the loop, and a cancelled stream stops waiting at
+once. The tokenizer is this app's own copy, used only on the event loop's thread (a fast tokenizer must not be used
+from two threads at once).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,37 +70,63 @@ class Served:
             handle.cancel()
 
 
-# --- one engine request, read on a thread of its own ---
+# --- the engine's tokens, handed to the event loop ---
 
 
-class TokenPump:
-    """Reads a handle's tokens on a thread and queues them for the event loop; ends with None, or the error."""
+class TokenFeed:
+    """Wakes the event loop for the requests whose tokens changed: the engine's thread calls `changed` for each
+    (RequestHandle.on_change), and one loop callback per batch of changes sets their readers' events."""
 
-    END = None
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._changed: dict[TokenReader, None] = {}  # in the order the engine made them
+        self._woken = False  # a wake-up is on its way to the loop
 
-    def __init__(self, handle: RequestHandle, loop: asyncio.AbstractEventLoop):
-        self.handle = handle
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.thread = threading.Thread(target=self._run, args=(loop,), daemon=True, name=f"http-{handle.request_id}")
-        self.thread.start()
-
-    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+    def changed(self, reader: TokenReader) -> None:
+        """From the engine's thread: quick, never blocks."""
+        with self._lock:
+            self._changed[reader] = None
+            if self._woken:
+                return
+            self._woken = True
         try:
-            for token in self.handle.tokens():
-                loop.call_soon_threadsafe(self.queue.put_nowait, token)
-            item = self.END
-        except BaseException as e:  # the engine's error for this request, raised where the client is answered
-            item = e
-        try:
-            loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the loop is closed: the server stopped
             pass
 
-    async def next(self) -> int | None:
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    def _wake(self) -> None:
+        with self._lock:
+            changed, self._changed, self._woken = self._changed, {}, False
+        for reader in changed:
+            reader.ready.set()
+
+
+class TokenReader:
+    """One engine request's tokens, read on the event loop."""
+
+    def __init__(self, feed: TokenFeed):
+        self.feed = feed
+        self.ready = asyncio.Event()
+        self.handle: RequestHandle | None = None  # set once submitted
+        self.read = 0  # tokens given out so far
+
+    def on_change(self, handle: RequestHandle) -> None:
+        self.feed.changed(self)
+
+    async def next(self) -> list[int] | None:
+        """The tokens made since the last call (at least one), or None at the end; raises the request's error."""
+        while True:
+            tokens, done = self.handle.tokens_from(self.read)
+            if tokens:
+                self.read += len(tokens)
+                return tokens
+            if done:
+                if self.handle.error is not None:
+                    raise self.handle.error
+                return None
+            self.ready.clear()  # only the loop sets it, so no change can slip in between the look and the wait
+            await self.ready.wait()
 
 
 @dataclass
@@ -107,29 +136,27 @@ class Choice:
     index: int
     handle: RequestHandle
     text: StopText
-    pump: TokenPump
+    reader: TokenReader
     generated: int = 0
     finish_reason: str | None = None
     output: str = ""
 
     async def pieces(self) -> AsyncIterator[str]:
         """The text as it comes, ending at a stop string, the end of sequence or the token limit."""
-        while True:
-            token = await self.pump.next()
-            if token is None:
-                break
-            self.generated += 1
-            piece = self.text.add(token)
-            if self.text.stopped:
-                self.handle.cancel()  # leaves the batch before the next step
-                self.finish_reason = "stop"
+        while (tokens := await self.reader.next()) is not None:
+            for token in tokens:
+                self.generated += 1
+                piece = self.text.add(token)
+                if self.text.stopped:
+                    self.handle.cancel()  # leaves the batch before the next step
+                    self.finish_reason = "stop"
+                    if piece:
+                        self.output += piece
+                        yield piece
+                    return
                 if piece:
                     self.output += piece
                     yield piece
-                return
-            if piece:
-                self.output += piece
-                yield piece
         reason = self.handle.finish_reason
         if reason == "cancelled":
             raise ApiError(503, "the request was cancelled: the server is shutting down", None, "shutting_down")
@@ -161,6 +188,7 @@ def make_app(served: Served, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="fiddler-moe", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer = copy.deepcopy(served.tokenizer)
     counters = metrics.Counters()
+    feeds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TokenFeed] = weakref.WeakKeyDictionary()
     app.state.served, app.state.metrics = served, counters
 
     @app.exception_handler(ApiError)
@@ -271,6 +299,7 @@ def make_app(served: Served, api_key: str | None = None) -> FastAPI:
     def submit(body, prompts: list[list[int]], max_tokens: int | None) -> list[Choice]:
         context = served.context_length()
         loop = asyncio.get_running_loop()
+        feed = feeds.get(loop) or feeds.setdefault(loop, TokenFeed(loop))
         choices: list[Choice] = []
         try:
             for prompt in prompts:
@@ -287,10 +316,10 @@ def make_app(served: Served, api_key: str | None = None) -> FastAPI:
                         min_tokens=body.min_tokens,
                         num_beams=body.num_beams,
                     )
-                    handle = served.engine.submit(prompt, params)
+                    reader = TokenReader(feed)
+                    reader.handle = handle = served.engine.submit(prompt, params, reader.on_change)
                     served.open_handles.add(handle)
-                    choices.append(Choice(len(choices), handle, StopText(tokenizer, body.stop_strings()),
-                                          TokenPump(handle, loop)))
+                    choices.append(Choice(len(choices), handle, StopText(tokenizer, body.stop_strings()), reader))
         except BaseException as e:
             release(choices)
             raise _error_of(e) from None

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -19,6 +21,21 @@ def test_decoding_counts_the_same_through_c_and_through_python(tmp_path, avx2_bf
     with Cluster(folder, workers=1, device="cpu", quiet=True) as cluster:
         dispatcher = cluster.coordinator.dispatcher
         link = dispatcher.workers[0]
+        # A batch's step (8 rows here) takes the C path too when no scheduler may move experts: the same bits.
+        config = json.loads((folder / "config.json").read_text())
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(8, config["hidden_size"], generator=generator).to(torch.bfloat16)
+        index = torch.stack([torch.randperm(config["num_local_experts"], generator=generator)[:2] for _ in range(8)])
+        weights = torch.rand(8, 2, generator=generator).softmax(dim=-1)
+        layer = next(iter(dispatcher.sole_worker))
+        assert not dispatcher._shm_calls  # nothing has been decoded yet
+        with cluster.engine.exclusive(), torch.inference_mode():
+            through_c = dispatcher.forward(layer, hidden, index, weights)
+            assert dispatcher._shm_calls, "the 8-row call went through shm_call.c"
+            sole, dispatcher.sole_worker = dispatcher.sole_worker, {}
+            through_python = dispatcher.forward(layer, hidden, index, weights)
+            dispatcher.sole_worker = sole
+        assert torch.equal(through_c, through_python)
         counted = []
         for through_c in (True, False):
             if not through_c:
