@@ -33,6 +33,7 @@ products quantizing their inputs alike.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -259,10 +260,15 @@ class ExpertKernel:
                 and kernels.quant_applies(x, weights.gate_up.cols)):
             return kernels.quant_silu_expert(weights.gate_up.code, (weights.gate_up.q, weights.gate_up.scale),
                                              (weights.down.q, weights.down.scale), x, out)
-        h = quant.linear(x, weights.gate_up)
+        return self._two_products(quant.linear, weights, x, out)
+
+    def _two_products(self, linear: Callable, weights: quant.QuantizedExpertWeights | quant.DequantizedExpertWeights,
+                      x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """gate_up, the activation, down, each product by `linear` (the format's), with the biases."""
+        h = linear(x, weights.gate_up)
         if weights.gate_up_bias is not None:
             h = h + weights.gate_up_bias
-        h = quant.linear(self._activate(h), weights.down)
+        h = linear(self._activate(h), weights.down)
         if weights.down_bias is not None:
             h = h + weights.down_bias
         return h if out is None else out.copy_(h)
@@ -273,13 +279,7 @@ class ExpertKernel:
         the compute dtype, with the activation between them in the compute dtype, as the workers compute it."""
         if x.shape[0] == 0:
             return x.new_empty((0, weights.hidden)) if out is None else out
-        h = quant.dequantized_linear(x, weights.gate_up)
-        if weights.gate_up_bias is not None:
-            h = h + weights.gate_up_bias
-        h = quant.dequantized_linear(self._activate(h), weights.down)
-        if weights.down_bias is not None:
-            h = h + weights.down_bias
-        return h if out is None else out.copy_(h)
+        return self._two_products(quant.dequantized_linear, weights, x, out)
 
     @torch.inference_mode()
     def forward(self, weights: ExpertWeights | quant.QuantizedExpertWeights | quant.DequantizedExpertWeights,
