@@ -263,8 +263,10 @@ def check(family: Family, root: Path) -> Row:
     return row
 
 
-def run(row: Row) -> Row:
-    """The cluster (every expert cold, one worker, float32) against transformers on PROMPT."""
+def run(row: Row, **cluster_options) -> Row:
+    """The cluster (every expert cold, one worker, float32) against transformers on PROMPT. `cluster_options` go to
+    Cluster: the test suite points every family's cluster at one worker it started with `fiddler-worker --listen`,
+    which serves one cluster after another, instead of starting (importing torch in) a worker per family."""
     from fiddler_moe.launch.cluster import Cluster
 
     with warnings.catch_warnings():
@@ -274,7 +276,8 @@ def run(row: Row) -> Row:
     with torch.inference_mode():
         want = reference(input_ids=prompt).logits
     try:
-        with Cluster(row.folder, workers=1, device="cpu", dtype="float32", quiet=True) as cluster:
+        options = {"workers": 1, "device": "cpu", "dtype": "float32", "quiet": True, **cluster_options}
+        with Cluster(row.folder, **options) as cluster:
             got = cluster.logits(prompt, torch.ones_like(prompt))
             cold = cluster.coordinator.dispatcher.stats.cold_pairs
     except Exception as e:  # a family that passes the checks but fails in the cluster: a row, not a crash

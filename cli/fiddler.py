@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fiddler_moe.cli.options import cluster_options_command, fail
+from fiddler_moe.cli.options import cluster_options_command, fail, run_then_exit
 from fiddler_moe.host import numa
 from fiddler_moe.launch.options import ClusterOptions
 
@@ -481,7 +481,7 @@ def bench(
 
 def main() -> None:
     numa.use_openmp_settings()  # before anything imports torch
-    app()
+    run_then_exit(app)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import os
+import sys
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, fields
@@ -22,6 +25,24 @@ from typing import Annotated
 import typer
 
 from fiddler_moe.launch.options import ClusterOptions, Flag
+
+
+def run_then_exit(app: typer.Typer) -> typing.NoReturn:
+    """A console command's entry point: run it, then end the process at once. Everything it started is stopped by
+    then (a launcher's `with cluster:`); the interpreter's own shutdown with torch and transformers loaded would add
+    over a second before the process is gone, which the user at the prompt, a relaunch or a script waits for
+    (fiddler-worker ends the same way). An uncaught exception still ends the ordinary way, with its traceback."""
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def fail(message: str) -> typer.Exit:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,13 +66,28 @@ def test_a_refused_family_starts_no_process(rows, tmp_path):
     assert set(children_of(os.getpid())) <= running
 
 
-def test_one_family_per_expert_function_and_layout_matches_transformers(rows):
+def test_one_family_per_expert_function_and_layout_matches_transformers(rows, tmp_path):
+    """Each representative's cluster runs its experts in a real worker process on this host (ipc socket, shared
+    memory, the checkpoint folder named in LoadShard), as a launched cluster does; one `fiddler-worker --listen`
+    serves the clusters one after another, which spares a worker start (a torch import) per family."""
     torch.set_num_threads(1)
     chosen = families.representatives(rows)
     assert len(chosen) >= 5  # plain gated, transposed, clamped, GPT-OSS's, ungated at least
-    results = [families.run(row) for row in chosen]
+    socket = tmp_path / "worker.sock"
+    (tmp_path / "token").write_text("families-token\n")
+    worker = subprocess.Popen([Path(sys.executable).parent / "fiddler-worker", "--listen", f"ipc://{socket}",
+                               "--threads", "1", "--token-file", str(tmp_path / "token")],
+                              env={**os.environ, "FIDDLER_WORKER_QUIET": "1"})
+    try:
+        options = {"workers": 0, "remote_workers": [f"ipc://{socket}"], "token": "families-token"}
+        results = [families.run(row, **options) for row in chosen]
+        assert worker.poll() is None, "the worker served every family's cluster"
+    finally:
+        worker.terminate()
+        code = worker.wait(timeout=30)
     wrong = [f"{r.family.name}: {r.status} {r.reason or r.error}" for r in results if r.status != "exact"]
     assert not wrong, "\n".join(wrong)
+    assert code == 0 and not socket.exists()
 
 
 def test_the_readme_table_is_the_survey(rows):
