@@ -3,8 +3,8 @@ batched `generate` on the same folder and threads.
 
     fiddler bench serve --preset mini --clients 1,2,4,8
 
-The cluster starts once (the launcher's defaults; on a CPU every expert is cold) with its HTTP API on a loopback
-port, as `fiddler-launch --http` serves it. For each number of clients, that many clients each stream one
+The cluster starts once (the launcher's defaults, the workers' experts in --quantize's format; on a CPU every
+expert is cold) with its HTTP API on a loopback port, as `fiddler-launch --http` serves it. For each number of clients, that many clients each stream one
 completion of a distinct random prompt (--prompt-len token ids, greedy, --new-tokens tokens, EOS ignored), all
 sent at once, --repeats times. The clients run in a process of their own (benchmarks/serve_clients.py: one asyncio
 loop, a connection per client), as real clients do: threads of this process would compete with the cluster's
@@ -54,6 +54,7 @@ class ServeOptions:
     new_tokens: int = 32
     repeats: int = 2
     device: str = "cpu"
+    quantize: str = "none"  # the workers' format (--quantize); transformers keeps the compute dtype
     baseline: bool = True
     out: Path = Path("bench-results")
     chart: bool = True
@@ -119,7 +120,8 @@ class ClientProcess:
 
 def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list[list[int]],
                   log: Callable[[str], None]) -> tuple[list[dict], dict]:
-    cluster_options = ClusterOptions(model=folder, device=options.device, dtype=dtype, quiet=True)
+    cluster_options = ClusterOptions(model=folder, device=options.device, dtype=dtype, quantize=options.quantize,
+                                     quiet=True)
     with Cluster(cluster_options) as cluster:
         threads = torch.get_num_threads() + sum(slot.threads for slot in cluster.slots)
         served = Served(cluster.engine, cluster.tokenizer, folder, health=lambda: cluster.coordinator.degraded,
@@ -152,7 +154,8 @@ def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list
         # transformers gets the same threads, up to the cores there are (the cluster's sides take turns on them)
         layout = {"workers": len(cluster.slots), "threads_per_worker": [s.threads for s in cluster.slots],
                   "coordinator_threads": torch.get_num_threads(), "total_threads": threads,
-                  "transformers_threads": min(os.cpu_count() or 1, threads)}
+                  "transformers_threads": min(os.cpu_count() or 1, threads),
+                  "cold_format": cluster.coordinator.placement.cold_format or dtype}
     return results, layout
 
 
@@ -223,7 +226,8 @@ def run_serve_bench(options: ServeOptions, log: Callable[[str], None] = lambda t
         "model": {"name": options.preset if options.model is None else str(options.model), "folder": str(folder),
                   "dtype": dtype},
         "settings": {"clients": options.clients, "prompt_len": options.prompt_len, "new_tokens": options.new_tokens,
-                     "repeats": options.repeats, "device": options.device, "seed": options.seed},
+                     "repeats": options.repeats, "device": options.device, "seed": options.seed,
+                     "quantize": options.quantize},
         "machine": describe_machine(torch.device("cpu")),
         "cluster_layout": layout,
         "fiddler": cluster,
@@ -236,9 +240,11 @@ def table(result: dict) -> str:
     rows = ["| clients | run | aggregate decode tok/s | per-stream decode tok/s | TTFT s | x one client | "
             "x transformers |", "| --- | --- | --- | --- | --- | --- | --- |"]
     baseline = {b["clients"]: b for b in result["transformers"]}
+    quantize = result["settings"].get("quantize", "none")
+    name = "fiddler" if quantize == "none" else f"fiddler, {quantize}"
     for row in result["fiddler"]:
         versus = row.get("versus_transformers")
-        rows.append(f"| {row['clients']} | fiddler | {row['aggregate_decode_tokens_per_second']:.1f} | "
+        rows.append(f"| {row['clients']} | {name} | {row['aggregate_decode_tokens_per_second']:.1f} | "
                     f"{row['stream_decode_tokens_per_second']:.1f} | {row['ttft_seconds']:.2f} | "
                     f"{row['versus_one_client']:.2f}x | {f'{versus:.2f}x' if versus else '-'} |")
         base = baseline.get(row["clients"])
@@ -251,7 +257,10 @@ def table(result: dict) -> str:
 
 def write_results(result: dict, out: Path, chart: bool) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"serve-{Path(result['model']['name']).name}-{result['model']['dtype']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    quantize = result["settings"].get("quantize", "none")
+    fmt = "" if quantize == "none" else f"-{quantize}"
+    name = f"{Path(result['model']['name']).name}-{result['model']['dtype']}{fmt}"
+    stem = f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     written = [path]

@@ -357,7 +357,7 @@ def _bench_transport(out) -> None:
 
 
 def _bench_serve(preset: str, model: str | None, dtype: str, clients: list[int], prompt_len: int, new_tokens: int,
-                 repeats: int, device: str, baseline: bool, out, chart: bool, seed: int) -> None:
+                 repeats: int, device: str, quantize: str, baseline: bool, out, chart: bool, seed: int) -> None:
     """`fiddler bench serve`: concurrent HTTP clients against one cluster, beside transformers (benchmarks/serve.py)."""
     from pathlib import Path
 
@@ -372,7 +372,8 @@ def _bench_serve(preset: str, model: str | None, dtype: str, clients: list[int],
     _terminate_as_interrupt()
     options = serve.ServeOptions(preset=preset, model=Path(model) if model else None, dtype=dtype, clients=clients,
                                  prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                                 device="cpu" if device == "auto" else device, baseline=baseline, out=out,
+                                 device="cpu" if device == "auto" else device, quantize=quantize,
+                                 baseline=baseline, out=out,
                                  chart=chart, seed=seed)
     try:
         result = serve.run_serve_bench(options)
@@ -434,8 +435,11 @@ def bench(
         _bench_transport(Path(out))
         return
     if what == "serve":
+        if "," in quantize:
+            raise fail(f"`fiddler bench serve` measures one format at a time, not --quantize {quantize}; run it once "
+                       "per format, e.g. --quantize int4")
         _bench_serve(preset, model, dtype, _int_list(clients, "--clients"), prompt_len, new_tokens, repeats, device,
-                     baseline, Path(out), chart, seed)
+                     quantize.strip(), baseline, Path(out), chart, seed)
         return
     if what != "model":
         raise fail(f"unknown benchmark {what!r}; use `fiddler bench` (model), `fiddler bench serve` or "

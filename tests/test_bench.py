@@ -140,8 +140,24 @@ def test_bench_serve_measures_concurrent_http_clients_beside_transformers(cli, t
         assert row["rounds"][0]["tokens"] == [4] * row["clients"]  # every stream got all its tokens
     assert result["fiddler"][0]["versus_one_client"] == 1.0
     assert result["cluster_layout"]["transformers_threads"] >= 1
+    assert result["cluster_layout"]["cold_format"] == "bfloat16"
     pytest.importorskip("matplotlib")
     [chart] = out.glob("serve-tiny-bfloat16-*.png")
     assert chart.read_bytes()[:8] == PNG_MAGIC
     assert runtime_leftovers() == []
     assert "1,0" in error_line(cli(fiddler.app, "bench", "serve", "--clients", "1,0", "--out", tmp_path / "bad"))
+
+
+def test_bench_serve_runs_the_workers_in_the_format_asked(cli, tmp_path):
+    out = tmp_path / "serve"
+    done = cli(fiddler.app, "bench", "serve", "--preset", "tiny", "--quantize", "int8", "--clients", "1",
+               "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--no-baseline", "--no-chart", "--out", out)
+    assert done.exit_code == 0, done.stderr
+    assert "| 1 | fiddler, int8 |" in done.stdout
+    [result_file] = out.glob("serve-tiny-bfloat16-int8-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["settings"]["quantize"] == "int8" and result["cluster_layout"]["cold_format"] == "int8"
+    assert result["fiddler"][0]["rounds"][0]["tokens"] == [4]
+    assert runtime_leftovers() == []
+    sweep = error_line(cli(fiddler.app, "bench", "serve", "--quantize", "none,int4", "--out", tmp_path / "bad"))
+    assert "one format at a time" in sweep and "--quantize int4" in sweep
