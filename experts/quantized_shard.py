@@ -153,18 +153,14 @@ def _read(path: Path, name: str, allocate: Callable[[int], torch.Tensor] = _priv
                 done += got
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     where = []
     try:
         for t in meta["tensors"]:
-            dtype = DTYPES[t["dtype"]]
             count = math.prod(t["shape"])
-            if t["offset"] % ALIGN or t["offset"] + count * dtype.itemsize > size:
+            if t["offset"] % ALIGN or t["offset"] + count * DTYPES[t["dtype"]].itemsize > size:
                 return None
-            part = buffer[t["offset"] : t["offset"] + count * dtype.itemsize]
-            parts.setdefault((t["layer"], t["expert"]), {})[t["name"]] = part.view(dtype).view(t["shape"])
             where.append(SharedTensor(t["layer"], t["expert"], t["name"], t["offset"], list(t["shape"]), t["dtype"]))
-        shard = {key: quant.QuantizedExpertWeights.from_planes(name, p) for key, p in parts.items()}
+        shard = _views(buffer, where, name)
         for w in shard.values():
             w.gate_up.check()
             w.down.check()
@@ -173,16 +169,21 @@ def _read(path: Path, name: str, allocate: Callable[[int], torch.Tensor] = _priv
     return shard, where
 
 
-def shared_quantized_views(buffer, tensors: list[SharedTensor], name: str
-                           ) -> dict[tuple[int, int], quant.QuantizedExpertWeights]:
-    """QuantizedExpertWeights viewing a shared quantized shard's buffer (the coordinator's read-only mapping of
-    the worker's file), as `_read` laid it out."""
-    parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+def _views(buffer: torch.Tensor, tensors: list[SharedTensor], name: str) -> dict[Expert, quant.QuantizedExpertWeights]:
+    """QuantizedExpertWeights viewing the uint8 `buffer` where `tensors` say each plane sits."""
+    parts: dict[Expert, dict[str, torch.Tensor]] = {}
     for t in tensors:
         dtype = DTYPES[t.dtype]
-        view = torch.frombuffer(buffer, dtype=dtype, count=math.prod(t.shape), offset=t.offset).view(t.shape)
-        parts.setdefault((t.layer, t.expert), {})[t.name] = view
+        part = buffer[t.offset : t.offset + math.prod(t.shape) * dtype.itemsize]
+        parts.setdefault((t.layer, t.expert), {})[t.name] = part.view(dtype).view(t.shape)
     return {key: quant.QuantizedExpertWeights.from_planes(name, p) for key, p in parts.items()}
+
+
+def shared_quantized_views(buffer, tensors: list[SharedTensor], name: str
+                           ) -> dict[Expert, quant.QuantizedExpertWeights]:
+    """QuantizedExpertWeights viewing a shared quantized shard's buffer (the coordinator's read-only mapping of
+    the worker's file), as `_read` laid it out."""
+    return _views(torch.frombuffer(buffer, dtype=torch.uint8), tensors, name)
 
 
 def load_quantized_shard(folder: Path, fingerprint: str, sources: list[ExpertSource], name: str, dtype_name: str,
