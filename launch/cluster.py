@@ -117,6 +117,15 @@ class Cluster:
         return numa.lay_out(topology, cfg.workers, cfg.workers_per_socket, cfg.threads_per_worker,
                             coordinator_cores=coordinator_cores(cfg, topology), numa=cfg.numa == "on")
 
+    def plan_experts(self, layout: numa.Layout) -> tuple[Prepared, Placement]:
+        """The checkpoint checked against the flags, and the experts placed on the local workers (weighted by their
+        threads) and the remote ones: what --dry-run prints and the start checks the memory with."""
+        cfg = self.options
+        prepared = prepare(cfg.model, len(layout.workers) + len(cfg.remote_workers), cfg.device, cfg.dtype,
+                           cfg.device_budget, cfg.hot_experts, cfg.profile, cfg.scheduling, cfg.quantize)
+        return prepared, prepared.plan([float(slot.threads) for slot in layout.workers]
+                                       + [1.0] * len(cfg.remote_workers))
+
     def dry_run(self) -> list[str]:
         """The plan, as `fiddler-launch --dry-run` prints it: nothing is started."""
         cfg = self.options
@@ -126,9 +135,7 @@ class Cluster:
             cfg.model = builtin_model_path()
         topology = numa.read_topology()
         layout = self.plan_workers(topology)
-        prepared = prepare(cfg.model, len(layout.workers) + len(cfg.remote_workers), cfg.device, cfg.dtype,
-                           cfg.device_budget, cfg.hot_experts, cfg.profile, cfg.scheduling, cfg.quantize)
-        placement = prepared.plan([float(slot.threads) for slot in layout.workers] + [1.0] * len(cfg.remote_workers))
+        prepared, placement = self.plan_experts(layout)
         model = prepared.layout
         cold_bytes = model.cold_expert_bytes(cfg.quantize)
         in_format = f" in {cfg.quantize}" if cfg.quantize != "none" else ""
@@ -179,10 +186,7 @@ class Cluster:
         for warning in layout.warnings:
             self.log(f"warning: {warning}")
         # Everything that can be wrong with the checkpoint or flags is found here, before any process starts.
-        num_workers = len(layout.workers) + len(cfg.remote_workers)
-        prepared = prepare(cfg.model, num_workers, cfg.device, cfg.dtype, cfg.device_budget, cfg.hot_experts,
-                           cfg.profile, cfg.scheduling, cfg.quantize)
-        placement = prepared.plan([float(slot.threads) for slot in layout.workers] + [1.0] * len(cfg.remote_workers))
+        prepared, placement = self.plan_experts(layout)
         for warning in memory_warnings(topology, layout, placement, prepared, cfg.quantize):
             self.log(f"warning: {warning}")
         # The coordinator's threads are counted among the cores: left at torch's default (every core) they fight
