@@ -4,9 +4,9 @@ batched `generate` on the same folder and threads.
     fiddler bench serve --preset mini --clients 1,2,4,8
 
 The cluster starts once (the launcher's defaults, the workers' experts in --quantize's format; on a CPU every
-expert is cold) with its HTTP API on a loopback port, as `fiddler-launch --http` serves it. For each number of clients, that many clients each stream one
-completion of a distinct random prompt (--prompt-len token ids, greedy, --new-tokens tokens, EOS ignored), all
-sent at once, --repeats times. The clients run in a process of their own (benchmarks/serve_clients.py: one asyncio
+expert is cold) with its HTTP API on a loopback port, as `fiddler-launch --http` serves it. For each number of
+clients, that many clients each stream one completion of a distinct random prompt (--prompt-len token ids, greedy,
+--new-tokens tokens, EOS ignored), all sent at once, --repeats times. The clients run in a process of their own (benchmarks/serve_clients.py: one asyncio
 loop, a connection per client), as real clients do: threads of this process would compete with the cluster's
 engine and HTTP threads for the interpreter's lock. Per round:
 - time to first token (TTFT): from sending the request to the first streamed text, per client;
@@ -235,12 +235,17 @@ def run_serve_bench(options: ServeOptions, log: Callable[[str], None] = lambda t
     }
 
 
+def _quantize(result: dict) -> str:
+    """The workers' format of a result (results written before --quantize reached `bench serve` have none)."""
+    return result["settings"].get("quantize", "none")
+
+
 def table(result: dict) -> str:
     """The figures as a Markdown table, as the README keeps it."""
     rows = ["| clients | run | aggregate decode tok/s | per-stream decode tok/s | TTFT s | x one client | "
             "x transformers |", "| --- | --- | --- | --- | --- | --- | --- |"]
     baseline = {b["clients"]: b for b in result["transformers"]}
-    quantize = result["settings"].get("quantize", "none")
+    quantize = _quantize(result)
     name = "fiddler" if quantize == "none" else f"fiddler, {quantize}"
     for row in result["fiddler"]:
         versus = row.get("versus_transformers")
@@ -257,7 +262,7 @@ def table(result: dict) -> str:
 
 def write_results(result: dict, out: Path, chart: bool) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    quantize = result["settings"].get("quantize", "none")
+    quantize = _quantize(result)
     fmt = "" if quantize == "none" else f"-{quantize}"
     name = f"{Path(result['model']['name']).name}-{result['model']['dtype']}{fmt}"
     stem = f"serve-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
