@@ -150,13 +150,11 @@ class Choice:
                 if self.text.stopped:
                     self.handle.cancel()  # leaves the batch before the next step
                     self.finish_reason = "stop"
-                    if piece:
-                        self.output += piece
-                        yield piece
-                    return
                 if piece:
                     self.output += piece
                     yield piece
+                if self.text.stopped:
+                    return
         reason = self.handle.finish_reason
         if reason == "cancelled":
             raise ApiError(503, "the request was cancelled: the server is shutting down", None, "shutting_down")
