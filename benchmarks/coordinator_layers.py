@@ -6,8 +6,8 @@ ways in one process, in alternating turns, against its bytes at the measured rea
 
 Each way is transformers' own model of the preset with its experts replaced by nothing:
 - plain: transformers as it comes (PyTorch's bfloat16 `linear`), DynamicCache;
-- onednn / avx2: the coordinator's linear layers through coordinator/cpu_linear.py with that bfloat16 path
-  (FIDDLER_BF16_PATH), DynamicCache;
+- onednn / avx512 / avx2: the coordinator's linear layers through coordinator/cpu_linear.py with that bfloat16
+  path (FIDDLER_BF16_PATH), DynamicCache;
 - onednn-static: onednn with transformers' StaticCache (no growing the cache by `cat` each step);
 - onednn-eager: onednn with transformers' eager attention instead of SDPA (attn_implementation="eager");
 - int8 / int4: the linear layers a CPU coordinator quantizes with --quantize (attention, shared experts, head)
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-WAYS = ("plain", "onednn", "avx2", "onednn-static", "onednn-eager", "int8", "int4")
+WAYS = ("plain", "onednn", "avx512", "avx2", "onednn-static", "onednn-eager", "int8", "int4")
 
 
 def load(folder: str, way: str) -> torch.nn.Module:
@@ -35,6 +35,7 @@ def load(folder: str, way: str) -> torch.nn.Module:
     from transformers.integrations.moe import ExpertsInterface
 
     from fiddler_moe.coordinator import cpu_linear
+    from fiddler_moe.experts import compute
 
     ExpertsInterface.register("nothing", lambda self, hidden, index, weights: torch.zeros_like(hidden))
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -52,7 +53,9 @@ def load(folder: str, way: str) -> torch.nn.Module:
         path = way.split("-")[0]
         if path == "onednn" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             raise SystemExit("onednn: this CPU has no oneDNN bfloat16 support; use --ways plain,avx2")
-        cpu_linear.PACK_BFLOAT16, cpu_linear.UPCAST_BFLOAT16 = path == "onednn", path == "avx2"
+        for module in (cpu_linear, compute):  # pack_linear_layers reads the one, fast_linear the other
+            module.PACK_BFLOAT16, module.UPCAST_BFLOAT16 = path == "onednn", path == "avx2"
+            module.AVX512_BFLOAT16 = path == "avx512"
         cpu_linear.pack_linear_layers(model)
     return model
 

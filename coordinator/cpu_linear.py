@@ -4,9 +4,10 @@ On a CPU-only machine the coordinator runs attention, routers, shared experts an
 `nn.Linear` modules, and PyTorch's plain bfloat16 `linear` is slow on a CPU: about half the memory bandwidth with
 oneDNN bfloat16 support, and a loop of matrix-vector products without it (AVX2). The expert kernel has a fast path
 for each (experts/compute.py, docs/performance-log.md); this gives the coordinator's own linear layers the same,
-by giving each module a forward over its packed weight (oneDNN) or one that takes the AVX2 paths (decoding rows
-through native/kernels.py, batches of rows in float32). transformers' modeling code is untouched: the modules
-stay where they are and compute the same function.
+by giving each module a forward over its packed weight (oneDNN) or one over its dense weight that takes the
+decoding kernel for a few rows (native/kernels.py: AVX512-BF16 or AVX2) and, for batches of rows, float32
+products (AVX2) or PyTorch's own linear (AVX512-BF16). transformers' modeling code is untouched: the modules stay
+where they are and compute the same function.
 
 With --quantize int8 or int4 a CPU coordinator's own linear layers take the workers' format too
 (`quantize_linear_layers`): attention projections, shared experts and the head hold their weights quantized
@@ -26,7 +27,7 @@ import torch.nn as nn
 
 from fiddler_moe.native import kernels
 from fiddler_moe.experts import quant
-from fiddler_moe.experts.compute import PACK_BFLOAT16, UPCAST_BFLOAT16, fast_linear
+from fiddler_moe.experts.compute import AVX512_BFLOAT16, PACK_BFLOAT16, UPCAST_BFLOAT16, fast_linear
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -36,9 +37,9 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.view(*shape[:-1], out.shape[-1])
 
 
-def _avx2_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _dense_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
-    out = fast_linear(x.reshape(-1, shape[-1]), self.weight, self.bias)
+    out = fast_linear(x.reshape(-1, shape[-1]), self.weight, self.bias, isa=self.bf16_isa)
     if out is None:
         return nn.functional.linear(x, self.weight, self.bias)
     return out.view(*shape[:-1], out.shape[-1])
@@ -94,10 +95,13 @@ def quantize_linear_layers(model: nn.Module, name: str, skip: tuple[str, ...] = 
 
 def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Give every bfloat16 nn.Linear on the CPU a fast forward: packed (oneDNN bfloat16), where no other module
-    shares its weight (a tied head keeps its embedding's dense weight), or the AVX2 paths. Returns how many."""
-    if not (PACK_BFLOAT16 or UPCAST_BFLOAT16):
+    shares its weight (a tied head keeps its embedding's dense weight), or the dense paths (AVX512-BF16, AVX2).
+    Returns how many."""
+    dense = UPCAST_BFLOAT16 or AVX512_BFLOAT16
+    if not (PACK_BFLOAT16 or dense):
         return 0
-    if UPCAST_BFLOAT16:
+    if dense:
+        isa = kernels.BF16_ISA_AVX512 if AVX512_BFLOAT16 else kernels.BF16_ISA_AVX2
         kernels.available()  # build the decoding kernel now (once per machine), not during the first token
     owners = _owners(model)
     packed = 0
@@ -107,8 +111,9 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         weight = module.weight
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
             continue
-        if UPCAST_BFLOAT16:  # the dense weight stays: nothing to share or drop
-            module.forward = types.MethodType(_avx2_forward, module)
+        if dense:  # the dense weight stays: nothing to share or drop
+            module.bf16_isa = isa
+            module.forward = types.MethodType(_dense_forward, module)
             packed += 1
             continue
         if owners.get(id(weight), 0) > 1:

@@ -51,7 +51,14 @@ def _onednn_bfloat16() -> bool:
         return False
 
 
-BFLOAT16_PATHS = ("auto", "onednn", "avx2", "off")
+def _avx512_bfloat16() -> bool:
+    try:
+        return torch.cpu._is_avx512_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+BFLOAT16_PATHS = ("auto", "onednn", "avx512", "avx2", "off")
 
 
 def bfloat16_path() -> str:
@@ -71,6 +78,8 @@ def bfloat16_path() -> str:
     if chosen == "onednn" and not _onednn_bfloat16():
         raise ValueError("FIDDLER_BF16_PATH=onednn: this CPU (or this PyTorch build) has no oneDNN bfloat16 "
                          "support; use auto or avx2")
+    if chosen == "avx512" and not _avx512_bfloat16():
+        raise ValueError("FIDDLER_BF16_PATH=avx512: this CPU has no AVX512-BF16 instructions; use auto or avx2")
     return chosen
 
 
@@ -89,6 +98,7 @@ def check_bfloat16_path() -> None:
 
 PACK_BFLOAT16 = _PATH == "onednn"  # re-lay bfloat16 weights out for oneDNN
 UPCAST_BFLOAT16 = _PATH == "avx2"  # the AVX2 decoding kernel, and float32 products from UPCAST_ROWS rows on
+AVX512_BFLOAT16 = _PATH == "avx512"  # the AVX512-BF16 decoding kernel, PyTorch's linear for more rows
 UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-vector product is faster
 UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
 
@@ -127,20 +137,28 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.to(x.dtype, memory_format=torch.contiguous_format)
 
 
+def decoding_kernel() -> int:
+    """The path (native/limits.py's BF16_ISA_*) of the C decoding kernel this process's bfloat16 path takes on dense
+    weights, or 0 for none (oneDNN's packed weights, or off)."""
+    return kernels.BF16_ISA_AVX512 if AVX512_BFLOAT16 else kernels.BF16_ISA_AVX2 if UPCAST_BFLOAT16 else 0
+
+
 def use_upcast(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (UPCAST_BFLOAT16 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
             and not weight.is_mkldnn and x.numel() >= UPCAST_ROWS * x.shape[-1])
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                transposed: bool = False) -> torch.Tensor | None:
-    """x @ weight.T + bias (x @ weight + bias when `transposed`) by the AVX2 fast paths for bfloat16 above, or None
-    where PyTorch's own kernel is the one to use."""
-    if not UPCAST_BFLOAT16:
+                transposed: bool = False, isa: int | None = None) -> torch.Tensor | None:
+    """x @ weight.T + bias (x @ weight + bias when `transposed`) by the fast paths for bfloat16 on dense weights
+    above (the decoding kernel, float32 products for batches on the AVX2 path), or None where PyTorch's own kernel
+    is the one to use. `isa`: the decoding kernel's path (BF16_ISA_*), else this process's (`decoding_kernel`)."""
+    isa = decoding_kernel() if isa is None else isa
+    if not isa:
         return None
     if not transposed and kernels.applies(x, weight):
-        return kernels.linear(x, weight, bias)
-    if use_upcast(x, weight):
+        return kernels.linear(x, weight, bias, isa=isa)
+    if isa == kernels.BF16_ISA_AVX2 and use_upcast(x, weight):
         return upcast_linear(x, weight, bias, transposed=transposed)
     return None
 
@@ -211,11 +229,12 @@ class ExpertKernel:
         self.spec = spec
         self.dtype = parse_dtype(spec.dtype)
         self.pack = PACK_BFLOAT16 and spec.dtype == "bfloat16" and not spec.is_transposed
-        if UPCAST_BFLOAT16 and spec.dtype == "bfloat16":
+        self.bf16_isa = decoding_kernel() if spec.dtype == "bfloat16" else 0  # the C kernel's path, 0 for none
+        if self.bf16_isa:
             kernels.available()  # build the decoding kernel now (once per machine), not during the first token
         # A gated SiLU expert without biases (Mixtral, Qwen-MoE, DeepSeek) decodes in one call of the kernel; it
         # computes the plain gate only (no interleaving, clamp, alpha or offset).
-        self.fused_silu = (UPCAST_BFLOAT16 and spec.dtype == "bfloat16" and spec.has_gate and not spec.has_bias
+        self.fused_silu = (bool(self.bf16_isa) and spec.has_gate and not spec.has_bias
                            and not spec.is_transposed and spec.activation in ("silu", "swish")
                            and plain_gate(spec))
         # Quantized matrices are always [out, in]: any plain gated SiLU expert without biases fuses, in either dtype.
@@ -301,7 +320,7 @@ class ExpertKernel:
         if (self.fused_silu and weights.gate_up_bias is None and weights.down_bias is None
                 and (out is None or (out.dtype == torch.bfloat16 and out.is_contiguous()))
                 and kernels.applies_to_expert(x, weights.gate_up, weights.down)):
-            return kernels.silu_expert(x, weights.gate_up, weights.down, out)
+            return kernels.silu_expert(x, weights.gate_up, weights.down, out, isa=self.bf16_isa)
         h = self._linear(x, weights.gate_up, weights.gate_up_bias)
         h = self._linear(self._activate(h), weights.down, weights.down_bias)
         return h if out is None else out.copy_(h)

@@ -1,4 +1,4 @@
-/* bfloat16 matrix products with a few rows of activations, for x86-64 CPUs with AVX2 and FMA.
+/* bfloat16 matrix products with a few rows of activations, for x86-64 CPUs with AVX2 and FMA, and with AVX512-BF16.
 
    out[i, r] = bf16(sum_c x[i, c] * weight[r, c] + bias[r]): nn.Linear's function for a [rows, cols] bfloat16
    weight, accumulated in float32 and rounded once to nearest-even, as PyTorch's own kernel does.
@@ -9,6 +9,20 @@
      shift (even elements) and one mask (odd elements); the activations are split the same way once per call.
    - each thread prefetches the weight rows it reads PREFETCH_ROWS rows ahead, which keeps more memory reads in
      flight than the hardware prefetcher alone does on the CPUs measured.
+   On CPUs with AVX512-BF16 (Intel from Cooper Lake, AMD from Zen 4) a second path multiplies bfloat16 pairs as
+   they are (vdpbf16ps: 32 products a instruction, summed pairwise into 16 float32 lanes), with no conversion of
+   either side: each 64-byte weight vector is loaded once and used for every activation row (a tile of weight rows
+   x activation rows in zmm accumulators), so 8 rows cost little more than one (the AVX2 path converts each weight
+   once per row and is compute-bound there). Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for
+   the best, BF16_ISA_* for one).
+
+   Exactness: a product of two bfloat16 numbers is exact in float32 (8-bit significands), so either path differs
+   from PyTorch's float32 accumulation only in the order of the float32 sums: within one bfloat16 step after the
+   final rounding. vdpbf16ps also treats bfloat16 denormal inputs (below 2^-126 in magnitude) as zero and flushes
+   denormal partial sums to zero; each such flush changes a sum by less than 2^-126, far below a bfloat16 step of
+   any result larger than about 2^-110 (cols * 2^-126 at most, then rounded), and oneDNN's bfloat16 matmul, which
+   PyTorch's own linear uses on these CPUs, does the same (tests/test_native.py checks denormal activations).
+
    Threads: OpenMP, linked against the runtime PyTorch has loaded, so the product uses PyTorch's thread team and
    torch.set_num_threads. Built on first use by native/build.py. */
 
@@ -21,7 +35,13 @@
 #include "convert.h"
 #include "fiddler_native.h"
 
+#if BF16_ISA_AVX2 != 1 || BF16_ISA_AVX512 != 2
+#error "bf16_gemv.c numbers its paths as native/limits.py's BF16_ISA_* do: build the library with native/build.py"
+#endif
+
 #define PREFETCH_ROWS 12 /* a flat optimum between 6 and 32 rows (docs/performance-log.md, item 7) */
+#define INLINE static inline __attribute__((always_inline))
+#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -103,9 +123,14 @@ static void linear_rows(const uint16_t *weight, int64_t rows, int64_t cols, cons
     }
 }
 
-/* weight [rows, cols] bfloat16, row-major; x [n, cols] bfloat16; bias [rows] bfloat16 or NULL; out [n, rows]
-   bfloat16. cols must be a multiple of 16. Returns 0, or -1 when scratch memory cannot be had. */
-int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
+/* bf16(bf16(silu(gate)) * up), each rounded as PyTorch's bfloat16 operations round. */
+static inline uint16_t silu_product(uint16_t gate, uint16_t up) {
+    float g = bf16_to_float(gate);
+    float a = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
+    return float_to_bf16(a * bf16_to_float(up));
+}
+
+static int linear_avx2(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
                         const uint16_t *bias, uint16_t *out) {
     float *xs = split_rows(x, n, cols);
     if (xs == NULL) return -1;
@@ -115,13 +140,7 @@ int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, cons
     return 0;
 }
 
-/* One gated expert with the SiLU activation, as transformers computes it in bfloat16:
-       h = x @ gate_up.T;  gate, up = h[:, :inter], h[:, inter:];  out = (silu(gate) * up) @ down.T
-   rounded to bfloat16 where PyTorch rounds (each product, the activation, the elementwise product), all in one
-   parallel region, so a decoding step wakes the thread team once per expert instead of once per operation.
-   gate_up [2 * inter, hidden], down [hidden, inter], x [n, hidden], out [n, hidden]; hidden and inter multiples
-   of 16. Returns 0, or -1 when scratch memory cannot be had. */
-int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
+static int silu_expert_avx2(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
                              const uint16_t *x, int64_t n, uint16_t *out) {
     float *xs = split_rows(x, n, hidden);
     uint16_t *h = malloc((size_t)(n * 2 * inter * sizeof(uint16_t)));
@@ -139,10 +158,8 @@ int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int6
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n * inter; j++) {
             int64_t i = j / inter, c = j % inter;
-            float g = bf16_to_float(h[i * 2 * inter + c]), u = bf16_to_float(h[i * 2 * inter + inter + c]);
-            float a = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
             int64_t at = i * inter + (c & ~15) + ((c & 1) ? 8 : 0) + ((c & 15) >> 1);
-            ps[at] = bf16_to_float(float_to_bf16(a * u));
+            ps[at] = bf16_to_float(silu_product(h[i * 2 * inter + c], h[i * 2 * inter + inter + c]));
         }
         linear_rows(down, hidden, inter, ps, n, NULL, out);
     }
@@ -150,6 +167,168 @@ int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int6
     free(h);
     free(ps);
     return 0;
+}
+
+/* --- AVX512-BF16 --- */
+
+/* y[i * R + r] = sum over c of x[i, c] * w[r, c] for R weight rows and N activation rows, both of stride cols: each
+   weight vector (32 columns, one 64-byte line) is loaded once for all N rows, R * N sums in registers. A last
+   16 columns (cols a multiple of 16, not of 32) are read with masked loads, the rest of the lanes zero. */
+INLINE BF16 void tile_bf16(const uint16_t *w, int64_t cols, const uint16_t *x, const int R, const int N, float *y) {
+    __m512 acc[4][MAX_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();
+    const uint16_t *ahead = w + PREFETCH_ROWS * cols;
+    int64_t c = 0;
+    for (; c + 32 <= cols; c += 32) {
+        __m512i v[4];
+        for (int r = 0; r < R; r++) {
+            PREFETCH(ahead + r * cols + c);
+            v[r] = _mm512_loadu_si512(w + r * cols + c);
+        }
+        for (int i = 0; i < N; i++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * cols + c);
+            for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)v[r], xv);
+        }
+    }
+    if (c < cols) {
+        const __mmask32 half = 0xFFFF;
+        for (int i = 0; i < N; i++) {
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(half, x + i * cols + c);
+            for (int r = 0; r < R; r++)
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)_mm512_maskz_loadu_epi16(half, w + r * cols + c), xv);
+        }
+    }
+    for (int i = 0; i < N; i++)
+        for (int r = 0; r < R; r++) y[i * R + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+/* Weight rows w[0..count) (count <= 4) against N activation rows: tiles of 4 weight rows up to 6 activation rows,
+   of 2 weight rows for 7 and 8 (the sums, weights and an activation vector in the 32 zmm registers), 1 weight row
+   for a last block of fewer than 4. y[i * 4 + r]. */
+INLINE BF16 void block_bf16(const uint16_t *w, int64_t count, int64_t cols, const uint16_t *x, const int N, float *y) {
+    float t[4 * MAX_ROWS];
+    if (count == 4 && N <= 6) {
+        tile_bf16(w, cols, x, 4, N, t);
+        for (int i = 0; i < N; i++)
+            for (int r = 0; r < 4; r++) y[i * 4 + r] = t[i * 4 + r];
+        return;
+    }
+    const int R = count == 4 ? 2 : 1;
+    for (int64_t r0 = 0; r0 < count; r0 += R) {
+        tile_bf16(w + r0 * cols, cols, x, R, N, t);
+        for (int i = 0; i < N; i++)
+            for (int r = 0; r < R; r++) y[i * 4 + r0 + r] = t[i * R + r];
+    }
+}
+
+/* out[i, r] for the rows r of `weight` this thread is given, any number of activation rows (MAX_ROWS at a time, the
+   weight block still in cache for the next): call inside a parallel region (a worksharing loop, ending with a
+   barrier). */
+static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
+                                  const uint16_t *bias, uint16_t *out) {
+    int64_t blocks = (rows + 3) / 4;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t r = 4 * b, count = rows - r < 4 ? rows - r : 4;
+        const uint16_t *w = weight + r * cols;
+        for (int64_t i0 = 0; i0 < n; i0 += MAX_ROWS) {
+            float y[4 * MAX_ROWS];
+            int64_t group = n - i0 < MAX_ROWS ? n - i0 : MAX_ROWS;
+            const uint16_t *xg = x + i0 * cols;
+            switch (group) { /* a constant N for each, so the tile's loops unroll and its sums stay in registers */
+            case 1: block_bf16(w, count, cols, xg, 1, y); break;
+            case 2: block_bf16(w, count, cols, xg, 2, y); break;
+            case 3: block_bf16(w, count, cols, xg, 3, y); break;
+            case 4: block_bf16(w, count, cols, xg, 4, y); break;
+            case 5: block_bf16(w, count, cols, xg, 5, y); break;
+            case 6: block_bf16(w, count, cols, xg, 6, y); break;
+            case 7: block_bf16(w, count, cols, xg, 7, y); break;
+            default: block_bf16(w, count, cols, xg, 8, y); break;
+            }
+            for (int64_t i = 0; i < group; i++)
+                for (int64_t k = 0; k < count; k++) {
+                    float v = y[i * 4 + k];
+                    out[(i0 + i) * rows + r + k] = float_to_bf16(bias ? v + bf16_to_float(bias[r + k]) : v);
+                }
+        }
+    }
+}
+
+static BF16 int linear_bf16(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
+                            const uint16_t *bias, uint16_t *out) {
+#pragma omp parallel
+    linear_rows_bf16(weight, rows, cols, x, n, bias, out);
+    return 0;
+}
+
+static BF16 int silu_expert_bf16(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
+                                 const uint16_t *x, int64_t n, uint16_t *out) {
+    uint16_t *h = malloc((size_t)(n * 2 * inter * sizeof(uint16_t)));
+    uint16_t *p = malloc((size_t)(n * inter * sizeof(uint16_t)));
+    if (h == NULL || p == NULL) {
+        free(h);
+        free(p);
+        return -1;
+    }
+#pragma omp parallel
+    {
+        linear_rows_bf16(gate_up, 2 * inter, hidden, x, n, NULL, h);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n * inter; j++) {
+            int64_t i = j / inter, c = j % inter;
+            p[j] = silu_product(h[i * 2 * inter + c], h[i * 2 * inter + inter + c]);
+        }
+        linear_rows_bf16(down, hidden, inter, p, n, NULL, out);
+    }
+    free(h);
+    free(p);
+    return 0;
+}
+
+/* --- the paths, chosen at run time --- */
+
+static int best_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512bf16"))
+        return BF16_ISA_AVX512;
+    return BF16_ISA_AVX2; /* native/build.py builds the library only for CPUs with AVX2 and FMA */
+}
+
+int fiddler_bf16_isa(void) { return best_isa(); }
+
+/* The path to take for `isa` (0: the best), or 0 when this CPU lacks it. */
+static int chosen_isa(int isa) {
+    int best = best_isa();
+    if (isa == 0) return best;
+    return (isa == BF16_ISA_AVX2 || isa == BF16_ISA_AVX512) && isa <= best ? isa : 0;
+}
+
+/* weight [rows, cols] bfloat16, row-major; x [n, cols] bfloat16; bias [rows] bfloat16 or NULL; out [n, rows]
+   bfloat16. cols must be a multiple of 16. isa: 0 for the best path of this CPU, or BF16_ISA_AVX2 / _AVX512.
+   Returns 0, -1 when scratch memory cannot be had, -2 for an isa this CPU lacks. */
+int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
+                        const uint16_t *bias, uint16_t *out, int isa) {
+    isa = chosen_isa(isa);
+    if (isa == 0) return -2;
+    return isa == BF16_ISA_AVX512 ? linear_bf16(weight, rows, cols, x, n, bias, out)
+                                  : linear_avx2(weight, rows, cols, x, n, bias, out);
+}
+
+/* One gated expert with the SiLU activation, as transformers computes it in bfloat16:
+       h = x @ gate_up.T;  gate, up = h[:, :inter], h[:, inter:];  out = (silu(gate) * up) @ down.T
+   rounded to bfloat16 where PyTorch rounds (each product, the activation, the elementwise product), all in one
+   parallel region, so a decoding step wakes the thread team once per expert instead of once per operation.
+   gate_up [2 * inter, hidden], down [hidden, inter], x [n, hidden], out [n, hidden]; hidden and inter multiples
+   of 16; isa as for fiddler_bf16_linear. Returns 0, -1 when scratch memory cannot be had, -2 for an isa this CPU
+   lacks. */
+int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
+                             const uint16_t *x, int64_t n, uint16_t *out, int isa) {
+    isa = chosen_isa(isa);
+    if (isa == 0) return -2;
+    return isa == BF16_ISA_AVX512 ? silu_expert_bf16(gate_up, down, hidden, inter, x, n, out)
+                                  : silu_expert_avx2(gate_up, down, hidden, inter, x, n, out);
 }
 
 /* The rows of a layer call's token-expert pairs, copied out of the hidden states: dst[i] = src[index[i]], rows of

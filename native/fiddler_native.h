@@ -22,6 +22,9 @@
 #ifndef MAX_EXPERTS
 #error "MAX_EXPERTS (experts of one request) comes from native/limits.py: build the library with native/build.py"
 #endif
+#if !defined(BF16_ISA_AVX2) || !defined(BF16_ISA_AVX512)
+#error "BF16_ISA_* (the bfloat16 kernels' paths) come from native/limits.py: build the library with native/build.py"
+#endif
 #if !defined(QUANT_BLOCK) || !defined(QUANT_INT8) || !defined(QUANT_INT4) || !defined(QUANT_ISA_AVX512)
 #error "QUANT_BLOCK and the quantized formats' ids come from native/limits.py: build the library with native/build.py"
 #endif
@@ -57,9 +60,10 @@ typedef struct layer_call {
 
 /* bf16_gemv.c: the decoding kernels, and the gather and combine of a decoding step */
 int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
-                        const uint16_t *bias, uint16_t *out);
+                        const uint16_t *bias, uint16_t *out, int isa);
 int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
-                             const uint16_t *x, int64_t n, uint16_t *out);
+                             const uint16_t *x, int64_t n, uint16_t *out, int isa);
+int fiddler_bf16_isa(void);
 void fiddler_gather_rows(const char *src, int64_t row_bytes, const int64_t *index, int64_t n, char *dst);
 void fiddler_combine(const uint16_t *outputs, const int64_t *row_of, const void *weights, int weights_bf16,
                      int64_t tokens, int64_t top_k, int64_t hidden, uint16_t *result);
@@ -81,8 +85,8 @@ int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);
 
 /* shm_serve.c: the worker's serving loop */
 int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const lane_expert *table, int64_t layers,
-                               int64_t experts, int64_t hidden, int64_t inter, int format, int64_t version,
-                               int64_t timeout_ns, int64_t spin_ns, int park);
+                               int64_t experts, int64_t hidden, int64_t inter, int format, int bf16_isa,
+                               int64_t version, int64_t timeout_ns, int64_t spin_ns, int park);
 
 /* shm_call.c: the coordinator's layer call */
 int fiddler_post_layer_call(const lane_slots *s, const uint16_t *hidden, const int64_t *top_k_index, int64_t tokens,

@@ -1,11 +1,11 @@
 """The Python wrappers over the kernel library (built and loaded by native/build.py).
 
-`linear` is nn.Linear for a few rows of bfloat16 activations on AVX2 CPUs (bf16_gemv.c), and `silu_expert` a whole
-gated SiLU expert (both products and the activation between them) in one call. Decoding multiplies one row by
-every weight it passes, so its speed is how fast the weights stream from memory, which this kernel does faster
-than PyTorch's bfloat16 matrix-vector product on CPUs without oneDNN's bfloat16 support (docs/performance-log.md,
-item 7).
-Its results equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in another order).
+`linear` is nn.Linear for a few rows of bfloat16 activations (bf16_gemv.c), and `silu_expert` a whole gated SiLU
+expert (both products and the activation between them) in one call, each on one of two paths (`isa`): AVX2 with
+FMA, or AVX512-BF16 dot products on CPUs that have them (`bf16_isa()` says which is the best here). Decoding
+multiplies a few rows by every weight it passes, so its speed is how fast the weights stream from memory, which
+these kernels do faster than PyTorch's bfloat16 matrix-vector product (docs/performance-log.md).
+Their results equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in another order).
 
 `quant_linear` and `quant_silu_expert` are the same for quantized weights (quant_gemv.c; the formats are described
 in experts/quant.py): any number of rows of bfloat16 or float32 activations, quantized per block of 32 to int8 in
@@ -28,7 +28,8 @@ import torch
 
 # SOURCES and library are read through this module too (benchmarks/decode_kernel.py, tests).
 from fiddler_moe.native.build import SOURCES, available, library  # noqa: F401
-from fiddler_moe.native.limits import MAX_ROWS  # rows per call; more take the float32 path (experts/compute.py)
+from fiddler_moe.native.limits import BF16_ISA_AVX2, BF16_ISA_AVX512, MAX_ROWS  # noqa: F401
+# MAX_ROWS: activation rows per decoding call; more take a batch path (experts/compute.py)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -47,34 +48,46 @@ def applies_to_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
             and gate_up.shape[0] == 2 * down.shape[1] and x.shape[-1] == down.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """nn.functional.linear(x, weight, bias) for bfloat16 on the CPU, where `applies` says so."""
+def bf16_isa() -> int:
+    """The best path of the bfloat16 kernels on this CPU: BF16_ISA_AVX512 or BF16_ISA_AVX2. Only where
+    `available()`."""
+    return library().fiddler_bf16_isa()
+
+
+def _bf16_status(status: int, what: str) -> None:
+    if status == -1:
+        raise MemoryError(f"no memory for the scratch rows of {what}")
+    if status == -2:
+        raise ValueError(f"{what}: this CPU lacks the path (isa) asked for; pass 0 for the best it has")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, isa: int = 0) -> torch.Tensor:
+    """nn.functional.linear(x, weight, bias) for bfloat16 on the CPU, where `applies` says so. `isa`: 0 for the best
+    path of this CPU, or BF16_ISA_AVX2 / _AVX512."""
     rows, cols = weight.shape
     flat = x.reshape(-1, cols).contiguous()
     if bias is not None:
         bias = bias.to(torch.bfloat16).contiguous()
     out = torch.empty(flat.shape[0], rows, dtype=torch.bfloat16)
-    status = library().fiddler_bf16_linear(weight.data_ptr(), rows, cols, flat.data_ptr(), flat.shape[0],
-                                           None if bias is None else bias.data_ptr(), out.data_ptr())
-    if status != 0:
-        raise MemoryError("no memory for the activations' float32 copy")
+    _bf16_status(library().fiddler_bf16_linear(weight.data_ptr(), rows, cols, flat.data_ptr(), flat.shape[0],
+                                               None if bias is None else bias.data_ptr(), out.data_ptr(), isa),
+                 "fiddler_bf16_linear")
     return out.view(*x.shape[:-1], rows)
 
 
-def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
+def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None,
+                isa: int = 0) -> torch.Tensor:
     """A gated SiLU expert without biases, `(silu(gate) * up) @ down.T` with `gate, up = (x @ gate_up.T).chunk(2)`,
     for x [n, hidden] where `applies_to_expert` says so; rounded to bfloat16 where PyTorch's operations round. One
     call (and one wake-up of the thread team) per expert. Writes into `out` when given (a contiguous [n, hidden]
-    bfloat16 tensor, e.g. a reply slot)."""
+    bfloat16 tensor, e.g. a reply slot). `isa` as for `linear`."""
     inter, hidden = down.shape[1], down.shape[0]
     x = x.contiguous()
     if out is None:
         out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16)
-    status = library().fiddler_bf16_silu_expert(gate_up.data_ptr(), down.data_ptr(), hidden, inter, x.data_ptr(),
-                                                x.shape[0], out.data_ptr())
-    if status != 0:
-        raise MemoryError("no memory for the expert's scratch rows")
+    _bf16_status(library().fiddler_bf16_silu_expert(gate_up.data_ptr(), down.data_ptr(), hidden, inter,
+                                                    x.data_ptr(), x.shape[0], out.data_ptr(), isa),
+                 "fiddler_bf16_silu_expert")
     return out
 
 

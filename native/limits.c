@@ -20,6 +20,8 @@ int64_t fiddler_constant(const char *name) {
         {"QUANT_ISA_PLAIN", QUANT_ISA_PLAIN},
         {"QUANT_ISA_AVX2", QUANT_ISA_AVX2},
         {"QUANT_ISA_AVX512", QUANT_ISA_AVX512},
+        {"BF16_ISA_AVX2", BF16_ISA_AVX2},
+        {"BF16_ISA_AVX512", BF16_ISA_AVX512},
         {"sizeof lane_slots", sizeof(lane_slots)},
         {"sizeof lane_expert", sizeof(lane_expert)},
         {"sizeof layer_call", sizeof(layer_call)},

@@ -79,11 +79,12 @@ static int servable(const request *q, const lane_slots *s, const lane_expert *ta
    control message), timeout_ns passes with nothing to do, or a signal arrives. *last_seq is the sequence number of
    the last request answered (ShmChannel.last_request_seq), updated for each one served here. spin_ns: how long to
    watch the request sequence before sleeping (ShmChannel.spin); park: sleep with the OpenMP threads parked.
-   format: 0 for bfloat16 weights, else the quantized format of every expert in the table (QUANT_INT8, QUANT_INT4).
+   format: 0 for bfloat16 weights, else the quantized format of every expert in the table (QUANT_INT8, QUANT_INT4);
+   bf16_isa: the path of the bfloat16 kernel (BF16_ISA_*, 0 for the best).
    Returns the number of requests served. */
 int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const lane_expert *table, int64_t layers,
-                               int64_t experts, int64_t hidden, int64_t inter, int format, int64_t version,
-                               int64_t timeout_ns, int64_t spin_ns, int park) {
+                               int64_t experts, int64_t hidden, int64_t inter, int format, int bf16_isa,
+                               int64_t version, int64_t timeout_ns, int64_t spin_ns, int park) {
     int64_t served = 0;
     static request q; /* one request at a time per process; its lists are too large for the stack of every call */
     for (;;) {
@@ -114,11 +115,12 @@ int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const la
             int64_t n = q.row_counts[i];
             const uint16_t *x = s->request_data + offset * hidden;
             uint16_t *out = s->reply_data + offset * hidden;
-            int status = n == 0 ? 0
-                         : format == 0 ? fiddler_bf16_silu_expert(e->gate_up, e->down, hidden, inter, x, n, out)
+            int status = n == 0       ? 0
+                         : format == 0 ? fiddler_bf16_silu_expert(e->gate_up, e->down, hidden, inter, x, n, out,
+                                                                  bf16_isa)
                                        : fiddler_quant_silu_expert(format, e->gate_up, e->gate_up_scale, e->down,
                                                                    e->down_scale, hidden, inter, x, 1, n, out, 0);
-            if (status != 0) return served; /* no scratch memory: Python answers this request (with the error) */
+            if (status != 0) return served; /* no scratch memory (or path): Python answers it (with the error) */
             offset += n;
         }
         size_t reply_len = write_reply(s->reply_meta, version, &q, now_seconds() - started);

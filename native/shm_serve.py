@@ -29,11 +29,12 @@ class ShmServeLoop:
     """The C loop over one channel and one shard. Rebuild it when either changes: it holds their addresses."""
 
     def __init__(self, channel: ShmChannel, table: ctypes.Array, layers: int, experts: int, hidden: int,
-                 inter: int, format: int = 0):
+                 inter: int, format: int = 0, bf16_isa: int = 0):
         self.channel = channel
         self._slots = channel.slot_addresses()
         self._table, self.layers, self.experts, self.hidden, self.inter = table, layers, experts, hidden, inter
         self.format = format  # 0: bfloat16 weights; else the quantized format's id (native/limits.py)
+        self.bf16_isa = bf16_isa  # the bfloat16 kernel's path (native/limits.py's BF16_ISA_*; 0: the best)
         self._last = ctypes.c_uint32(0)
 
     @classmethod
@@ -53,7 +54,8 @@ class ShmServeLoop:
         served = {key: w for key, w in shard.items()
                   if w.gate_up_bias is None and w.down_bias is None and w.down.shape == (hidden, inter)
                   and kernels.applies_to_expert(probe, w.gate_up, w.down)}
-        return cls._over(channel, served, hidden, inter, lambda w: _Expert(w.gate_up.data_ptr(), w.down.data_ptr()))
+        return cls._over(channel, served, hidden, inter, lambda w: _Expert(w.gate_up.data_ptr(), w.down.data_ptr()),
+                         bf16_isa=kernel.bf16_isa)
 
     @classmethod
     def _build_quantized(cls, channel: ShmChannel, shard: dict[tuple[int, int], Any], kernel: Any
@@ -73,7 +75,7 @@ class ShmServeLoop:
 
     @classmethod
     def _over(cls, channel: ShmChannel, served: dict[tuple[int, int], Any], hidden: int, inter: int,
-              entry: Callable[[Any], _Expert], format: int = 0) -> ShmServeLoop | None:
+              entry: Callable[[Any], _Expert], format: int = 0, bf16_isa: int = 0) -> ShmServeLoop | None:
         """The loop over the experts `served`, each registered in the C table by entry(weights)."""
         if not served:
             return None
@@ -82,7 +84,7 @@ class ShmServeLoop:
         table = (_Expert * (layers * experts))()
         for (layer, expert), w in served.items():
             table[layer * experts + expert] = entry(w)
-        return cls(channel, table, layers, experts, hidden, inter, format)
+        return cls(channel, table, layers, experts, hidden, inter, format, bf16_isa)
 
     def serve(self, timeout_s: float) -> int:
         """Serve requests until one needs Python, a control message rings the bell or timeout_s passes idle.
@@ -90,7 +92,7 @@ class ShmServeLoop:
         self._last.value = self.channel.last_request_seq
         served = kernels.library().fiddler_serve_requests(
             ctypes.byref(self._slots), ctypes.byref(self._last), self._table, self.layers, self.experts,
-            self.hidden, self.inter, self.format, PROTOCOL_VERSION, int(timeout_s * 1e9),
+            self.hidden, self.inter, self.format, self.bf16_isa, PROTOCOL_VERSION, int(timeout_s * 1e9),
             int(50e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is kernels.parked_wait))
         self.channel.last_request_seq = self._last.value
         return served

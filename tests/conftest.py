@@ -309,17 +309,34 @@ def descends_from_this_session(pid: int) -> bool:
     return False
 
 
-@pytest.fixture
-def avx2_bfloat16_path(monkeypatch):
-    """The AVX2 bfloat16 path in this process (FIDDLER_BF16_PATH=avx2), also on a CPU with oneDNN bfloat16 support,
-    where `auto` takes oneDNN: the C decoding paths are built on the AVX2 kernel, so their tests need it."""
+def _bfloat16_path(monkeypatch, path: str) -> None:
+    """FIDDLER_BF16_PATH=path in this process and the worker processes it starts meanwhile."""
     from fiddler_moe.coordinator import cpu_linear
     from fiddler_moe.experts import compute
 
     for module in (compute, cpu_linear):
-        monkeypatch.setattr(module, "UPCAST_BFLOAT16", True)
-        monkeypatch.setattr(module, "PACK_BFLOAT16", False)
-    monkeypatch.setenv("FIDDLER_BF16_PATH", "avx2")  # for worker processes started meanwhile
+        monkeypatch.setattr(module, "UPCAST_BFLOAT16", path == "avx2")
+        monkeypatch.setattr(module, "AVX512_BFLOAT16", path == "avx512")
+        monkeypatch.setattr(module, "PACK_BFLOAT16", path == "onednn")
+    monkeypatch.setenv("FIDDLER_BF16_PATH", path)
+
+
+@pytest.fixture
+def avx2_bfloat16_path(monkeypatch):
+    """The AVX2 bfloat16 path in this process (FIDDLER_BF16_PATH=avx2), also on a CPU with oneDNN bfloat16 support,
+    where `auto` takes another: the C decoding paths are tested on the AVX2 kernel, the one every x86-64 CPU the
+    library is built for runs."""
+    _bfloat16_path(monkeypatch, "avx2")
+
+
+@pytest.fixture
+def avx512_bfloat16_path(monkeypatch):
+    """The AVX512-BF16 bfloat16 path in this process (FIDDLER_BF16_PATH=avx512); skips where the CPU lacks it."""
+    from fiddler_moe.experts import compute
+
+    if not compute._avx512_bfloat16():
+        pytest.skip("this CPU has no AVX512-BF16 instructions")
+    _bfloat16_path(monkeypatch, "avx512")
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
     """bfloat16 on the CPU takes the fast paths (experts and the coordinator's linear layers): packed for oneDNN
     where the CPU supports it, else the AVX2 kernel for decoding rows and float32 products for batches of rows (the
     prompt here); the tokens stay transformers' own."""
-    from fiddler_moe.coordinator.cpu_linear import PACK_BFLOAT16, UPCAST_BFLOAT16, _avx2_forward
+    from fiddler_moe.coordinator.cpu_linear import AVX512_BFLOAT16, PACK_BFLOAT16, UPCAST_BFLOAT16, _dense_forward
     from fiddler_moe.launch.synthetic import write_checkpoint
 
     folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
@@ -105,10 +105,10 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
         got = cluster.generate(prompt[0].tolist(), max_new_tokens=16, ignore_eos=True)
         modules = list(cluster.coordinator.model.modules())
         packed = [m for m in modules if hasattr(m, "packed_weight")]
-        upcast = [m for m in modules if getattr(m.forward, "__func__", None) is _avx2_forward]
+        dense = [m for m in modules if getattr(m.forward, "__func__", None) is _dense_forward]
     assert got.token_ids == want.tolist()
     assert bool(packed) == PACK_BFLOAT16
-    assert bool(upcast) == UPCAST_BFLOAT16
+    assert bool(dense) == (UPCAST_BFLOAT16 or AVX512_BFLOAT16)
 
 
 def test_grouping_by_expert_is_the_same_for_decode_steps_and_batches(monkeypatch):
