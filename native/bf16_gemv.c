@@ -171,54 +171,111 @@ static int silu_expert_avx2(const uint16_t *gate_up, const uint16_t *down, int64
 
 /* --- AVX512-BF16 --- */
 
+/* The sums of four float32 vectors' lanes, in order: 13 instructions instead of 4 separate horizontal sums' 32. */
+INLINE BF16 __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); /* a, b, a, b in each 128 bits */
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE)); /* a b c d */
+    __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+/* y[j] = the lane sum of acc[j] for j < count (a multiple of 4 or not), four at a time. */
+INLINE BF16 void lane_sums(const __m512 *acc, const int count, float *y) {
+    int j = 0;
+    for (; j + 4 <= count; j += 4) _mm_storeu_ps(y + j, sum4(acc[j], acc[j + 1], acc[j + 2], acc[j + 3]));
+    for (; j < count; j++) y[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+/* y[i * 4 + r] = sum over c of x[i, c] * w[r, c] for 4 weight rows and N (1 or 2) activation rows, both of stride
+   cols, one weight row after the other: memory read in one sequential stream, which the hardware prefetchers follow
+   best (a third faster than the tiles below for one row), with the next rows prefetched SEQUENTIAL_AHEAD rows
+   ahead. Two sums per row and activation row (even and odd 32-column steps) hide the instruction's latency. */
+#define SEQUENTIAL_AHEAD 4 /* measured: 2 to 8 rows within noise for 1 row, 12 slower */
+INLINE BF16 void rows_in_sequence(const uint16_t *w, int64_t cols, const uint16_t *x, const int N, float *y) {
+    __m512 acc[4 * 2]; /* acc[i * 4 + r] */
+    for (int r = 0; r < 4; r++) {
+        const uint16_t *row = w + r * cols, *ahead = row + SEQUENTIAL_AHEAD * cols;
+        __m512 a[2], b[2];
+        for (int i = 0; i < N; i++) a[i] = b[i] = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 64 <= cols; c += 64) {
+            PREFETCH(ahead + c);
+            PREFETCH(ahead + c + 32);
+            __m512i v0 = _mm512_loadu_si512(row + c), v1 = _mm512_loadu_si512(row + c + 32);
+            for (int i = 0; i < N; i++) {
+                a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)v0, (__m512bh)_mm512_loadu_si512(x + i * cols + c));
+                b[i] = _mm512_dpbf16_ps(b[i], (__m512bh)v1, (__m512bh)_mm512_loadu_si512(x + i * cols + c + 32));
+            }
+        }
+        for (; c < cols; c += 16) { /* the last 32 or 16 columns: 16 at a time, the other lanes zero */
+            __m512i v = _mm512_maskz_loadu_epi16(0xFFFF, row + c);
+            for (int i = 0; i < N; i++) {
+                __m512i xv = _mm512_maskz_loadu_epi16(0xFFFF, x + i * cols + c);
+                a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)v, (__m512bh)xv);
+            }
+        }
+        for (int i = 0; i < N; i++) acc[i * 4 + r] = _mm512_add_ps(a[i], b[i]);
+    }
+    lane_sums(acc, 4 * N, y);
+}
+
 /* y[i * R + r] = sum over c of x[i, c] * w[r, c] for R weight rows and N activation rows, both of stride cols: each
-   weight vector (32 columns, one 64-byte line) is loaded once for all N rows, R * N sums in registers. A last
-   16 columns (cols a multiple of 16, not of 32) are read with masked loads, the rest of the lanes zero. */
+   weight vector (32 columns, one 64-byte line) is loaded once for all N rows, R * N sums in registers. The next
+   R rows are prefetched in memory order, R lines a step, as the tile reads its own: one
+   sequential stream ahead of the tile's R interleaved ones, which made 3 to 6 rows 5-15% faster than prefetching
+   each row PREFETCH_ROWS ahead as the AVX2 path does (Zen 5, 2026-12-02). A last 16 columns (cols a multiple of 16, not of 32) are read with masked loads,
+   the rest of the lanes zero. */
 INLINE BF16 void tile_bf16(const uint16_t *w, int64_t cols, const uint16_t *x, const int R, const int N, float *y) {
-    __m512 acc[4][MAX_ROWS];
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < N; i++) acc[r][i] = _mm512_setzero_ps();
-    const uint16_t *ahead = w + PREFETCH_ROWS * cols;
+    __m512 acc[4 * MAX_ROWS]; /* acc[i * R + r] */
+    for (int j = 0; j < R * N; j++) acc[j] = _mm512_setzero_ps();
+    const uint16_t *next = w + R * cols;
     int64_t c = 0;
     for (; c + 32 <= cols; c += 32) {
         __m512i v[4];
         for (int r = 0; r < R; r++) {
-            PREFETCH(ahead + r * cols + c);
+            PREFETCH(next + c * R + r * 32);
             v[r] = _mm512_loadu_si512(w + r * cols + c);
         }
         for (int i = 0; i < N; i++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * cols + c);
-            for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)v[r], xv);
+            for (int r = 0; r < R; r++) acc[i * R + r] = _mm512_dpbf16_ps(acc[i * R + r], (__m512bh)v[r], xv);
         }
     }
     if (c < cols) {
-        const __mmask32 half = 0xFFFF;
         for (int i = 0; i < N; i++) {
-            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(half, x + i * cols + c);
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, x + i * cols + c);
             for (int r = 0; r < R; r++)
-                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)_mm512_maskz_loadu_epi16(half, w + r * cols + c), xv);
+                acc[i * R + r] = _mm512_dpbf16_ps(acc[i * R + r],
+                                                  (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, w + r * cols + c), xv);
         }
     }
-    for (int i = 0; i < N; i++)
-        for (int r = 0; r < R; r++) y[i * R + r] = _mm512_reduce_add_ps(acc[r][i]);
+    lane_sums(acc, R * N, y);
 }
 
-/* Weight rows w[0..count) (count <= 4) against N activation rows: tiles of 4 weight rows up to 6 activation rows,
-   of 2 weight rows for 7 and 8 (the sums, weights and an activation vector in the 32 zmm registers), 1 weight row
-   for a last block of fewer than 4. y[i * 4 + r]. */
+/* Weight rows w[0..count) (count <= 4) against N activation rows, y[i * 4 + r]: 4 rows in sequence for 1 or 2
+   activation rows; a tile of the 4 weight rows for 3 to 6 activation rows, two for 7 and 8 (4 x 8 sums would not
+   fit in the 32 zmm registers beside the weights); 1 weight row at a time for a last block of fewer than 4. */
 INLINE BF16 void block_bf16(const uint16_t *w, int64_t count, int64_t cols, const uint16_t *x, const int N, float *y) {
     float t[4 * MAX_ROWS];
-    if (count == 4 && N <= 6) {
-        tile_bf16(w, cols, x, 4, N, t);
-        for (int i = 0; i < N; i++)
-            for (int r = 0; r < 4; r++) y[i * 4 + r] = t[i * 4 + r];
+    if (count == 4 && N <= 2) {
+        rows_in_sequence(w, cols, x, N, y);
         return;
     }
-    const int R = count == 4 ? 2 : 1;
-    for (int64_t r0 = 0; r0 < count; r0 += R) {
-        tile_bf16(w + r0 * cols, cols, x, R, N, t);
-        for (int i = 0; i < N; i++)
-            for (int r = 0; r < R; r++) y[i * 4 + r0 + r] = t[i * R + r];
+    if (count == 4 && N <= 6) {
+        tile_bf16(w, cols, x, 4, N, y);
+        return;
+    }
+    if (count == 4) { /* two tiles of half the activation rows, the second reading the weights from the L1 cache */
+        const int N1 = (N + 1) / 2;
+        tile_bf16(w, cols, x, 4, N1, y);
+        tile_bf16(w, cols, x + N1 * cols, 4, N - N1, y + N1 * 4);
+        return;
+    }
+    for (int64_t r = 0; r < count; r++) {
+        tile_bf16(w + r * cols, cols, x, 1, N, t);
+        for (int i = 0; i < N; i++) y[i * 4 + r] = t[i];
     }
 }
 
