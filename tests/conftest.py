@@ -339,6 +339,17 @@ def avx512_bfloat16_path(monkeypatch):
     _bfloat16_path(monkeypatch, "avx512")
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def decoding_kernel_path(request, monkeypatch) -> str:
+    """Each bfloat16 path that decodes through the C kernel on dense weights (FIDDLER_BF16_PATH=avx2, avx512), in
+    this process and the worker processes it starts meanwhile; avx512 skips where the CPU lacks AVX512-BF16."""
+    if request.param == "avx512":
+        request.getfixturevalue("avx512_bfloat16_path")
+    else:
+        request.getfixturevalue("avx2_bfloat16_path")
+    return request.param
+
+
 @pytest.fixture
 def shm_pair():
     """Makes shared-memory channels as a cluster does: the coordinator's, the worker's attachment to it, and the

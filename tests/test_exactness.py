@@ -111,6 +111,32 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
     assert bool(dense) == (UPCAST_BFLOAT16 or AVX512_BFLOAT16)
 
 
+def test_avx512_bfloat16_path_keeps_transformers_tokens_and_logits(tmp_path, avx512_bfloat16_path):
+    """FIDDLER_BF16_PATH=avx512: the workers' C loop and the coordinator's linear layers decode through the
+    AVX512-BF16 kernel, prompts through PyTorch's linear; greedy tokens are transformers' own and the logits within
+    bfloat16's tolerance of its."""
+    from fiddler_moe.native import kernels
+    from fiddler_moe.launch.synthetic import write_checkpoint
+
+    folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    prompt = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48]])
+    input_ids, mask = batch(folder)
+    with torch.inference_mode():
+        want = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, min_new_tokens=16,
+                            do_sample=False)[0, prompt.shape[1]:]
+        want_logits = ref(input_ids=input_ids, attention_mask=mask).logits
+    with Cluster(folder, workers=1, device="cpu", quiet=True) as cluster:
+        got = cluster.generate(prompt[0].tolist(), max_new_tokens=16, ignore_eos=True)
+        got_logits = cluster.logits(input_ids, mask)
+        dense = [m for m in cluster.coordinator.model.modules() if getattr(m, "bf16_isa", 0)]
+        served_in_c = cluster.coordinator.dispatcher._shm_calls
+    assert got.token_ids == want.tolist()
+    assert relative_error(got_logits[mask.bool()], want_logits[mask.bool()]) < 1e-2
+    assert dense and all(m.bf16_isa == kernels.BF16_ISA_AVX512 for m in dense)
+    assert served_in_c, "the decoding steps went through shm_call.c"
+
+
 def test_grouping_by_expert_is_the_same_for_decode_steps_and_batches(monkeypatch):
     """Decode steps group their few (token, k) pairs with Python lists, batches with tensor ops: same answer."""
     from fiddler_moe.coordinator import dispatch

@@ -1,6 +1,6 @@
 """The expert kernel's CPU fast paths for bfloat16 against PyTorch's plain matmuls: packed for oneDNN (bit-identical),
-the AVX2 kernel for decoding rows and the upcast to float32 in blocks (the same products, rounded once; sums in
-another order)."""
+the decoding kernel's AVX2 and AVX512-BF16 paths for decoding rows and the upcast to float32 in blocks (the same
+products, rounded once; sums in another order)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,46 @@ def test_gemv_kernel_is_bfloat16_linear():
     assert not kernels.applies(torch.zeros(1, 40, dtype=torch.bfloat16), torch.zeros(8, 40, dtype=torch.bfloat16))
 
 
+KERNEL_PATHS = [pytest.param(kernels.BF16_ISA_AVX2, id="avx2"),
+                pytest.param(kernels.BF16_ISA_AVX512, id="avx512", marks=pytest.mark.skipif(
+                    not compute._avx512_bfloat16(), reason="this CPU has no AVX512-BF16 instructions"))]
+
+
+@pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
+@pytest.mark.parametrize("isa", KERNEL_PATHS)
+def test_each_path_of_the_decoding_kernel_is_bfloat16_linear(isa):
+    """Each path asked for by name: 1 to MAX_ROWS rows and a few more (in groups), weight rows that are not whole
+    4-row blocks, widths of whole 32-column vectors and with 16 columns over, bias; within one bfloat16 step of
+    the float64 product and mostly nn.Linear's bits. A path that does not exist is refused."""
+    generator = torch.Generator().manual_seed(5)
+    for out_features, in_features in ((98, 160), (37, 176)):
+        weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+        bias = torch.randn(out_features, generator=generator).bfloat16()
+        for rows in (*range(1, kernels.MAX_ROWS + 1), 11):
+            x = torch.randn(rows, in_features, generator=generator).bfloat16()
+            for b in (None, bias):
+                got = kernels.linear(x, weight, b, isa=isa)
+                assert_rounded_product(got, x, weight, b)
+                assert (got == nn.functional.linear(x, weight, b)).float().mean() > 0.95
+    with pytest.raises(ValueError, match="lacks the path"):
+        kernels.linear(x, weight, isa=7)
+
+
+@pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
+@pytest.mark.parametrize("isa", KERNEL_PATHS)
+def test_denormal_activations_move_a_result_by_less_than_their_size(isa):
+    """vdpbf16ps (the AVX512-BF16 path) reads denormal inputs as zero and flushes denormal sums: results of ordinary
+    size keep within one bfloat16 step, and a product of denormals alone is off by at most cols * 2^-126 * |w|."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(40, 160, generator=generator).bfloat16()
+    x = torch.randn(3, 160, generator=generator).bfloat16()
+    x[:, ::3] = torch.tensor(2.0**-130).bfloat16()  # a bfloat16 denormal
+    assert_rounded_product(kernels.linear(x, weight, isa=isa), x, weight)
+    tiny = torch.full((2, 160), 2.0**-130).bfloat16()
+    got, exact = kernels.linear(tiny, weight, isa=isa).double(), tiny.double() @ weight.double().t()
+    assert (got - exact).abs().max() <= 160 * 2.0**-126 * weight.double().abs().max()
+
+
 @pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
 def test_gemv_kernel_is_built_once_and_missing_compiler_falls_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path))
@@ -116,12 +156,10 @@ def test_gemv_kernel_is_built_once_and_missing_compiler_falls_back(tmp_path, mon
         kernels.library.cache_clear()
 
 
-def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
+def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch, avx2_bfloat16_path):
     """Up to kernels.MAX_ROWS rows the expert kernel (in one call for a gated SiLU expert) and the coordinator's
     nn.Linear take the AVX2 decoding kernel (where it builds; else PyTorch's bfloat16 product), from there on the
     float32 path."""
-    monkeypatch.setattr(compute, "UPCAST_BFLOAT16", True)
-    monkeypatch.setattr(compute, "PACK_BFLOAT16", False)
     spec = KernelSpec(activation="silu", dtype="bfloat16")
     generator = torch.Generator().manual_seed(1)
     gate_up = torch.randn(2 * 96, 64, generator=generator).bfloat16()
@@ -145,10 +183,6 @@ def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
     many = torch.randn(9, 64, generator=generator).bfloat16()
     assert kernel.forward(ExpertWeights(gate_up, down), many).shape == (9, 64) and calls == [9, 9]
 
-    import fiddler_moe.coordinator.cpu_linear as cpu_linear
-
-    monkeypatch.setattr(cpu_linear, "UPCAST_BFLOAT16", True)
-    monkeypatch.setattr(cpu_linear, "PACK_BFLOAT16", False)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8, bias=False)).bfloat16()
     want = [model(x) for x in (one, many)]
     assert pack_linear_layers(model) == 2
@@ -160,12 +194,44 @@ def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch):
 
 
 @pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
-def test_fused_silu_expert_is_the_two_products(monkeypatch):
+def test_avx512_path_decodes_through_the_kernel_and_batches_through_pytorch(monkeypatch, avx512_bfloat16_path):
+    """FIDDLER_BF16_PATH=avx512: up to MAX_ROWS rows an expert and the coordinator's nn.Linear take the AVX512-BF16
+    kernel on their dense weights (nothing packed beside them); more rows take PyTorch's own linear, bit for bit."""
+    from fiddler_moe.coordinator import cpu_linear
+
+    assert compute.decoding_kernel() == kernels.BF16_ISA_AVX512
+    generator = torch.Generator().manual_seed(7)
+    weights = ExpertWeights(torch.randn(2 * 96, 64, generator=generator).bfloat16(),
+                            torch.randn(64, 96, generator=generator).bfloat16())
+    kernel = ExpertKernel(KernelSpec(activation="silu", dtype="bfloat16"))
+    assert kernel.fused_silu and kernel.bf16_isa == kernels.BF16_ISA_AVX512 and not kernel.pack
+    paths, silu_expert = [], kernels.silu_expert
+    monkeypatch.setattr(kernels, "silu_expert", lambda *a, **k: paths.append(k["isa"]) or silu_expert(*a, **k))
+    monkeypatch.setattr(compute, "upcast_linear", None)  # never taken on this path
+    one, many = (torch.randn(n, 64, generator=generator).bfloat16() for n in (1, 9))
+    kernel.forward(weights, one)
+    assert paths == [kernels.BF16_ISA_AVX512] and not weights.packed
+    h = nn.functional.linear(many, weights.gate_up)
+    want = nn.functional.linear(nn.functional.silu(h[:, :96]) * h[:, 96:], weights.down)
+    assert torch.equal(kernel.forward(weights, many), want) and paths == [kernels.BF16_ISA_AVX512]
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8, bias=False)).bfloat16()
+    want = [model(x) for x in (one, many)]
+    assert cpu_linear.pack_linear_layers(model) == 2
+    assert all(m.bf16_isa == kernels.BF16_ISA_AVX512 and m.weight.device.type == "cpu" for m in model)
+    decoding, linear = [], kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a, **k: decoding.append(k["isa"]) or linear(*a, **k))
+    assert_rounded_product(model[0](one), one, model[0].weight, model[0].bias)
+    assert (model(one) - want[0]).abs().max() <= 0.02 * want[0].abs().max()
+    assert decoding == [kernels.BF16_ISA_AVX512] * 3
+    assert torch.equal(model(many), want[1]) and len(decoding) == 3
+
+
+@pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
+def test_fused_silu_expert_is_the_two_products(decoding_kernel_path):
     """One call per gated SiLU expert gives the bits of the two products with PyTorch's activation and product
-    between them, for every row count it takes, into a given output too; experts it does not take (biases, another
-    activation) keep the two products."""
-    monkeypatch.setattr(compute, "UPCAST_BFLOAT16", True)
-    monkeypatch.setattr(compute, "PACK_BFLOAT16", False)
+    between them, for every row count it takes, into a given output too, on each path; experts it does not take
+    (biases, another activation) keep the two products."""
     generator = torch.Generator().manual_seed(3)
     weights = ExpertWeights((torch.randn(2 * 96, 64, generator=generator) * 0.2).bfloat16(),
                             (torch.randn(64, 96, generator=generator) * 0.2).bfloat16())

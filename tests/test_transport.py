@@ -93,9 +93,9 @@ def test_worker_waits_as_the_coordinator_says(tmp_path):
     assert shm_files() == set()
 
 
-def test_decoding_requests_are_served_in_c_as_in_python(avx2_bfloat16_path, shm_pair):
+def test_decoding_requests_are_served_in_c_as_in_python(decoding_kernel_path, shm_pair):
     """The worker's C loop over the slot (shm_serve.c) answers the requests it takes with the bits the Python path
-    computes, and leaves every other one in the slot for Python, unconsumed."""
+    computes, on each path of the decoding kernel, and leaves every other one in the slot for Python, unconsumed."""
     from fiddler_moe.native import kernels
     from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights
     from fiddler_moe.native.shm_serve import ShmServeLoop
@@ -110,7 +110,7 @@ def test_decoding_requests_are_served_in_c_as_in_python(avx2_bfloat16_path, shm_
     kernel = ExpertKernel(m.KernelSpec(activation="silu", dtype="bfloat16"))
     coordinator, worker = shm_pair(1 << 16, spin=False)
     loop = ShmServeLoop.build(worker, shard, kernel)
-    assert loop is not None
+    assert loop is not None and loop.bf16_isa == kernel.bf16_isa != 0
 
     def post(request):
         coordinator.request_view(request.rows.dtype, tuple(request.rows.shape)).copy_(request.rows)
