@@ -111,7 +111,8 @@ def main() -> None:
 
         engine._decode_step = timed_step
         torch.set_num_threads(args.coordinator_threads)
-        way = "onednn" if cpu_linear.PACK_BFLOAT16 else "avx2" if cpu_linear.UPCAST_BFLOAT16 else "plain"
+        way = ("onednn" if cpu_linear.PACK_BFLOAT16 else "avx2" if cpu_linear.UPCAST_BFLOAT16
+               else "avx512" if cpu_linear.AVX512_BFLOAT16 else "plain")
         zero = coordinator_layers.load(folder, way)
         zero_parts = PartClock(zero)
 

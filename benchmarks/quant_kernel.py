@@ -5,7 +5,7 @@ each reads its weights, against the machine's measured read bandwidth.
     .venv/bin/python benchmarks/quant_kernel.py --hidden 2048 --intermediate 5632 --rows 1,8,128
 
 Contestants, for each row count: the bfloat16 expert as a worker computes it (experts/compute.py's ExpertKernel:
-oneDNN or the AVX2 kernel, as FIDDLER_BF16_PATH picks), and the quantized ones (experts/compute.py with
+oneDNN, the AVX512-BF16 or the AVX2 kernel, as FIDDLER_BF16_PATH picks), and the quantized ones (experts/compute.py with
 QuantizedExpertWeights: the fused C kernel, integer dot products, for any number of rows), plus each C path of
 the fused quantized kernel asked for by name (the plain one up to MAX_ROWS rows). Each figure is the best of
 --rounds rounds; a round computes --calls experts cycling through enough experts' weights that they come from

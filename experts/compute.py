@@ -5,17 +5,23 @@ wherever its expert runs. Layout follows transformers' fused experts: gate_up is
 the gate half first (or [hidden, 2 * intermediate] when transposed), down is [hidden, intermediate].
 
 Speed: decoding reads every routed expert's weights once per token with one row of activations, so the matmuls
-are memory-bound matrix-vector products. Two CPU fast paths for bfloat16, chosen by what the CPU has:
+are memory-bound matrix-vector products. Three CPU fast paths for bfloat16, chosen by what the CPU has:
 
 - With oneDNN's bfloat16 support (AVX512-BF16 or AMX), PyTorch's plain `linear` falls well short of the memory
   bandwidth; the same oneDNN matmul on weights reordered once into its blocked layout reaches it
   (docs/performance-log.md). So the first forward of an expert on such a CPU re-lays its weights out in place
   (`ExpertWeights.pack`: a private copy replaces the dense tensors, bit-identical results). Weights marked `shared`
   (memory another process maps too) are left alone, since the copy would double them.
+- On CPUs with AVX512-BF16 (`avx512`, not the default: see `bfloat16_path`), the weights stay dense and decoding
+  rows (up to `kernels.MAX_ROWS`) go through our own C kernel's AVX512-BF16 path (vdpbf16ps on the bfloat16 pairs
+  as they are): a gated SiLU expert in one call, so the worker's C serving loop (native/shm_serve.py) answers
+  decoding requests without Python. More rows (prefill) take PyTorch's own `linear`, which runs oneDNN on the dense
+  weights (a copy of them laid out per call): the fastest product on dense weights here (a 64-row expert 1.2x
+  the packed time against 4x for the float32 upcast), bit for bit transformers' own.
 - Without it (AVX2 CPUs: most desktops and laptops, AMD before Zen 4), PyTorch's bfloat16 matmul is a loop of
   matrix-vector products, so a 128-row prefill batch takes 128 times one row. Up to `kernels.MAX_ROWS` rows
   (decoding) a small AVX2 kernel of our own streams the weights once for all rows, faster than PyTorch's for one
-  row (native/kernels.py); beyond them (from `UPCAST_ROWS` rows on where that kernel cannot be built),
+  row (native/kernels.py, its AVX2 path); beyond them (from `UPCAST_ROWS` rows on where that kernel cannot be built),
   `upcast_linear` converts the weights to float32 a cache-sized block at a time and multiplies in float32, several
   times faster for a prefill batch. Both round once to bfloat16 as PyTorch's own kernel does. Measurements:
   docs/performance-log.md.
@@ -62,12 +68,14 @@ BFLOAT16_PATHS = ("auto", "onednn", "avx512", "avx2", "off")
 
 
 def bfloat16_path() -> str:
-    """The CPU bfloat16 path this process takes: FIDDLER_BF16_PATH (auto, onednn, avx2 or off; auto picks oneDNN
-    where the CPU has its bfloat16 support, else avx2), or off with FIDDLER_PACK_WEIGHTS=0. `avx2` runs on any AVX2
-    CPU, also one with oneDNN bfloat16 support, to compare the two or to use the C hand-over paths there. Where
-    both run (Zen 5, AVX512-BF16, 2026-12-02), oneDNN is the faster for both sides: a decode step of the
-    coordinator's own layers took 0.65x plain PyTorch's time against avx2's 1.01x, one expert's decoding row 1.15
-    against 1.25 ms and a 64-row prefill 4.3 against 19 ms (docs/performance-log.md), so auto keeps it."""
+    """The CPU bfloat16 path this process takes: FIDDLER_BF16_PATH (auto, onednn, avx512, avx2 or off; auto picks
+    oneDNN where the CPU has its bfloat16 support, else avx2), or off with FIDDLER_PACK_WEIGHTS=0. `avx2` runs on
+    any AVX2 CPU, also one with oneDNN bfloat16 support, to compare or to use the C hand-over paths there; `avx512`
+    on CPUs with AVX512-BF16. On Zen 5 (2026-12-02, docs/performance-log.md) avx512 decodes faster than oneDNN's
+    packed weights (a mini cluster's decode token 0.70x the time in paired turns, the bench's decode 1.08-1.31x)
+    but its prefill, PyTorch's linear on dense weights, is slower (the bench's prefill 0.83-0.94x, one expert at
+    64 rows 1.2x the time, the coordinator's layers over a 256-token prompt 1.06x), and oneDNN's results are
+    transformers' own bits; so auto keeps oneDNN. avx2 is the slower of the two on both sides there."""
     chosen = os.environ.get("FIDDLER_BF16_PATH", "auto").strip().lower() or "auto"
     if chosen not in BFLOAT16_PATHS:
         raise ValueError(f"FIDDLER_BF16_PATH={chosen!r}: use one of {', '.join(BFLOAT16_PATHS)}")

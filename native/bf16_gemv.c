@@ -21,7 +21,7 @@
    final rounding. vdpbf16ps also treats bfloat16 denormal inputs (below 2^-126 in magnitude) as zero and flushes
    denormal partial sums to zero; each such flush changes a sum by less than 2^-126, far below a bfloat16 step of
    any result larger than about 2^-110 (cols * 2^-126 at most, then rounded), and oneDNN's bfloat16 matmul, which
-   PyTorch's own linear uses on these CPUs, does the same (tests/test_native.py checks denormal activations).
+   PyTorch's own linear uses on these CPUs, does the same (tests/test_kernel.py checks denormal activations).
 
    Threads: OpenMP, linked against the runtime PyTorch has loaded, so the product uses PyTorch's thread team and
    torch.set_num_threads. Built on first use by native/build.py. */
@@ -223,10 +223,10 @@ INLINE BF16 void rows_in_sequence(const uint16_t *w, int64_t cols, const uint16_
 
 /* y[i * R + r] = sum over c of x[i, c] * w[r, c] for R weight rows and N activation rows, both of stride cols: each
    weight vector (32 columns, one 64-byte line) is loaded once for all N rows, R * N sums in registers. The next
-   R rows are prefetched in memory order, R lines a step, as the tile reads its own: one
-   sequential stream ahead of the tile's R interleaved ones, which made 3 to 6 rows 5-15% faster than prefetching
-   each row PREFETCH_ROWS ahead as the AVX2 path does (Zen 5, 2026-12-02). A last 16 columns (cols a multiple of 16, not of 32) are read with masked loads,
-   the rest of the lanes zero. */
+   R rows are prefetched in memory order, R lines a step, as the tile reads its own: one sequential stream ahead of
+   the tile's R interleaved ones, which made 3 to 6 rows 5-15% faster than prefetching each row PREFETCH_ROWS
+   ahead as the AVX2 path does (Zen 5, 2026-12-02). A last 16 columns (cols a multiple of 16, not of 32) are read
+   with masked loads, the rest of the lanes zero. */
 INLINE BF16 void tile_bf16(const uint16_t *w, int64_t cols, const uint16_t *x, const int R, const int N, float *y) {
     __m512 acc[4 * MAX_ROWS]; /* acc[i * R + r] */
     for (int j = 0; j < R * N; j++) acc[j] = _mm512_setzero_ps();
