@@ -96,7 +96,7 @@ def test_each_path_of_the_decoding_kernel_is_bfloat16_linear(isa):
     4-row blocks, widths of whole 32-column vectors and with 16 columns over, bias; within one bfloat16 step of
     the float64 product and mostly nn.Linear's bits. A path that does not exist is refused."""
     generator = torch.Generator().manual_seed(5)
-    for out_features, in_features in ((98, 160), (37, 176)):
+    for out_features, in_features in ((98, 160), (37, 176), (1040, 1024)):  # the last large enough for 2 threads
         weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
         bias = torch.randn(out_features, generator=generator).bfloat16()
         for rows in (*range(1, kernels.MAX_ROWS + 1), 11):
@@ -319,3 +319,13 @@ def test_packed_bfloat16_kernel_matches_plain():
     ExpertKernel(spec).forward(shared, x)
     assert not shared.packed
     assert ExpertKernel(spec).forward(packed, x[:0]).shape == (0, 64)
+
+
+def test_a_bfloat16_path_this_cpu_lacks_is_refused_with_what_to_use(monkeypatch):
+    monkeypatch.setattr(compute, "_avx512_bfloat16", lambda: False)
+    monkeypatch.setenv("FIDDLER_BF16_PATH", "avx512")
+    with pytest.raises(ValueError, match="no AVX512-BF16 instructions; use auto or avx2"):
+        compute.bfloat16_path()
+    monkeypatch.setenv("FIDDLER_BF16_PATH", "avx1024")
+    with pytest.raises(ValueError, match="use one of auto, onednn, avx512, avx2, off"):
+        compute.bfloat16_path()
