@@ -19,8 +19,9 @@
    -K * sum(xq), computed once per call with the activations.
 
    Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for the best, QUANT_ISA_* for one):
-   - AVX-512 with VNNI (vpdpbusd: 64 byte products a instruction). Decoding (up to 4 rows, 6 for int4:
-     `vnni_decodes`): a weight row's blocks two at a time in one vector, against each row. More rows: a thread's
+   - AVX-512 with VNNI (vpdpbusd: 64 byte products a instruction). Decoding (up to 6 rows, 8 for int4:
+     `vnni_decodes`): a weight row's codes 64 bytes a step (2 blocks of int8, 4 of int4), prefetched far ahead,
+     against each row (`row_vnni`). More rows: a thread's
      32 weight rows packed into two panels whose vectors hold one 4-code word of each of 16 rows, each activation
      row's words broadcast to them, tiles of 32 weight rows x 6 activation rows with their sums in registers
      (`tile_vnni`).
@@ -123,10 +124,10 @@ static void free_acts(acts *a) {
 }
 
 /* Whether the VNNI path takes n rows as decoding (each weight row's blocks against each row) rather than as
-   prefill (packed panels, tiles of rows): up to 4 rows, 6 for int4, whose blocks unpack faster in the decoding
-   path (one expert of mini, 5-8 rows with the weights from memory: int8 about 1.1-1.3x faster as tiles, int4
-   5-6 rows 0.65-0.98x, 7-8 rows 1.0-1.2x; docs/performance-log.md). */
-static int vnni_decodes(int format, int64_t n) { return n <= (format == QUANT_INT4 ? 6 : 4); }
+   prefill (packed panels, tiles of rows): up to 6 rows, 8 for int4, where decoding was measured faster (one
+   expert of mini, the weights from memory, one thread: int8 5 rows 0.72x the tiles' time, 6 rows 0.96x, 7-8 rows
+   1.12-1.16x; int4 5-8 rows 0.59-0.73x; docs/performance-log.md). */
+static int vnni_decodes(int format, int64_t n) { return n <= (format == QUANT_INT4 ? 8 : 6); }
 
 /* Allocates what `prepare_acts` fills; 0, or -1 when there is no memory. */
 static int alloc_acts(acts *a, int format, int isa, int64_t n, int64_t cols) {
@@ -436,8 +437,10 @@ AVX2 static void rows_avx2_prefill(int format, const uint8_t *q, const uint16_t 
    int4), and one multiply-add scales and adds them. The scales' products dw * dx are taken 16 blocks at a time
    (one conversion of 16 float16 scales, one multiply per activation row) and moved to a unit's lanes by one
    permute. The weights and their scales are prefetched DECODE_AHEAD bytes of codes ahead, into the next rows:
-   a thread's rows follow one another in memory. */
-#define DECODE_AHEAD 1024
+   a thread's rows follow one another in memory. The hardware prefetchers alone kept one row of mini's expert at
+   24 GB/s (int4) on the Zen 5 VM; prefetching 1 KiB ahead was no faster, 4 KiB 1.2x, 16 KiB 1.5x, 32 and 64 KiB
+   1.7x, past the 37 GB/s torch.sum reads (docs/performance-log.md). */
+#define DECODE_AHEAD 32768
 
 /* The unsigned codes of blocks b .. b + count of a weight row (count up to a unit; a unit's missing blocks read
    as zeros): int8 q + 128 in w[0]; int4 the low nibbles of 4 blocks in w[0], the high ones in w[1]. */
