@@ -26,8 +26,8 @@
      row's words broadcast to them, tiles of 32 weight rows x 6 activation rows with their sums in registers
      (`tile_vnni`).
    - AVX2 (vpmaddubsw + vpmaddwd, llama.cpp's AVX2 method: |w| times x with w's sign), one weight row's block
-     against up to MAX_ROWS rows at a time; more rows as the VNNI path's tiles, with 8-row panels
-     (`tile_avx2`).
+     against up to MAX_ROWS rows at a time (int4: two blocks a step, unsigned, `row_avx2_int4`); more rows as the
+     VNNI path's tiles, with 8-row panels (`tile_avx2`).
    - plain C, the same sums.
    Threads: OpenMP, over pieces of weight rows. */
 
@@ -51,6 +51,12 @@
 #define TILE_N 6                     /* activation rows of a prefill tile */
 #define PIECE_ROWS (TILE_P * PANEL)  /* weight rows a thread takes at a time */
 #define PIECE_BYTES(blocks) ((blocks) * TILE_P * PANEL_BLOCK) /* a thread's packed panels, on either path */
+/* Decoding (both SIMD paths) prefetches the weights' codes DECODE_AHEAD bytes ahead of those it reads, and their
+   scales as far ahead, into the rows that follow (a thread's rows follow one another in memory). The hardware
+   prefetchers alone kept one row of mini's expert at 24 GB/s (int4) on the Zen 5 VM; prefetching 1 KiB ahead was
+   no faster, 4 KiB 1.2x, 16 KiB 1.5x, 32 and 64 KiB 1.7x, past the 37 GB/s torch.sum reads
+   (docs/performance-log.md). */
+#define DECODE_AHEAD 32768
 #define INLINE static inline __attribute__((always_inline))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
@@ -103,8 +109,9 @@ typedef struct {
     int8_t *q;    /* [n, cols] */
     float *d;     /* [n, blocks] */
     int32_t *k;   /* [n, blocks]: -K * the block's code sum */
-    /* VNNI decoding: per unit of a weight row's blocks (unit_blocks: the blocks of 64 bytes of codes) and row,
-       the codes in the order of the weights' vectors (unit_bytes) and 16 starting sums in their lanes */
+    /* VNNI decoding, and int4 decoding on AVX2: per unit of a weight row's blocks (unit_blocks: the blocks of 64
+       bytes of codes) and row, the codes in the order of the weights' vectors (unit_bytes) and 16 starting sums
+       in their lanes */
     int8_t *pq;
     int32_t *pk;
     /* prefill (VNNI, and AVX2 beyond MAX_ROWS rows): each thread's packed panels of weight rows (pack_panel,
@@ -137,7 +144,8 @@ static int alloc_acts(acts *a, int format, int isa, int64_t n, int64_t cols) {
     a->q = scratch((size_t)(n * cols));
     a->d = scratch((size_t)(n * blocks) * 4), a->k = scratch((size_t)(n * blocks) * 4);
     int ok = a->q && a->d && a->k;
-    if (isa == QUANT_ISA_AVX512 && vnni_decodes(format, n)) {
+    if ((isa == QUANT_ISA_AVX512 && vnni_decodes(format, n)) || (isa == QUANT_ISA_AVX2 && format == QUANT_INT4
+                                                                  && n <= MAX_ROWS)) {
         a->pq = scratch((size_t)(n * units * unit_bytes(format))), a->pk = scratch((size_t)(n * units) * 64);
         ok = ok && a->pq && a->pk;
     } else if (isa == QUANT_ISA_AVX512 || (isa == QUANT_ISA_AVX2 && n > MAX_ROWS)) {
@@ -256,6 +264,9 @@ AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scal
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t blocks = a->blocks, block_codes = format == QUANT_INT8 ? 32 : 16;
     for (int64_t b = 0; b < blocks; b++) {
+        if (b % (64 / block_codes) == 0) /* a line of codes a step, a line of scales every 16 or 32 steps */
+            _mm_prefetch((const char *)(codes + b * block_codes) + DECODE_AHEAD, _MM_HINT_T0);
+        if (b % 32 == 0) _mm_prefetch((const char *)(scale + b) + DECODE_AHEAD * 2 / block_codes, _MM_HINT_T0);
         __m256i w = block_avx2(format, codes + b * block_codes), aw = _mm256_sign_epi8(w, w);
         float dw = _cvtsh_ss(scale[b]);
         _Pragma("GCC unroll 16")
@@ -278,6 +289,60 @@ AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scal
         ROW_CASE(ROW, FORMAT, 5) ROW_CASE(ROW, FORMAT, 6) ROW_CASE(ROW, FORMAT, 7) ROW_CASE(ROW, FORMAT, 8)  \
     }
 
+/* int4 on AVX2: two blocks a step (one load of 32 bytes of codes, its low and its high nibbles against the
+   activations' copies that the VNNI decoding path reads: a unit of 4 blocks is two steps), the codes unsigned as
+   stored, each block's sum starting at -8 * sum(xq); the scales' products 8 blocks at a time, as the VNNI path
+   takes them 16 at a time. vpmaddubsw cannot saturate: 2 x 15 x 127 twice is under 2^15. */
+/* Blocks b0 .. b0 + count (count <= 8) of one int4 weight row against N activation rows, added to acc. */
+AVX2 INLINE void group_avx2_int4(const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t b0,
+                                 const int count, const int N, __m256 *acc) {
+    const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(15);
+    int64_t blocks = a->blocks, n = a->n;
+    if (b0 % 32 == 0) _mm_prefetch((const char *)(scale + b0) + DECODE_AHEAD / 8, _MM_HINT_T0);
+    __m256 dw, f[MAX_ROWS];
+    if (count == 8) {
+        dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));
+    } else { /* the row's last blocks; the others' scales 0 */
+        uint16_t last[8] = {0};
+        memcpy(last, scale + b0, (size_t)count * 2);
+        dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)last));
+    }
+    __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++)
+        f[i] = _mm256_mul_ps(dw, _mm256_maskload_ps(a->d + i * blocks + b0, present));
+    _Pragma("GCC unroll 4") for (int j = 0; 2 * j < count; j++) {
+        int64_t b = b0 + 2 * j, u = b / 4, half = (b / 2) % 2;
+        if (b % 4 == 0) _mm_prefetch((const char *)(codes + 16 * b) + DECODE_AHEAD, _MM_HINT_T0);
+        __m256i v = count - 2 * j >= 2 ? _mm256_loadu_si256((const __m256i *)(codes + 16 * b))
+                                       : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(codes + 16 * b)));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        __m256i lanes = _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1);
+        _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
+            const int8_t *x = a->pq + (u * n + i) * 128 + 32 * half;
+            const int32_t *k = a->pk + (u * n + i) * 16 + 8 * half;
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)x)),
+                                             _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(x + 64))));
+            __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), _mm256_load_si256((const __m256i *)k));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_permutevar8x32_ps(f[i], lanes), acc[i]);
+        }
+    }
+}
+
+/* int4 on AVX2: two blocks a step (one load of 32 bytes of codes, its low and its high nibbles against the
+   activations' copies that the VNNI decoding path reads: a unit of 4 blocks is two steps), the codes unsigned as
+   stored, each block's sum starting at -8 * sum(xq); the scales' products 8 blocks at a time, as the VNNI path
+   takes them 16 at a time. vpmaddubsw cannot saturate: 2 x 15 x 127 twice is under 2^15. */
+AVX2 INLINE void row_avx2_int4(int format, const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t i0,
+                               const int N, float *y, int64_t ystride) {
+    (void)format, (void)i0; /* QUANT_INT4; all of the call's rows (at most MAX_ROWS) */
+    __m256 acc[MAX_ROWS];
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    int64_t blocks = a->blocks, b0 = 0;
+    for (; b0 + 8 <= blocks; b0 += 8) group_avx2_int4(codes, scale, a, b0, 8, N, acc);
+    if (b0 < blocks) group_avx2_int4(codes, scale, a, b0, (int)(blocks - b0), N, acc);
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) y[i * ystride] = hsum8(acc[i]);
+}
+
 #if MAX_ROWS != 8
 #error "rows_avx2 and rows_vnni have a case for each row count up to 8; native/limits.py's MAX_ROWS differs"
 #endif
@@ -292,7 +357,7 @@ AVX2 static void rows_avx2(int format, const uint8_t *q, const uint16_t *scale, 
             if (format == QUANT_INT8) {
                 ROW_SWITCH(row_avx2, QUANT_INT8)
             } else {
-                ROW_SWITCH(row_avx2, QUANT_INT4)
+                ROW_SWITCH(row_avx2_int4, QUANT_INT4)
             }
         }
     }
@@ -436,11 +501,7 @@ AVX2 static void rows_avx2_prefill(int format, const uint8_t *q, const uint16_t 
    nibbles, then the high ones) leave each block's integer sum spread over its lanes (8 a block for int8, 4 for
    int4), and one multiply-add scales and adds them. The scales' products dw * dx are taken 16 blocks at a time
    (one conversion of 16 float16 scales, one multiply per activation row) and moved to a unit's lanes by one
-   permute. The weights and their scales are prefetched DECODE_AHEAD bytes of codes ahead, into the next rows:
-   a thread's rows follow one another in memory. The hardware prefetchers alone kept one row of mini's expert at
-   24 GB/s (int4) on the Zen 5 VM; prefetching 1 KiB ahead was no faster, 4 KiB 1.2x, 16 KiB 1.5x, 32 and 64 KiB
-   1.7x, past the 37 GB/s torch.sum reads (docs/performance-log.md). */
-#define DECODE_AHEAD 32768
+   permute. The weights and their scales are prefetched DECODE_AHEAD bytes ahead (above). */
 
 /* The unsigned codes of blocks b .. b + count of a weight row (count up to a unit; a unit's missing blocks read
    as zeros): int8 q + 128 in w[0]; int4 the low nibbles of 4 blocks in w[0], the high ones in w[1]. */
