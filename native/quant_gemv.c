@@ -21,10 +21,9 @@
    Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for the best, QUANT_ISA_* for one):
    - AVX-512 with VNNI (vpdpbusd: 64 byte products a instruction). Decoding (up to 6 rows, 8 for int4:
      `vnni_decodes`): a weight row's codes 64 bytes a step (2 blocks of int8, 4 of int4), prefetched far ahead,
-     against each row (`row_vnni`). More rows: a thread's
-     32 weight rows packed into two panels whose vectors hold one 4-code word of each of 16 rows, each activation
-     row's words broadcast to them, tiles of 32 weight rows x 6 activation rows with their sums in registers
-     (`tile_vnni`).
+     against each row (`row_vnni`). More rows: a thread's 32 weight rows packed into two panels whose vectors hold
+     one 4-code word of each of 16 rows, each activation row's words broadcast to them, tiles of 32 weight rows x
+     6 activation rows with their sums in registers (`tile_vnni`).
    - AVX2 (vpmaddubsw + vpmaddwd, llama.cpp's AVX2 method: |w| times x with w's sign), one weight row's block
      against up to MAX_ROWS rows at a time (int4: two blocks a step, unsigned, `row_avx2_int4`); more rows as the
      VNNI path's tiles, with 8-row panels (`tile_avx2`).
@@ -53,8 +52,8 @@
 #define PIECE_BYTES(blocks) ((blocks) * TILE_P * PANEL_BLOCK) /* a thread's packed panels, on either path */
 /* Decoding (both SIMD paths) prefetches the weights' codes DECODE_AHEAD bytes ahead of those it reads, and their
    scales as far ahead, into the rows that follow (a thread's rows follow one another in memory). The hardware
-   prefetchers alone kept one row of mini's expert at 24 GB/s (int4) on the Zen 5 VM; prefetching 1 KiB ahead was
-   no faster, 4 KiB 1.2x, 16 KiB 1.5x, 32 and 64 KiB 1.7x, past the 37 GB/s torch.sum reads
+   prefetchers alone kept one row of mini's expert at about 25 GB/s (int4) on the Zen 5 VM; prefetching 1 KiB
+   ahead was no faster, 4 KiB 1.2x, 16 KiB 1.5x, 32 and 64 KiB 1.7x, past the 37 GB/s torch.sum reads
    (docs/performance-log.md). */
 #define DECODE_AHEAD 32768
 #define INLINE static inline __attribute__((always_inline))
@@ -120,7 +119,8 @@ typedef struct {
 } acts;
 
 /* The VNNI decoding path reads a weight row 64 bytes of codes at a time: a unit of 2 blocks of int8 (one vector
-   of codes), 4 of int4 (two vectors: the low nibbles, then the high ones). */
+   of codes), 4 of int4 (two vectors: the low nibbles, then the high ones); int4 on AVX2 takes a unit in two
+   halves. */
 static int unit_blocks(int format) { return format == QUANT_INT8 ? 2 : 4; }
 static int64_t units_of(int format, int64_t blocks) { return (blocks + unit_blocks(format) - 1) / unit_blocks(format); }
 static int64_t unit_bytes(int format) { return format == QUANT_INT8 ? 64 : 128; }
@@ -289,10 +289,6 @@ AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scal
         ROW_CASE(ROW, FORMAT, 5) ROW_CASE(ROW, FORMAT, 6) ROW_CASE(ROW, FORMAT, 7) ROW_CASE(ROW, FORMAT, 8)  \
     }
 
-/* int4 on AVX2: two blocks a step (one load of 32 bytes of codes, its low and its high nibbles against the
-   activations' copies that the VNNI decoding path reads: a unit of 4 blocks is two steps), the codes unsigned as
-   stored, each block's sum starting at -8 * sum(xq); the scales' products 8 blocks at a time, as the VNNI path
-   takes them 16 at a time. vpmaddubsw cannot saturate: 2 x 15 x 127 twice is under 2^15. */
 /* Blocks b0 .. b0 + count (count <= 8) of one int4 weight row against N activation rows, added to acc. */
 AVX2 INLINE void group_avx2_int4(const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t b0,
                                  const int count, const int N, __m256 *acc) {
