@@ -19,14 +19,14 @@
    -K * sum(xq), computed once per call with the activations.
 
    Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for the best, QUANT_ISA_* for one):
-   - AVX-512 with VNNI (vpdpbusd: 64 byte products a instruction). Decoding (up to 4 rows, 6 for int4:
-     `vnni_decodes`): a weight row's blocks two at a time in one vector, against each row. More rows: a thread's
-     32 weight rows packed into two panels whose vectors hold one 4-code word of each of 16 rows, each activation
-     row's words broadcast to them, tiles of 32 weight rows x 6 activation rows with their sums in registers
-     (`tile_vnni`).
+   - AVX-512 with VNNI (vpdpbusd: 64 byte products a instruction). Decoding (up to 6 rows, 8 for int4:
+     `vnni_decodes`): a weight row's codes 64 bytes a step (2 blocks of int8, 4 of int4), prefetched far ahead,
+     against each row (`row_vnni`). More rows: a thread's 32 weight rows packed into two panels whose vectors hold
+     one 4-code word of each of 16 rows, each activation row's words broadcast to them, tiles of 32 weight rows x
+     6 activation rows with their sums in registers (`tile_vnni`).
    - AVX2 (vpmaddubsw + vpmaddwd, llama.cpp's AVX2 method: |w| times x with w's sign), one weight row's block
-     against up to MAX_ROWS rows at a time; more rows as the VNNI path's tiles, with 8-row panels
-     (`tile_avx2`).
+     against up to MAX_ROWS rows at a time (int4: two blocks a step, unsigned, `row_avx2_int4`); more rows as the
+     VNNI path's tiles, with 8-row panels (`tile_avx2`).
    - plain C, the same sums.
    Threads: OpenMP, over pieces of weight rows. */
 
@@ -50,6 +50,12 @@
 #define TILE_N 6                     /* activation rows of a prefill tile */
 #define PIECE_ROWS (TILE_P * PANEL)  /* weight rows a thread takes at a time */
 #define PIECE_BYTES(blocks) ((blocks) * TILE_P * PANEL_BLOCK) /* a thread's packed panels, on either path */
+/* Decoding (both SIMD paths) prefetches the weights' codes DECODE_AHEAD bytes ahead of those it reads, and their
+   scales as far ahead, into the rows that follow (a thread's rows follow one another in memory). The hardware
+   prefetchers alone kept one row of mini's expert at about 25 GB/s (int4) on the Zen 5 VM; prefetching 1 KiB
+   ahead was no faster, 4 KiB 1.2x, 16 KiB 1.5x, 32 and 64 KiB 1.7x, past the 37 GB/s torch.sum reads
+   (docs/performance-log.md). */
+#define DECODE_AHEAD 32768
 #define INLINE static inline __attribute__((always_inline))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
@@ -102,41 +108,46 @@ typedef struct {
     int8_t *q;    /* [n, cols] */
     float *d;     /* [n, blocks] */
     int32_t *k;   /* [n, blocks]: -K * the block's code sum */
-    /* VNNI decoding: per pair of blocks and row, 64 codes, 16 scales and 16 starting sums in the lanes of the
-       weights' vector (pair_lanes) */
+    /* VNNI decoding, and int4 decoding on AVX2: per unit of a weight row's blocks (unit_blocks: the blocks of 64
+       bytes of codes) and row, the codes in the order of the weights' vectors (unit_bytes) and 16 starting sums
+       in their lanes */
     int8_t *pq;
-    float *pd;
     int32_t *pk;
     /* prefill (VNNI, and AVX2 beyond MAX_ROWS rows): each thread's packed panels of weight rows (pack_panel,
        pack_panel_avx2), PIECE_BYTES(blocks) a thread */
     uint8_t *panels;
 } acts;
 
-static int64_t pairs_of(int64_t blocks) { return (blocks + 1) / 2; }
+/* The VNNI decoding path reads a weight row 64 bytes of codes at a time: a unit of 2 blocks of int8 (one vector
+   of codes), 4 of int4 (two vectors: the low nibbles, then the high ones); int4 on AVX2 takes a unit in two
+   halves. */
+static int unit_blocks(int format) { return format == QUANT_INT8 ? 2 : 4; }
+static int64_t units_of(int format, int64_t blocks) { return (blocks + unit_blocks(format) - 1) / unit_blocks(format); }
+static int64_t unit_bytes(int format) { return format == QUANT_INT8 ? 64 : 128; }
 
 static void free_acts(acts *a) {
-    free(a->q), free(a->d), free(a->k), free(a->pq), free(a->pd), free(a->pk), free(a->panels);
+    free(a->q), free(a->d), free(a->k), free(a->pq), free(a->pk), free(a->panels);
     memset(a, 0, sizeof *a);
 }
 
 /* Whether the VNNI path takes n rows as decoding (each weight row's blocks against each row) rather than as
-   prefill (packed panels, tiles of rows): up to 4 rows, 6 for int4, whose blocks unpack faster in the decoding
-   path (one expert of mini, 5-8 rows with the weights from memory: int8 about 1.1-1.3x faster as tiles, int4
-   5-6 rows 0.65-0.98x, 7-8 rows 1.0-1.2x; docs/performance-log.md). */
-static int vnni_decodes(int format, int64_t n) { return n <= (format == QUANT_INT4 ? 6 : 4); }
+   prefill (packed panels, tiles of rows): up to 6 rows, 8 for int4, where decoding was measured faster (one
+   expert of mini, the weights from memory, one thread: int8 5 rows 0.72x the tiles' time, 6 rows 0.96x, 7-8 rows
+   1.12-1.16x; int4 5-8 rows 0.59-0.73x; docs/performance-log.md). */
+static int vnni_decodes(int format, int64_t n) { return n <= (format == QUANT_INT4 ? 8 : 6); }
 
 /* Allocates what `prepare_acts` fills; 0, or -1 when there is no memory. */
 static int alloc_acts(acts *a, int format, int isa, int64_t n, int64_t cols) {
-    int64_t blocks = cols / 32, pairs = pairs_of(blocks);
+    int64_t blocks = cols / 32, units = units_of(format, blocks);
     memset(a, 0, sizeof *a);
     a->n = n, a->cols = cols, a->blocks = blocks;
     a->q = scratch((size_t)(n * cols));
     a->d = scratch((size_t)(n * blocks) * 4), a->k = scratch((size_t)(n * blocks) * 4);
     int ok = a->q && a->d && a->k;
-    if (isa == QUANT_ISA_AVX512 && vnni_decodes(format, n)) {
-        a->pq = scratch((size_t)(n * pairs) * 64), a->pd = scratch((size_t)(n * pairs) * 64);
-        a->pk = scratch((size_t)(n * pairs) * 64);
-        ok = ok && a->pq && a->pd && a->pk;
+    if ((isa == QUANT_ISA_AVX512 && vnni_decodes(format, n)) || (isa == QUANT_ISA_AVX2 && format == QUANT_INT4
+                                                                  && n <= MAX_ROWS)) {
+        a->pq = scratch((size_t)(n * units * unit_bytes(format))), a->pk = scratch((size_t)(n * units) * 64);
+        ok = ok && a->pq && a->pk;
     } else if (isa == QUANT_ISA_AVX512 || (isa == QUANT_ISA_AVX2 && n > MAX_ROWS)) {
         /* a parallel region started after this has no more threads than this says */
         a->panels = scratch((size_t)omp_get_max_threads() * (size_t)PIECE_BYTES(blocks));
@@ -148,7 +159,7 @@ static int alloc_acts(acts *a, int format, int isa, int64_t n, int64_t cols) {
 
 /* Row i of `a` from row i of xs [n, cols] float32: its codes, scales and sums, and the decoding path's copies. */
 static void prepare_row(acts *a, int format, int isa, const float *xs, int64_t i) {
-    int64_t n = a->n, cols = a->cols, blocks = a->blocks, pairs = pairs_of(blocks);
+    int64_t n = a->n, cols = a->cols, blocks = a->blocks;
     int32_t K = format == QUANT_INT8 ? 128 : 8;
     {
         if (isa >= QUANT_ISA_AVX2)
@@ -160,23 +171,20 @@ static void prepare_row(acts *a, int format, int isa, const float *xs, int64_t i
             for (int c = 0; c < 32; c++) sum += a->q[i * cols + 32 * b + c];
             a->k[i * blocks + b] = -K * sum;
         }
-        if (a->pq) { /* a missing second block: zero codes, scale and sum */
-            for (int64_t p = 0; p < pairs; p++) {
-                int8_t *pq = a->pq + (p * n + i) * 64;
-                float *pd = a->pd + (p * n + i) * 16;
-                int32_t *pk = a->pk + (p * n + i) * 16;
-                memset(pq, 0, 64), memset(pd, 0, 64), memset(pk, 0, 64);
-                for (int64_t h = 0; h < 2 && 2 * p + h < blocks; h++) {
-                    int64_t b = 2 * p + h;
+        if (a->pq) { /* blocks past the row's last: zero codes and sums */
+            int64_t units = units_of(format, blocks), ub = unit_bytes(format), per = unit_blocks(format);
+            for (int64_t u = 0; u < units; u++) {
+                int8_t *pq = a->pq + (u * n + i) * ub;
+                int32_t *pk = a->pk + (u * n + i) * 16;
+                memset(pq, 0, (size_t)ub), memset(pk, 0, 64);
+                for (int64_t h = 0; h < per && per * u + h < blocks; h++) {
+                    int64_t b = per * u + h;
                     const int8_t *codes = a->q + i * cols + 32 * b;
-                    float d = a->d[i * blocks + b];
                     if (format == QUANT_INT8) { /* codes in order: lanes 8h .. 8h + 7 */
                         memcpy(pq + 32 * h, codes, 32);
-                        for (int l = 0; l < 8; l++) pd[8 * h + l] = d;
                         pk[8 * h] = a->k[i * blocks + b];
-                    } else { /* low nibbles' codes in lanes 4h .. 4h + 3, high ones' in 8 + 4h .. 11 + 4h */
-                        memcpy(pq + 16 * h, codes, 16), memcpy(pq + 32 + 16 * h, codes + 16, 16);
-                        for (int l = 0; l < 4; l++) pd[4 * h + l] = pd[8 + 4 * h + l] = d;
+                    } else { /* codes 0-15 in lanes 4h .. 4h + 3 of the first vector, 16-31 in the second's */
+                        memcpy(pq + 16 * h, codes, 16), memcpy(pq + 64 + 16 * h, codes + 16, 16);
                         pk[4 * h] = a->k[i * blocks + b];
                     }
                 }
@@ -256,6 +264,9 @@ AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scal
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t blocks = a->blocks, block_codes = format == QUANT_INT8 ? 32 : 16;
     for (int64_t b = 0; b < blocks; b++) {
+        if (b % (64 / block_codes) == 0) /* a line of codes a step, a line of scales every 16 or 32 steps */
+            _mm_prefetch((const char *)(codes + b * block_codes) + DECODE_AHEAD, _MM_HINT_T0);
+        if (b % 32 == 0) _mm_prefetch((const char *)(scale + b) + DECODE_AHEAD * 2 / block_codes, _MM_HINT_T0);
         __m256i w = block_avx2(format, codes + b * block_codes), aw = _mm256_sign_epi8(w, w);
         float dw = _cvtsh_ss(scale[b]);
         _Pragma("GCC unroll 16")
@@ -278,6 +289,56 @@ AVX2 INLINE void row_avx2(int format, const uint8_t *codes, const uint16_t *scal
         ROW_CASE(ROW, FORMAT, 5) ROW_CASE(ROW, FORMAT, 6) ROW_CASE(ROW, FORMAT, 7) ROW_CASE(ROW, FORMAT, 8)  \
     }
 
+/* Blocks b0 .. b0 + count (count <= 8) of one int4 weight row against N activation rows, added to acc. */
+AVX2 INLINE void group_avx2_int4(const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t b0,
+                                 const int count, const int N, __m256 *acc) {
+    const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(15);
+    int64_t blocks = a->blocks, n = a->n;
+    if (b0 % 32 == 0) _mm_prefetch((const char *)(scale + b0) + DECODE_AHEAD / 8, _MM_HINT_T0);
+    __m256 dw, f[MAX_ROWS];
+    if (count == 8) {
+        dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));
+    } else { /* the row's last blocks; the others' scales 0 */
+        uint16_t last[8] = {0};
+        memcpy(last, scale + b0, (size_t)count * 2);
+        dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)last));
+    }
+    __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++)
+        f[i] = _mm256_mul_ps(dw, _mm256_maskload_ps(a->d + i * blocks + b0, present));
+    _Pragma("GCC unroll 4") for (int j = 0; 2 * j < count; j++) {
+        int64_t b = b0 + 2 * j, u = b / 4, half = (b / 2) % 2;
+        if (b % 4 == 0) _mm_prefetch((const char *)(codes + 16 * b) + DECODE_AHEAD, _MM_HINT_T0);
+        __m256i v = count - 2 * j >= 2 ? _mm256_loadu_si256((const __m256i *)(codes + 16 * b))
+                                       : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(codes + 16 * b)));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        __m256i lanes = _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1);
+        _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
+            const int8_t *x = a->pq + (u * n + i) * 128 + 32 * half;
+            const int32_t *k = a->pk + (u * n + i) * 16 + 8 * half;
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)x)),
+                                             _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(x + 64))));
+            __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), _mm256_load_si256((const __m256i *)k));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_permutevar8x32_ps(f[i], lanes), acc[i]);
+        }
+    }
+}
+
+/* int4 on AVX2: two blocks a step (one load of 32 bytes of codes, its low and its high nibbles against the
+   activations' copies that the VNNI decoding path reads: a unit of 4 blocks is two steps), the codes unsigned as
+   stored, each block's sum starting at -8 * sum(xq); the scales' products 8 blocks at a time, as the VNNI path
+   takes them 16 at a time. vpmaddubsw cannot saturate: 2 x 15 x 127 twice is under 2^15. */
+AVX2 INLINE void row_avx2_int4(int format, const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t i0,
+                               const int N, float *y, int64_t ystride) {
+    (void)format, (void)i0; /* QUANT_INT4; all of the call's rows (at most MAX_ROWS) */
+    __m256 acc[MAX_ROWS];
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    int64_t blocks = a->blocks, b0 = 0;
+    for (; b0 + 8 <= blocks; b0 += 8) group_avx2_int4(codes, scale, a, b0, 8, N, acc);
+    if (b0 < blocks) group_avx2_int4(codes, scale, a, b0, (int)(blocks - b0), N, acc);
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) y[i * ystride] = hsum8(acc[i]);
+}
+
 #if MAX_ROWS != 8
 #error "rows_avx2 and rows_vnni have a case for each row count up to 8; native/limits.py's MAX_ROWS differs"
 #endif
@@ -292,7 +353,7 @@ AVX2 static void rows_avx2(int format, const uint8_t *q, const uint16_t *scale, 
             if (format == QUANT_INT8) {
                 ROW_SWITCH(row_avx2, QUANT_INT8)
             } else {
-                ROW_SWITCH(row_avx2, QUANT_INT4)
+                ROW_SWITCH(row_avx2_int4, QUANT_INT4)
             }
         }
     }
@@ -431,84 +492,82 @@ AVX2 static void rows_avx2_prefill(int format, const uint8_t *q, const uint16_t 
 
 /* --- the AVX-512 VNNI path --- */
 
-/* Blocks 2p and 2p + 1 of a weight row as 64 unsigned codes (int8 q + 128, int4 q) in the order the activations' copies
-   follow (int8 in order; int4 the low nibbles of both blocks, then the high ones), and
-   their scales in the matching lanes; a missing second block reads as zeros. */
-VNNI INLINE __m512i pair_vnni(int format, const uint8_t *codes, const uint16_t *scale, int64_t p, int whole,
-                              __m512 *dw) {
-    __m512i w;
-    uint32_t two = whole ? *(const uint32_t *)(scale + 2 * p) : scale[2 * p];
-    __m512 d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)two)));
+/* Decoding: each weight row streamed once, 64 bytes of codes a step (a unit: 2 blocks of int8, 4 of int4), each
+   unit against every activation row's copy of the same blocks: one vpdpbusd (int8) or two (int4: the low
+   nibbles, then the high ones) leave each block's integer sum spread over its lanes (8 a block for int8, 4 for
+   int4), and one multiply-add scales and adds them. The scales' products dw * dx are taken 16 blocks at a time
+   (one conversion of 16 float16 scales, one multiply per activation row) and moved to a unit's lanes by one
+   permute. The weights and their scales are prefetched DECODE_AHEAD bytes ahead (above). */
+
+/* The unsigned codes of blocks b .. b + count of a weight row (count up to a unit; a unit's missing blocks read
+   as zeros): int8 q + 128 in w[0]; int4 the low nibbles of 4 blocks in w[0], the high ones in w[1]. */
+VNNI INLINE void unit_codes(int format, const uint8_t *codes, int64_t b, int count, __m512i w[2]) {
     if (format == QUANT_INT8) {
-        w = whole ? _mm512_loadu_si512(codes + 64 * p) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, codes + 64 * p);
-        w = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
-        if (!whole) w = _mm512_maskz_mov_epi8(0xFFFFFFFFull, w);
-        *dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), d);
+        __m512i v = count == 2 ? _mm512_loadu_si512(codes + 32 * b)
+                               : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, codes + 32 * b);
+        w[0] = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
     } else {
-        __m256i v = whole ? _mm256_loadu_si256((const __m256i *)(codes + 32 * p))
-                          : _mm256_maskz_loadu_epi8(0xFFFF, codes + 32 * p);
-        w = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-        w = _mm512_and_si512(w, _mm512_set1_epi8(15));
-        *dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1), d);
+        __m512i v = count == 4 ? _mm512_loadu_si512(codes + 16 * b)
+                               : _mm512_maskz_loadu_epi8((1ull << (16 * count)) - 1, codes + 16 * b);
+        w[0] = _mm512_and_si512(v, _mm512_set1_epi8(15));
+        w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
     }
-    return w;
 }
 
-/* RW weight rows (r, r + 1, ...) against N activation rows: each pair of activation blocks is read once for the RW
-   weight rows, which matters once the rows' copies no longer fit the L1 cache. */
-VNNI INLINE void row_vnni(int format, const uint8_t *codes, int64_t row_codes, const uint16_t *scale, int64_t blocks,
-                          const int RW, const acts *a, const int N, float *y, int64_t ystride) {
-    __m512 acc[2][MAX_ROWS];
-    _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
-    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[m][i] = _mm512_setzero_ps();
-    int64_t pairs = pairs_of(blocks);
-    for (int64_t p = 0; p < pairs; p++) {
-        __m512 dw[2];
+/* Blocks b0 .. b0 + count (count <= 16) of one weight row against N activation rows, added to acc. */
+VNNI INLINE void group_vnni(int format, const uint8_t *codes, const uint16_t *scale, const acts *a, int64_t b0,
+                            const int count, const int N, __m512 *acc) {
+    const int per = unit_blocks(format);
+    const int64_t ub = unit_bytes(format), n = a->n, block_codes = format == QUANT_INT8 ? 32 : 16;
+    __mmask16 m = count == 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
+    _mm_prefetch((const char *)(scale + b0) + DECODE_AHEAD * 2 / block_codes, _MM_HINT_T0);
+    __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scale + b0)), f[MAX_ROWS];
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++)
+        f[i] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, a->d + i * a->blocks + b0));
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    _Pragma("GCC unroll 16") for (int j = 0; j * per < count; j++) {
+        int64_t b = b0 + j * per, u = b / per;
+        _mm_prefetch((const char *)codes + block_codes * b + DECODE_AHEAD, _MM_HINT_T0);
         __m512i w[2];
-        _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++) /* the weights 8 pairs ahead, from memory */
-            _mm_prefetch((const char *)(codes + m * row_codes + (format == QUANT_INT8 ? 64 : 32) * (p + 8)),
-                         _MM_HINT_T0);
-        _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
-            w[m] = pair_vnni(format, codes + m * row_codes, scale + m * blocks, p, 2 * p + 1 < blocks, &dw[m]);
+        unit_codes(format, codes, b, count - j * per < per ? count - j * per : per, w);
+        __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(j * per), _mm512_srli_epi32(iota, per == 2 ? 3 : 2));
         _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) {
-            int64_t at = p * a->n + i;
-            __m512i k = _mm512_load_si512(a->pk + 16 * at), x = _mm512_load_si512(a->pq + 64 * at);
-            __m512 dx = _mm512_load_ps(a->pd + 16 * at);
-            _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++) {
-                __m512i s = _mm512_dpbusd_epi32(k, w[m], x);
-                acc[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[m], dx), acc[m][i]);
-            }
+            const int8_t *x = a->pq + (u * n + i) * ub;
+            __m512i s = _mm512_dpbusd_epi32(_mm512_load_si512(a->pk + (u * n + i) * 16), w[0], _mm512_load_si512(x));
+            if (format == QUANT_INT4) s = _mm512_dpbusd_epi32(s, w[1], _mm512_load_si512(x + 64));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(lanes, f[i]), acc[i]);
         }
     }
-    _Pragma("GCC unroll 16") for (int m = 0; m < RW; m++)
-    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) y[i * ystride + m] = _mm512_reduce_add_ps(acc[m][i]);
 }
 
-#define VNNI_CASE(FORMAT, RW, N) \
-    case N: row_vnni(FORMAT, q + r * row_codes, row_codes, scale + r * blocks, blocks, RW, a, N, y + r, ystride); break;
-#define VNNI_SWITCH(FORMAT, RW)                                                                                   \
-    switch (n) {                                                                                                  \
-        VNNI_CASE(FORMAT, RW, 1) VNNI_CASE(FORMAT, RW, 2) VNNI_CASE(FORMAT, RW, 3) VNNI_CASE(FORMAT, RW, 4)      \
-        VNNI_CASE(FORMAT, RW, 5) VNNI_CASE(FORMAT, RW, 6) VNNI_CASE(FORMAT, RW, 7) VNNI_CASE(FORMAT, RW, 8)      \
+/* One weight row against N activation rows. */
+VNNI INLINE void row_vnni(int format, const uint8_t *codes, const uint16_t *scale, const acts *a, const int N,
+                          float *y, int64_t ystride) {
+    __m512 acc[MAX_ROWS];
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
+    int64_t blocks = a->blocks, b0 = 0;
+    for (; b0 + 16 <= blocks; b0 += 16) group_vnni(format, codes, scale, a, b0, 16, N, acc);
+    if (b0 < blocks) group_vnni(format, codes, scale, a, b0, (int)(blocks - b0), N, acc);
+    _Pragma("GCC unroll 16") for (int i = 0; i < N; i++) y[i * ystride] = _mm512_reduce_add_ps(acc[i]);
+}
+
+#define VNNI_CASE(FORMAT, N) \
+    case N: row_vnni(FORMAT, q + r * row_codes, scale + r * blocks, a, N, y + r, ystride); break;
+#define VNNI_SWITCH(FORMAT)                                                                                   \
+    switch (n) {                                                                                              \
+        VNNI_CASE(FORMAT, 1) VNNI_CASE(FORMAT, 2) VNNI_CASE(FORMAT, 3) VNNI_CASE(FORMAT, 4)                  \
+        VNNI_CASE(FORMAT, 5) VNNI_CASE(FORMAT, 6) VNNI_CASE(FORMAT, 7) VNNI_CASE(FORMAT, 8)                  \
     }
 
-/* Weight rows r0 <= r < r1: two at a time for more than 4 activation rows, whose copies then outgrow the L1
-   cache; one at a time for fewer, which streams the weights faster (measured: docs/performance-log.md). */
+/* Weight rows r0 <= r < r1, one at a time. */
 VNNI static void rows_vnni_decode(int format, const uint8_t *q, const uint16_t *scale, int64_t r0, int64_t r1,
                                   const acts *a, float *y, int64_t ystride) {
-    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), n = a->n, r = r0;
-    for (; n > 4 && r + 2 <= r1; r += 2) {
+    int64_t blocks = a->blocks, row_codes = codes_per_row(format, a->cols), n = a->n;
+    for (int64_t r = r0; r < r1; r++) {
         if (format == QUANT_INT8) {
-            VNNI_SWITCH(QUANT_INT8, 2)
+            VNNI_SWITCH(QUANT_INT8)
         } else {
-            VNNI_SWITCH(QUANT_INT4, 2)
-        }
-    }
-    for (; r < r1; r++) {
-        if (format == QUANT_INT8) {
-            VNNI_SWITCH(QUANT_INT8, 1)
-        } else {
-            VNNI_SWITCH(QUANT_INT4, 1)
+            VNNI_SWITCH(QUANT_INT4)
         }
     }
 }

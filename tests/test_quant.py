@@ -171,10 +171,11 @@ def test_the_activations_are_quantized_alike_in_python_and_c():
 def test_every_kernel_path_is_the_exact_product_for_any_row_count(name):
     """Decoding (1 to MAX_ROWS rows) and prefill row counts (whole and partial tiles of 6 rows), bfloat16 and
     float32 activations, each C path this CPU has, weight row counts that are not a whole number of the threads'
-    pieces of 32 rows (a last piece of one partial panel of 16 rows, or a whole and a partial one), an odd number of
-    blocks (the AVX-512 decoding path takes them two at a time) and more."""
+    pieces of 32 rows (a last piece of one partial panel of 16 rows, or a whole and a partial one), and rows of 5,
+    18, 23 and 37 blocks: the AVX-512 decoding path takes a row's scales 16 blocks at a time and its codes 2 (int8)
+    or 4 (int4) blocks at a time, so these end in a part of 16 and in 1, 2 and 3 blocks of a step."""
     generator = torch.Generator().manual_seed(4)
-    for out_rows, cols in ((98, 160), (116, 32 * 37)):
+    for out_rows, cols in ((98, 160), (116, 32 * 37), (24, 32 * 18), (24, 32 * 23)):
         m = quant.quantize(weights(out_rows, cols, seed=3), name)
         for isa in paths():
             for dtype in (torch.float32, torch.bfloat16):
