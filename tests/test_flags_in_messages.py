@@ -16,7 +16,8 @@ from fiddler_moe.cli import fiddler, launch, worker
 ROOT = Path(__file__).resolve().parent.parent
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 # Flags of other tools that a message may tell the user to pass there, with the tool.
-OTHER_TOOLS = {"--shm-size": "docker run"}
+OTHER_TOOLS = {"--shm-size": "docker run", "--build": "cmake", "--target": "cmake",
+               "--outtype": "llama.cpp's convert_hf_to_gguf.py", "--outfile": "llama.cpp's convert_hf_to_gguf.py"}
 
 
 def defined_flags() -> set[str]:
