@@ -53,9 +53,9 @@ def load(folder: str, way: str) -> torch.nn.Module:
         path = way.split("-")[0]
         if path == "onednn" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             raise SystemExit("onednn: this CPU has no oneDNN bfloat16 support; use --ways plain,avx2")
-        for module in (cpu_linear, compute):  # pack_linear_layers reads the one, fast_linear the other
-            module.PACK_BFLOAT16, module.UPCAST_BFLOAT16 = path == "onednn", path == "avx2"
-            module.AVX512_BFLOAT16 = path == "avx512"
+        # the path's flags, read by cpu_linear's pack_linear_layers and by fast_linear
+        compute.PACK_BFLOAT16, compute.UPCAST_BFLOAT16 = path == "onednn", path == "avx2"
+        compute.AVX512_BFLOAT16 = path == "avx512"
         cpu_linear.pack_linear_layers(model)
     return model
 

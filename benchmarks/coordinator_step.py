@@ -83,8 +83,8 @@ def main() -> None:
     from transformers import DynamicCache
 
     from fiddler_moe.benchmarks import coordinator_layers
-    from fiddler_moe.coordinator import cpu_linear
     from fiddler_moe.coordinator.batching import RequestHandle, SamplingParams, _Batch, _Row
+    from fiddler_moe.experts import compute
     from fiddler_moe.host.paths import cache_dir
     from fiddler_moe.launch.cluster import Cluster
     from fiddler_moe.launch.synthetic import write_checkpoint
@@ -111,8 +111,8 @@ def main() -> None:
 
         engine._decode_step = timed_step
         torch.set_num_threads(args.coordinator_threads)
-        way = ("onednn" if cpu_linear.PACK_BFLOAT16 else "avx2" if cpu_linear.UPCAST_BFLOAT16
-               else "avx512" if cpu_linear.AVX512_BFLOAT16 else "plain")
+        way = ("onednn" if compute.PACK_BFLOAT16 else "avx2" if compute.UPCAST_BFLOAT16
+               else "avx512" if compute.AVX512_BFLOAT16 else "plain")
         zero = coordinator_layers.load(folder, way)
         zero_parts = PartClock(zero)
 

@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from fiddler_moe.native import kernels
 from fiddler_moe.experts import quant
-from fiddler_moe.experts.compute import AVX512_BFLOAT16, PACK_BFLOAT16, UPCAST_BFLOAT16, fast_linear
+from fiddler_moe.experts import compute
+from fiddler_moe.experts.compute import fast_linear
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -97,11 +98,10 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Give every bfloat16 nn.Linear on the CPU a fast forward: packed (oneDNN bfloat16), where no other module
     shares its weight (a tied head keeps its embedding's dense weight), or the dense paths (AVX512-BF16, AVX2).
     Returns how many."""
-    dense = UPCAST_BFLOAT16 or AVX512_BFLOAT16
-    if not (PACK_BFLOAT16 or dense):
+    isa = compute.decoding_kernel()  # the C kernel's path on dense weights; 0 with packed weights (or none)
+    if not (compute.PACK_BFLOAT16 or isa):
         return 0
-    if dense:
-        isa = kernels.BF16_ISA_AVX512 if AVX512_BFLOAT16 else kernels.BF16_ISA_AVX2
+    if isa:
         kernels.available()  # build the decoding kernel now (once per machine), not during the first token
     owners = _owners(model)
     packed = 0
@@ -111,7 +111,7 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         weight = module.weight
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
             continue
-        if dense:  # the dense weight stays: nothing to share or drop
+        if isa:  # the dense weight stays: nothing to share or drop
             module.bf16_isa = isa
             module.forward = types.MethodType(_dense_forward, module)
             packed += 1

@@ -311,13 +311,11 @@ def descends_from_this_session(pid: int) -> bool:
 
 def _bfloat16_path(monkeypatch, path: str) -> None:
     """FIDDLER_BF16_PATH=path in this process and the worker processes it starts meanwhile."""
-    from fiddler_moe.coordinator import cpu_linear
     from fiddler_moe.experts import compute
 
-    for module in (compute, cpu_linear):
-        monkeypatch.setattr(module, "UPCAST_BFLOAT16", path == "avx2")
-        monkeypatch.setattr(module, "AVX512_BFLOAT16", path == "avx512")
-        monkeypatch.setattr(module, "PACK_BFLOAT16", path == "onednn")
+    monkeypatch.setattr(compute, "UPCAST_BFLOAT16", path == "avx2")  # coordinator/cpu_linear.py reads these too
+    monkeypatch.setattr(compute, "AVX512_BFLOAT16", path == "avx512")
+    monkeypatch.setattr(compute, "PACK_BFLOAT16", path == "onednn")
     monkeypatch.setenv("FIDDLER_BF16_PATH", path)
 
 

@@ -92,7 +92,8 @@ def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
     """bfloat16 on the CPU takes the fast paths (experts and the coordinator's linear layers): packed for oneDNN
     where the CPU supports it, else the AVX2 kernel for decoding rows and float32 products for batches of rows (the
     prompt here); the tokens stay transformers' own."""
-    from fiddler_moe.coordinator.cpu_linear import AVX512_BFLOAT16, PACK_BFLOAT16, UPCAST_BFLOAT16, _dense_forward
+    from fiddler_moe.coordinator.cpu_linear import _dense_forward
+    from fiddler_moe.experts.compute import AVX512_BFLOAT16, PACK_BFLOAT16, UPCAST_BFLOAT16
     from fiddler_moe.launch.synthetic import write_checkpoint
 
     folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
