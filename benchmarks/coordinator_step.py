@@ -83,7 +83,7 @@ def main() -> None:
     from transformers import DynamicCache
 
     from fiddler_moe.benchmarks import coordinator_layers
-    from fiddler_moe.coordinator.batching import RequestHandle, SamplingParams, _Batch, _Row
+    from fiddler_moe.coordinator.batching import RequestHandle, SamplingParams, _Batch, _Row, choose
     from fiddler_moe.experts import compute
     from fiddler_moe.host.paths import cache_dir
     from fiddler_moe.launch.cluster import Cluster
@@ -133,11 +133,11 @@ def main() -> None:
                 out = zero(input_ids=ids, attention_mask=mask, position_ids=mask.cumsum(1) - 1, cache=cache,
                            use_cache=True, logits_to_keep=1)
                 batch = _Batch([row], cache, mask)
-                row.last = row.choose(out.logits[0, -1].float())
+                row.last = choose([row], out.logits[:, -1].float())[0]
                 zero_parts.reset()
                 started = time.thread_time()
                 for _ in range(args.steps):
-                    row.last = row.choose(batch.step(zero)[0])
+                    row.last = choose([row], batch.step(zero))[0]
                 return zero_parts.per_step(args.steps, time.thread_time() - started)
 
         cluster_turn(), zero_turn()  # warm-up
