@@ -42,7 +42,7 @@ FORMATS = {"none": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 
 CONVERT = r'''
 import sys
-tree, pre = sys.argv[1], None
+tree = sys.argv[1]
 sys.path[:0] = [tree, tree + "/gguf-py"]
 import gguf
 gate = gguf.TensorNameMap.block_mappings_cfg[gguf.MODEL_TENSOR.FFN_GATE]
