@@ -282,12 +282,14 @@ def best_bandwidth(first: dict, second: dict) -> dict:
 # --- the whole benchmark ---
 
 
-def launcher_threads(cluster: ClusterOptions) -> tuple[int, int]:
-    """What `fiddler-launch` would give a cluster of these options: (threads per worker, coordinator threads)."""
-    from fiddler_moe.launch.cluster import Cluster
+def launcher_threads(cluster: ClusterOptions) -> tuple[int, int, int]:
+    """What `fiddler-launch` would give a cluster of these options: (threads per worker, coordinator threads, the
+    coordinator's threads in decoding steps)."""
+    from fiddler_moe.launch.cluster import Cluster, coordinator_decode_threads
 
     layout = Cluster(cluster).plan_workers()
-    return layout.workers[0].threads, cluster.coordinator_threads or len(layout.coordinator_cpus)
+    coordinator = cluster.coordinator_threads or len(layout.coordinator_cpus)
+    return layout.workers[0].threads, coordinator, coordinator_decode_threads(cluster, layout) or coordinator
 
 
 def grid(options: BenchOptions) -> list[SweepPoint]:
@@ -300,8 +302,9 @@ def grid(options: BenchOptions) -> list[SweepPoint]:
             raise BenchError(f"--workers {workers}: the benchmark needs at least one worker")
         cluster = ClusterOptions(workers=workers, threads_per_worker=threads, device=options.device,
                                  device_memory=memory, coordinator_threads=coordinator, quantize=quantize)
-        threads_each, coordinator_threads = launcher_threads(cluster)
-        points.append(SweepPoint(workers, threads_each, memory, coordinator_threads, quantize))
+        threads_each, coordinator_threads, decode_threads = launcher_threads(cluster)
+        points.append(SweepPoint(workers, threads_each, memory, coordinator_threads, quantize, decode_threads,
+                                 coordinator))
     return points
 
 

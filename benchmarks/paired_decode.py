@@ -8,11 +8,12 @@ process (OpenMP reads its settings once per process) and answers one turn per li
     .venv/bin/python benchmarks/paired_decode.py --preset small "" transformers
     .venv/bin/python benchmarks/paired_decode.py --preset mini "tree=../old-checkout" ""
     .venv/bin/python benchmarks/paired_decode.py --preset mini "coordinator_threads=1" ""
+    .venv/bin/python benchmarks/paired_decode.py --preset mini "quantize=int4,coordinator_threads=1" "quantize=int4"
 
 A contestant is `transformers` (its own generate, 2 threads, the environment this script was started with), or a
 cluster of this checkout (or of `tree=PATH`, run by that checkout's own .venv) with `fiddler-launch`'s default
 layout and the environment settings given as NAME=VALUE, comma-separated (`coordinator_threads=N` sets the
-coordinator's torch threads instead, --coordinator-threads). Prints each side's ms per decode token
+coordinator's torch threads instead, --coordinator-threads; `quantize=FORMAT` the experts' format, --quantize). Prints each side's ms per decode token
 and the median of the per-turn ratios.
 """
 
@@ -30,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str, coordinator_threads: int | None) -> None:
+def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str, coordinator_threads: int | None,
+                quantize: str) -> None:
     """The child: load the contestant, then time one greedy run of `tokens` new tokens per line on stdin."""
     if contestant == "cluster":  # OpenMP's waiting as the fiddler commands set it, before torch loads OpenMP
         from fiddler_moe.host import numa
@@ -71,7 +73,7 @@ def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str, coor
         from fiddler_moe.launch.options import ClusterOptions
 
         cluster = Cluster(ClusterOptions(model=folder, workers=1, device="cpu", dtype="bfloat16",
-                                         coordinator_threads=coordinator_threads, quiet=True))
+                                         coordinator_threads=coordinator_threads, quantize=quantize, quiet=True))
         cluster.start()
 
         def run(n: int) -> float:
@@ -89,14 +91,16 @@ def serve_turns(folder: str, tokens: int, prompt_len: int, contestant: str, coor
 
 
 def start(spec: str, folder: str, tokens: int, prompt_len: int) -> subprocess.Popen:
-    env, tree, threads = dict(os.environ), ROOT, []
+    env, tree, flags = dict(os.environ), ROOT, []
     if spec != "transformers":
         for item in filter(None, spec.split(",")):
             name, _, value = item.partition("=")
             if name == "tree":
                 tree = Path(value).resolve()
             elif name == "coordinator_threads":
-                threads = ["--coordinator-threads", value]
+                flags += ["--coordinator-threads", value]
+            elif name == "quantize":
+                flags += ["--quantize", value]
             else:
                 env[name] = value
     # Another checkout runs in its own environment (`make setup` there), whose editable install imports its code.
@@ -105,7 +109,7 @@ def start(spec: str, folder: str, tokens: int, prompt_len: int) -> subprocess.Po
         raise SystemExit(f"tree={tree}: no {python}; run `make setup` in that checkout first")
     command = [str(python), str(Path(__file__).resolve()), "-", "-", "--model", folder, "--tokens", str(tokens),
                "--prompt-len", str(prompt_len), "--serve", "transformers" if spec == "transformers" else "cluster",
-               *threads]
+               *flags]
     return subprocess.Popen(command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -120,9 +124,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before each turn's decoding")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # in the child processes: transformers or cluster
     parser.add_argument("--coordinator-threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve_turns(args.model, args.tokens, args.prompt_len, args.serve, args.coordinator_threads)
+        serve_turns(args.model, args.tokens, args.prompt_len, args.serve, args.coordinator_threads, args.quantize)
         return
     if args.model:
         folder = args.model

@@ -87,7 +87,7 @@ def print_tables(result: dict, console: Console | None = None) -> None:
         if c.get("vs_offload"):
             console.print(f"fiddler {c['config']['label']} vs accelerate's offloading at the same budget: "
                           f"{_versus(c['vs_offload'])} (prefill, decode)")
-    console.print("fiddler C+WxT: C coordinator threads, W workers of T threads (int8/int4: their experts in that "
+    console.print("fiddler C+WxT: C coordinator threads (P/D: P in prefill, D in decoding steps), W workers of T threads (int8/int4: their experts in that "
                   "format; own: the ceiling of the bytes that format reads); transformers N: N threads; "
                   "vs transformers: prefill, decode (above 1x is faster; interleaved runs: the median of each "
                   "round's ratio); offload M: transformers with accelerate's offloading, M on the device; "

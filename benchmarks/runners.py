@@ -50,11 +50,15 @@ class SweepPoint:
     device_memory: str | None
     coordinator_threads: int
     quantize: str = "none"  # the workers' format for cold experts (--quantize)
+    decode_threads: int | None = None  # the coordinator's in decoding steps, where not coordinator_threads
+    coordinator_threads_flag: int | None = None  # as --coordinator-threads asked (None: the launcher's choice)
 
     def label(self, coordinator_threads: int) -> str:
-        """coordinator threads + workers x threads each, the device memory when one was asked for, and the
-        workers' format when quantized."""
-        text = f"{coordinator_threads}+{self.workers}x{self.threads_per_worker}"
+        """coordinator threads (prefill/decode where they differ) + workers x threads each, the device memory when
+        one was asked for, and the workers' format when quantized."""
+        decode = self.decode_threads
+        coordinator = f"{coordinator_threads}/{decode}" if decode not in (None, coordinator_threads) else coordinator_threads
+        text = f"{coordinator}+{self.workers}x{self.threads_per_worker}"
         if self.device_memory not in (None, ""):
             text += f", mem {self.device_memory}"
         return text if self.quantize == "none" else f"{text}, {self.quantize}"
@@ -153,7 +157,8 @@ class ClusterRunner:
         self.cluster = Cluster(ClusterOptions(model=self.folder, workers=point.workers,
                                               threads_per_worker=point.threads_per_worker, device=self.device,
                                               dtype=self.dtype, device_memory=point.device_memory,
-                                              coordinator_threads=self.threads, quantize=point.quantize,
+                                              coordinator_threads=point.coordinator_threads_flag,
+                                              quantize=point.quantize,
                                               quiet=True))
         self.cluster.start()
         coordinator = self.cluster.coordinator

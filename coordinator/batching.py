@@ -312,9 +312,10 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
 
 class BatchEngine:
     def __init__(self, coordinator: Coordinator, max_batch_size: int = 8,
-                 on_failure: Callable[[WorkerFailed], None] | None = None):
+                 on_failure: Callable[[WorkerFailed], None] | None = None, decode_threads: int | None = None):
         """on_failure: called in the loop thread after a step failed on a worker, before its requests end (the
-        cluster restarts the worker there)."""
+        cluster restarts the worker there). decode_threads: torch threads of the decoding steps (None: the same as
+        prefill, the creator's count; see launch/cluster.py's coordinator_decode_threads)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if getattr(coordinator, "_engine", None) is not None:  # two loops would run one model from two threads
@@ -332,6 +333,9 @@ class BatchEngine:
         self._ids = itertools.count(1)
         self._closing = False
         self._torch_threads = torch.get_num_threads()  # OpenMP's count is per thread: the loop takes its creator's
+        if decode_threads is not None and decode_threads < 1:
+            raise ValueError(f"decode_threads must be at least 1, got {decode_threads}")
+        self._decode_threads = decode_threads or self._torch_threads
         self._thread = threading.Thread(target=self._loop, name="fiddler-engine", daemon=True)
         self._thread.start()
 
@@ -395,6 +399,8 @@ class BatchEngine:
                     starting = self._admit()
                     self._starting = len(starting)
                 try:
+                    if starting:
+                        self._use_threads(self._torch_threads)
                     if starting and starting[0].params.num_beams > 1:
                         self._run_alone(starting[0])
                     elif starting:
@@ -402,6 +408,7 @@ class BatchEngine:
                     with self._queue_changed:
                         self._starting = 0
                     if self._batch.rows:
+                        self._use_threads(self._decode_threads)
                         self._decode_step()
                 except Exception as e:  # a fault of the engine itself: its requests end with it, the loop goes on
                     log.exception("the engine's step failed")
@@ -410,6 +417,11 @@ class BatchEngine:
                     with self._queue_changed:
                         self._starting = 0
                     self._fail(handles, e)
+
+    def _use_threads(self, count: int) -> None:
+        """This thread's torch (and so OpenMP) threads from now on; set only on a change."""
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
 
     def _gather(self) -> None:
         """Idle, with a request waiting: wait for those sent with it (see GATHER_S). Called holding the queue's lock."""

@@ -639,13 +639,15 @@ class Coordinator:
             self.start_engine()
         return self._engine
 
-    def start_engine(self, max_batch_size: int = 8, on_failure: Callable[[WorkerFailed], None] | None = None):
-        """Start the serving engine: on_failure(the failure) runs in its thread after a step failed on a worker."""
+    def start_engine(self, max_batch_size: int = 8, on_failure: Callable[[WorkerFailed], None] | None = None,
+                     decode_threads: int | None = None):
+        """Start the serving engine: on_failure(the failure) runs in its thread after a step failed on a worker;
+        decode_threads: torch threads of its decoding steps (None: those of this thread, as prefill)."""
         from fiddler_moe.coordinator.batching import BatchEngine  # it builds on this module
 
         if self._engine is not None:
             self._engine.close()
-        return BatchEngine(self, max_batch_size, on_failure)  # which makes itself this coordinator's engine
+        return BatchEngine(self, max_batch_size, on_failure, decode_threads)  # it makes itself this one's engine
 
     def generate(
         self,

@@ -42,6 +42,20 @@ def coordinator_cores(options: ClusterOptions, topology: numa.Topology) -> int:
     return max(1, topology.physical_cores // 8) if hot else 0
 
 
+def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout) -> int | None:
+    """torch threads of the coordinator's decoding steps; None: the same as its prefill. Taking turns with the
+    workers on a CPU, one: a decode step's operations are small (a projection of a few hundred KB), so a second
+    thread buys little and costs a hand-over in each OpenMP region, and after each of them it spins
+    (GOMP_SPINCOUNT) on a core the workers compute on next, as the workers' threads spin after their turn on the
+    core the coordinator needs. Paired on mini (docs/performance-log.md, 2026-12-02): int4 experts 0.60x the time
+    a token, bfloat16 0.91x. Prefill keeps every core; --coordinator-threads sets both."""
+    if options.coordinator_threads is not None or not layout.takes_turns:
+        return None
+    device = options.device
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return 1 if on_cpu else None
+
+
 # A worker's memory beside its shard: the interpreter, torch and the kernels (226 MiB measured on `mini`,
 # docs/performance-log.md 2026-12-02), and 10% of its shard for activations and allocator slack.
 WORKER_OWN_BYTES = 256 << 20
@@ -211,7 +225,8 @@ class Cluster:
                                            progress=not cfg.quiet, spin_waits=not layout.takes_turns,
                                            handshake_timeout_s=cfg.handshake_timeout)
             # Every generation goes through one engine, whose thread restarts a failed worker between steps.
-            self.coordinator.start_engine(cfg.max_batch_size, on_failure=self.recover)
+            self.coordinator.start_engine(cfg.max_batch_size, on_failure=self.recover,
+                                          decode_threads=coordinator_decode_threads(cfg, layout))
             for line in self.coordinator.placement.describe() + self.coordinator.describe_scheduling():
                 self.log(line)
         except BaseException:

@@ -97,8 +97,8 @@ class ClusterOptions:
         "--hot-experts", help="Exact number of hot experts (overrides --device-memory)."))
     coordinator_threads: int | None = field(default=None, metadata=flag(
         "--coordinator-threads", help="torch threads of the coordinator process. Default: 1 driving a GPU; node "
-        "0's cores on a CPU-only machine with every expert cold (it takes turns with the workers); else an "
-        "eighth of the cores."))
+        "0's cores on a CPU-only machine with every expert cold (it takes turns with the workers), and 1 in its "
+        "decoding steps there; else an eighth of the cores. Given, it holds for prefill and decoding alike."))
     transport: str = field(default="shm", metadata=flag(
         "--transport", help="shm: shared memory to local workers (ZeroMQ for control); zmq: ZeroMQ only."))
     remote_workers: list[str] = field(default_factory=list, metadata=flag(
