@@ -43,6 +43,7 @@ from transformers.integrations import moe
 
 from fiddler_moe.benchmarks import train_tiny
 from fiddler_moe.benchmarks.bench import bench_checkpoint_path
+from fiddler_moe.coordinator import cpu_attention
 from fiddler_moe.coordinator.cpu_linear import quantizable_linear_layers
 from fiddler_moe.experts import fp8, mxfp4, quant
 from fiddler_moe.launch.synthetic import write_checkpoint
@@ -178,7 +179,8 @@ def quantized_reference(model: torch.nn.Module, name: str, coordinator_layers: b
     --quantize computes, in place: every routed expert's weights through format `name` and back, and, where the
     format ends in int8 or int4, each expert product's input quantized per block as the workers' kernels quantize
     it; with `coordinator_layers`, also the linear layers a CPU coordinator quantizes (routers aside) through that
-    last format, their inputs quantized alike. Returns the model. The references of the tests and of this script."""
+    last format, their inputs quantized alike, and its attention of short queries in float32 where the coordinator
+    takes that (coordinator/cpu_attention.py). Returns the model. The references of the tests and of this script."""
     modules = experts_modules(model)
     dequantize_experts(modules, name)
     if quantizes_inputs(name):
@@ -186,6 +188,8 @@ def quantized_reference(model: torch.nn.Module, name: str, coordinator_layers: b
             module.forward = _with_quantized_inputs(module.forward)
         if coordinator_layers:
             quantize_coordinator_layers(model, name.split("+")[-1])
+            if cpu_attention.wants_float32(quantized=True):
+                cpu_attention.use_float32_short_queries(model)
     return model
 
 

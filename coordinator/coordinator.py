@@ -22,7 +22,7 @@ import transformers
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from fiddler_moe.coordinator import loading
+from fiddler_moe.coordinator import cpu_attention, loading
 from fiddler_moe.coordinator.cpu_linear import pack_linear_layers, quantize_linear_layers
 from fiddler_moe.coordinator.dispatch import ClusterDegraded, Dispatcher, WorkerFailed, WorkerLink
 from fiddler_moe.coordinator.placement import Placement, format_size, plan
@@ -361,6 +361,8 @@ class Coordinator:
                 if self.prepared.quantize != "none":  # --quantize applies to these too, routers aside
                     quantize_linear_layers(self.model, self.prepared.quantize, skip=experts)
                 pack_linear_layers(self.model, skip=experts)
+                if cpu_attention.wants_float32(self.prepared.quantize != "none"):
+                    cpu_attention.use_float32_short_queries(self.model)  # decoding steps' attention
             bar.update(layout.non_expert_bytes)
             hot = {}
             reader = TensorReader(layout.folder)

@@ -22,6 +22,7 @@ import torch
 
 from fiddler_moe.coordinator.coordinator import Coordinator, Generation, Prepared, prepare
 from fiddler_moe.coordinator.dispatch import WorkerFailed
+from fiddler_moe.coordinator import cpu_attention
 from fiddler_moe.coordinator.placement import Placement, format_size
 from fiddler_moe.experts.compute import check_bfloat16_path
 from fiddler_moe.host import numa
@@ -190,6 +191,7 @@ class Cluster:
     def start(self) -> None:
         cfg = self.options
         check_bfloat16_path()  # the workers read the same environment
+        cpu_attention.attention_setting()  # a bad FIDDLER_CPU_ATTENTION stops here, before any process starts
         if cfg.model is None:
             from fiddler_moe.launch.synthetic import builtin_model_path
 

@@ -93,7 +93,8 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
     # those rounding-order differences become code differences in each layer; the same modules on one machine agree
     # to bfloat16's last bit (measured 4e-4 of the logits against 7e-2 through the cluster, whose expert sums round
     # in another order). Those differences can turn a near tie of this random model's next tokens, so the greedy
-    # tokens are held identical in float32, and in bfloat16 only the first.
+    # tokens are held identical in float32, and in bfloat16 only the first, unless the reference's margin for it
+    # is within that bound (with int4 and the float32 attention of short queries it was, on this prompt).
     error, typical = logit_errors(got_logits[real], want_logits[real])
     print(f"logits relative error {error:.2e}, median {typical:.2e}")
     if dtype == "float32":
@@ -102,8 +103,10 @@ def test_a_quantized_cluster_is_transformers_with_the_dequantized_experts(checkp
         assert error < 1e-1 and typical < 1e-3
     if dtype == "float32":
         assert got.token_ids == want_tokens.tolist()
-    else:
-        assert got.token_ids[0] == want_tokens[0].item()
+    elif got.token_ids[0] != want_tokens[0].item():  # only where the reference's first choice is a near tie
+        last = want_logits[2, -1].float()
+        margin = (last[want_tokens[0]] - last[got.token_ids[0]]).item()
+        assert 0 <= margin <= error * want_logits[real].abs().max().item(), "a clear first choice changed"
     assert stats.cold_pairs > 0 and stats.hot_pairs == 0
     assert all(r.quantize_cache in ("written", "hit") for r in readies)
     # the workers hold the experts in the format's bytes, as the plan print says
