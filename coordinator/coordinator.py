@@ -290,11 +290,13 @@ class Coordinator:
         progress: bool = True,
         spin_waits: bool = True,
         handshake_timeout_s: float = 10.0,
+        worker_turn_spin_s: float = 0.0,
     ):
         """startup_timeout_s: what a worker has to start and load its shard (a big one takes minutes);
         handshake_timeout_s: what a remote worker has to answer Hello (a local one is watched as a process).
         spin_waits: wait for shared-memory replies (and let workers wait for requests) by spinning briefly before
-        sleeping; False where this process and its local workers take turns on the same cores (protocol/shm.py)."""
+        sleeping; False where this process and its local workers take turns on the same cores (protocol/shm.py).
+        worker_turn_spin_s: told to the workers (messages.AttachShm.turn_spin_s)."""
         if transport not in ("shm", "zmq"):
             raise ValueError(f"unknown transport {transport!r}; use shm or zmq")
         self.prepared = prepared
@@ -316,6 +318,7 @@ class Coordinator:
         self.scheduling_line = ""
         self.degraded: str | None = None  # set when a worker is down for good
         self.spin_waits = spin_waits
+        self.worker_turn_spin_s = worker_turn_spin_s
         self.handshake_timeout_s = handshake_timeout_s
         self._engine = None
         try:
@@ -503,7 +506,8 @@ class Coordinator:
         channel = shm.ShmChannel.create(capacity)
         kernels.set_waiting(channel, self.spin_waits)
         try:
-            link.client.send(m.AttachShm(channel.path, capacity, spin=self.spin_waits))
+            link.client.send(m.AttachShm(channel.path, capacity, spin=self.spin_waits,
+                                         turn_spin_s=self.worker_turn_spin_s))
             self._expect(link, m.Pong, timeout_s)
         except BaseException:
             channel.close()

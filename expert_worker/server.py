@@ -227,6 +227,7 @@ class Worker:
             channel = ShmChannel.attach(msg.path, msg.capacity)
         except (OSError, ValueError) as e:
             raise RequestError("shm_failed", f"cannot map {msg.path}: {e}") from None
+        channel.turn_spin_s = min(max(msg.turn_spin_s, 0.0), 0.1)  # a watch, never a busy loop of seconds
         self.serve_loop = None  # it points into the old channel
         if self.channel is not None:
             self.channel.close()

@@ -57,6 +57,23 @@ def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout) -> 
     return 1 if on_cpu else None
 
 
+WORKER_TURN_SPIN_S = 2e-3  # longer than the coordinator's part of a layer in a decoding step on mini and small
+
+
+def worker_turn_spin_s(options: ClusterOptions, layout: numa.Layout) -> float:
+    """How long a local worker that takes turns with the coordinator watches for the next layer's request after a
+    decoding step's, its helper threads parked, before it sleeps. Asleep, its core goes idle, and waking it for
+    the next layer was slow enough to show (a virtual machine's idle vCPU wakes slowly): paired on small, int8
+    0.77x the time a token, mini int4 0.93x, bfloat16 unchanged (docs/performance-log.md, 2026-12-02). Only where
+    that takes no core the coordinator decodes on: it decodes on one thread, and the workers sharing its cores
+    leave it one (one watching thread each); else 0, sleep at once."""
+    if not layout.takes_turns or coordinator_decode_threads(options, layout) != 1:
+        return 0.0
+    mine = set(layout.coordinator_cpus)
+    sharing = [slot for slot in layout.workers if not slot.cpus or mine & set(slot.cpus)]
+    return WORKER_TURN_SPIN_S if len(sharing) + 1 <= len(mine) else 0.0
+
+
 # A worker's memory beside its shard: the interpreter, torch and the kernels (226 MiB measured on `mini`,
 # docs/performance-log.md 2026-12-02), and 10% of its shard for activations and allocator slack.
 WORKER_OWN_BYTES = 256 << 20
@@ -225,6 +242,7 @@ class Cluster:
             self.coordinator = Coordinator(prepared, self.addresses, alive, token=cfg.token,
                                            transport=cfg.transport, shm_rows=cfg.shm_rows,
                                            progress=not cfg.quiet, spin_waits=not layout.takes_turns,
+                                           worker_turn_spin_s=worker_turn_spin_s(cfg, layout),
                                            handshake_timeout_s=cfg.handshake_timeout)
             # Every generation goes through one engine, whose thread restarts a failed worker between steps.
             self.coordinator.start_engine(cfg.max_batch_size, on_failure=self.recover,

@@ -82,11 +82,13 @@ int fiddler_quantize(int format, const void *w, int w_bf16, int64_t rows, int64_
 
 /* parked_wait.c */
 int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);
+int fiddler_parked_watch(uint32_t *word, uint32_t value, int64_t spin_ns, int64_t timeout_ns);
 
 /* shm_serve.c: the worker's serving loop */
 int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const lane_expert *table, int64_t layers,
                                int64_t experts, int64_t hidden, int64_t inter, int format, int bf16_isa,
-                               int64_t version, int64_t timeout_ns, int64_t spin_ns, int park);
+                               int64_t version, int64_t timeout_ns, int64_t spin_ns, int64_t turn_spin_ns,
+                               int park);
 
 /* shm_call.c: the coordinator's layer call */
 int fiddler_post_layer_call(const lane_slots *s, const uint16_t *hidden, const int64_t *top_k_index, int64_t tokens,

@@ -25,9 +25,28 @@ static long futex(uint32_t *address, int op, uint32_t value, const struct timesp
     return syscall(SYS_futex, address, op, value, timeout, NULL, 0);
 }
 
+static inline void spin_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
 /* Sleep until *word differs from `value`, timeout_ns passes or a signal arrives (one FUTEX_WAIT on a word shared
    with another process; the caller loops). Returns 1 when *word changed, else 0. Call from one thread at a time. */
 int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns) {
+    return fiddler_parked_watch(word, value, 0, timeout_ns);
+}
+
+/* The same, the calling thread watching *word for spin_ns before it sleeps, its helpers asleep all along: a
+   worker's wait between two layers of a decoding step, which keeps its own core awake without taking another
+   (native/shm_serve.c). */
+int fiddler_parked_watch(uint32_t *word, uint32_t value, int64_t spin_ns, int64_t timeout_ns) {
     static uint32_t released; /* bumped once per wait: the helpers sleep while it holds the value they read */
     uint32_t round = __atomic_load_n(&released, __ATOMIC_ACQUIRE);
     int changed = 0;
@@ -35,6 +54,9 @@ int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns) {
     {
         if (omp_get_thread_num() == 0) {
             struct timespec timeout = {timeout_ns / 1000000000, timeout_ns % 1000000000};
+            double until = spin_ns > 0 ? now_s() + spin_ns * 1e-9 : 0.0;
+            while (spin_ns > 0 && __atomic_load_n(word, __ATOMIC_ACQUIRE) == value && now_s() < until)
+                spin_pause();
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == value) futex(word, FUTEX_WAIT, value, &timeout);
             changed = __atomic_load_n(word, __ATOMIC_ACQUIRE) != value;
             __atomic_store_n(&released, round + 1, __ATOMIC_RELEASE);

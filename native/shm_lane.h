@@ -26,7 +26,7 @@ static inline double now_seconds(void) {
    threads parked when `park` (parked_wait.c). */
 static inline void sleep_on(uint32_t *word, uint32_t value, int64_t timeout_ns, int park) {
     if (park) {
-        fiddler_parked_wait(word, value, timeout_ns);
+        fiddler_parked_watch(word, value, 0, timeout_ns);
     } else {
         struct timespec t = {timeout_ns / 1000000000, timeout_ns % 1000000000};
         syscall(SYS_futex, word, FUTEX_WAIT, value, &t, NULL, 0);

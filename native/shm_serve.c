@@ -78,15 +78,19 @@ static int servable(const request *q, const lane_slots *s, const lane_expert *ta
 /* Serve requests until one is not for this loop (left in the slot), the bell rings for something else (a ZeroMQ
    control message), timeout_ns passes with nothing to do, or a signal arrives. *last_seq is the sequence number of
    the last request answered (ShmChannel.last_request_seq), updated for each one served here. spin_ns: how long to
-   watch the request sequence before sleeping (ShmChannel.spin); park: sleep with the OpenMP threads parked.
+   watch the request sequence before sleeping (ShmChannel.spin); park: sleep with the OpenMP threads parked, and
+   then, right after serving a request (every one this loop takes is a decoding step's), watch the bell for
+   turn_spin_ns first with them parked.
    format: 0 for bfloat16 weights, else the quantized format of every expert in the table (QUANT_INT8, QUANT_INT4);
    bf16_isa: the path of the bfloat16 kernel (BF16_ISA_*, 0 for the best).
    Returns the number of requests served. */
 int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const lane_expert *table, int64_t layers,
                                int64_t experts, int64_t hidden, int64_t inter, int format, int bf16_isa,
-                               int64_t version, int64_t timeout_ns, int64_t spin_ns, int park) {
+                               int64_t version, int64_t timeout_ns, int64_t spin_ns, int64_t turn_spin_ns,
+                               int park) {
     int64_t served = 0;
     static request q; /* one request at a time per process; its lists are too large for the stack of every call */
+    static int answered = 0; /* whether the last request was served here: then the next is a decoding step's too */
     for (;;) {
         uint32_t seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
         if (seq == *last_seq) {
@@ -98,7 +102,11 @@ int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const la
             uint32_t rung = __atomic_load_n(s->bell, __ATOMIC_ACQUIRE);
             seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
             if (seq == *last_seq) {
-                sleep_on(s->bell, rung, timeout_ns, park);
+                /* between two layers of a decoding step, parked: this thread watches the bell a while first */
+                if (park && answered && turn_spin_ns > 0)
+                    fiddler_parked_watch(s->bell, rung, turn_spin_ns, timeout_ns);
+                else
+                    sleep_on(s->bell, rung, timeout_ns, park);
                 seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
                 if (seq == *last_seq) return served;
             }
@@ -106,6 +114,7 @@ int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const la
         double started = now_seconds();
         uint32_t meta_len = __atomic_load_n(s->request_meta_len, __ATOMIC_ACQUIRE);
         uint64_t data_len = __atomic_load_n(s->request_data_len, __ATOMIC_ACQUIRE);
+        answered = 0; /* until this one is: one left for Python is a prompt's, or something else */
         if (meta_len > s->meta_capacity || !read_request(s->request_meta, meta_len, version, &q)
             || !servable(&q, s, table, layers, experts, hidden, data_len))
             return served;
@@ -129,6 +138,7 @@ int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const la
         __atomic_store_n(s->reply_seq, seq, __ATOMIC_RELEASE); /* last: the coordinator acts on this */
         wake_all(s->reply_seq);
         *last_seq = seq;
+        answered = 1;
         served++;
     }
 }

@@ -93,6 +93,7 @@ class ShmServeLoop:
         served = kernels.library().fiddler_serve_requests(
             ctypes.byref(self._slots), ctypes.byref(self._last), self._table, self.layers, self.experts,
             self.hidden, self.inter, self.format, self.bf16_isa, PROTOCOL_VERSION, int(timeout_s * 1e9),
-            int(50e-6 * 1e9) if self.channel.spin else 0, int(self.channel.sleep is kernels.parked_wait))
+            int(50e-6 * 1e9) if self.channel.spin else 0, int(self.channel.turn_spin_s * 1e9),
+            int(self.channel.sleep is kernels.parked_wait))
         self.channel.last_request_seq = self._last.value
         return served

@@ -186,6 +186,9 @@ class AttachShm(Message):
     path: str
     capacity: int
     spin: bool = True  # spin briefly before sleeping on the bell; False where the coordinator computes on its cores
+    # Taking turns: after a decoding step's request, watch the bell this long (helper threads parked) before
+    # sleeping, where a core is free for it (launch/cluster.py's worker_turn_spin_s); 0: sleep at once.
+    turn_spin_s: float = 0.0
 
 
 @dataclass

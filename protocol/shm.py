@@ -108,6 +108,7 @@ class ShmChannel:
         self.last_request_seq = self._words[_REQ_SEQ].value
         self._views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
         self.spin = True  # whether waits spin before sleeping (see the module docstring)
+        self.turn_spin_s = 0.0  # a worker's watch after a decoding step's request (messages.AttachShm)
         self.sleep: Callable[[int, int, float], None] = _futex_wait  # (address, value while asleep, timeout_s)
 
     @classmethod

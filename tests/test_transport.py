@@ -323,6 +323,25 @@ def test_two_socket_topology_with_hyperthreads(tmp_path):
     assert [(s.node, s.cpus) for s in turns.workers] == [(0, [0, 1, 2, 3]), (1, [4, 5, 6, 7])]
 
 
+def test_a_worker_watches_between_decoding_layers_only_where_a_core_is_left_for_the_coordinator(tmp_path):
+    """Taking turns on a CPU, the coordinator decodes on one thread: workers sharing its cores watch for the next
+    layer's request (one thread each) only while that leaves it a core; other layouts sleep at once."""
+    from fiddler_moe.launch.cluster import WORKER_TURN_SPIN_S, coordinator_decode_threads, worker_turn_spin_s
+    from fiddler_moe.launch.options import ClusterOptions
+
+    nodes = {0: [0, 1], 1: [2, 3]}
+    topo = numa.read_topology(write_sys_tree(tmp_path, nodes, {c: [c] for c in range(4)}, 8 << 20),
+                              allowed=set(range(4)))
+    cpu = ClusterOptions(device="cpu")
+    one = numa.lay_out(topo, workers_per_node=1, coordinator_cores=0)  # node 0: one worker of 2 threads
+    assert coordinator_decode_threads(cpu, one) == 1 and worker_turn_spin_s(cpu, one) == WORKER_TURN_SPIN_S
+    two = numa.lay_out(topo, workers_per_node=2, coordinator_cores=0)  # node 0: two workers of 1 thread
+    assert worker_turn_spin_s(cpu, two) == 0.0, "two watchers would take both of the coordinator's cores"
+    assert worker_turn_spin_s(ClusterOptions(device="cpu", coordinator_threads=2), one) == 0.0
+    kept = numa.lay_out(topo, workers_per_node=1, coordinator_cores=1)  # the coordinator keeps a core
+    assert not kept.takes_turns and worker_turn_spin_s(cpu, kept) == 0.0
+
+
 def test_four_node_topology(tmp_path):
     nodes = {n: list(range(n * 4, n * 4 + 4)) for n in range(4)}
     siblings = {c: [c] for c in range(16)}
