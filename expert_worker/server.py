@@ -39,6 +39,9 @@ log = logging.getLogger("fiddler.worker")
 # How long a Hello from a new coordinator waits for the served one's connection to be seen closed: a relaunch or a
 # reconnection opens the new connection right after closing the old, and the two events may arrive in either order.
 SESSION_HANDOVER_S = 0.5
+# At most this many rows in a request: a decoding step's (8 streams of a top-8 model), after which a worker that
+# takes turns watches for the next layer's request a while (AttachShm.turn_spin_s) instead of sleeping at once.
+DECODE_ROWS = 64
 
 
 @dataclass
@@ -260,6 +263,8 @@ class Worker:
         except Exception as e:
             log.exception("%s: request failed", self.config.name)
             reply, data_bytes = m.Error(code="internal", message=f"{type(e).__name__}: {e}"), 0
+        # A decoding step's request (few rows): the next layer's follows soon (protocol/shm.py's watch_next)
+        channel.watch_next = isinstance(reply, m.ExpertReply) and 0 < reply.outputs.shape[0] <= DECODE_ROWS
         channel.post_reply(seq, encode_header(reply), data_bytes)
 
     def on_ping(self, peer: bytes, msg: m.Ping) -> m.Message:

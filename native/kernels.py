@@ -182,6 +182,12 @@ def set_waiting(channel, spin: bool) -> None:
     channel.spin = spin
     if not spin and available():
         channel.sleep = parked_wait
+        channel.watch = parked_watch
+
+
+def parked_watch(address: int, value: int, spin_s: float, timeout_s: float) -> None:
+    """parked_wait, this thread watching the word for spin_s before it sleeps (parked_wait.c)."""
+    library().fiddler_parked_watch(address, value, int(spin_s * 1e9), int(timeout_s * 1e9))
 
 
 def parked_wait(address: int, value: int, timeout_s: float) -> None:

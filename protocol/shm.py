@@ -109,6 +109,9 @@ class ShmChannel:
         self._views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
         self.spin = True  # whether waits spin before sleeping (see the module docstring)
         self.turn_spin_s = 0.0  # a worker's watch after a decoding step's request (messages.AttachShm)
+        self.watch_next = False  # set by the worker: the request just answered was a decoding step's
+        # (address, value while asleep, seconds to watch first, timeout_s): a sleep with a watch before it
+        self.watch: Callable[[int, int, float, float], None] | None = None
         self.sleep: Callable[[int, int, float], None] = _futex_wait  # (address, value while asleep, timeout_s)
 
     @classmethod
@@ -249,8 +252,11 @@ class ShmChannel:
         rung = bell.value
         if self._wait(_REQ_SEQ, lambda v: v != last, 0.0, spin_s if self.spin else 0.0) is None:
             # Sleep on the bell; a request or a control message rings it. futex_wait returns at once if it
-            # rang since we read it, so nothing is missed.
-            self.sleep(ctypes.addressof(bell), rung, timeout_s)
+            # rang since we read it, so nothing is missed. Between two layers of a decoding step, watch first.
+            if self.watch_next and self.turn_spin_s > 0 and self.watch is not None:
+                self.watch(ctypes.addressof(bell), rung, self.turn_spin_s, timeout_s)
+            else:
+                self.sleep(ctypes.addressof(bell), rung, timeout_s)
         seq = request_seq.value
         if seq == last:
             return None

@@ -299,6 +299,27 @@ def test_parked_wait_returns_when_the_word_changes_or_the_time_is_up():
     assert torch.equal(kernels.linear(x, weight), before)  # the thread team answers as before
 
 
+@pytest.mark.skipif(not kernels.available(), reason="the bfloat16 kernel library is not built on this machine")
+def test_parked_watch_sees_a_change_while_watching_and_sleeps_after():
+    """A worker's wait between two layers of a decoding step: a change during the watch is seen without
+    sleeping (the changer, a plain store with no futex wake, could not wake a sleeper: only the watch sees it);
+    with nothing changing it watches, then sleeps until the timeout."""
+    import ctypes
+    import threading
+    import time
+
+    word = ctypes.c_uint32(3)
+    changer = threading.Timer(0.02, lambda: setattr(word, "value", 4))
+    changer.start()
+    started = time.monotonic()
+    kernels.parked_watch(ctypes.addressof(word), 3, 2.0, 5.0)
+    changer.join()
+    assert word.value == 4 and time.monotonic() - started < 1.0, "seen while watching, not after the timeout"
+    started = time.monotonic()
+    kernels.parked_watch(ctypes.addressof(word), 4, 0.01, 0.02)  # nobody changes it: watch, then sleep
+    assert time.monotonic() - started >= 0.025
+
+
 @pytest.mark.skipif(not PACK_BFLOAT16, reason="no oneDNN bfloat16 support on this CPU")
 def test_packed_bfloat16_kernel_matches_plain():
     spec = KernelSpec(activation="silu", dtype="bfloat16")
