@@ -108,7 +108,10 @@ int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const la
                 else
                     sleep_on(s->bell, rung, timeout_ns, park);
                 seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
-                if (seq == *last_seq) return served;
+                if (seq == *last_seq) { /* idle, or a control message: the decoding step is over */
+                    answered = 0;
+                    return served;
+                }
             }
         }
         double started = now_seconds();

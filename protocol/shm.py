@@ -259,6 +259,7 @@ class ShmChannel:
                 self.sleep(ctypes.addressof(bell), rung, timeout_s)
         seq = request_seq.value
         if seq == last:
+            self.watch_next = False  # idle, or a control message: the decoding step is over
             return None
         self.last_request_seq = seq
         return seq, self._frames(_REQ_META, _REQ_DATA)
