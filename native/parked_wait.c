@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "fiddler_native.h"
+#include "shm_lane.h" /* now_seconds */
 
 static long futex(uint32_t *address, int op, uint32_t value, const struct timespec *timeout) {
     return syscall(SYS_futex, address, op, value, timeout, NULL, 0);
@@ -29,12 +30,6 @@ static inline void spin_pause(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
-}
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
 /* Sleep until *word differs from `value`, timeout_ns passes or a signal arrives (one FUTEX_WAIT on a word shared
@@ -54,8 +49,8 @@ int fiddler_parked_watch(uint32_t *word, uint32_t value, int64_t spin_ns, int64_
     {
         if (omp_get_thread_num() == 0) {
             struct timespec timeout = {timeout_ns / 1000000000, timeout_ns % 1000000000};
-            double until = spin_ns > 0 ? now_s() + spin_ns * 1e-9 : 0.0;
-            while (spin_ns > 0 && __atomic_load_n(word, __ATOMIC_ACQUIRE) == value && now_s() < until)
+            double until = spin_ns > 0 ? now_seconds() + spin_ns * 1e-9 : 0.0;
+            while (spin_ns > 0 && __atomic_load_n(word, __ATOMIC_ACQUIRE) == value && now_seconds() < until)
                 spin_pause();
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == value) futex(word, FUTEX_WAIT, value, &timeout);
             changed = __atomic_load_n(word, __ATOMIC_ACQUIRE) != value;

@@ -117,7 +117,7 @@ int fiddler_finish_layer_call(const lane_slots *s, layer_call *call, int64_t tok
         while (seq != call->seq && now_seconds() < until) seq = __atomic_load_n(s->reply_seq, __ATOMIC_ACQUIRE);
     }
     if (seq != call->seq) {
-        sleep_on(s->reply_seq, seq, timeout_ns, park);
+        sleep_on(s->reply_seq, seq, timeout_ns, park, 0);
         if (__atomic_load_n(s->reply_seq, __ATOMIC_ACQUIRE) != call->seq) return 0;
     }
     if (!read_reply(s, call, layer, tokens * top_k, width, version)) return -1;

@@ -23,10 +23,10 @@ static inline double now_seconds(void) {
 }
 
 /* Sleep until *word != value or timeout_ns (one futex wait; the caller rechecks), with this process's OpenMP
-   threads parked when `park` (parked_wait.c). */
-static inline void sleep_on(uint32_t *word, uint32_t value, int64_t timeout_ns, int park) {
+   threads parked when `park` (parked_wait.c), this thread watching *word for watch_ns first (parked only). */
+static inline void sleep_on(uint32_t *word, uint32_t value, int64_t timeout_ns, int park, int64_t watch_ns) {
     if (park) {
-        fiddler_parked_watch(word, value, 0, timeout_ns);
+        fiddler_parked_watch(word, value, watch_ns, timeout_ns);
     } else {
         struct timespec t = {timeout_ns / 1000000000, timeout_ns % 1000000000};
         syscall(SYS_futex, word, FUTEX_WAIT, value, &t, NULL, 0);

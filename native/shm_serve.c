@@ -103,10 +103,7 @@ int64_t fiddler_serve_requests(const lane_slots *s, uint32_t *last_seq, const la
             seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
             if (seq == *last_seq) {
                 /* between two layers of a decoding step, parked: this thread watches the bell a while first */
-                if (park && answered && turn_spin_ns > 0)
-                    fiddler_parked_watch(s->bell, rung, turn_spin_ns, timeout_ns);
-                else
-                    sleep_on(s->bell, rung, timeout_ns, park);
+                sleep_on(s->bell, rung, timeout_ns, park, answered ? turn_spin_ns : 0);
                 seq = __atomic_load_n(s->request_seq, __ATOMIC_ACQUIRE);
                 if (seq == *last_seq) { /* idle, or a control message: the decoding step is over */
                     answered = 0;
