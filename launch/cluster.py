@@ -30,14 +30,19 @@ from fiddler_moe.launch import rundir
 from fiddler_moe.launch.options import ClusterOptions
 
 
+def drives_gpu(options: ClusterOptions) -> bool:
+    """Whether the coordinator runs on a CUDA device (--device cuda, or auto where one is present)."""
+    device = options.device
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
 def coordinator_cores(options: ClusterOptions, topology: numa.Topology) -> int:
     """Cores kept for the coordinator alone. Driving a GPU: one. On a CPU-only machine with every expert cold, the
     coordinator and the workers take turns (it waits while they compute a layer's experts, they wait while it runs
     attention and the head), so it keeps none and runs on node 0's cores in the workers' gaps: each side gets every
     core when it computes (docs/performance-log.md, item 6). With hot experts on the CPU it computes beside the workers, so
     it keeps an eighth of the cores."""
-    device = options.device
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+    if drives_gpu(options):
         return 1
     hot = bool(options.hot_experts or options.device_budget)  # a count, a size above 0, or "all"
     return max(1, topology.physical_cores // 8) if hot else 0
@@ -50,11 +55,9 @@ def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout) -> 
     (GOMP_SPINCOUNT) on a core the workers compute on next, as the workers' threads spin after their turn on the
     core the coordinator needs. Paired on mini (docs/performance-log.md, 2026-12-02): int4 experts 0.60x the time
     a token, bfloat16 0.91x. Prefill keeps every core; --coordinator-threads sets both."""
-    if options.coordinator_threads is not None or not layout.takes_turns:
+    if options.coordinator_threads is not None or not layout.takes_turns or drives_gpu(options):
         return None
-    device = options.device
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return 1 if on_cpu else None
+    return 1
 
 
 WORKER_TURN_SPIN_S = 2e-3  # longer than the coordinator's part of a layer in a decoding step on mini and small
