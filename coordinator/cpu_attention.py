@@ -1,10 +1,12 @@
 """Attention of short queries in float32 on a CPU coordinator.
 
-A decoding step asks attention for one query per row against the whole KV cache. PyTorch's CPU SDPA kernel is slow
-there in bfloat16 (it re-lays the cache out for its bfloat16 products on every call): one mini layer's attention at
-330 cached positions took 468 us for one row and 4.0 ms for 8 rows, against 73 us and 470 us with the same inputs
-converted to float32 first (conversions included; 1 thread, docs/performance-log.md 2026-12-02). From 128 query
-positions on bfloat16 is the faster (a 256-token prefill: 3.7 against 4.4 ms).
+A decoding step asks attention for one query per row against the whole KV cache. On CPUs without AMX, PyTorch's CPU
+SDPA kernel is slow there in bfloat16 (its bfloat16 products through oneDNN's small-matrix path): on a Zen 5 (AVX-512
+with BF16, no AMX) one mini layer's attention at 330 cached positions took 468 us for one row and 4.0 ms for 8 rows,
+against 73 us and 470 us with the same inputs converted to float32 first (conversions included; 1 thread,
+docs/performance-log.md 2026-12-02). From 128 query positions on bfloat16 is the faster (a 256-token prefill: 3.7
+against 4.4 ms). On a CPU with AMX the bfloat16 kernel is the fast one: a Xeon with AMX took 34 us (1 row) and 446 us
+(8 rows) in bfloat16 against 242 us and 6.0 ms through float32, most of it the conversions (same shapes, 1 thread).
 
 So the coordinator's model on a CPU can take `SDPA_NAME`, registered in transformers' attention interface:
 transformers' own SDPA attention (`sdpa_attention_forward`, the same masks), with queries of at most
@@ -14,10 +16,10 @@ float32 where the bfloat16 kernel rounds them to bfloat16 before multiplying the
 of transformers' result and nearer the exact one, but not its bits, so on a random-weight model a near-tie can
 change a greedy token.
 
-FIDDLER_CPU_ATTENTION chooses: `auto` (the default) takes it with --quantize int8/int4, where the coordinator's
-linear layers are quantized and its results are held to the quantized reference rather than to transformers'
-bits, and keeps transformers' attention in the compute dtype otherwise; `float32` takes it always; `model` never.
-Float32 models are untouched either way.
+FIDDLER_CPU_ATTENTION chooses: `auto` (the default) takes it with --quantize int8/int4 on a CPU without AMX, where
+it is the faster and the results are held to the quantized reference rather than to transformers' bits, and keeps
+transformers' attention in the compute dtype otherwise; `float32` takes it always; `model` never. Float32 models are
+untouched either way.
 """
 
 from __future__ import annotations
@@ -56,14 +58,22 @@ def attention_setting() -> str:
     value = os.environ.get("FIDDLER_CPU_ATTENTION", "auto").strip().lower() or "auto"
     if value not in SETTINGS:
         raise ValueError(f"FIDDLER_CPU_ATTENTION={value!r} is not one of {', '.join(SETTINGS)}: auto (float32 "
-                         "attention for decoding with --quantize), float32 (always), model (transformers' own)")
+                         "attention for decoding with --quantize where the CPU lacks AMX), float32 (always), model (transformers' own)")
     return value
+
+
+def bfloat16_sdpa_is_fast() -> bool:
+    """Whether PyTorch's bfloat16 SDPA is the faster for short queries on this CPU: where it has AMX (above)."""
+    try:
+        return torch.cpu._is_amx_tile_supported()
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def wants_float32(quantized: bool) -> bool:
     """Whether a CPU coordinator takes the float32 path for short queries (FIDDLER_CPU_ATTENTION, above)."""
     setting = attention_setting()
-    return setting == "float32" or (setting == "auto" and quantized)
+    return setting == "float32" or (setting == "auto" and quantized and not bfloat16_sdpa_is_fast())
 
 
 def use_float32_short_queries(model: nn.Module) -> bool:

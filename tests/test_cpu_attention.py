@@ -85,9 +85,14 @@ def test_a_bfloat16_cluster_attends_in_float32_when_told_and_stays_near_transfor
     assert len(steps.token_ids) == 6
 
 
-def test_by_default_only_a_quantized_coordinator_attends_in_float32(monkeypatch):
+def test_by_default_only_a_quantized_coordinator_without_amx_attends_in_float32(monkeypatch):
     monkeypatch.delenv("FIDDLER_CPU_ATTENTION", raising=False)
-    assert cpu_attention.wants_float32(quantized=True) and not cpu_attention.wants_float32(quantized=False)
+    for amx in (False, True):
+        monkeypatch.setattr(cpu_attention, "bfloat16_sdpa_is_fast", lambda amx=amx: amx)
+        assert cpu_attention.wants_float32(quantized=True) == (not amx)
+        assert not cpu_attention.wants_float32(quantized=False)
+    monkeypatch.setenv("FIDDLER_CPU_ATTENTION", "float32")
+    assert cpu_attention.wants_float32(quantized=False)
     monkeypatch.setenv("FIDDLER_CPU_ATTENTION", "model")
     assert not cpu_attention.wants_float32(quantized=True)
 
