@@ -32,6 +32,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from fiddler_moe.experts import compute
+
 SDPA_NAME = "fiddler_cpu_sdpa"
 SETTINGS = ("auto", "float32", "model")
 FLOAT32_MAX_QUERY = 64  # query positions up to which float32 was faster at every length measured (1-64)
@@ -64,10 +66,7 @@ def attention_setting() -> str:
 
 def bfloat16_sdpa_is_fast() -> bool:
     """Whether PyTorch's bfloat16 SDPA is the faster for short queries on this CPU: where it has AMX (above)."""
-    try:
-        return torch.cpu._is_amx_tile_supported()
-    except (AttributeError, RuntimeError):
-        return False
+    return compute.has_amx()
 
 
 def wants_float32(quantized: bool) -> bool:

@@ -12,12 +12,12 @@ are memory-bound matrix-vector products. Three CPU fast paths for bfloat16, chos
   (docs/performance-log.md). So the first forward of an expert on such a CPU re-lays its weights out in place
   (`ExpertWeights.pack`: a private copy replaces the dense tensors, bit-identical results). Weights marked `shared`
   (memory another process maps too) are left alone, since the copy would double them.
-- On CPUs with AVX512-BF16 (`avx512`, not the default: see `bfloat16_path`), the weights stay dense and decoding
-  rows (up to `kernels.MAX_ROWS`) go through our own C kernel's AVX512-BF16 path (vdpbf16ps on the bfloat16 pairs
-  as they are): a gated SiLU expert in one call, so the worker's C serving loop (native/shm_serve.py) answers
-  decoding requests without Python. More rows (prefill) take PyTorch's own `linear`, which runs oneDNN on the dense
-  weights (a copy of them laid out per call): the fastest product on dense weights here (a 64-row expert 1.2x
-  the packed time against 4x for the float32 upcast), bit for bit transformers' own.
+- On CPUs with AVX512-BF16 (`avx512`, the default where the CPU has AMX too: see `bfloat16_path`), the weights stay
+  dense and decoding rows (up to `kernels.MAX_ROWS`) go through our own C kernel's AVX512-BF16 path (vdpbf16ps on
+  the bfloat16 pairs as they are): a gated SiLU expert in one call, so the worker's C serving loop
+  (native/shm_serve.py) answers decoding requests without Python. More rows (prefill) take PyTorch's own `linear`,
+  which runs oneDNN on the dense weights: with AMX as fast as on packed ones, without it (Zen 5) a 64-row expert
+  1.2x the packed time (against 4x for the float32 upcast); bit for bit transformers' own.
 - Without it (AVX2 CPUs: most desktops and laptops, AMD before Zen 4), PyTorch's bfloat16 matmul is a loop of
   matrix-vector products, so a 128-row prefill batch takes 128 times one row. Up to `kernels.MAX_ROWS` rows
   (decoding) a small AVX2 kernel of our own streams the weights once for all rows, faster than PyTorch's for one
@@ -64,25 +64,41 @@ def _avx512_bfloat16() -> bool:
         return False
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel from Sapphire Rapids), which oneDNN's bfloat16 products use."""
+    try:
+        return torch.cpu._is_amx_tile_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
 BFLOAT16_PATHS = ("auto", "onednn", "avx512", "avx2", "off")
 
 
+def _auto_path() -> str:
+    return "avx512" if _avx512_bfloat16() and has_amx() else "onednn" if _onednn_bfloat16() else "avx2"
+
+
 def bfloat16_path() -> str:
-    """The CPU bfloat16 path this process takes: FIDDLER_BF16_PATH (auto, onednn, avx512, avx2 or off; auto picks
-    oneDNN where the CPU has its bfloat16 support, else avx2), or off with FIDDLER_PACK_WEIGHTS=0. `avx2` runs on
-    any AVX2 CPU, also one with oneDNN bfloat16 support, to compare or to use the C hand-over paths there; `avx512`
-    on CPUs with AVX512-BF16. On Zen 5 (2026-12-02, docs/performance-log.md) avx512 decodes faster than oneDNN's
-    packed weights (a mini cluster's decode token 0.70x the time in paired turns, the bench's decode 1.08-1.31x)
-    but its prefill, PyTorch's linear on dense weights, is slower (the bench's prefill 0.83-0.94x, one expert at
-    64 rows 1.2x the time, the coordinator's layers over a 256-token prompt 1.06x), and oneDNN's results are
-    transformers' own bits; so auto keeps oneDNN. avx2 is the slower of the two on both sides there."""
+    """The CPU bfloat16 path this process takes: FIDDLER_BF16_PATH (auto, onednn, avx512, avx2 or off), or off with
+    FIDDLER_PACK_WEIGHTS=0. `avx2` runs on any AVX2 CPU, also one with oneDNN bfloat16 support, to compare or to use
+    the C hand-over paths there; `avx512` on CPUs with AVX512-BF16. auto picks avx512 where the CPU has AMX too,
+    else oneDNN where the CPU has its bfloat16 support, else avx2 (docs/performance-log.md has each measurement):
+    - With AMX (a Xeon, 2026-12-02), avx512 decodes faster than oneDNN's packed weights (a mini cluster's decode
+      token 0.78x the time in paired turns) and prefills as fast (a 256-token prompt 234 against 233 ms): oneDNN's
+      AMX products read dense weights as fast as packed ones. oneDNN's results there are not transformers' bits
+      either (AMX sums in another order at each batch size), so the choice costs no exactness.
+    - Without AMX (Zen 5, 2026-12-02), avx512 decodes faster too (0.70x the time a token) but prefills slower
+      (PyTorch's linear on dense weights: the bench's prefill 0.83-0.94x, one expert at 64 rows 1.2x the time),
+      and oneDNN's packed products are transformers' own bits; so auto keeps oneDNN there.
+    avx2 is the slower of the two on both sides on such CPUs."""
     chosen = os.environ.get("FIDDLER_BF16_PATH", "auto").strip().lower() or "auto"
     if chosen not in BFLOAT16_PATHS:
         raise ValueError(f"FIDDLER_BF16_PATH={chosen!r}: use one of {', '.join(BFLOAT16_PATHS)}")
     if os.environ.get("FIDDLER_PACK_WEIGHTS", "1") == "0":
         return "off"
     if chosen == "auto":
-        return "onednn" if _onednn_bfloat16() else "avx2"
+        return _auto_path()
     if chosen == "onednn" and not _onednn_bfloat16():
         raise ValueError("FIDDLER_BF16_PATH=onednn: this CPU (or this PyTorch build) has no oneDNN bfloat16 "
                          "support; use auto or avx2")
@@ -95,7 +111,7 @@ try:
     _PATH = bfloat16_path()
     BFLOAT16_PATH_ERROR = ""
 except ValueError as e:  # importing must not fail: a cluster's start reports it (check_bfloat16_path)
-    _PATH, BFLOAT16_PATH_ERROR = ("onednn" if _onednn_bfloat16() else "avx2"), str(e)
+    _PATH, BFLOAT16_PATH_ERROR = _auto_path(), str(e)
 
 
 def check_bfloat16_path() -> None:

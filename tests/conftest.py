@@ -337,6 +337,17 @@ def avx512_bfloat16_path(monkeypatch):
     _bfloat16_path(monkeypatch, "avx512")
 
 
+@pytest.fixture
+def onednn_bfloat16_path(monkeypatch):
+    """oneDNN's packed weights in this process (FIDDLER_BF16_PATH=onednn), also where `auto` takes the AVX512-BF16
+    kernel (CPUs with AMX); skips where PyTorch has no oneDNN bfloat16 support here."""
+    from fiddler_moe.experts import compute
+
+    if not compute._onednn_bfloat16():
+        pytest.skip("no oneDNN bfloat16 support on this CPU")
+    _bfloat16_path(monkeypatch, "onednn")
+
+
 @pytest.fixture(params=["avx2", "avx512"])
 def decoding_kernel_path(request, monkeypatch) -> str:
     """Each bfloat16 path that decodes through the C kernel on dense weights (FIDDLER_BF16_PATH=avx2, avx512), in

@@ -88,10 +88,14 @@ def test_multi_shard_checkpoint_with_index(sharded_checkpoint, reference):
     assert relative_error(got[mask.bool()], want[mask.bool()]) < 1e-5
 
 
-def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path):
-    """bfloat16 on the CPU takes the fast paths (experts and the coordinator's linear layers): packed for oneDNN
-    where the CPU supports it, else the AVX2 kernel for decoding rows and float32 products for batches of rows (the
-    prompt here); the tokens stay transformers' own."""
+@pytest.mark.parametrize("path", ["auto", "onednn"])
+def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path, request, path):
+    """bfloat16 on the CPU takes the fast paths (experts and the coordinator's linear layers): `auto`, this CPU's
+    default (the AVX512-BF16 kernel beside AMX, packed for oneDNN where the CPU supports it, else the AVX2 kernel for
+    decoding rows and float32 products for batches of rows, the prompt here), and oneDNN's packed weights where
+    PyTorch has them; the tokens stay transformers' own."""
+    if path == "onednn":
+        request.getfixturevalue("onednn_bfloat16_path")
     from fiddler_moe.coordinator.cpu_linear import _dense_forward
     from fiddler_moe.experts.compute import AVX512_BFLOAT16, PACK_BFLOAT16, UPCAST_BFLOAT16
     from fiddler_moe.launch.synthetic import write_checkpoint

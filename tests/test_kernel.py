@@ -14,7 +14,7 @@ import torch.nn as nn
 from fiddler_moe.coordinator.cpu_linear import pack_linear_layers
 from fiddler_moe.experts import compute
 from fiddler_moe.native import kernels
-from fiddler_moe.experts.compute import PACK_BFLOAT16, ExpertKernel, ExpertWeights, upcast_linear
+from fiddler_moe.experts.compute import ExpertKernel, ExpertWeights, upcast_linear
 from fiddler_moe.protocol.messages import KernelSpec
 
 
@@ -320,8 +320,7 @@ def test_parked_watch_sees_a_change_while_watching_and_sleeps_after():
     assert time.monotonic() - started >= 0.025
 
 
-@pytest.mark.skipif(not PACK_BFLOAT16, reason="no oneDNN bfloat16 support on this CPU")
-def test_packed_bfloat16_kernel_matches_plain():
+def test_packed_bfloat16_kernel_matches_plain(onednn_bfloat16_path):
     spec = KernelSpec(activation="silu", dtype="bfloat16")
     generator = torch.Generator().manual_seed(0)
     gate_up = torch.randn(2 * 96, 64, generator=generator).bfloat16()
@@ -340,6 +339,19 @@ def test_packed_bfloat16_kernel_matches_plain():
     ExpertKernel(spec).forward(shared, x)
     assert not shared.packed
     assert ExpertKernel(spec).forward(packed, x[:0]).shape == (0, 64)
+
+
+@pytest.mark.parametrize("avx512, amx, onednn, chosen", [(True, True, True, "avx512"), (True, False, True, "onednn"),
+                                                         (False, False, True, "onednn"), (False, False, False, "avx2")])
+def test_auto_takes_the_avx512_kernel_only_beside_amx(monkeypatch, avx512, amx, onednn, chosen):
+    """auto: the AVX512-BF16 kernel where oneDNN's AMX products prefill from dense weights as fast as from packed ones;
+    oneDNN's packed weights on other CPUs with its bfloat16 support; else AVX2."""
+    monkeypatch.delenv("FIDDLER_BF16_PATH", raising=False)
+    monkeypatch.delenv("FIDDLER_PACK_WEIGHTS", raising=False)
+    monkeypatch.setattr(compute, "_avx512_bfloat16", lambda: avx512)
+    monkeypatch.setattr(compute, "has_amx", lambda: amx)
+    monkeypatch.setattr(compute, "_onednn_bfloat16", lambda: onednn)
+    assert compute.bfloat16_path() == chosen
 
 
 def test_a_bfloat16_path_this_cpu_lacks_is_refused_with_what_to_use(monkeypatch):
