@@ -336,6 +336,7 @@ class BatchEngine:
         if decode_threads is not None and decode_threads < 1:
             raise ValueError(f"decode_threads must be at least 1, got {decode_threads}")
         self._decode_threads = decode_threads or self._torch_threads
+        self._head_hooks = self._head_on_prefill_threads(coordinator.model)
         self._thread = threading.Thread(target=self._loop, name="fiddler-engine", daemon=True)
         self._thread.start()
 
@@ -381,6 +382,8 @@ class BatchEngine:
             self._end(handle, "cancelled")
         self._waiting.clear()
         self._batch.keep([])
+        for hook in self._head_hooks:
+            hook.remove()
         if getattr(self.coordinator, "_engine", None) is self:
             self.coordinator._engine = None
 
@@ -417,6 +420,26 @@ class BatchEngine:
                     with self._queue_changed:
                         self._starting = 0
                     self._fail(handles, e)
+
+    def _head_on_prefill_threads(self, model: torch.nn.Module) -> list:
+        """Where decoding steps run on fewer threads than prefill, the head (the output embeddings) on prefill's
+        threads in them too: it is the largest weight of a step, read once after the last layer's experts, when the
+        workers rest, and one thread reads it at one core's share of the bandwidth. Paired on mini, bfloat16, a Xeon
+        with AMX (docs/performance-log.md, 2026-12-02): 0.925x the time a token; the attention projections likewise
+        (2 MB each, read while a worker still watches for the next layer) made it 1.43x. Returns the hooks."""
+        head = model.get_output_embeddings() if self._decode_threads < self._torch_threads else None
+        if head is None:
+            return []
+        before: list[int] = []
+
+        def widen(module, args) -> None:
+            before.append(torch.get_num_threads())
+            self._use_threads(self._torch_threads)
+
+        def restore(module, args, output) -> None:
+            self._use_threads(before.pop())
+
+        return [head.register_forward_pre_hook(widen), head.register_forward_hook(restore)]
 
     def _use_threads(self, count: int) -> None:
         """This thread's torch (and so OpenMP) threads from now on; set only on a change."""

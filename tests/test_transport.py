@@ -211,18 +211,23 @@ def test_exact_over_each_transport(cluster, want, transport):
 def test_decoding_steps_run_on_one_thread_when_taking_turns(cluster):
     """Taking turns with the workers, the coordinator reads prompts on its cores and decodes on one thread
     (launch/cluster.py's coordinator_decode_threads); the counts are read inside the model's forward, in the
-    engine's thread."""
+    engine's thread. The head, read while the workers rest, takes the coordinator's threads in both."""
     seen: list[tuple[int, int]] = []  # (tokens in the forward, torch threads)
-    hook = cluster.coordinator.model.register_forward_pre_hook(
+    in_head: list[int] = []
+    model = cluster.coordinator.model
+    hooks = [model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], torch.get_num_threads())),
-        with_kwargs=True)
+        with_kwargs=True),
+        model.get_output_embeddings().register_forward_pre_hook(lambda *_: in_head.append(torch.get_num_threads()))]
     try:
         cluster.generate(IDS[0].tolist(), max_new_tokens=4, ignore_eos=True)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     cores = len(cluster.plan_workers().coordinator_cpus)
     assert seen[0] == (IDS.shape[1], cores), "the prompt is read with the coordinator's threads"
-    assert seen[1:] == [(1, 1)] * 3, "each decoding step runs on one thread"
+    assert seen[1:] == [(1, 1)] * 3, "each decoding step runs on one thread, back to one after the head"
+    assert in_head == [cores] * 4, "the head of every forward on the coordinator's threads"
 
 
 def test_batches_larger_than_the_slot_fall_back_to_zeromq(checkpoints, want):
