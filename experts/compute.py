@@ -72,11 +72,11 @@ def has_amx() -> bool:
         return False
 
 
-BFLOAT16_PATHS = ("auto", "onednn", "avx512", "avx2", "off")
+BFLOAT16_PATHS = ("auto", "onednn", "amx", "avx512", "avx2", "off")
 
 
 def _auto_path() -> str:
-    return "avx512" if _avx512_bfloat16() and has_amx() else "onednn" if _onednn_bfloat16() else "avx2"
+    return "amx" if _avx512_bfloat16() and has_amx() else "onednn" if _onednn_bfloat16() else "avx2"
 
 
 def bfloat16_path() -> str:
@@ -102,8 +102,10 @@ def bfloat16_path() -> str:
     if chosen == "onednn" and not _onednn_bfloat16():
         raise ValueError("FIDDLER_BF16_PATH=onednn: this CPU (or this PyTorch build) has no oneDNN bfloat16 "
                          "support; use auto or avx2")
-    if chosen == "avx512" and not _avx512_bfloat16():
-        raise ValueError("FIDDLER_BF16_PATH=avx512: this CPU has no AVX512-BF16 instructions; use auto or avx2")
+    if chosen in ("avx512", "amx") and not _avx512_bfloat16():
+        raise ValueError(f"FIDDLER_BF16_PATH={chosen}: this CPU has no AVX512-BF16 instructions; use auto or avx2")
+    if chosen == "amx" and not has_amx():
+        raise ValueError("FIDDLER_BF16_PATH=amx: this CPU has no AMX tiles; use auto or avx512")
     return chosen
 
 
@@ -122,7 +124,8 @@ def check_bfloat16_path() -> None:
 
 PACK_BFLOAT16 = _PATH == "onednn"  # re-lay bfloat16 weights out for oneDNN
 UPCAST_BFLOAT16 = _PATH == "avx2"  # the AVX2 decoding kernel, and float32 products from UPCAST_ROWS rows on
-AVX512_BFLOAT16 = _PATH == "avx512"  # the AVX512-BF16 decoding kernel, PyTorch's linear for more rows
+AVX512_BFLOAT16 = _PATH in ("avx512", "amx")  # the AVX-512 decoding kernels, PyTorch's linear for more rows
+AMX_BFLOAT16 = _PATH == "amx"  # of them the one with AMX tiles
 UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-vector product is faster
 UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
 
@@ -164,7 +167,9 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def decoding_kernel() -> int:
     """The path (native/limits.py's BF16_ISA_*) of the C decoding kernel this process's bfloat16 path takes on dense
     weights, or 0 for none (oneDNN's packed weights, or off)."""
-    return kernels.BF16_ISA_AVX512 if AVX512_BFLOAT16 else kernels.BF16_ISA_AVX2 if UPCAST_BFLOAT16 else 0
+    if AVX512_BFLOAT16:
+        return kernels.BF16_ISA_AMX if AMX_BFLOAT16 else kernels.BF16_ISA_AVX512
+    return kernels.BF16_ISA_AVX2 if UPCAST_BFLOAT16 else 0
 
 
 def use_upcast(x: torch.Tensor, weight: torch.Tensor) -> bool:

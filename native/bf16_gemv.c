@@ -35,7 +35,7 @@
 #include "convert.h"
 #include "fiddler_native.h"
 
-#if BF16_ISA_AVX2 != 1 || BF16_ISA_AVX512 != 2
+#if BF16_ISA_AVX2 != 1 || BF16_ISA_AVX512 != 2 || BF16_ISA_AMX != 3
 #error "bf16_gemv.c numbers its paths as native/limits.py's BF16_ISA_* do: build the library with native/build.py"
 #endif
 
@@ -279,11 +279,11 @@ INLINE BF16 void block_bf16(const uint16_t *w, int64_t count, int64_t cols, cons
     }
 }
 
-/* out[i, r] for the rows r of `weight` this thread is given, any number of activation rows (MAX_ROWS at a time, the
-   weight block still in cache for the next): call inside a parallel region (a worksharing loop, ending with a
-   barrier). */
+/* out[i * stride + r] for the rows r of `weight` this thread is given, any number of activation rows (MAX_ROWS at a
+   time, the weight block still in cache for the next): call inside a parallel region (a worksharing loop, ending
+   with a barrier). */
 static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
-                                  const uint16_t *bias, uint16_t *out) {
+                                  const uint16_t *bias, uint16_t *out, int64_t stride) {
     int64_t blocks = (rows + 3) / 4;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
@@ -306,7 +306,7 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
             for (int64_t i = 0; i < group; i++)
                 for (int64_t k = 0; k < count; k++) {
                     float v = y[i * 4 + k];
-                    out[(i0 + i) * rows + r + k] = float_to_bf16(bias ? v + bf16_to_float(bias[r + k]) : v);
+                    out[(i0 + i) * stride + r + k] = float_to_bf16(bias ? v + bf16_to_float(bias[r + k]) : v);
                 }
         }
     }
@@ -315,7 +315,7 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
 static BF16 int linear_bf16(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
                             const uint16_t *bias, uint16_t *out) {
 #pragma omp parallel
-    linear_rows_bf16(weight, rows, cols, x, n, bias, out);
+    linear_rows_bf16(weight, rows, cols, x, n, bias, out, rows);
     return 0;
 }
 
@@ -330,23 +330,183 @@ static BF16 int silu_expert_bf16(const uint16_t *gate_up, const uint16_t *down, 
     }
 #pragma omp parallel
     {
-        linear_rows_bf16(gate_up, 2 * inter, hidden, x, n, NULL, h);
+        linear_rows_bf16(gate_up, 2 * inter, hidden, x, n, NULL, h, 2 * inter);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n * inter; j++) {
             int64_t i = j / inter, c = j % inter;
             p[j] = silu_product(h[i * 2 * inter + c], h[i * 2 * inter + inter + c]);
         }
-        linear_rows_bf16(down, hidden, inter, p, n, NULL, out);
+        linear_rows_bf16(down, hidden, inter, p, n, NULL, out, hidden);
     }
     free(h);
     free(p);
     return 0;
 }
 
+
+/* --- AMX tiles (Intel from Sapphire Rapids) ---
+
+   The AVX512-BF16 tiles above run out of registers past a few activation rows (4 x 8 sums do not fit), so 8 rows
+   cost about 1.7x one. An AMX tile multiply (tdpbf16ps) takes 16 weight rows x 32 columns against 32 columns of up
+   to 16 activation rows at once into a 16 x 16 float32 tile, so up to 16 rows read the weights once at the speed
+   of one; one row is no slower than on the AVX-512 path (a 32000 x 1024 head, 1 thread: 5.2 ms for 1 to 8 rows
+   against 5.9 ms for 1 row and 10.0 ms for 8 there; docs/performance-log.md, 2026-12-02).
+   out^T = W x^T: the weight tile is 16 consecutive rows of `weight` as they lie (row stride cols), and the
+   activations are laid out once per call as the second operand wants them: for each group of 16 rows, column pairs
+   (k, k+1) of every row side by side, [cols / 2][16][2] (`pack_pairs`, zeros past the last row). Four weight tiles
+   share one activation tile per step: 64 weight rows a block, four accumulators. cols must be a multiple of 32 (a
+   tile's 64 bytes); weight rows past the last whole block of 64 take the AVX-512 path. Products and sums as
+   vdpbf16ps's (bfloat16 pairs multiplied exactly, float32 sums, denormals as zero): within one bfloat16 step of
+   PyTorch's result after the rounding, like the other paths. Linux hands a process the tile registers only when
+   asked (arch_prctl), which `amx_usable` does once. */
+
+#if defined(__GNUC__) && (__GNUC__ >= 11 || (defined(__clang__) && __clang_major__ >= 12))
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+#define AMX_ROWS 16  /* activation rows of one tile */
+#define AMX_BLOCK 64 /* weight rows a step: four tiles of 16 */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static int amx_usable(void) {
+    static int usable = -1;
+    if (usable < 0) {
+        __builtin_cpu_init();
+        int cpu = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16")
+                  && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")
+                  && __builtin_cpu_supports("avx512vl");
+        __atomic_store_n(&usable, cpu && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0,
+                         __ATOMIC_RELEASE);
+    }
+    return __atomic_load_n(&usable, __ATOMIC_ACQUIRE);
+}
+
+/* x [n, cols] as the tiles read it: group g of 16 rows at xp + g * 16 * cols, [cols / 2][16][2]. */
+static uint16_t *pack_pairs(const uint16_t *x, int64_t n, int64_t cols) {
+    int64_t groups = (n + AMX_ROWS - 1) / AMX_ROWS;
+    uint32_t *xp = aligned_alloc(64, (size_t)(groups * AMX_ROWS * cols * sizeof(uint16_t)));
+    if (xp == NULL) return NULL;
+    memset(xp, 0, (size_t)(groups * AMX_ROWS * cols * sizeof(uint16_t)));
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t *pairs = (const uint32_t *)(x + i * cols); /* a bfloat16 pair as one 32-bit word */
+        uint32_t *group = xp + (i / AMX_ROWS) * AMX_ROWS * (cols / 2);
+        for (int64_t k2 = 0; k2 < cols / 2; k2++) group[k2 * AMX_ROWS + i % AMX_ROWS] = pairs[k2];
+    }
+    return (uint16_t *)xp;
+}
+
+/* out[i * stride + r] for the 64-row blocks of `weight` this thread is given, then the rows past the last block on
+   the AVX-512 path (x: the activations as they are, for those): call inside a parallel region. */
+static AMX void linear_rows_amx(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *xp,
+                                const uint16_t *x, int64_t n, const uint16_t *bias, uint16_t *out, int64_t stride) {
+    tile_config config;
+    memset(&config, 0, sizeof(config));
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+    float c[AMX_ROWS * AMX_ROWS] __attribute__((aligned(64)));
+    const int64_t blocks = rows / AMX_BLOCK, groups = (n + AMX_ROWS - 1) / AMX_ROWS, ld = cols * 2;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint16_t *w = weight + b * AMX_BLOCK * cols;
+        for (int64_t g = 0; g < groups; g++) {
+            const uint16_t *xg = xp + g * AMX_ROWS * cols;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t k = 0; k < cols; k += 32) {
+                _tile_loadd(4, xg + k * AMX_ROWS, 64); /* pairs k/2 .. k/2 + 15 of the group's 16 rows */
+                _tile_loadd(5, w + k, ld);
+                _tile_dpbf16ps(0, 5, 4);
+                _tile_loadd(6, w + 16 * cols + k, ld);
+                _tile_dpbf16ps(1, 6, 4);
+                _tile_loadd(7, w + 32 * cols + k, ld);
+                _tile_dpbf16ps(2, 7, 4);
+                _tile_loadd(5, w + 48 * cols + k, ld);
+                _tile_dpbf16ps(3, 5, 4);
+            }
+            const int64_t count = n - g * AMX_ROWS < AMX_ROWS ? n - g * AMX_ROWS : AMX_ROWS;
+            for (int t = 0; t < 4; t++) {
+                if (t == 0) _tile_stored(0, c, 64);
+                else if (t == 1) _tile_stored(1, c, 64);
+                else if (t == 2) _tile_stored(2, c, 64);
+                else _tile_stored(3, c, 64);
+                const int64_t r0 = b * AMX_BLOCK + 16 * t; /* c[j * 16 + i]: weight row r0 + j, activation row i */
+                for (int64_t i = 0; i < count; i++)
+                    for (int j = 0; j < 16; j++) {
+                        float v = c[j * AMX_ROWS + i];
+                        out[(g * AMX_ROWS + i) * stride + r0 + j]
+                            = float_to_bf16(bias ? v + bf16_to_float(bias[r0 + j]) : v);
+                    }
+            }
+        }
+    }
+    _tile_release();
+    const int64_t done = blocks * AMX_BLOCK;
+    if (done < rows)
+        linear_rows_bf16(weight + done * cols, rows - done, cols, x, n, bias ? bias + done : NULL, out + done, stride);
+}
+
+static AMX int linear_amx(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
+                          const uint16_t *bias, uint16_t *out) {
+    uint16_t *xp = pack_pairs(x, n, cols);
+    if (xp == NULL) return -1;
+#pragma omp parallel
+    linear_rows_amx(weight, rows, cols, xp, x, n, bias, out, rows);
+    free(xp);
+    return 0;
+}
+
+static AMX int silu_expert_amx(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
+                               const uint16_t *x, int64_t n, uint16_t *out) {
+    uint16_t *xp = pack_pairs(x, n, hidden);
+    uint16_t *h = malloc((size_t)(n * 2 * inter * sizeof(uint16_t)));
+    uint16_t *p = malloc((size_t)(n * inter * sizeof(uint16_t)));
+    uint16_t *pp = NULL;
+    if (xp == NULL || h == NULL || p == NULL) {
+        free(xp);
+        free(h);
+        free(p);
+        return -1;
+    }
+#pragma omp parallel
+    {
+        linear_rows_amx(gate_up, 2 * inter, hidden, xp, x, n, NULL, h, 2 * inter);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n * inter; j++) {
+            int64_t i = j / inter, c = j % inter;
+            p[j] = silu_product(h[i * 2 * inter + c], h[i * 2 * inter + inter + c]);
+        }
+#pragma omp single
+        pp = pack_pairs(p, n, inter); /* the barrier after it hands pp to every thread */
+        if (pp != NULL)
+            linear_rows_amx(down, hidden, inter, pp, p, n, NULL, out, hidden);
+    }
+    int status = pp == NULL ? -1 : 0;
+    free(xp);
+    free(h);
+    free(p);
+    free(pp);
+    return status;
+}
+#else
+static int amx_usable(void) { return 0; }
+#endif
+
 /* --- the paths, chosen at run time --- */
 
 static int best_isa(void) {
     __builtin_cpu_init();
+    if (amx_usable()) return BF16_ISA_AMX;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
         && __builtin_cpu_supports("avx512bf16"))
         return BF16_ISA_AVX512;
@@ -355,21 +515,27 @@ static int best_isa(void) {
 
 int fiddler_bf16_isa(void) { return best_isa(); }
 
-/* The path to take for `isa` (0: the best), or 0 when this CPU lacks it. */
+/* The path to take for `isa` (0: the best), or 0 when this CPU lacks it. AMX where the CPU has it but the system
+   does not hand out its tiles (Linux before 5.16) takes the AVX-512 path. */
 static int chosen_isa(int isa) {
     int best = best_isa();
     if (isa == 0) return best;
-    return (isa == BF16_ISA_AVX2 || isa == BF16_ISA_AVX512) && isa <= best ? isa : 0;
+    if (isa == BF16_ISA_AMX && best < BF16_ISA_AMX) isa = BF16_ISA_AVX512;
+    return (isa == BF16_ISA_AVX2 || isa == BF16_ISA_AVX512 || isa == BF16_ISA_AMX) && isa <= best ? isa : 0;
 }
 
 /* weight [rows, cols] bfloat16, row-major; x [n, cols] bfloat16; bias [rows] bfloat16 or NULL; out [n, rows]
-   bfloat16. cols must be a multiple of 16. isa: 0 for the best path of this CPU, or BF16_ISA_AVX2 / _AVX512.
-   Returns 0, -1 when scratch memory cannot be had, -2 for an isa this CPU lacks. */
+   bfloat16. cols must be a multiple of 16. isa: 0 for the best path of this CPU, or BF16_ISA_AVX2 / _AVX512 /
+   _AMX (which takes the AVX-512 path where cols is not a multiple of 32). Returns 0, -1 when scratch memory cannot
+   be had, -2 for an isa this CPU lacks. */
 int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
                         const uint16_t *bias, uint16_t *out, int isa) {
     isa = chosen_isa(isa);
     if (isa == 0) return -2;
-    return isa == BF16_ISA_AVX512 ? linear_bf16(weight, rows, cols, x, n, bias, out)
+#ifdef HAVE_AMX
+    if (isa == BF16_ISA_AMX && cols % 32 == 0) return linear_amx(weight, rows, cols, x, n, bias, out);
+#endif
+    return isa >= BF16_ISA_AVX512 ? linear_bf16(weight, rows, cols, x, n, bias, out)
                                   : linear_avx2(weight, rows, cols, x, n, bias, out);
 }
 
@@ -384,7 +550,11 @@ int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int6
                              const uint16_t *x, int64_t n, uint16_t *out, int isa) {
     isa = chosen_isa(isa);
     if (isa == 0) return -2;
-    return isa == BF16_ISA_AVX512 ? silu_expert_bf16(gate_up, down, hidden, inter, x, n, out)
+#ifdef HAVE_AMX
+    if (isa == BF16_ISA_AMX && hidden % 32 == 0 && inter % 32 == 0)
+        return silu_expert_amx(gate_up, down, hidden, inter, x, n, out);
+#endif
+    return isa >= BF16_ISA_AVX512 ? silu_expert_bf16(gate_up, down, hidden, inter, x, n, out)
                                   : silu_expert_avx2(gate_up, down, hidden, inter, x, n, out);
 }
 

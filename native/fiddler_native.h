@@ -22,7 +22,7 @@
 #ifndef MAX_EXPERTS
 #error "MAX_EXPERTS (experts of one request) comes from native/limits.py: build the library with native/build.py"
 #endif
-#if !defined(BF16_ISA_AVX2) || !defined(BF16_ISA_AVX512)
+#if !defined(BF16_ISA_AVX2) || !defined(BF16_ISA_AVX512) || !defined(BF16_ISA_AMX)
 #error "BF16_ISA_* (the bfloat16 kernels' paths) come from native/limits.py: build the library with native/build.py"
 #endif
 #if !defined(QUANT_BLOCK) || !defined(QUANT_INT8) || !defined(QUANT_INT4) || !defined(QUANT_ISA_AVX512)

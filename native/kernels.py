@@ -1,8 +1,9 @@
 """The Python wrappers over the kernel library (built and loaded by native/build.py).
 
 `linear` is nn.Linear for a few rows of bfloat16 activations (bf16_gemv.c), and `silu_expert` a whole gated SiLU
-expert (both products and the activation between them) in one call, each on one of two paths (`isa`): AVX2 with
-FMA, or AVX512-BF16 dot products on CPUs that have them (`bf16_isa()` says which is the best here). Decoding
+expert (both products and the activation between them) in one call, each on one of three paths (`isa`): AVX2 with
+FMA, AVX512-BF16 dot products, or AMX tile products (up to 16 rows at the cost of one) on CPUs that have them
+(`bf16_isa()` says which is the best here). Decoding
 multiplies a few rows by every weight it passes, so its speed is how fast the weights stream from memory, which
 these kernels do faster than PyTorch's bfloat16 matrix-vector product (docs/performance-log.md).
 Their results equal nn.Linear's to within one bfloat16 step (the float32 sums are taken in another order).
@@ -28,7 +29,7 @@ import torch
 
 # SOURCES and library are read through this module too (benchmarks/decode_kernel.py, tests).
 from fiddler_moe.native.build import SOURCES, available, library  # noqa: F401
-from fiddler_moe.native.limits import BF16_ISA_AVX2, BF16_ISA_AVX512, MAX_ROWS  # noqa: F401
+from fiddler_moe.native.limits import BF16_ISA_AMX, BF16_ISA_AVX2, BF16_ISA_AVX512, MAX_ROWS  # noqa: F401
 # MAX_ROWS: activation rows per decoding call; more take a batch path (experts/compute.py)
 
 
@@ -49,7 +50,7 @@ def applies_to_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 
 
 def bf16_isa() -> int:
-    """The best path of the bfloat16 kernels on this CPU: BF16_ISA_AVX512 or BF16_ISA_AVX2. Only where
+    """The best path of the bfloat16 kernels on this CPU: BF16_ISA_AMX, BF16_ISA_AVX512 or BF16_ISA_AVX2. Only where
     `available()`."""
     return library().fiddler_bf16_isa()
 
@@ -63,7 +64,7 @@ def _bf16_status(status: int, what: str) -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, isa: int = 0) -> torch.Tensor:
     """nn.functional.linear(x, weight, bias) for bfloat16 on the CPU, where `applies` says so. `isa`: 0 for the best
-    path of this CPU, or BF16_ISA_AVX2 / _AVX512."""
+    path of this CPU, or BF16_ISA_AVX2 / _AVX512 / _AMX."""
     rows, cols = weight.shape
     flat = x.reshape(-1, cols).contiguous()
     if bias is not None:

@@ -22,6 +22,7 @@ int64_t fiddler_constant(const char *name) {
         {"QUANT_ISA_AVX512", QUANT_ISA_AVX512},
         {"BF16_ISA_AVX2", BF16_ISA_AVX2},
         {"BF16_ISA_AVX512", BF16_ISA_AVX512},
+        {"BF16_ISA_AMX", BF16_ISA_AMX},
         {"sizeof lane_slots", sizeof(lane_slots)},
         {"sizeof lane_expert", sizeof(lane_expert)},
         {"sizeof layer_call", sizeof(layer_call)},

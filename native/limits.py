@@ -20,9 +20,10 @@ QUANT_INT4 = 2  # llama.cpp's Q4_0: w = d * (q - 8), q 4 bits in [0, 15]
 QUANT_ISA_PLAIN = 1
 QUANT_ISA_AVX2 = 2
 QUANT_ISA_AVX512 = 3
-# The paths of the bfloat16 kernels (native/bf16_gemv.c): AVX2 with FMA, AVX512-BF16; 0 asks for the best.
+# The paths of the bfloat16 kernels (native/bf16_gemv.c): AVX2 with FMA, AVX512-BF16, AMX tiles; 0 asks for the best.
 BF16_ISA_AVX2 = 1
 BF16_ISA_AVX512 = 2
+BF16_ISA_AMX = 3
 
 
 def values() -> dict[str, int]:
@@ -30,4 +31,4 @@ def values() -> dict[str, int]:
     return {"MAX_ROWS": MAX_ROWS, "MAX_PAIRS": MAX_PAIRS, "MAX_EXPERTS": MAX_EXPERTS, "QUANT_BLOCK": QUANT_BLOCK,
             "QUANT_INT8": QUANT_INT8, "QUANT_INT4": QUANT_INT4, "QUANT_ISA_PLAIN": QUANT_ISA_PLAIN,
             "QUANT_ISA_AVX2": QUANT_ISA_AVX2, "QUANT_ISA_AVX512": QUANT_ISA_AVX512,
-            "BF16_ISA_AVX2": BF16_ISA_AVX2, "BF16_ISA_AVX512": BF16_ISA_AVX512}
+            "BF16_ISA_AVX2": BF16_ISA_AVX2, "BF16_ISA_AVX512": BF16_ISA_AVX512, "BF16_ISA_AMX": BF16_ISA_AMX}

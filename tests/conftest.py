@@ -314,7 +314,8 @@ def _bfloat16_path(monkeypatch, path: str) -> None:
     from fiddler_moe.experts import compute
 
     monkeypatch.setattr(compute, "UPCAST_BFLOAT16", path == "avx2")  # coordinator/cpu_linear.py reads these too
-    monkeypatch.setattr(compute, "AVX512_BFLOAT16", path == "avx512")
+    monkeypatch.setattr(compute, "AVX512_BFLOAT16", path in ("avx512", "amx"))
+    monkeypatch.setattr(compute, "AMX_BFLOAT16", path == "amx")
     monkeypatch.setattr(compute, "PACK_BFLOAT16", path == "onednn")
     monkeypatch.setenv("FIDDLER_BF16_PATH", path)
 
@@ -338,6 +339,16 @@ def avx512_bfloat16_path(monkeypatch):
 
 
 @pytest.fixture
+def amx_bfloat16_path(monkeypatch):
+    """The AMX bfloat16 path in this process (FIDDLER_BF16_PATH=amx); skips where the CPU lacks AMX tiles."""
+    from fiddler_moe.experts import compute
+
+    if not (compute._avx512_bfloat16() and compute.has_amx()):
+        pytest.skip("this CPU has no AMX tiles")
+    _bfloat16_path(monkeypatch, "amx")
+
+
+@pytest.fixture
 def onednn_bfloat16_path(monkeypatch):
     """oneDNN's packed weights in this process (FIDDLER_BF16_PATH=onednn), also where `auto` takes the AVX512-BF16
     kernel (CPUs with AMX); skips where PyTorch has no oneDNN bfloat16 support here."""
@@ -348,14 +359,11 @@ def onednn_bfloat16_path(monkeypatch):
     _bfloat16_path(monkeypatch, "onednn")
 
 
-@pytest.fixture(params=["avx2", "avx512"])
+@pytest.fixture(params=["avx2", "avx512", "amx"])
 def decoding_kernel_path(request, monkeypatch) -> str:
-    """Each bfloat16 path that decodes through the C kernel on dense weights (FIDDLER_BF16_PATH=avx2, avx512), in
-    this process and the worker processes it starts meanwhile; avx512 skips where the CPU lacks AVX512-BF16."""
-    if request.param == "avx512":
-        request.getfixturevalue("avx512_bfloat16_path")
-    else:
-        request.getfixturevalue("avx2_bfloat16_path")
+    """Each bfloat16 path that decodes through the C kernel on dense weights (FIDDLER_BF16_PATH=avx2, avx512, amx),
+    in this process and the worker processes it starts meanwhile; avx512 and amx skip where the CPU lacks them."""
+    request.getfixturevalue(f"{request.param}_bfloat16_path")
     return request.param
 
 

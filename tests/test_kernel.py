@@ -86,7 +86,9 @@ def test_gemv_kernel_is_bfloat16_linear():
 
 KERNEL_PATHS = [pytest.param(kernels.BF16_ISA_AVX2, id="avx2"),
                 pytest.param(kernels.BF16_ISA_AVX512, id="avx512", marks=pytest.mark.skipif(
-                    not compute._avx512_bfloat16(), reason="this CPU has no AVX512-BF16 instructions"))]
+                    not compute._avx512_bfloat16(), reason="this CPU has no AVX512-BF16 instructions")),
+                pytest.param(kernels.BF16_ISA_AMX, id="amx", marks=pytest.mark.skipif(
+                    not (compute._avx512_bfloat16() and compute.has_amx()), reason="this CPU has no AMX tiles"))]
 
 
 @pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
@@ -194,36 +196,39 @@ def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch, avx2_bfloat1
 
 
 @pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
-def test_avx512_path_decodes_through_the_kernel_and_batches_through_pytorch(monkeypatch, avx512_bfloat16_path):
-    """FIDDLER_BF16_PATH=avx512: up to MAX_ROWS rows an expert and the coordinator's nn.Linear take the AVX512-BF16
+@pytest.mark.parametrize("path", ["avx512", "amx"])
+def test_avx512_paths_decode_through_the_kernel_and_batch_through_pytorch(monkeypatch, request, path):
+    """FIDDLER_BF16_PATH=avx512 or amx: up to MAX_ROWS rows an expert and the coordinator's nn.Linear take that
     kernel on their dense weights (nothing packed beside them); more rows take PyTorch's own linear, bit for bit."""
     from fiddler_moe.coordinator import cpu_linear
 
-    assert compute.decoding_kernel() == kernels.BF16_ISA_AVX512
+    request.getfixturevalue(f"{path}_bfloat16_path")
+    isa = kernels.BF16_ISA_AMX if path == "amx" else kernels.BF16_ISA_AVX512
+    assert compute.decoding_kernel() == isa
     generator = torch.Generator().manual_seed(7)
     weights = ExpertWeights(torch.randn(2 * 96, 64, generator=generator).bfloat16(),
                             torch.randn(64, 96, generator=generator).bfloat16())
     kernel = ExpertKernel(KernelSpec(activation="silu", dtype="bfloat16"))
-    assert kernel.fused_silu and kernel.bf16_isa == kernels.BF16_ISA_AVX512 and not kernel.pack
+    assert kernel.fused_silu and kernel.bf16_isa == isa and not kernel.pack
     paths, silu_expert = [], kernels.silu_expert
     monkeypatch.setattr(kernels, "silu_expert", lambda *a, **k: paths.append(k["isa"]) or silu_expert(*a, **k))
     monkeypatch.setattr(compute, "upcast_linear", None)  # never taken on this path
     one, many = (torch.randn(n, 64, generator=generator).bfloat16() for n in (1, 9))
     kernel.forward(weights, one)
-    assert paths == [kernels.BF16_ISA_AVX512] and not weights.packed
+    assert paths == [isa] and not weights.packed
     h = nn.functional.linear(many, weights.gate_up)
     want = nn.functional.linear(nn.functional.silu(h[:, :96]) * h[:, 96:], weights.down)
-    assert torch.equal(kernel.forward(weights, many), want) and paths == [kernels.BF16_ISA_AVX512]
+    assert torch.equal(kernel.forward(weights, many), want) and paths == [isa]
 
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8, bias=False)).bfloat16()
     want = [model(x) for x in (one, many)]
     assert cpu_linear.pack_linear_layers(model) == 2
-    assert all(m.bf16_isa == kernels.BF16_ISA_AVX512 and m.weight.device.type == "cpu" for m in model)
+    assert all(m.bf16_isa == isa and m.weight.device.type == "cpu" for m in model)
     decoding, linear = [], kernels.linear
     monkeypatch.setattr(kernels, "linear", lambda *a, **k: decoding.append(k["isa"]) or linear(*a, **k))
     assert_rounded_product(model[0](one), one, model[0].weight, model[0].bias)
     assert (model(one) - want[0]).abs().max() <= 0.02 * want[0].abs().max()
-    assert decoding == [kernels.BF16_ISA_AVX512] * 3
+    assert decoding == [isa] * 3
     assert torch.equal(model(many), want[1]) and len(decoding) == 3
 
 
@@ -341,10 +346,10 @@ def test_packed_bfloat16_kernel_matches_plain(onednn_bfloat16_path):
     assert ExpertKernel(spec).forward(packed, x[:0]).shape == (0, 64)
 
 
-@pytest.mark.parametrize("avx512, amx, onednn, chosen", [(True, True, True, "avx512"), (True, False, True, "onednn"),
+@pytest.mark.parametrize("avx512, amx, onednn, chosen", [(True, True, True, "amx"), (True, False, True, "onednn"),
                                                          (False, False, True, "onednn"), (False, False, False, "avx2")])
-def test_auto_takes_the_avx512_kernel_only_beside_amx(monkeypatch, avx512, amx, onednn, chosen):
-    """auto: the AVX512-BF16 kernel where oneDNN's AMX products prefill from dense weights as fast as from packed ones;
+def test_auto_takes_the_amx_kernel_where_the_cpu_has_amx(monkeypatch, avx512, amx, onednn, chosen):
+    """auto: the AMX kernel where oneDNN's AMX products prefill from dense weights as fast as from packed ones;
     oneDNN's packed weights on other CPUs with its bfloat16 support; else AVX2."""
     monkeypatch.delenv("FIDDLER_BF16_PATH", raising=False)
     monkeypatch.delenv("FIDDLER_PACK_WEIGHTS", raising=False)
@@ -359,6 +364,11 @@ def test_a_bfloat16_path_this_cpu_lacks_is_refused_with_what_to_use(monkeypatch)
     monkeypatch.setenv("FIDDLER_BF16_PATH", "avx512")
     with pytest.raises(ValueError, match="no AVX512-BF16 instructions; use auto or avx2"):
         compute.bfloat16_path()
+    monkeypatch.setattr(compute, "_avx512_bfloat16", lambda: True)
+    monkeypatch.setattr(compute, "has_amx", lambda: False)
+    monkeypatch.setenv("FIDDLER_BF16_PATH", "amx")
+    with pytest.raises(ValueError, match="no AMX tiles; use auto or avx512"):
+        compute.bfloat16_path()
     monkeypatch.setenv("FIDDLER_BF16_PATH", "avx1024")
-    with pytest.raises(ValueError, match="use one of auto, onednn, avx512, avx2, off"):
+    with pytest.raises(ValueError, match="use one of auto, onednn, amx, avx512, avx2, off"):
         compute.bfloat16_path()
