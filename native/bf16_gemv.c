@@ -392,9 +392,10 @@ static int amx_usable(void) {
 /* x [n, cols] as the tiles read it: group g of 16 rows at xp + g * 16 * cols, [cols / 2][16][2]. */
 static uint16_t *pack_pairs(const uint16_t *x, int64_t n, int64_t cols) {
     int64_t groups = (n + AMX_ROWS - 1) / AMX_ROWS;
-    uint32_t *xp = aligned_alloc(64, (size_t)(groups * AMX_ROWS * cols * sizeof(uint16_t)));
+    size_t bytes = (size_t)(groups > 0 ? groups * AMX_ROWS * cols * sizeof(uint16_t) : 64); /* a multiple of 64 */
+    uint32_t *xp = aligned_alloc(64, bytes);
     if (xp == NULL) return NULL;
-    memset(xp, 0, (size_t)(groups * AMX_ROWS * cols * sizeof(uint16_t)));
+    memset(xp, 0, bytes);
     for (int64_t i = 0; i < n; i++) {
         const uint32_t *pairs = (const uint32_t *)(x + i * cols); /* a bfloat16 pair as one 32-bit word */
         uint32_t *group = xp + (i / AMX_ROWS) * AMX_ROWS * (cols / 2);
