@@ -312,38 +312,6 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
     }
 }
 
-static BF16 int linear_bf16(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
-                            const uint16_t *bias, uint16_t *out) {
-#pragma omp parallel
-    linear_rows_bf16(weight, rows, cols, x, n, bias, out, rows);
-    return 0;
-}
-
-static BF16 int silu_expert_bf16(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
-                                 const uint16_t *x, int64_t n, uint16_t *out) {
-    uint16_t *h = malloc((size_t)(n * 2 * inter * sizeof(uint16_t)));
-    uint16_t *p = malloc((size_t)(n * inter * sizeof(uint16_t)));
-    if (h == NULL || p == NULL) {
-        free(h);
-        free(p);
-        return -1;
-    }
-#pragma omp parallel
-    {
-        linear_rows_bf16(gate_up, 2 * inter, hidden, x, n, NULL, h, 2 * inter);
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < n * inter; j++) {
-            int64_t i = j / inter, c = j % inter;
-            p[j] = silu_product(h[i * 2 * inter + c], h[i * 2 * inter + inter + c]);
-        }
-        linear_rows_bf16(down, hidden, inter, p, n, NULL, out, hidden);
-    }
-    free(h);
-    free(p);
-    return 0;
-}
-
-
 /* --- AMX tiles (Intel from Sapphire Rapids) ---
 
    The AVX512-BF16 tiles above run out of registers past a few activation rows (4 x 8 sums do not fit), so 8 rows
@@ -457,51 +425,68 @@ static AMX void linear_rows_amx(const uint16_t *weight, int64_t rows, int64_t co
         linear_rows_bf16(weight + done * cols, rows - done, cols, x, n, bias ? bias + done : NULL, out + done, stride);
 }
 
-static AMX int linear_amx(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
-                          const uint16_t *bias, uint16_t *out) {
-    uint16_t *xp = pack_pairs(x, n, cols);
-    if (xp == NULL) return -1;
+#else
+static int amx_usable(void) { return 0; }
+static uint16_t *pack_pairs(const uint16_t *x, int64_t n, int64_t cols) { return (void)x, (void)n, (void)cols, NULL; }
+#endif
+
+/* out[i * stride + r] on the AMX path where the activations' pairs `xp` are given, else on the AVX-512 one: call
+   inside a parallel region. */
+static BF16 void rows_on(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *xp, const uint16_t *x,
+                         int64_t n, const uint16_t *bias, uint16_t *out, int64_t stride) {
+#ifdef HAVE_AMX
+    if (xp != NULL) {
+        linear_rows_amx(weight, rows, cols, xp, x, n, bias, out, stride);
+        return;
+    }
+#else
+    (void)xp;
+#endif
+    linear_rows_bf16(weight, rows, cols, x, n, bias, out, stride);
+}
+
+/* The AVX-512 family's products: on AMX tiles when `amx` (and the pairs' scratch could be had: else on AVX512-BF16,
+   the same function), else on AVX512-BF16. */
+static BF16 int linear_bf16(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
+                            const uint16_t *bias, uint16_t *out, int amx) {
+    uint16_t *xp = amx ? pack_pairs(x, n, cols) : NULL;
 #pragma omp parallel
-    linear_rows_amx(weight, rows, cols, xp, x, n, bias, out, rows);
+    rows_on(weight, rows, cols, xp, x, n, bias, out, rows);
     free(xp);
     return 0;
 }
 
-static AMX int silu_expert_amx(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
-                               const uint16_t *x, int64_t n, uint16_t *out) {
-    uint16_t *xp = pack_pairs(x, n, hidden);
+static BF16 int silu_expert_bf16(const uint16_t *gate_up, const uint16_t *down, int64_t hidden, int64_t inter,
+                                 const uint16_t *x, int64_t n, uint16_t *out, int amx) {
     uint16_t *h = malloc((size_t)(n * 2 * inter * sizeof(uint16_t)));
     uint16_t *p = malloc((size_t)(n * inter * sizeof(uint16_t)));
-    uint16_t *pp = NULL;
-    if (xp == NULL || h == NULL || p == NULL) {
-        free(xp);
+    uint16_t *xp = amx ? pack_pairs(x, n, hidden) : NULL, *pp = NULL;
+    if (h == NULL || p == NULL) {
         free(h);
         free(p);
+        free(xp);
         return -1;
     }
 #pragma omp parallel
     {
-        linear_rows_amx(gate_up, 2 * inter, hidden, xp, x, n, NULL, h, 2 * inter);
+        rows_on(gate_up, 2 * inter, hidden, xp, x, n, NULL, h, 2 * inter);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n * inter; j++) {
             int64_t i = j / inter, c = j % inter;
             p[j] = silu_product(h[i * 2 * inter + c], h[i * 2 * inter + inter + c]);
         }
+        if (amx) {
 #pragma omp single
-        pp = pack_pairs(p, n, inter); /* the barrier after it hands pp to every thread */
-        if (pp != NULL)
-            linear_rows_amx(down, hidden, inter, pp, p, n, NULL, out, hidden);
+            pp = pack_pairs(p, n, inter); /* the barrier after it hands pp to every thread */
+        }
+        rows_on(down, hidden, inter, pp, p, n, NULL, out, hidden);
     }
-    int status = pp == NULL ? -1 : 0;
-    free(xp);
     free(h);
     free(p);
+    free(xp);
     free(pp);
-    return status;
+    return 0;
 }
-#else
-static int amx_usable(void) { return 0; }
-#endif
 
 /* --- the paths, chosen at run time --- */
 
@@ -533,10 +518,8 @@ int fiddler_bf16_linear(const uint16_t *weight, int64_t rows, int64_t cols, cons
                         const uint16_t *bias, uint16_t *out, int isa) {
     isa = chosen_isa(isa);
     if (isa == 0) return -2;
-#ifdef HAVE_AMX
-    if (isa == BF16_ISA_AMX && cols % 32 == 0) return linear_amx(weight, rows, cols, x, n, bias, out);
-#endif
-    return isa >= BF16_ISA_AVX512 ? linear_bf16(weight, rows, cols, x, n, bias, out)
+    int amx = isa == BF16_ISA_AMX && cols % 32 == 0;
+    return isa >= BF16_ISA_AVX512 ? linear_bf16(weight, rows, cols, x, n, bias, out, amx)
                                   : linear_avx2(weight, rows, cols, x, n, bias, out);
 }
 
@@ -551,11 +534,8 @@ int fiddler_bf16_silu_expert(const uint16_t *gate_up, const uint16_t *down, int6
                              const uint16_t *x, int64_t n, uint16_t *out, int isa) {
     isa = chosen_isa(isa);
     if (isa == 0) return -2;
-#ifdef HAVE_AMX
-    if (isa == BF16_ISA_AMX && hidden % 32 == 0 && inter % 32 == 0)
-        return silu_expert_amx(gate_up, down, hidden, inter, x, n, out);
-#endif
-    return isa >= BF16_ISA_AVX512 ? silu_expert_bf16(gate_up, down, hidden, inter, x, n, out)
+    int amx = isa == BF16_ISA_AMX && hidden % 32 == 0 && inter % 32 == 0;
+    return isa >= BF16_ISA_AVX512 ? silu_expert_bf16(gate_up, down, hidden, inter, x, n, out, amx)
                                   : silu_expert_avx2(gate_up, down, hidden, inter, x, n, out);
 }
 
