@@ -44,7 +44,7 @@ from fiddler_moe.host.paths import cache_dir
 from fiddler_moe.launch.options import ClusterOptions
 from fiddler_moe.launch.synthetic import PRESETS, estimated_bytes, write_checkpoint
 from fiddler_moe.native import kernels
-from fiddler_moe.experts.compute import AVX512_BFLOAT16, PACK_BFLOAT16, UPCAST_BFLOAT16
+from fiddler_moe.experts.compute import chosen_path
 from fiddler_moe.host.numa import available_memory_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -449,10 +449,12 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
             "interleaved": interleave,
             "pack_weights": os.environ.get("FIDDLER_PACK_WEIGHTS", "1") != "0",
             # which CPU bfloat16 fast path the expert kernel and a CPU coordinator take (experts/compute.py)
-            "cpu_bfloat16_path": ("packed" if PACK_BFLOAT16 else "upcast" if UPCAST_BFLOAT16
-                                  else "avx512" if AVX512_BFLOAT16 else "plain"),
-            # the decoding kernel (native/kernels.py) serves rows up to kernels.MAX_ROWS on the upcast and avx512 paths
-            "cpu_bfloat16_decode_kernel": (UPCAST_BFLOAT16 or AVX512_BFLOAT16) and kernels.available(),
+            # (the older names for two of them: packed for onednn, upcast for avx2; plain for off)
+            "cpu_bfloat16_path": {"onednn": "packed", "avx2": "upcast", "off": "plain"}.get(chosen_path(),
+                                                                                            chosen_path()),
+            # the decoding kernel (native/kernels.py) serves rows up to kernels.MAX_ROWS on the upcast, avx512 and
+            # amx paths
+            "cpu_bfloat16_decode_kernel": chosen_path() in ("avx2", "avx512", "amx") and kernels.available(),
         },
         "bandwidth": bandwidth,
         "ceiling": {

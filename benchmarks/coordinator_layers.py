@@ -27,7 +27,7 @@ import time
 
 import torch
 
-WAYS = ("plain", "onednn", "avx512", "avx2", "onednn-static", "onednn-eager", "int8", "int4")
+WAYS = ("plain", "onednn", "amx", "avx512", "avx2", "onednn-static", "onednn-eager", "int8", "int4")
 
 
 def load(folder: str, way: str) -> torch.nn.Module:
@@ -54,8 +54,8 @@ def load(folder: str, way: str) -> torch.nn.Module:
         if path == "onednn" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             raise SystemExit("onednn: this CPU has no oneDNN bfloat16 support; use --ways plain,avx2")
         # the path's flags, read by cpu_linear's pack_linear_layers and by fast_linear
-        compute.PACK_BFLOAT16, compute.UPCAST_BFLOAT16 = path == "onednn", path == "avx2"
-        compute.AVX512_BFLOAT16 = path == "avx512"
+        for flag, value in compute.flags_of(path).items():
+            setattr(compute, flag, value)
         cpu_linear.pack_linear_layers(model)
     return model
 

@@ -111,8 +111,7 @@ def main() -> None:
 
         engine._decode_step = timed_step
         torch.set_num_threads(args.coordinator_threads)
-        way = ("onednn" if compute.PACK_BFLOAT16 else "avx2" if compute.UPCAST_BFLOAT16
-               else "avx512" if compute.AVX512_BFLOAT16 else "plain")
+        way = {"off": "plain"}.get(compute.chosen_path(), compute.chosen_path())
         zero = coordinator_layers.load(folder, way)
         zero_parts = PartClock(zero)
 

@@ -126,6 +126,18 @@ PACK_BFLOAT16 = _PATH == "onednn"  # re-lay bfloat16 weights out for oneDNN
 UPCAST_BFLOAT16 = _PATH == "avx2"  # the AVX2 decoding kernel, and float32 products from UPCAST_ROWS rows on
 AVX512_BFLOAT16 = _PATH in ("avx512", "amx")  # the AVX-512 decoding kernels, PyTorch's linear for more rows
 AMX_BFLOAT16 = _PATH == "amx"  # of them the one with AMX tiles
+
+
+def flags_of(path: str) -> dict[str, bool]:
+    """The flags above for a path name: tests and benchmarks switch paths within one process through them."""
+    return {"PACK_BFLOAT16": path == "onednn", "UPCAST_BFLOAT16": path == "avx2",
+            "AVX512_BFLOAT16": path in ("avx512", "amx"), "AMX_BFLOAT16": path == "amx"}
+
+
+def chosen_path() -> str:
+    """The path the flags above say now: onednn, amx, avx512, avx2 or off."""
+    return ("onednn" if PACK_BFLOAT16 else "amx" if AMX_BFLOAT16 else "avx512" if AVX512_BFLOAT16
+            else "avx2" if UPCAST_BFLOAT16 else "off")
 UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-vector product is faster
 UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
 

@@ -313,10 +313,8 @@ def _bfloat16_path(monkeypatch, path: str) -> None:
     """FIDDLER_BF16_PATH=path in this process and the worker processes it starts meanwhile."""
     from fiddler_moe.experts import compute
 
-    monkeypatch.setattr(compute, "UPCAST_BFLOAT16", path == "avx2")  # coordinator/cpu_linear.py reads these too
-    monkeypatch.setattr(compute, "AVX512_BFLOAT16", path in ("avx512", "amx"))
-    monkeypatch.setattr(compute, "AMX_BFLOAT16", path == "amx")
-    monkeypatch.setattr(compute, "PACK_BFLOAT16", path == "onednn")
+    for flag, value in compute.flags_of(path).items():  # coordinator/cpu_linear.py reads these too
+        monkeypatch.setattr(compute, flag, value)
     monkeypatch.setenv("FIDDLER_BF16_PATH", path)
 
 
