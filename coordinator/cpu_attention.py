@@ -60,7 +60,8 @@ def attention_setting() -> str:
     value = os.environ.get("FIDDLER_CPU_ATTENTION", "auto").strip().lower() or "auto"
     if value not in SETTINGS:
         raise ValueError(f"FIDDLER_CPU_ATTENTION={value!r} is not one of {', '.join(SETTINGS)}: auto (float32 "
-                         "attention for decoding with --quantize where the CPU lacks AMX), float32 (always), model (transformers' own)")
+                         "attention for decoding with --quantize where the CPU lacks AMX), float32 (always), model "
+                         "(transformers' own)")
     return value
 
 

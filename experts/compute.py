@@ -12,9 +12,9 @@ are memory-bound matrix-vector products. Three CPU fast paths for bfloat16, chos
   (docs/performance-log.md). So the first forward of an expert on such a CPU re-lays its weights out in place
   (`ExpertWeights.pack`: a private copy replaces the dense tensors, bit-identical results). Weights marked `shared`
   (memory another process maps too) are left alone, since the copy would double them.
-- On CPUs with AVX512-BF16 (`avx512`, the default where the CPU has AMX too: see `bfloat16_path`), the weights stay
-  dense and decoding rows (up to `kernels.MAX_ROWS`) go through our own C kernel's AVX512-BF16 path (vdpbf16ps on
-  the bfloat16 pairs as they are): a gated SiLU expert in one call, so the worker's C serving loop
+- On CPUs with AVX512-BF16 (`avx512`; `amx` with AMX tiles too, the default there: see `bfloat16_path`), the
+  weights stay dense and decoding rows (up to `kernels.MAX_ROWS`) go through our own C kernel (vdpbf16ps on the
+  bfloat16 pairs as they are, or AMX tile products): a gated SiLU expert in one call, so the worker's C serving loop
   (native/shm_serve.py) answers decoding requests without Python. More rows (prefill) take PyTorch's own `linear`,
   which runs oneDNN on the dense weights: with AMX as fast as on packed ones, without it (Zen 5) a 64-row expert
   1.2x the packed time (against 4x for the float32 upcast); bit for bit transformers' own.
@@ -80,14 +80,16 @@ def _auto_path() -> str:
 
 
 def bfloat16_path() -> str:
-    """The CPU bfloat16 path this process takes: FIDDLER_BF16_PATH (auto, onednn, avx512, avx2 or off), or off with
-    FIDDLER_PACK_WEIGHTS=0. `avx2` runs on any AVX2 CPU, also one with oneDNN bfloat16 support, to compare or to use
-    the C hand-over paths there; `avx512` on CPUs with AVX512-BF16. auto picks avx512 where the CPU has AMX too,
-    else oneDNN where the CPU has its bfloat16 support, else avx2 (docs/performance-log.md has each measurement):
-    - With AMX (a Xeon, 2026-12-02), avx512 decodes faster than oneDNN's packed weights (a mini cluster's decode
-      token 0.78x the time in paired turns) and prefills as fast (a 256-token prompt 234 against 233 ms): oneDNN's
-      AMX products read dense weights as fast as packed ones. oneDNN's results there are not transformers' bits
-      either (AMX sums in another order at each batch size), so the choice costs no exactness.
+    """The CPU bfloat16 path this process takes: FIDDLER_BF16_PATH (auto, onednn, amx, avx512, avx2 or off), or off
+    with FIDDLER_PACK_WEIGHTS=0. `avx2` runs on any AVX2 CPU, also one with oneDNN bfloat16 support, to compare or to
+    use the C hand-over paths there; `avx512` on CPUs with AVX512-BF16, `amx` on those with AMX tiles too (the same
+    kernel, its products on the tiles: native/bf16_gemv.c). auto picks amx where the CPU has AMX, else oneDNN where
+    the CPU has its bfloat16 support, else avx2 (docs/performance-log.md has each measurement):
+    - With AMX (a Xeon, 2026-12-02), our kernel decodes faster than oneDNN's packed weights (a mini cluster's decode
+      token 0.78x the time in paired turns with avx512; amx the same for one row, and 8 rows at about the cost of
+      one) and prefills as fast (a 256-token prompt 234 against 233 ms): oneDNN's AMX products read dense weights as
+      fast as packed ones. amx's products are oneDNN's bits there (avx512's are not, nor are packed oneDNN weights
+      against transformers' own calls: AMX sums in another order at each batch size).
     - Without AMX (Zen 5, 2026-12-02), avx512 decodes faster too (0.70x the time a token) but prefills slower
       (PyTorch's linear on dense weights: the bench's prefill 0.83-0.94x, one expert at 64 rows 1.2x the time),
       and oneDNN's packed products are transformers' own bits; so auto keeps oneDNN there.
@@ -126,6 +128,8 @@ PACK_BFLOAT16 = _PATH == "onednn"  # re-lay bfloat16 weights out for oneDNN
 UPCAST_BFLOAT16 = _PATH == "avx2"  # the AVX2 decoding kernel, and float32 products from UPCAST_ROWS rows on
 AVX512_BFLOAT16 = _PATH in ("avx512", "amx")  # the AVX-512 decoding kernels, PyTorch's linear for more rows
 AMX_BFLOAT16 = _PATH == "amx"  # of them the one with AMX tiles
+UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-vector product is faster
+UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
 
 
 def flags_of(path: str) -> dict[str, bool]:
@@ -138,8 +142,6 @@ def chosen_path() -> str:
     """The path the flags above say now: onednn, amx, avx512, avx2 or off."""
     return ("onednn" if PACK_BFLOAT16 else "amx" if AMX_BFLOAT16 else "avx512" if AVX512_BFLOAT16
             else "avx2" if UPCAST_BFLOAT16 else "off")
-UPCAST_ROWS = 4  # measured on an AVX2 CPU: below it PyTorch's bfloat16 matrix-vector product is faster
-UPCAST_BLOCK = 1 << 20  # weights converted at a time (4 MiB of float32): still in cache when multiplied
 
 
 def _float32_blocks(weight: torch.Tensor):

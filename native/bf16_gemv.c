@@ -12,9 +12,10 @@
    On CPUs with AVX512-BF16 (Intel from Cooper Lake, AMD from Zen 4) a second path multiplies bfloat16 pairs as
    they are (vdpbf16ps: 32 products a instruction, summed pairwise into 16 float32 lanes), with no conversion of
    either side: each 64-byte weight vector is loaded once and used for every activation row (a tile of weight rows
-   x activation rows in zmm accumulators), so 8 rows cost little more than one (the AVX2 path converts each weight
-   once per row and is compute-bound there). Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for
-   the best, BF16_ISA_* for one).
+   x activation rows in zmm accumulators), so a few rows cost little more than one (the AVX2 path converts each weight
+   once per row and is compute-bound there). On CPUs with AMX a third path multiplies tiles of 16 weight rows by up
+   to 16 activation rows (below). Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for the best,
+   BF16_ISA_* for one).
 
    Exactness: a product of two bfloat16 numbers is exact in float32 (8-bit significands), so either path differs
    from PyTorch's float32 accumulation only in the order of the float32 sums: within one bfloat16 step after the
