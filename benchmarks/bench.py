@@ -394,7 +394,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
         offload_results.append(result)
     for result in cluster_results:
         result["bound"] = bandwidth_bound(result, needed, needed_in[result["config"]["quantize"]],
-                                          bandwidth["bytes_per_second"])
+                                          bandwidth["bytes_per_second"], bandwidth["by_threads"].get("1"))
     for result in cluster_results:
         offloaded = [o for o in offload_results if o["device_memory"] == result["config"]["device_memory"]]
         if offloaded:  # the same device budget, weights moved by accelerate instead of activations to workers
@@ -510,11 +510,15 @@ def play(runners: list, options: BenchOptions, interleave: bool, threads: int, l
             runner.stop()
 
 
-def bandwidth_bound(result: dict, needed: DecodeBytes, needed_total: int, bytes_per_second: float) -> dict:
+def bandwidth_bound(result: dict, needed: DecodeBytes, needed_total: int, bytes_per_second: float,
+                    one_thread_bytes_per_second: float | None = None) -> dict:
     """Per part of a decode token: the ms its bytes take at the measured read bandwidth (the floor), and the ms
     beyond them, which are bound by something else (NOT_BANDWIDTH says what). The non-expert layers read their
     weights, an embedding row and the head; the experts their top-k share, split by the hit rate between hot
-    (the coordinator) and cold (the workers, in their format); routing, transport and sampling read nothing."""
+    (the coordinator) and cold (the workers, in their format); routing, transport and sampling read nothing.
+    Where the coordinator decodes on one thread but prefills on more, `non_expert_one_thread_ms` is what its
+    bytes take at one thread's read bandwidth (the head at every core's: coordinator/batching.py reads it so): on a
+    CPU where one core cannot read what all do, that is part of the time beyond the floor."""
     ms = result["decode_ms_per_token"]
     expert_bytes = needed_total - needed.non_expert - needed.embedding_row - needed.head  # in the workers' format
     hot = result["hit_rate"]
@@ -525,8 +529,13 @@ def bandwidth_bound(result: dict, needed: DecodeBytes, needed_total: int, bytes_
     }
     floor = {key: 1e3 * floor_bytes.get(key, 0) / bytes_per_second for key in NOT_BANDWIDTH}
     beyond = {key: max(0.0, ms[key] - floor[key]) for key in NOT_BANDWIDTH}
-    return {"floor_ms": floor, "beyond_ms": beyond, "floor_total_ms": sum(floor.values()),
-            "beyond_total_ms": sum(beyond.values())}
+    bound = {"floor_ms": floor, "beyond_ms": beyond, "floor_total_ms": sum(floor.values()),
+             "beyond_total_ms": sum(beyond.values())}
+    config = result["config"]
+    if one_thread_bytes_per_second and config.get("decode_threads") == 1 and config["coordinator_threads"] > 1:
+        bound["non_expert_one_thread_ms"] = 1e3 * ((needed.non_expert + needed.embedding_row)
+                                                   / one_thread_bytes_per_second + needed.head / bytes_per_second)
+    return bound
 
 
 def paired_ratios(runs: list[dict], baseline_runs: list[dict]) -> dict:

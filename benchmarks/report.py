@@ -114,7 +114,12 @@ def print_tables(result: dict, console: Console | None = None) -> None:
         if "bound" not in c:
             continue
         beyond = sorted(c["bound"]["beyond_ms"].items(), key=lambda item: -item[1])
-        text = "; ".join(f"{BREAKDOWN_PARTS[key]} {ms:.2f} ({NOT_BANDWIDTH[key]})" for key, ms in beyond if ms >= 0.05)
+        why = dict(NOT_BANDWIDTH)
+        if "non_expert_one_thread_ms" in c["bound"]:  # the coordinator decodes on one thread
+            why["non_expert"] = (f"{why['non_expert']}; its bytes at one thread's read bandwidth, the coordinator's in "
+                                 f"decoding steps (the head at every core's): {c['bound']['non_expert_one_thread_ms']:.2f}"
+                                 " ms")
+        text = "; ".join(f"{BREAKDOWN_PARTS[key]} {ms:.2f} ({why[key]})" for key, ms in beyond if ms >= 0.05)
         console.print(f"fiddler {c['config']['label']}, ms a decode token beyond its bytes at the read bandwidth: "
                       f"{text or 'none'}")
 

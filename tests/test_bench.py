@@ -161,3 +161,22 @@ def test_bench_serve_runs_the_workers_in_the_format_asked(cli, tmp_path):
     assert runtime_leftovers() == []
     sweep = error_line(cli(fiddler.app, "bench", "serve", "--quantize", "none,int4", "--out", tmp_path / "bad"))
     assert "one format at a time" in sweep and "--quantize int4" in sweep
+
+
+def test_a_coordinator_decoding_on_one_thread_gets_its_floor_at_one_threads_bandwidth():
+    """Where the coordinator decodes on one thread and prefills on more, the breakdown gives its bytes' time at one
+    thread's read bandwidth (the head at every core's); elsewhere it gives none."""
+    from fiddler_moe.benchmarks.bench import DecodeBytes, bandwidth_bound
+    from fiddler_moe.benchmarks.runners import NOT_BANDWIDTH
+
+    needed = DecodeBytes(non_expert=4_000_000, experts=10_000_000, embedding_row=0, head=2_000_000)
+    result = {"decode_ms_per_token": dict.fromkeys(NOT_BANDWIDTH, 9.0), "hit_rate": 0.0,
+              "config": {"decode_threads": 1, "coordinator_threads": 2}}
+    bound = bandwidth_bound(result, needed, needed.total, 2e9, 1e9)
+    assert bound["floor_ms"]["non_expert"] == pytest.approx(3.0)  # 6 MB at 2 GB/s
+    assert bound["non_expert_one_thread_ms"] == pytest.approx(4.0 + 1.0)  # 4 MB at 1 GB/s, the head at 2 GB/s
+    for config in ({"decode_threads": 2, "coordinator_threads": 2}, {"decode_threads": 1, "coordinator_threads": 1},
+                   {"decode_threads": None, "coordinator_threads": 2}):
+        assert "non_expert_one_thread_ms" not in bandwidth_bound({**result, "config": config}, needed, needed.total,
+                                                                 2e9, 1e9)
+    assert "non_expert_one_thread_ms" not in bandwidth_bound(result, needed, needed.total, 2e9)
