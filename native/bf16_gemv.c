@@ -366,9 +366,9 @@ static uint16_t *pack_pairs(const uint16_t *x, int64_t n, int64_t cols) {
     if (xp == NULL) return NULL;
     memset(xp, 0, bytes);
     for (int64_t i = 0; i < n; i++) {
-        const uint32_t *pairs = (const uint32_t *)(x + i * cols); /* a bfloat16 pair as one 32-bit word */
         uint32_t *group = xp + (i / AMX_ROWS) * AMX_ROWS * (cols / 2);
-        for (int64_t k2 = 0; k2 < cols / 2; k2++) group[k2 * AMX_ROWS + i % AMX_ROWS] = pairs[k2];
+        for (int64_t k2 = 0; k2 < cols / 2; k2++) /* a bfloat16 pair as one 32-bit word, wherever x lies */
+            memcpy(&group[k2 * AMX_ROWS + i % AMX_ROWS], x + i * cols + 2 * k2, sizeof(uint32_t));
     }
     return (uint16_t *)xp;
 }

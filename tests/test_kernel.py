@@ -95,8 +95,9 @@ KERNEL_PATHS = [pytest.param(kernels.BF16_ISA_AVX2, id="avx2"),
 @pytest.mark.parametrize("isa", KERNEL_PATHS)
 def test_each_path_of_the_decoding_kernel_is_bfloat16_linear(isa):
     """Each path asked for by name: 1 to MAX_ROWS rows and a few more (in groups), weight rows that are not whole
-    4-row blocks, widths of whole 32-column vectors and with 16 columns over, bias; within one bfloat16 step of
-    the float64 product and mostly nn.Linear's bits. A path that does not exist is refused."""
+    4-row (or 64-row) blocks, widths of whole 32-column vectors and with 16 columns over, bias, activations not
+    4-byte aligned; within one bfloat16 step of the float64 product and mostly nn.Linear's bits. A path that does
+    not exist is refused."""
     generator = torch.Generator().manual_seed(5)
     for out_features, in_features in ((98, 160), (37, 176), (1040, 1024)):  # the last large enough for 2 threads
         weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
@@ -107,6 +108,10 @@ def test_each_path_of_the_decoding_kernel_is_bfloat16_linear(isa):
                 got = kernels.linear(x, weight, b, isa=isa)
                 assert_rounded_product(got, x, weight, b)
                 assert (got == nn.functional.linear(x, weight, b)).float().mean() > 0.95
+    weight = torch.randn(98, 160, generator=generator).bfloat16()
+    shifted = torch.randn(1 + 3 * 160, generator=generator).bfloat16()[1:].view(3, 160)  # contiguous, 2 bytes off
+    assert shifted.data_ptr() % 4 == 2
+    assert_rounded_product(kernels.linear(shifted, weight, isa=isa), shifted, weight)
     with pytest.raises(ValueError, match="lacks the path"):
         kernels.linear(x, weight, isa=7)
 
