@@ -108,10 +108,10 @@ def test_each_path_of_the_decoding_kernel_is_bfloat16_linear(isa):
                 got = kernels.linear(x, weight, b, isa=isa)
                 assert_rounded_product(got, x, weight, b)
                 assert (got == nn.functional.linear(x, weight, b)).float().mean() > 0.95
-    weight = torch.randn(98, 160, generator=generator).bfloat16()
+    narrow = torch.randn(98, 160, generator=generator).bfloat16()
     shifted = torch.randn(1 + 3 * 160, generator=generator).bfloat16()[1:].view(3, 160)  # contiguous, 2 bytes off
     assert shifted.data_ptr() % 4 == 2
-    assert_rounded_product(kernels.linear(shifted, weight, isa=isa), shifted, weight)
+    assert_rounded_product(kernels.linear(shifted, narrow, isa=isa), shifted, narrow)
     with pytest.raises(ValueError, match="lacks the path"):
         kernels.linear(x, weight, isa=7)
 
