@@ -81,7 +81,6 @@ int fiddler_silu_product(const float *h, int64_t n, int64_t inter, int bf16, flo
 int fiddler_quantize(int format, const void *w, int w_bf16, int64_t rows, int64_t cols, uint8_t *q, uint16_t *scale);
 
 /* parked_wait.c */
-int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns);
 int fiddler_parked_watch(uint32_t *word, uint32_t value, int64_t spin_ns, int64_t timeout_ns);
 
 /* shm_serve.c: the worker's serving loop */

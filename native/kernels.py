@@ -183,16 +183,11 @@ def set_waiting(channel, spin: bool) -> None:
     channel.spin = spin
     if not spin and available():
         channel.sleep = parked_wait
-        channel.watch = parked_watch
 
 
-def parked_watch(address: int, value: int, spin_s: float, timeout_s: float) -> None:
-    """parked_wait, this thread watching the word for spin_s before it sleeps (parked_wait.c)."""
-    library().fiddler_parked_watch(address, value, int(spin_s * 1e9), int(timeout_s * 1e9))
-
-
-def parked_wait(address: int, value: int, timeout_s: float) -> None:
+def parked_wait(address: int, value: int, timeout_s: float, watch_s: float = 0.0) -> None:
     """Sleep until the 32-bit word at `address` (in memory shared with another process) is no longer `value`,
-    for at most timeout_s or until a signal, with this process's OpenMP threads asleep too (parked_wait.c). The
-    caller rechecks the word. Only where `available()`."""
-    library().fiddler_parked_wait(address, value, int(timeout_s * 1e9))
+    for at most timeout_s or until a signal, with this process's OpenMP threads asleep too (parked_wait.c), this
+    thread watching the word for watch_s first (a worker between two layers of a decoding step). The caller
+    rechecks the word. Only where `available()`."""
+    library().fiddler_parked_watch(address, value, int(watch_s * 1e9), int(timeout_s * 1e9))

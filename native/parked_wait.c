@@ -33,12 +33,8 @@ static inline void spin_pause(void) {
 }
 
 /* Sleep until *word differs from `value`, timeout_ns passes or a signal arrives (one FUTEX_WAIT on a word shared
-   with another process; the caller loops). Returns 1 when *word changed, else 0. Call from one thread at a time. */
-int fiddler_parked_wait(uint32_t *word, uint32_t value, int64_t timeout_ns) {
-    return fiddler_parked_watch(word, value, 0, timeout_ns);
-}
-
-/* The same, the calling thread watching *word for spin_ns before it sleeps, its helpers asleep all along: a
+   with another process; the caller loops). Returns 1 when *word changed, else 0. Call from one thread at a time.
+   With spin_ns > 0 the calling thread watches *word that long before it sleeps, its helpers asleep all along: a
    worker's wait between two layers of a decoding step, which keeps its own core awake without taking another
    (native/shm_serve.c). */
 int fiddler_parked_watch(uint32_t *word, uint32_t value, int64_t spin_ns, int64_t timeout_ns) {

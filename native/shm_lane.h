@@ -14,7 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "fiddler_native.h" /* lane_slots, fiddler_parked_wait, MAX_EXPERTS (per request: more is left to Python) */
+#include "fiddler_native.h" /* lane_slots, fiddler_parked_watch, MAX_EXPERTS (per request: more is left to Python) */
 
 static inline double now_seconds(void) {
     struct timespec t;

@@ -61,7 +61,9 @@ def available() -> bool:
     return _SYS_FUTEX is not None and os.path.isdir(SHM_DIR)
 
 
-def _futex_wait(address: int, expected: int, timeout_s: float) -> None:
+def _futex_wait(address: int, expected: int, timeout_s: float, watch_s: float = 0.0) -> None:
+    """One futex wait on the word. No watch (`watch_s`): that needs the OpenMP helpers parked meanwhile, which
+    native/kernels.py's parked_wait does where the library is built."""
     ts = _Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))
     _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, ctypes.c_uint32(expected), ctypes.byref(ts),
                   None, 0)
@@ -110,9 +112,8 @@ class ShmChannel:
         self.spin = True  # whether waits spin before sleeping (see the module docstring)
         self.turn_spin_s = 0.0  # a worker's watch after a decoding step's request (messages.AttachShm)
         self.watch_next = False  # set by the worker: the request just answered was a decoding step's
-        # (address, value while asleep, seconds to watch first, timeout_s): a sleep with a watch before it
-        self.watch: Callable[[int, int, float, float], None] | None = None
-        self.sleep: Callable[[int, int, float], None] = _futex_wait  # (address, value while asleep, timeout_s)
+        # (address, value while asleep, timeout_s, seconds to watch the word first where the sleep can)
+        self.sleep: Callable[..., None] = _futex_wait
 
     @classmethod
     def create(cls, capacity: int, prefix: str = "fiddler") -> ShmChannel:
@@ -253,10 +254,7 @@ class ShmChannel:
         if self._wait(_REQ_SEQ, lambda v: v != last, 0.0, spin_s if self.spin else 0.0) is None:
             # Sleep on the bell; a request or a control message rings it. futex_wait returns at once if it
             # rang since we read it, so nothing is missed. Between two layers of a decoding step, watch first.
-            if self.watch_next and self.turn_spin_s > 0 and self.watch is not None:
-                self.watch(ctypes.addressof(bell), rung, self.turn_spin_s, timeout_s)
-            else:
-                self.sleep(ctypes.addressof(bell), rung, timeout_s)
+            self.sleep(ctypes.addressof(bell), rung, timeout_s, self.turn_spin_s if self.watch_next else 0.0)
         seq = request_seq.value
         if seq == last:
             self.watch_next = False  # idle, or a control message: the decoding step is over

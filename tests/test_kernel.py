@@ -322,11 +322,11 @@ def test_parked_watch_sees_a_change_while_watching_and_sleeps_after():
     changer = threading.Timer(0.02, lambda: setattr(word, "value", 4))
     changer.start()
     started = time.monotonic()
-    kernels.parked_watch(ctypes.addressof(word), 3, 2.0, 5.0)
+    kernels.parked_wait(ctypes.addressof(word), 3, 5.0, watch_s=2.0)
     changer.join()
     assert word.value == 4 and time.monotonic() - started < 1.0, "seen while watching, not after the timeout"
     started = time.monotonic()
-    kernels.parked_watch(ctypes.addressof(word), 4, 0.01, 0.02)  # nobody changes it: watch, then sleep
+    kernels.parked_wait(ctypes.addressof(word), 4, 0.02, watch_s=0.01)  # nobody changes it: watch, then sleep
     assert time.monotonic() - started >= 0.025
 
 

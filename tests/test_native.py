@@ -36,7 +36,8 @@ def test_the_header_declares_every_exported_function_with_the_signature_ctypes_u
     for name, (argtypes, restype) in declared.items():
         function = getattr(lib, name)
         assert (function.argtypes, function.restype) == (argtypes, restype), name
-    assert declared["fiddler_parked_wait"] == ([ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int64], ctypes.c_int)
+    assert declared["fiddler_parked_watch"] == ([ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64],
+                                                ctypes.c_int)
     assert declared["fiddler_gather_rows"] == ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                                ctypes.c_void_p], None)
     assert declared["fiddler_serve_requests"][1] is ctypes.c_int64
