@@ -419,6 +419,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
                 result["vs_transformers"]["rounds"] = paired_ratios(result["runs"], match["runs"])
 
     config = layout.config
+    bfloat16_path = chosen_path()  # which CPU bfloat16 fast path the expert kernel and a CPU coordinator take
     return {
         "schema": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -448,13 +449,12 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
             "device": str(device),
             "interleaved": interleave,
             "pack_weights": os.environ.get("FIDDLER_PACK_WEIGHTS", "1") != "0",
-            # which CPU bfloat16 fast path the expert kernel and a CPU coordinator take (experts/compute.py)
-            # (the older names for two of them: packed for onednn, upcast for avx2; plain for off)
-            "cpu_bfloat16_path": {"onednn": "packed", "avx2": "upcast", "off": "plain"}.get(chosen_path(),
-                                                                                            chosen_path()),
+            # experts/compute.py's path, under the older names for three of them (onednn, avx2, off)
+            "cpu_bfloat16_path": {"onednn": "packed", "avx2": "upcast", "off": "plain"}.get(bfloat16_path,
+                                                                                            bfloat16_path),
             # the decoding kernel (native/kernels.py) serves rows up to kernels.MAX_ROWS on the upcast, avx512 and
             # amx paths
-            "cpu_bfloat16_decode_kernel": chosen_path() in ("avx2", "avx512", "amx") and kernels.available(),
+            "cpu_bfloat16_decode_kernel": bfloat16_path in ("avx2", "avx512", "amx") and kernels.available(),
         },
         "bandwidth": bandwidth,
         "ceiling": {

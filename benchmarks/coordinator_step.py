@@ -111,7 +111,8 @@ def main() -> None:
 
         engine._decode_step = timed_step
         torch.set_num_threads(args.coordinator_threads)
-        way = {"off": "plain"}.get(compute.chosen_path(), compute.chosen_path())
+        way = compute.chosen_path()
+        way = "plain" if way == "off" else way
         zero = coordinator_layers.load(folder, way)
         zero_parts = PartClock(zero)
 

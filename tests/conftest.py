@@ -348,8 +348,8 @@ def amx_bfloat16_path(monkeypatch):
 
 @pytest.fixture
 def onednn_bfloat16_path(monkeypatch):
-    """oneDNN's packed weights in this process (FIDDLER_BF16_PATH=onednn), also where `auto` takes the AVX512-BF16
-    kernel (CPUs with AMX); skips where PyTorch has no oneDNN bfloat16 support here."""
+    """oneDNN's packed weights in this process (FIDDLER_BF16_PATH=onednn), also where `auto` takes the AMX kernel
+    (CPUs with AMX); skips where PyTorch has no oneDNN bfloat16 support here."""
     from fiddler_moe.experts import compute
 
     if not compute._onednn_bfloat16():

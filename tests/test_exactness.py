@@ -91,7 +91,7 @@ def test_multi_shard_checkpoint_with_index(sharded_checkpoint, reference):
 @pytest.mark.parametrize("path", ["auto", "onednn"])
 def test_bfloat16_fast_paths_keep_transformers_greedy_tokens(tmp_path, request, path):
     """bfloat16 on the CPU takes the fast paths (experts and the coordinator's linear layers): `auto`, this CPU's
-    default (the AVX512-BF16 kernel beside AMX, packed for oneDNN where the CPU supports it, else the AVX2 kernel for
+    default (the AMX kernel where the CPU has AMX, packed for oneDNN where the CPU supports it, else the AVX2 kernel for
     decoding rows and float32 products for batches of rows, the prompt here), and oneDNN's packed weights where
     PyTorch has them; the tokens stay transformers' own."""
     if path == "onednn":
