@@ -322,11 +322,13 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
    against 5.9 ms for 1 row and 10.0 ms for 8 there; docs/performance-log.md, 2026-12-02).
    out^T = W x^T: the weight tile is 16 consecutive rows of `weight` as they lie (row stride cols), and the
    activations are laid out once per call as the second operand wants them: for each group of 16 rows, column pairs
-   (k, k+1) of every row side by side, [cols / 2][16][2] (`pack_pairs`, zeros past the last row). Four weight tiles
-   share one activation tile per step: 64 weight rows a block, four accumulators. cols must be a multiple of 32 (a
-   tile's 64 bytes); weight rows past the last whole block of 64 take the AVX-512 path. Products and sums as
-   vdpbf16ps's (bfloat16 pairs multiplied exactly, float32 sums, denormals as zero): within one bfloat16 step of
-   PyTorch's result after the rounding, like the other paths. Linux hands a process the tile registers only when
+   (k, k+1) of every row side by side, [cols / 2][16][2] (`pack_pairs`, zeros past the last row). A block is one
+   weight tile's 16 rows, read along all of their columns into one accumulator: 16 row streams at a time read memory
+   about 10% faster than 64 (four tiles sharing each activation tile; 940 MB of 7168 x 1024 weights, 1 and 2
+   threads: docs/performance-log.md). cols must be a multiple of 32 (a tile's 64 bytes); weight rows past the last
+   whole block of 16 take the AVX-512 path. Products and sums as vdpbf16ps's (bfloat16 pairs multiplied exactly,
+   float32 sums, denormals as zero): within one bfloat16 step of PyTorch's result after the rounding, like the
+   other paths. Linux hands a process the tile registers only when
    asked (arch_prctl), which `amx_usable` does once. */
 
 #if defined(__GNUC__) && (__GNUC__ >= 11 || (defined(__clang__) && __clang_major__ >= 12))
@@ -335,7 +337,7 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
 #include <unistd.h>
 #define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 #define AMX_ROWS 16  /* activation rows of one tile */
-#define AMX_BLOCK 64 /* weight rows a step: four tiles of 16 */
+#define AMX_BLOCK 16 /* weight rows a block: one tile */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -373,7 +375,7 @@ static uint16_t *pack_pairs(const uint16_t *x, int64_t n, int64_t cols) {
     return (uint16_t *)xp;
 }
 
-/* out[i * stride + r] for the 64-row blocks of `weight` this thread is given, then the rows past the last block on
+/* out[i * stride + r] for the 16-row blocks of `weight` this thread is given, then the rows past the last block on
    the AVX-512 path (x: the activations as they are, for those): call inside a parallel region. */
 static AMX void linear_rows_amx(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *xp,
                                 const uint16_t *x, int64_t n, const uint16_t *bias, uint16_t *out, int64_t stride) {
@@ -390,34 +392,19 @@ static AMX void linear_rows_amx(const uint16_t *weight, int64_t rows, int64_t co
         for (int64_t g = 0; g < groups; g++) {
             const uint16_t *xg = xp + g * AMX_ROWS * cols;
             _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
             for (int64_t k = 0; k < cols; k += 32) {
                 _tile_loadd(4, xg + k * AMX_ROWS, 64); /* pairs k/2 .. k/2 + 15 of the group's 16 rows */
                 _tile_loadd(5, w + k, ld);
                 _tile_dpbf16ps(0, 5, 4);
-                _tile_loadd(6, w + 16 * cols + k, ld);
-                _tile_dpbf16ps(1, 6, 4);
-                _tile_loadd(7, w + 32 * cols + k, ld);
-                _tile_dpbf16ps(2, 7, 4);
-                _tile_loadd(5, w + 48 * cols + k, ld);
-                _tile_dpbf16ps(3, 5, 4);
             }
+            _tile_stored(0, c, 64);
             const int64_t count = n - g * AMX_ROWS < AMX_ROWS ? n - g * AMX_ROWS : AMX_ROWS;
-            for (int t = 0; t < 4; t++) {
-                if (t == 0) _tile_stored(0, c, 64);
-                else if (t == 1) _tile_stored(1, c, 64);
-                else if (t == 2) _tile_stored(2, c, 64);
-                else _tile_stored(3, c, 64);
-                const int64_t r0 = b * AMX_BLOCK + 16 * t; /* c[j * 16 + i]: weight row r0 + j, activation row i */
-                for (int64_t i = 0; i < count; i++)
-                    for (int j = 0; j < 16; j++) {
-                        float v = c[j * AMX_ROWS + i];
-                        out[(g * AMX_ROWS + i) * stride + r0 + j]
-                            = float_to_bf16(bias ? v + bf16_to_float(bias[r0 + j]) : v);
-                    }
-            }
+            const int64_t r0 = b * AMX_BLOCK; /* c[j * 16 + i]: weight row r0 + j, activation row i */
+            for (int64_t i = 0; i < count; i++)
+                for (int j = 0; j < AMX_BLOCK; j++) {
+                    float v = c[j * AMX_ROWS + i];
+                    out[(g * AMX_ROWS + i) * stride + r0 + j] = float_to_bf16(bias ? v + bf16_to_float(bias[r0 + j]) : v);
+                }
         }
     }
     _tile_release();
