@@ -282,33 +282,35 @@ def best_bandwidth(first: dict, second: dict) -> dict:
 # --- the whole benchmark ---
 
 
-def launcher_threads(cluster: ClusterOptions) -> tuple[int, int, int]:
-    """What `fiddler-launch` would give a cluster of these options: (threads per worker, coordinator threads, the
-    coordinator's threads in decoding steps)."""
-    from fiddler_moe.launch.cluster import Cluster, coordinator_decode_threads
+def launcher_threads(cluster: ClusterOptions, model: loading.ModelLayout) -> tuple[int, int, int]:
+    """What `fiddler-launch` would give a cluster of these options on this model: (threads per worker, coordinator
+    threads, the coordinator's threads in decoding steps)."""
+    from fiddler_moe.launch.cluster import Cluster, coordinator_decode_threads, held_layer_bytes
 
     layout = Cluster(cluster).plan_workers()
     coordinator = cluster.coordinator_threads or len(layout.coordinator_cpus)
-    return layout.workers[0].threads, coordinator, coordinator_decode_threads(cluster, layout) or coordinator
+    decode = coordinator_decode_threads(cluster, layout, held_layer_bytes(model, cluster.quantize))
+    return layout.workers[0].threads, coordinator, decode or coordinator
 
 
-def grid(options: BenchOptions) -> list[SweepPoint]:
+def grid(options: BenchOptions, model: loading.ModelLayout) -> list[SweepPoint]:
     points = []
     for workers, threads, coordinator, memory, quantize in itertools.product(
         options.workers, options.threads_per_worker, options.coordinator_threads, options.device_memory,
         options.quantize
     ):
-        if workers < 1:
-            raise BenchError(f"--workers {workers}: the benchmark needs at least one worker")
         cluster = ClusterOptions(workers=workers, threads_per_worker=threads, device=options.device,
                                  device_memory=memory, coordinator_threads=coordinator, quantize=quantize)
-        threads_each, coordinator_threads, decode_threads = launcher_threads(cluster)
+        threads_each, coordinator_threads, decode_threads = launcher_threads(cluster, model)
         points.append(SweepPoint(workers, threads_each, memory, coordinator_threads, quantize, decode_threads,
                                  coordinator))
     return points
 
 
 def check_options(options: BenchOptions) -> None:
+    for workers in options.workers:
+        if workers < 1:
+            raise BenchError(f"--workers {workers}: the benchmark needs at least one worker")
     if options.prompt_len < 1:
         raise BenchError(f"--prompt-len must be 1 or more, got {options.prompt_len}")
     if options.new_tokens < 2:
@@ -324,10 +326,10 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda text: p
     from fiddler_moe.coordinator.coordinator import resolve_device
 
     check_options(options)
-    points = grid(options)
     folder, dtype = prepare_checkpoint(options, log)
     device = resolve_device(options.device)
     skeleton, layout = loading.inspect(folder, dtype)
+    points = grid(options, layout)
     context = getattr(layout.config, "max_position_embeddings", None)
     if context and options.prompt_len + options.new_tokens > context:
         raise BenchError(f"--prompt-len {options.prompt_len} plus --new-tokens {options.new_tokens} exceeds the "

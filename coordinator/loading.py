@@ -65,6 +65,7 @@ class ModelLayout:
     # the converter's first target name -> [(checkpoint key, the converter's source pattern, where it lies)]
     non_expert_converted: dict[str, list[tuple[str, str, TensorRef]]] = field(default_factory=dict)
     non_expert_bytes: int = 0
+    layer_bytes: int = 0  # one decoder layer's non-expert weights (attention, norms, router, shared experts), mean
     quantization: str = ""  # "mxfp4" or "fp8": the checkpoint's weights, dequantized to `dtype` when loaded
     # FP8 checkpoints: the block scales of each quantized non-expert weight, by the weight's checkpoint key
     non_expert_scales: dict[str, TensorRef] = field(default_factory=dict)
@@ -511,6 +512,7 @@ def inspect(folder: Path, dtype: str | None = None) -> tuple[nn.Module, ModelLay
         non_expert_converted=converted,
         non_expert_bytes=sum(meta_state[n].numel() * meta_state[n].element_size()
                              for n in [*non_expert, *converted_shapes]),
+        layer_bytes=_mean_layer_bytes(meta_state, [*non_expert, *converted_shapes]),
         quantization=quantization,
         non_expert_scales={ref.key: scales[ref.key] for ref in [*non_expert.values(),
                            *(r for parts in converted.values() for _, _, r in parts)] if ref.key in scales},
@@ -553,6 +555,21 @@ def _check_converted(model: nn.Module, config, converters: list[WeightConverter]
                 )
             shapes[name] = expected
     return shapes
+
+
+_DECODER_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")  # "model.layers.3.self_attn.q_proj.weight" -> "model.layers.3"
+
+
+def _mean_layer_bytes(meta_state: dict[str, torch.Tensor], names: list[str]) -> int:
+    """The non-expert bytes of one decoder layer (`...layers.N.` in the parameter's name), the mean over layers;
+    0 where no name says which layer it is in."""
+    per_layer: dict[str, int] = {}
+    for name in names:
+        match = _DECODER_LAYER.match(name)
+        if match:
+            tensor = meta_state[name]
+            per_layer[match.group(1)] = per_layer.get(match.group(1), 0) + tensor.numel() * tensor.element_size()
+    return sum(per_layer.values()) // len(per_layer) if per_layer else 0
 
 
 def _stored_bytes(source: ExpertSource, table: dict) -> int:

@@ -24,6 +24,8 @@ from fiddler_moe.coordinator.coordinator import Coordinator, Generation, Prepare
 from fiddler_moe.coordinator.dispatch import WorkerFailed
 from fiddler_moe.coordinator import cpu_attention
 from fiddler_moe.coordinator.placement import Placement, format_size
+from fiddler_moe.coordinator.loading import ModelLayout
+from fiddler_moe.experts import quant
 from fiddler_moe.experts.compute import check_bfloat16_path
 from fiddler_moe.host import numa
 from fiddler_moe.launch import rundir
@@ -48,29 +50,47 @@ def coordinator_cores(options: ClusterOptions, topology: numa.Topology) -> int:
     return max(1, topology.physical_cores // 8) if hot else 0
 
 
-def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout) -> int | None:
+# A decoder layer's own weights from which a coordinator taking turns decodes on every core (bytes as it holds them).
+DECODE_ON_EVERY_CORE_LAYER_BYTES = 16 << 20
+
+
+def held_layer_bytes(model: ModelLayout, quantize: str = "none") -> int:
+    """About the bytes of one decoder layer's own weights (attention, norms, router, shared experts) as a CPU
+    coordinator holds them: with --quantize its linear layers take that format (coordinator/cpu_linear.py)."""
+    if quantize == "none":
+        return model.layer_bytes
+    bits = quant.FORMATS[quantize].bits + 16 / quant.BLOCK  # codes and a float16 scale per block
+    return int(model.layer_bytes * bits / (8 * model.dtype.itemsize))
+
+
+def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout, layer_bytes: int = 0) -> int | None:
     """torch threads of the coordinator's decoding steps; None: the same as its prefill. Taking turns with the
-    workers on a CPU, one: a decode step's operations are small (a projection of a few hundred KB), so a second
-    thread buys little and costs a hand-over in each OpenMP region, and after each of them it spins
-    (GOMP_SPINCOUNT) on a core the workers compute on next, as the workers' threads spin after their turn on the
-    core the coordinator needs. Paired on mini (docs/performance-log.md, 2026-12-02): int4 experts 0.60x the time
-    a token, bfloat16 0.91x. Prefill keeps every core; --coordinator-threads sets both."""
+    workers on a CPU, one where a layer's own weights are small (`layer_bytes`, as `held_layer_bytes` counts them;
+    0: not known): a decode step's operations are then a projection of a few MB, so a second thread buys little and
+    costs a hand-over in each OpenMP region, and after each of them it spins (GOMP_SPINCOUNT) on a core the workers
+    compute on next, as the workers' threads spin after their turn on the core the coordinator needs. From
+    DECODE_ON_EVERY_CORE_LAYER_BYTES on, every core: one thread reads a layer's weights at one core's share of the
+    bandwidth. Paired on the Xeon with AMX (docs/performance-log.md, 2026-12-02): every core took 0.79x the time a
+    token with small's 20 MiB bfloat16 layers, and 1.07x, 1.16x, 1.46x with its 10.6 MiB int8 and 5.6 MiB int4
+    layers and mini's 1.4 MiB int4 ones; mini's 5 MiB bfloat16 layers 0.94x there (0.73-1.17) and 1.10x on the Zen 5
+    (an earlier round). Prefill keeps every core; --coordinator-threads sets both."""
     if options.coordinator_threads is not None or not layout.takes_turns or drives_gpu(options):
         return None
-    return 1
+    return None if layer_bytes >= DECODE_ON_EVERY_CORE_LAYER_BYTES else 1
 
 
 WORKER_TURN_SPIN_S = 2e-3  # longer than the coordinator's part of a layer in a decoding step on mini and small
 
 
-def worker_turn_spin_s(options: ClusterOptions, layout: numa.Layout) -> float:
+def worker_turn_spin_s(options: ClusterOptions, layout: numa.Layout, layer_bytes: int = 0) -> float:
     """How long a local worker that takes turns with the coordinator watches for the next layer's request after a
     decoding step's, its helper threads parked, before it sleeps. Asleep, its core goes idle, and waking it for
     the next layer was slow enough to show (a virtual machine's idle vCPU wakes slowly): paired on small, int8
     0.77x the time a token, mini int4 0.93x, bfloat16 unchanged (docs/performance-log.md, 2026-12-02). Only where
-    that takes no core the coordinator decodes on: it decodes on one thread, and the workers sharing its cores
-    leave it one (one watching thread each); else 0, sleep at once."""
-    if not layout.takes_turns or coordinator_decode_threads(options, layout) != 1:
+    that takes no core the coordinator decodes on: it decodes on one thread (`coordinator_decode_threads` with the
+    same `layer_bytes`), and the workers sharing its cores leave it one (one watching thread each); else 0, sleep at
+    once."""
+    if not layout.takes_turns or coordinator_decode_threads(options, layout, layer_bytes) != 1:
         return 0.0
     mine = set(layout.coordinator_cpus)
     sharing = [slot for slot in layout.workers if not slot.cpus or mine & set(slot.cpus)]
@@ -228,6 +248,7 @@ class Cluster:
         # The coordinator's threads are counted among the cores: left at torch's default (every core) they fight
         # the workers for the cores the layout gave them.
         torch.set_num_threads(cfg.coordinator_threads or len(layout.coordinator_cpus))
+        layer_bytes = held_layer_bytes(prepared.layout, cfg.quantize)  # how many threads decode
         self.log(f"model: {prepared.layout.folder} ({prepared.layout.config.model_type}, {prepared.layout.dtype}), "
                  f"device: {prepared.device}, transport: {cfg.transport}")
         if prepared.layout.quantization:
@@ -245,11 +266,11 @@ class Cluster:
             self.coordinator = Coordinator(prepared, self.addresses, alive, token=cfg.token,
                                            transport=cfg.transport, shm_rows=cfg.shm_rows,
                                            progress=not cfg.quiet, spin_waits=not layout.takes_turns,
-                                           worker_turn_spin_s=worker_turn_spin_s(cfg, layout),
+                                           worker_turn_spin_s=worker_turn_spin_s(cfg, layout, layer_bytes),
                                            handshake_timeout_s=cfg.handshake_timeout)
             # Every generation goes through one engine, whose thread restarts a failed worker between steps.
             self.coordinator.start_engine(cfg.max_batch_size, on_failure=self.recover,
-                                          decode_threads=coordinator_decode_threads(cfg, layout))
+                                          decode_threads=coordinator_decode_threads(cfg, layout, layer_bytes))
             for line in self.coordinator.placement.describe() + self.coordinator.describe_scheduling():
                 self.log(line)
         except BaseException:

@@ -347,6 +347,32 @@ def test_a_worker_watches_between_decoding_layers_only_where_a_core_is_left_for_
     assert not kept.takes_turns and worker_turn_spin_s(cpu, kept) == 0.0
 
 
+def test_the_coordinator_decodes_on_every_core_where_a_layer_s_own_weights_are_large(tmp_path, checkpoints, reference):
+    """A decoder layer's own weights (attention, norms, router), counted from the checkpoint's headers, are what
+    transformers' model holds in each layer beside its experts; with --quantize the coordinator holds them in that
+    format. From DECODE_ON_EVERY_CORE_LAYER_BYTES on, a coordinator taking turns decodes on every core, and then
+    no worker watches (it would take a core the coordinator decodes on)."""
+    from fiddler_moe.coordinator import loading
+    from fiddler_moe.launch.cluster import (DECODE_ON_EVERY_CORE_LAYER_BYTES, coordinator_decode_threads,
+                                            held_layer_bytes, worker_turn_spin_s)
+    from fiddler_moe.launch.options import ClusterOptions
+
+    _, layout = loading.inspect(checkpoints["tiny"])
+    model = reference(checkpoints["tiny"])
+    own = [sum(p.numel() * p.element_size() for name, p in layer.named_parameters() if ".experts." not in f".{name}")
+           for layer in model.model.layers]
+    assert layout.layer_bytes == sum(own) // len(own) > 0
+    assert held_layer_bytes(layout) == layout.layer_bytes
+    assert held_layer_bytes(layout, "int8") == int(layout.layer_bytes * (8 + 16 / 32) / 32)  # float32 weights
+    assert held_layer_bytes(layout, "int4") < held_layer_bytes(layout, "int8") < layout.layer_bytes
+
+    topo = numa.read_topology(write_sys_tree(tmp_path, {0: [0, 1]}, {0: [0], 1: [1]}, 8 << 20), allowed={0, 1})
+    turns, cpu = numa.lay_out(topo, workers_per_node=1, coordinator_cores=0), ClusterOptions(device="cpu")
+    small, large = DECODE_ON_EVERY_CORE_LAYER_BYTES - 1, DECODE_ON_EVERY_CORE_LAYER_BYTES
+    assert coordinator_decode_threads(cpu, turns, small) == 1 and worker_turn_spin_s(cpu, turns, small) > 0
+    assert coordinator_decode_threads(cpu, turns, large) is None and worker_turn_spin_s(cpu, turns, large) == 0.0
+
+
 def test_four_node_topology(tmp_path):
     nodes = {n: list(range(n * 4, n * 4 + 4)) for n in range(4)}
     siblings = {c: [c] for c in range(16)}
