@@ -124,11 +124,20 @@ static void linear_rows(const uint16_t *weight, int64_t rows, int64_t cols, cons
     }
 }
 
+/* bf16(silu(g)) for every bfloat16 g, filled when the library loads: a gate holds one of 65536 values, so a table
+   gives the activation the same bits as computing it, a load instead of expf and a division per element. */
+static uint16_t silu_of[1 << 16];
+
+__attribute__((constructor)) static void fill_silu_table(void) {
+    for (uint32_t u = 0; u < (1u << 16); u++) {
+        float g = bf16_to_float((uint16_t)u);
+        silu_of[u] = float_to_bf16(g / (1.0f + expf(-g)));
+    }
+}
+
 /* bf16(bf16(silu(gate)) * up), each rounded as PyTorch's bfloat16 operations round. */
 static inline uint16_t silu_product(uint16_t gate, uint16_t up) {
-    float g = bf16_to_float(gate);
-    float a = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
-    return float_to_bf16(a * bf16_to_float(up));
+    return float_to_bf16(bf16_to_float(silu_of[gate]) * bf16_to_float(up));
 }
 
 static int linear_avx2(const uint16_t *weight, int64_t rows, int64_t cols, const uint16_t *x, int64_t n,
@@ -331,12 +340,19 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
    other paths. Linux hands a process the tile registers only when
    asked (arch_prctl), which `amx_usable` does once. */
 
+#define AMX_ROWS 16 /* activation rows of one tile */
+
+/* Where activation (i, k) lies in the tiles' layout: group i / 16 of 16 rows at (i / 16) * 16 * cols, within it the
+   column pairs (k, k + 1) of the group's rows side by side, [cols / 2][16][2]. */
+static inline int64_t pair_index(int64_t i, int64_t k, int64_t cols) {
+    return (i / AMX_ROWS) * AMX_ROWS * cols + (k / 2) * 2 * AMX_ROWS + (i % AMX_ROWS) * 2 + (k & 1);
+}
+
 #if defined(__GNUC__) && (__GNUC__ >= 11 || (defined(__clang__) && __clang_major__ >= 12))
 #define HAVE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
-#define AMX_ROWS 16  /* activation rows of one tile */
 #define AMX_BLOCK 16 /* weight rows a block: one tile */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -360,19 +376,49 @@ static int amx_usable(void) {
     return __atomic_load_n(&usable, __ATOMIC_ACQUIRE);
 }
 
-/* x [n, cols] as the tiles read it: group g of 16 rows at xp + g * 16 * cols, [cols / 2][16][2]. */
-static uint16_t *pack_pairs(const uint16_t *x, int64_t n, int64_t cols) {
+/* Zeroed scratch for n rows of `cols` activations as the tiles read them (`pair_index`), or NULL. */
+static uint16_t *pairs_scratch(int64_t n, int64_t cols) {
     int64_t groups = (n + AMX_ROWS - 1) / AMX_ROWS;
     size_t bytes = (size_t)(groups > 0 ? groups * AMX_ROWS * cols * sizeof(uint16_t) : 64); /* a multiple of 64 */
-    uint32_t *xp = aligned_alloc(64, bytes);
+    uint16_t *xp = aligned_alloc(64, bytes);
+    if (xp != NULL) memset(xp, 0, bytes);
+    return xp;
+}
+
+/* x [n, cols] as the tiles read it (`pair_index`). */
+static uint16_t *pack_pairs(const uint16_t *x, int64_t n, int64_t cols) {
+    uint16_t *xp = pairs_scratch(n, cols);
     if (xp == NULL) return NULL;
-    memset(xp, 0, bytes);
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t *group = xp + (i / AMX_ROWS) * AMX_ROWS * (cols / 2);
-        for (int64_t k2 = 0; k2 < cols / 2; k2++) /* a bfloat16 pair as one 32-bit word, wherever x lies */
-            memcpy(&group[k2 * AMX_ROWS + i % AMX_ROWS], x + i * cols + 2 * k2, sizeof(uint32_t));
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t k = 0; k < cols; k += 2) /* a bfloat16 pair as one 32-bit word, wherever x lies */
+            memcpy(xp + pair_index(i, k, cols), x + i * cols + k, 2 * sizeof(uint16_t));
+    return xp;
+}
+
+/* float_to_bf16 of 16 floats at once: round to nearest even, NaN as 0x7FC0. */
+AMX INLINE __m256i bf16_of(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* An accumulator tile c (weight rows r0 .. r0 + 15 x the 16 activation rows of group g) into out, bias added:
+   each activation row's 16 sums are a column of the tile, read with one gather. */
+AMX INLINE void store_group(const float *c, int64_t g, int64_t n, int64_t r0, const uint16_t *bias, uint16_t *out,
+                            int64_t stride) {
+    const int64_t count = n - g * AMX_ROWS < AMX_ROWS ? n - g * AMX_ROWS : AMX_ROWS;
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(AMX_ROWS)); /* c[r * 16 + i], r = 0 .. 15 */
+    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + r0))), 16))
+                          : _mm512_setzero_ps();
+    for (int64_t i = 0; i < count; i++) {
+        __m512 v = _mm512_i32gather_ps(column, c + i, 4);
+        if (bias) v = _mm512_add_ps(v, b);
+        _mm256_storeu_si256((__m256i *)(out + (g * AMX_ROWS + i) * stride + r0), bf16_of(v));
     }
-    return (uint16_t *)xp;
 }
 
 /* out[i * stride + r] for the 16-row blocks of `weight` this thread is given, then the rows past the last block on
@@ -398,13 +444,7 @@ static AMX void linear_rows_amx(const uint16_t *weight, int64_t rows, int64_t co
                 _tile_dpbf16ps(0, 5, 4);
             }
             _tile_stored(0, c, 64);
-            const int64_t count = n - g * AMX_ROWS < AMX_ROWS ? n - g * AMX_ROWS : AMX_ROWS;
-            const int64_t r0 = b * AMX_BLOCK; /* c[j * 16 + i]: weight row r0 + j, activation row i */
-            for (int64_t i = 0; i < count; i++)
-                for (int j = 0; j < AMX_BLOCK; j++) {
-                    float v = c[j * AMX_ROWS + i];
-                    out[(g * AMX_ROWS + i) * stride + r0 + j] = float_to_bf16(bias ? v + bf16_to_float(bias[r0 + j]) : v);
-                }
+            store_group(c, g, n, b * AMX_BLOCK, bias, out, stride);
         }
     }
     _tile_release();
@@ -416,6 +456,7 @@ static AMX void linear_rows_amx(const uint16_t *weight, int64_t rows, int64_t co
 #else
 static int amx_usable(void) { return 0; }
 static uint16_t *pack_pairs(const uint16_t *x, int64_t n, int64_t cols) { return (void)x, (void)n, (void)cols, NULL; }
+static uint16_t *pairs_scratch(int64_t n, int64_t cols) { return (void)n, (void)cols, NULL; }
 #endif
 
 /* out[i * stride + r] on the AMX path where the activations' pairs `xp` are given, else on the AVX-512 one: call
@@ -448,11 +489,13 @@ static BF16 int silu_expert_bf16(const uint16_t *gate_up, const uint16_t *down, 
                                  const uint16_t *x, int64_t n, uint16_t *out, int amx) {
     uint16_t *h = malloc((size_t)(n * 2 * inter * sizeof(uint16_t)));
     uint16_t *p = malloc((size_t)(n * inter * sizeof(uint16_t)));
-    uint16_t *xp = amx ? pack_pairs(x, n, hidden) : NULL, *pp = NULL;
+    /* on AMX the activation's products go straight into the down product's pairs (pp) too */
+    uint16_t *xp = amx ? pack_pairs(x, n, hidden) : NULL, *pp = xp ? pairs_scratch(n, inter) : NULL;
     if (h == NULL || p == NULL) {
         free(h);
         free(p);
         free(xp);
+        free(pp);
         return -1;
     }
 #pragma omp parallel
@@ -462,10 +505,7 @@ static BF16 int silu_expert_bf16(const uint16_t *gate_up, const uint16_t *down, 
         for (int64_t j = 0; j < n * inter; j++) {
             int64_t i = j / inter, c = j % inter;
             p[j] = silu_product(h[i * 2 * inter + c], h[i * 2 * inter + inter + c]);
-        }
-        if (amx) {
-#pragma omp single
-            pp = pack_pairs(p, n, inter); /* the barrier after it hands pp to every thread */
+            if (pp) pp[pair_index(i, c, inter)] = p[j];
         }
         rows_on(down, hidden, inter, pp, p, n, NULL, out, hidden);
     }
