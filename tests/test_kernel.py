@@ -200,6 +200,31 @@ def test_kernel_and_linear_layers_follow_the_row_count(monkeypatch, avx2_bfloat1
     assert (model(many) == want[1]).float().mean() > 0.9
 
 
+def test_fused_silu_expert_activates_every_bfloat16_gate_as_pytorch_does(decoding_kernel_path):
+    """The fused expert's SiLU (a table of every bfloat16 gate, native/bf16_gemv.c) times its up projection equals
+    PyTorch's `silu(gate) * up` for every finite bfloat16 value: identity weights make gate = up = x and out = that
+    product. Left out: results below float32's normal range, which the products flush to zero (documented), and past
+    bfloat16's, where the identity's zeros times infinity make NaN."""
+    width = 64
+    gate_up = torch.cat([torch.eye(width), torch.eye(width)]).bfloat16()
+    down = torch.eye(width).bfloat16()
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = every[torch.isfinite(every.float())]
+    compared = 0
+    for start in range(0, every.numel(), kernels.MAX_ROWS * width):
+        values = every[start:start + kernels.MAX_ROWS * width]
+        x = torch.zeros(-(-values.numel() // width) * width, dtype=torch.bfloat16)
+        x[: values.numel()] = values
+        x = x.view(-1, width)
+        got = kernels.silu_expert(x, gate_up, down, isa=compute.decoding_kernel())
+        want = nn.functional.silu(x) * x
+        size = want.float().abs()
+        normal = torch.isfinite(size) & ((size >= torch.finfo(torch.float32).tiny) | (size == 0))
+        assert torch.equal(got[normal], want[normal])
+        compared += int(normal.sum())
+    assert compared > 55000  # of 65280 finite values
+
+
 @pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
 @pytest.mark.parametrize("path", ["avx512", "amx"])
 def test_avx512_paths_decode_through_the_kernel_and_batch_through_pytorch(monkeypatch, request, path):
