@@ -156,8 +156,8 @@ class Worker:
         self.shard_key = key
         self._build_serve_loop()
         memory.return_freed_memory()  # the loading's temporaries: resident memory is the shard, not more
-        memory.map_large_allocations_apart()  # and a prefill's, once it is done
         nbytes = sum(w.nbytes for w in self.shard.values())
+        memory.map_large_allocations_apart(memory.large_allocation(nbytes))  # and a prefill's, once it is done
         seconds = time.perf_counter() - started
         where = " in shared memory" if self.shared is not None else ""
         if any(source.gate_up_scales or source.down_scales for source in msg.experts):

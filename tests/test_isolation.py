@@ -72,3 +72,22 @@ def test_parse_size():
             assert "20GiB" in str(e)
         else:
             raise AssertionError(bad)
+
+
+def test_a_worker_maps_apart_only_allocations_large_against_its_shard():
+    """A worker serves allocations from a 64th of its shard on (512 KiB at least) from mappings of their own, so a
+    prefill's temporaries below that stay in the heap instead of costing page faults on every call, up to the
+    largest threshold glibc would choose itself; the C library takes it (checked in a process of its own: the
+    setting stays for the life of a process)."""
+    import subprocess
+    import sys
+
+    from fiddler_moe.host import memory
+
+    assert memory.large_allocation(0) == memory.LARGE_ALLOCATION
+    assert memory.large_allocation(1344 << 20) == 21 << 20  # mini's shard in bfloat16
+    assert memory.large_allocation(100 << 30) == memory.LARGEST_THRESHOLD
+    code = ("from fiddler_moe.host import memory; "
+            "print(memory.map_large_allocations_apart(memory.large_allocation(1344 << 20)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True"]
