@@ -337,8 +337,8 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
    threads: docs/performance-log.md). cols must be a multiple of 32 (a tile's 64 bytes); weight rows past the last
    whole block of 16 take the AVX-512 path. Products and sums as vdpbf16ps's (bfloat16 pairs multiplied exactly,
    float32 sums, denormals as zero): within one bfloat16 step of PyTorch's result after the rounding, like the
-   other paths. Linux hands a process the tile registers only when
-   asked (arch_prctl), which `amx_usable` does once. */
+   other paths. Linux hands a process the tile registers only when asked (arch_prctl), which `amx_usable` does
+   once. */
 
 #define AMX_ROWS 16 /* activation rows of one tile */
 
