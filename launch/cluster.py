@@ -59,8 +59,7 @@ def held_layer_bytes(model: ModelLayout, quantize: str = "none") -> int:
     coordinator holds them: with --quantize its linear layers take that format (coordinator/cpu_linear.py)."""
     if quantize == "none":
         return model.layer_bytes
-    bits = quant.FORMATS[quantize].bits + 16 / quant.BLOCK  # codes and a float16 scale per block
-    return int(model.layer_bytes * bits / (8 * model.dtype.itemsize))
+    return quant.FORMATS[quantize].nbytes(1, model.layer_bytes // model.dtype.itemsize)  # as one row of its weights
 
 
 def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout, layer_bytes: int = 0) -> int | None:
