@@ -327,7 +327,7 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
    The AVX512-BF16 tiles above run out of registers past a few activation rows (4 x 8 sums do not fit), so 8 rows
    cost about 1.7x one. An AMX tile multiply (tdpbf16ps) takes 16 weight rows x 32 columns against 32 columns of up
    to 16 activation rows at once into a 16 x 16 float32 tile, so up to 16 rows read the weights once at the speed
-   of one; one row is no slower than on the AVX-512 path (a 32000 x 1024 head, 1 thread: 5.2 ms for 1 to 8 rows
+   of one; one row is no slower than on the AVX-512 path (a 32000 x 1024 head, 1 thread: 5.0-5.4 ms for 1 to 8 rows
    against 5.9 ms for 1 row and 10.0 ms for 8 there; docs/performance-log.md, 2026-12-02).
    out^T = W x^T: the weight tile is 16 consecutive rows of `weight` as they lie (row stride cols), and the
    activations are laid out once per call as the second operand wants them: for each group of 16 rows, column pairs
