@@ -27,6 +27,11 @@ TINY_PRESETS = ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-gpt-oss"]
 
 
 def pytest_configure(config):
+    # A shell that starts the suite in the background (`make test &` without job control) ignores SIGINT, and an
+    # ignored signal stays ignored across exec: the launchers the tests stop with Ctrl-C would never stop. Their
+    # own default is to take it, so the suite gives it back to the processes it starts.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers", "cluster(preset, **options): the test's `cluster` fixture is a running Cluster of this tiny "
         "checkpoint with these options, shared with every other test that names the same ones")
