@@ -179,8 +179,8 @@ def quantized_reference(model: torch.nn.Module, name: str, coordinator_layers: b
     --quantize computes, in place: every routed expert's weights through format `name` and back, and, where the
     format ends in int8 or int4, each expert product's input quantized per block as the workers' kernels quantize
     it; with `coordinator_layers`, also the linear layers a CPU coordinator quantizes (routers aside) through that
-    last format, their inputs quantized alike, and its attention of short queries in float32 where the coordinator
-    takes that (coordinator/cpu_attention.py). Returns the model. The references of the tests and of this script."""
+    last format, their inputs quantized alike, and its attention of short queries as the coordinator takes it
+    (coordinator/cpu_attention.py). Returns the model. The references of the tests and of this script."""
     modules = experts_modules(model)
     dequantize_experts(modules, name)
     if quantizes_inputs(name):
@@ -188,8 +188,7 @@ def quantized_reference(model: torch.nn.Module, name: str, coordinator_layers: b
             module.forward = _with_quantized_inputs(module.forward)
         if coordinator_layers:
             quantize_coordinator_layers(model, name.split("+")[-1])
-            if cpu_attention.wants_float32(quantized=True):
-                cpu_attention.use_float32_short_queries(model)
+            cpu_attention.use_cpu_attention(model, cpu_attention.attention_for(quantized=True))
     return model
 
 

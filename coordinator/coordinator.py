@@ -364,8 +364,8 @@ class Coordinator:
                 if self.prepared.quantize != "none":  # --quantize applies to these too, routers aside
                     quantize_linear_layers(self.model, self.prepared.quantize, skip=experts)
                 pack_linear_layers(self.model, skip=experts)
-                if cpu_attention.wants_float32(self.prepared.quantize != "none"):
-                    cpu_attention.use_float32_short_queries(self.model)  # decoding steps' attention
+                attention = cpu_attention.attention_for(quantized=self.prepared.quantize != "none")
+                cpu_attention.use_cpu_attention(self.model, attention)  # decoding steps' attention
             bar.update(layout.non_expert_bytes)
             hot = {}
             reader = TensorReader(layout.folder)

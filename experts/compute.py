@@ -57,7 +57,8 @@ def _onednn_bfloat16() -> bool:
         return False
 
 
-def _avx512_bfloat16() -> bool:
+def has_avx512_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 pairs natively (AVX512-BF16: Intel from Cooper Lake, AMD from Zen 4)."""
     try:
         return torch.cpu._is_avx512_bf16_supported()
     except (AttributeError, RuntimeError):
@@ -76,7 +77,7 @@ BFLOAT16_PATHS = ("auto", "onednn", "amx", "avx512", "avx2", "off")
 
 
 def _auto_path() -> str:
-    return "amx" if _avx512_bfloat16() and has_amx() else "onednn" if _onednn_bfloat16() else "avx2"
+    return "amx" if has_avx512_bfloat16() and has_amx() else "onednn" if _onednn_bfloat16() else "avx2"
 
 
 def bfloat16_path() -> str:
@@ -104,7 +105,7 @@ def bfloat16_path() -> str:
     if chosen == "onednn" and not _onednn_bfloat16():
         raise ValueError("FIDDLER_BF16_PATH=onednn: this CPU (or this PyTorch build) has no oneDNN bfloat16 "
                          "support; use auto or avx2")
-    if chosen in ("avx512", "amx") and not _avx512_bfloat16():
+    if chosen in ("avx512", "amx") and not has_avx512_bfloat16():
         raise ValueError(f"FIDDLER_BF16_PATH={chosen}: this CPU has no AVX512-BF16 instructions; use auto or avx2")
     if chosen == "amx" and not has_amx():
         raise ValueError("FIDDLER_BF16_PATH=amx: this CPU has no AMX tiles; use auto or avx512")

@@ -336,7 +336,7 @@ def avx512_bfloat16_path(monkeypatch):
     """The AVX512-BF16 bfloat16 path in this process (FIDDLER_BF16_PATH=avx512); skips where the CPU lacks it."""
     from fiddler_moe.experts import compute
 
-    if not compute._avx512_bfloat16():
+    if not compute.has_avx512_bfloat16():
         pytest.skip("this CPU has no AVX512-BF16 instructions")
     _bfloat16_path(monkeypatch, "avx512")
 
@@ -346,7 +346,7 @@ def amx_bfloat16_path(monkeypatch):
     """The AMX bfloat16 path in this process (FIDDLER_BF16_PATH=amx); skips where the CPU lacks AMX tiles."""
     from fiddler_moe.experts import compute
 
-    if not (compute._avx512_bfloat16() and compute.has_amx()):
+    if not (compute.has_avx512_bfloat16() and compute.has_amx()):
         pytest.skip("this CPU has no AMX tiles")
     _bfloat16_path(monkeypatch, "amx")
 

@@ -1,4 +1,5 @@
-"""Short queries' attention in float32 on a CPU coordinator (coordinator/cpu_attention.py, FIDDLER_CPU_ATTENTION)."""
+"""Short queries' attention on a CPU coordinator, grouped or in float32 (coordinator/cpu_attention.py,
+FIDDLER_CPU_ATTENTION)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from conftest import runtime_leftovers, shm_files
 from fiddler_moe.coordinator import cpu_attention
@@ -62,11 +64,18 @@ def test_a_long_query_and_a_float32_model_keep_transformers_attention():
     assert torch.equal(got, want)
 
 
-def test_a_bfloat16_cluster_attends_in_float32_when_told_and_stays_near_transformers(tmp_path, monkeypatch):
-    """FIDDLER_CPU_ATTENTION=float32: the coordinator's model attends through the float32 path (these prompts are
-    short, so the prompt too); its logits are about as far from the float32 model's as transformers' bfloat16 ones,
-    and from those no farther than bfloat16 is from float32 (not their bits: the rounding differs)."""
-    monkeypatch.setenv("FIDDLER_CPU_ATTENTION", "float32")
+@pytest.mark.parametrize("setting, cpu, name", [("float32", "any", cpu_attention.SDPA_NAME),
+                                               ("auto", "avx2", cpu_attention.GROUPED_NAME)])
+def test_a_bfloat16_cluster_takes_the_cpus_attention_and_stays_near_transformers(tmp_path, monkeypatch, setting,
+                                                                                cpu, name):
+    """FIDDLER_CPU_ATTENTION=float32, or auto on a CPU without AVX512-BF16: the coordinator's model attends through
+    the float32 path (these prompts are short, so the prompt too) or the grouped one; its logits are about as far
+    from the float32 model's as transformers' bfloat16 ones, and from those no farther than bfloat16 is from float32
+    (not their bits: the rounding differs)."""
+    monkeypatch.setenv("FIDDLER_CPU_ATTENTION", setting)
+    if cpu == "avx2":
+        monkeypatch.setattr(cpu_attention.compute, "has_avx512_bfloat16", lambda: False)
+        monkeypatch.setattr(cpu_attention.compute, "has_amx", lambda: False)
     folder = write_checkpoint("tiny", tmp_path / "tiny-bf16", dtype=torch.bfloat16)
     input_ids, mask = batch(folder)
     with torch.inference_mode():
@@ -75,7 +84,7 @@ def test_a_bfloat16_cluster_attends_in_float32_when_told_and_stays_near_transfor
         truth = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(
             input_ids=input_ids, attention_mask=mask).logits
     with Cluster(folder, workers=1, device="cpu", quiet=True) as cluster:
-        assert cluster.coordinator.model.config._attn_implementation == cpu_attention.SDPA_NAME
+        assert cluster.coordinator.model.config._attn_implementation == name
         got = cluster.logits(input_ids, mask).float()
         steps = cluster.generate(input_ids[0][mask[0].bool()].tolist(), max_new_tokens=6, ignore_eos=True)
     real = mask.bool()
@@ -85,16 +94,39 @@ def test_a_bfloat16_cluster_attends_in_float32_when_told_and_stays_near_transfor
     assert len(steps.token_ids) == 6
 
 
-def test_by_default_only_a_quantized_coordinator_without_amx_attends_in_float32(monkeypatch):
+def test_one_query_gets_its_mask_so_that_its_heads_attend_grouped():
+    """Where transformers would attend with no mask (one sequence, one query), the mask is built, all True, and
+    transformers' SDPA then lays the query heads of a key head out as its rows: the exact attention rounded once;
+    longer queries keep transformers' choice (no mask: `is_causal`)."""
+    shape = dict(batch_size=1, kv_length=70, q_offset=69, device="cpu")
+    assert sdpa_mask(q_length=1, **shape) is None
+    one = cpu_attention.sdpa_mask_for_one_query(q_length=1, **shape)
+    assert one.dtype == torch.bool and one.shape == (1, 1, 1, 70) and one.all()
+    prompt = dict(shape, kv_length=5, q_offset=0)
+    assert sdpa_mask(q_length=5, **prompt) is None
+    assert cpu_attention.sdpa_mask_for_one_query(q_length=5, **prompt) is None
+    q, k, v, _ = inputs(1, 1, cached=70, seed=1)
+    got, _ = sdpa_attention_forward(MODULE, q, k, v, one, scaling=HEAD_DIM ** -0.5)
+    want = exact(q, k, v, one)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert ((got.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-3).all()
+
+
+def test_by_default_each_cpu_takes_its_faster_attention(monkeypatch):
     monkeypatch.delenv("FIDDLER_CPU_ATTENTION", raising=False)
-    for amx in (False, True):
-        monkeypatch.setattr(cpu_attention, "bfloat16_sdpa_is_fast", lambda amx=amx: amx)
-        assert cpu_attention.wants_float32(quantized=True) == (not amx)
-        assert not cpu_attention.wants_float32(quantized=False)
-    monkeypatch.setenv("FIDDLER_CPU_ATTENTION", "float32")
-    assert cpu_attention.wants_float32(quantized=False)
-    monkeypatch.setenv("FIDDLER_CPU_ATTENTION", "model")
-    assert not cpu_attention.wants_float32(quantized=True)
+    expected = {  # (AVX512-BF16, AMX): (not quantized, quantized)
+        (False, False): (cpu_attention.GROUPED_NAME, cpu_attention.GROUPED_NAME),
+        (True, False): (None, cpu_attention.SDPA_NAME),
+        (True, True): (None, None)}
+    for (avx512, amx), names in expected.items():
+        monkeypatch.setattr(cpu_attention.compute, "has_avx512_bfloat16", lambda avx512=avx512: avx512)
+        monkeypatch.setattr(cpu_attention.compute, "has_amx", lambda amx=amx: amx)
+        assert (cpu_attention.attention_for(quantized=False), cpu_attention.attention_for(quantized=True)) == names
+        monkeypatch.setenv("FIDDLER_CPU_ATTENTION", "float32")
+        assert cpu_attention.attention_for(quantized=False) == cpu_attention.SDPA_NAME
+        monkeypatch.setenv("FIDDLER_CPU_ATTENTION", "model")
+        assert cpu_attention.attention_for(quantized=True) is None
+        monkeypatch.delenv("FIDDLER_CPU_ATTENTION")
 
 
 def test_a_bad_setting_stops_the_start_with_the_fix(checkpoints, monkeypatch):

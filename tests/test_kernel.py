@@ -86,9 +86,9 @@ def test_gemv_kernel_is_bfloat16_linear():
 
 KERNEL_PATHS = [pytest.param(kernels.BF16_ISA_AVX2, id="avx2"),
                 pytest.param(kernels.BF16_ISA_AVX512, id="avx512", marks=pytest.mark.skipif(
-                    not compute._avx512_bfloat16(), reason="this CPU has no AVX512-BF16 instructions")),
+                    not compute.has_avx512_bfloat16(), reason="this CPU has no AVX512-BF16 instructions")),
                 pytest.param(kernels.BF16_ISA_AMX, id="amx", marks=pytest.mark.skipif(
-                    not (compute._avx512_bfloat16() and compute.has_amx()), reason="this CPU has no AMX tiles"))]
+                    not (compute.has_avx512_bfloat16() and compute.has_amx()), reason="this CPU has no AMX tiles"))]
 
 
 @pytest.mark.skipif(not AVX2_LINUX, reason="the decoding kernel is for x86-64 Linux CPUs with AVX2")
@@ -383,18 +383,18 @@ def test_auto_takes_the_amx_kernel_where_the_cpu_has_amx(monkeypatch, avx512, am
     oneDNN's packed weights on other CPUs with its bfloat16 support; else AVX2."""
     monkeypatch.delenv("FIDDLER_BF16_PATH", raising=False)
     monkeypatch.delenv("FIDDLER_PACK_WEIGHTS", raising=False)
-    monkeypatch.setattr(compute, "_avx512_bfloat16", lambda: avx512)
+    monkeypatch.setattr(compute, "has_avx512_bfloat16", lambda: avx512)
     monkeypatch.setattr(compute, "has_amx", lambda: amx)
     monkeypatch.setattr(compute, "_onednn_bfloat16", lambda: onednn)
     assert compute.bfloat16_path() == chosen
 
 
 def test_a_bfloat16_path_this_cpu_lacks_is_refused_with_what_to_use(monkeypatch):
-    monkeypatch.setattr(compute, "_avx512_bfloat16", lambda: False)
+    monkeypatch.setattr(compute, "has_avx512_bfloat16", lambda: False)
     monkeypatch.setenv("FIDDLER_BF16_PATH", "avx512")
     with pytest.raises(ValueError, match="no AVX512-BF16 instructions; use auto or avx2"):
         compute.bfloat16_path()
-    monkeypatch.setattr(compute, "_avx512_bfloat16", lambda: True)
+    monkeypatch.setattr(compute, "has_avx512_bfloat16", lambda: True)
     monkeypatch.setattr(compute, "has_amx", lambda: False)
     monkeypatch.setenv("FIDDLER_BF16_PATH", "amx")
     with pytest.raises(ValueError, match="no AMX tiles; use auto or avx512"):
