@@ -285,11 +285,13 @@ def best_bandwidth(first: dict, second: dict) -> dict:
 def launcher_threads(cluster: ClusterOptions, model: loading.ModelLayout) -> tuple[int, int, int]:
     """What `fiddler-launch` would give a cluster of these options on this model: (threads per worker, coordinator
     threads, the coordinator's threads in decoding steps)."""
-    from fiddler_moe.launch.cluster import Cluster, coordinator_decode_threads, held_layer_bytes
+    from fiddler_moe.launch.cluster import (Cluster, converts_bfloat16_layers, coordinator_decode_threads,
+                                            held_layer_bytes)
 
     layout = Cluster(cluster).plan_workers()
     coordinator = cluster.coordinator_threads or len(layout.coordinator_cpus)
-    decode = coordinator_decode_threads(cluster, layout, held_layer_bytes(model, cluster.quantize))
+    decode = coordinator_decode_threads(cluster, layout, held_layer_bytes(model, cluster.quantize),
+                                        converts_bfloat16_layers(model, cluster.quantize))
     return layout.workers[0].threads, coordinator, decode or coordinator
 
 

@@ -26,6 +26,7 @@ from fiddler_moe.coordinator import cpu_attention
 from fiddler_moe.coordinator.placement import Placement, format_size
 from fiddler_moe.coordinator.loading import ModelLayout
 from fiddler_moe.experts import quant
+from fiddler_moe.experts import compute
 from fiddler_moe.experts.compute import check_bfloat16_path
 from fiddler_moe.host import numa
 from fiddler_moe.launch import rundir
@@ -62,7 +63,14 @@ def held_layer_bytes(model: ModelLayout, quantize: str = "none") -> int:
     return quant.FORMATS[quantize].nbytes(1, model.layer_bytes // model.dtype.itemsize)  # as one row of its weights
 
 
-def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout, layer_bytes: int = 0) -> int | None:
+def converts_bfloat16_layers(model: ModelLayout, quantize: str = "none") -> bool:
+    """Whether a CPU coordinator's linear layers are bfloat16 ones on the AVX2 path (experts/compute.py), which turns
+    every weight into float32 as it reads it: more work a byte than any other path, so more cores read faster."""
+    return quantize == "none" and model.dtype == torch.bfloat16 and compute.chosen_path() == "avx2"
+
+
+def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout, layer_bytes: int = 0,
+                               converts: bool = False) -> int | None:
     """torch threads of the coordinator's decoding steps; None: the same as its prefill. Taking turns with the
     workers on a CPU, one where a layer's own weights are small (`layer_bytes`, as `held_layer_bytes` counts them;
     0: not known): a decode step's operations are then a projection of a few MB, so a second thread buys little and
@@ -72,24 +80,27 @@ def coordinator_decode_threads(options: ClusterOptions, layout: numa.Layout, lay
     bandwidth. Paired on the Xeon with AMX (docs/performance-log.md, 2026-12-02): every core took 0.79x the time a
     token with small's 20 MiB bfloat16 layers, and 1.07x, 1.16x, 1.46x with its 10.6 MiB int8 and 5.6 MiB int4
     layers and mini's 1.4 MiB int4 ones; mini's 5 MiB bfloat16 layers 0.94x there (0.73-1.17) and 1.10x on the Zen 5
-    (an earlier round). Prefill keeps every core; --coordinator-threads sets both."""
+    (an earlier round). Every core too where the layers are bfloat16 ones on the AVX2 path (`converts`, as
+    `converts_bfloat16_layers` says): on a Zen 3, mini's 5 MiB layers 0.93x the time a token paired, its int4 ones
+    0.99x. Prefill keeps every core; --coordinator-threads sets both."""
     if options.coordinator_threads is not None or not layout.takes_turns or drives_gpu(options):
         return None
-    return None if layer_bytes >= DECODE_ON_EVERY_CORE_LAYER_BYTES else 1
+    return None if layer_bytes >= DECODE_ON_EVERY_CORE_LAYER_BYTES or converts else 1
 
 
 WORKER_TURN_SPIN_S = 2e-3  # longer than the coordinator's part of a layer in a decoding step on mini and small
 
 
-def worker_turn_spin_s(options: ClusterOptions, layout: numa.Layout, layer_bytes: int = 0) -> float:
+def worker_turn_spin_s(options: ClusterOptions, layout: numa.Layout, layer_bytes: int = 0,
+                       converts: bool = False) -> float:
     """How long a local worker that takes turns with the coordinator watches for the next layer's request after a
     decoding step's, its helper threads parked, before it sleeps. Asleep, its core goes idle, and waking it for
     the next layer was slow enough to show (a virtual machine's idle vCPU wakes slowly): paired on small, int8
     0.77x the time a token, mini int4 0.93x, bfloat16 unchanged (docs/performance-log.md, 2026-12-02). Only where
     that takes no core the coordinator decodes on: it decodes on one thread (`coordinator_decode_threads` with the
-    same `layer_bytes`), and the workers sharing its cores leave it one (one watching thread each); else 0, sleep at
-    once."""
-    if not layout.takes_turns or coordinator_decode_threads(options, layout, layer_bytes) != 1:
+    same `layer_bytes` and `converts`), and the workers sharing its cores leave it one (one watching thread each);
+    else 0, sleep at once."""
+    if not layout.takes_turns or coordinator_decode_threads(options, layout, layer_bytes, converts) != 1:
         return 0.0
     mine = set(layout.coordinator_cpus)
     sharing = [slot for slot in layout.workers if not slot.cpus or mine & set(slot.cpus)]
@@ -247,7 +258,9 @@ class Cluster:
         # The coordinator's threads are counted among the cores: left at torch's default (every core) they fight
         # the workers for the cores the layout gave them.
         torch.set_num_threads(cfg.coordinator_threads or len(layout.coordinator_cpus))
-        layer_bytes = held_layer_bytes(prepared.layout, cfg.quantize)  # how many threads decode
+        # how many threads decode
+        layer_bytes, converts = held_layer_bytes(prepared.layout, cfg.quantize), converts_bfloat16_layers(
+            prepared.layout, cfg.quantize)
         self.log(f"model: {prepared.layout.folder} ({prepared.layout.config.model_type}, {prepared.layout.dtype}), "
                  f"device: {prepared.device}, transport: {cfg.transport}")
         if prepared.layout.quantization:
@@ -265,11 +278,12 @@ class Cluster:
             self.coordinator = Coordinator(prepared, self.addresses, alive, token=cfg.token,
                                            transport=cfg.transport, shm_rows=cfg.shm_rows,
                                            progress=not cfg.quiet, spin_waits=not layout.takes_turns,
-                                           worker_turn_spin_s=worker_turn_spin_s(cfg, layout, layer_bytes),
+                                           worker_turn_spin_s=worker_turn_spin_s(cfg, layout, layer_bytes, converts),
                                            handshake_timeout_s=cfg.handshake_timeout)
             # Every generation goes through one engine, whose thread restarts a failed worker between steps.
             self.coordinator.start_engine(cfg.max_batch_size, on_failure=self.recover,
-                                          decode_threads=coordinator_decode_threads(cfg, layout, layer_bytes))
+                                          decode_threads=coordinator_decode_threads(cfg, layout, layer_bytes,
+                                                                                     converts))
             for line in self.coordinator.placement.describe() + self.coordinator.describe_scheduling():
                 self.log(line)
         except BaseException:

@@ -371,6 +371,23 @@ def test_the_coordinator_decodes_on_every_core_where_a_layer_s_own_weights_are_l
     small, large = DECODE_ON_EVERY_CORE_LAYER_BYTES - 1, DECODE_ON_EVERY_CORE_LAYER_BYTES
     assert coordinator_decode_threads(cpu, turns, small) == 1 and worker_turn_spin_s(cpu, turns, small) > 0
     assert coordinator_decode_threads(cpu, turns, large) is None and worker_turn_spin_s(cpu, turns, large) == 0.0
+    # bfloat16 layers on the AVX2 path convert every weight they read: every core, whatever their size
+    assert coordinator_decode_threads(cpu, turns, small, converts=True) is None
+    assert worker_turn_spin_s(cpu, turns, small, converts=True) == 0.0
+
+
+@pytest.mark.parametrize("path", ["avx2", "onednn", "amx", "avx512", "off"])
+def test_only_bfloat16_layers_on_the_avx2_path_count_as_converting(checkpoints, monkeypatch, path):
+    from fiddler_moe.coordinator import loading
+    from fiddler_moe.experts import compute
+    from fiddler_moe.launch.cluster import converts_bfloat16_layers
+
+    for flag, value in compute.flags_of(path).items():
+        monkeypatch.setattr(compute, flag, value)
+    _, bfloat16 = loading.inspect(checkpoints["tiny"], "bfloat16")
+    _, float32 = loading.inspect(checkpoints["tiny"], "float32")
+    assert converts_bfloat16_layers(bfloat16) == (path == "avx2")
+    assert not converts_bfloat16_layers(bfloat16, "int8") and not converts_bfloat16_layers(float32)
 
 
 def test_four_node_topology(tmp_path):
