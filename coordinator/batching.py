@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
@@ -244,6 +245,55 @@ def choose(rows: list[_Row], logits: torch.Tensor) -> list[int]:
     scores = logits if masked is None else masked
     greedy = scores.argmax(dim=-1).tolist() if any(row.warpers is None for row in rows) else []
     return [greedy[i] if row.warpers is None else row.sample(scores[i]) for i, row in enumerate(rows)]
+
+
+# Positions a cache layer keeps free after its cached ones: a decoding step writes its keys and values there.
+CACHE_ROOM = 256
+
+
+class _RoomyLayer(DynamicLayer):
+    """transformers' DynamicLayer, but a step's new keys and values are written into room kept after the cached
+    ones instead of concatenated to them: `cat` copies every layer's whole cache at every step, which grows with the
+    context and the model (Mixtral-8x7B at 4096 positions: 512 MiB a step). One layer's keys on mini at 256 / 1024 /
+    4096 positions, in cache: 6 / 19 / 61 us by `cat`, 7 us written in place; mini's decoding step was no faster
+    at 256 and 1024 positions (docs/performance-log.md, 2026-12-02). `keys` and `values` stay what transformers
+    reads, views of the room's first positions; whatever assigns them anew (the engine's join and keep,
+    transformers' crop and reordering) gets new room at its next update, and the room is taken again every
+    CACHE_ROOM positions, copying the cache once."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self._key_room = _append(self.keys, getattr(self, "_key_room", None), key_states)
+        self.values, self._value_room = _append(self.values, getattr(self, "_value_room", None), value_states)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_room = self._value_room = None
+        super().reset()
+
+
+def _append(cached: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cached positions then new ones, the room they lie in): written into `room` where `cached` is its beginning
+    and there is space, else into new room with CACHE_ROOM positions to spare."""
+    n = cached.shape[-2] if cached.dim() == 4 else 0
+    total = n + new.shape[-2]
+    if (room is not None and n and cached.data_ptr() == room.data_ptr() and cached.stride() == room.stride()
+            and cached.shape[:2] == new.shape[:2] and total <= room.shape[-2]):
+        room[:, :, n:total].copy_(new)
+        return room[:, :, :total], room
+    room = new.new_empty(*new.shape[:2], total + CACHE_ROOM, new.shape[-1])
+    if n:
+        room[:, :, :n].copy_(cached)
+    room[:, :, n:total].copy_(new)
+    return room[:, :, :total], room
+
+
+def roomy_cache() -> DynamicCache:
+    """An empty DynamicCache whose layers keep room for the next positions (`_RoomyLayer`)."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _RoomyLayer
+    return cache
 
 
 class _Batch:
@@ -522,7 +572,7 @@ class BatchEngine:
             mask[i, width - len(handle.prompt_token_ids):] = 1
         input_ids, mask = input_ids.to(coordinator.device), mask.to(coordinator.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = roomy_cache()
         try:
             with self._model_lock:
                 coordinator.check_serving()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import runtime_leftovers
-from fiddler_moe.coordinator.batching import BatchEngine, SamplingParams
+from fiddler_moe.coordinator.batching import CACHE_ROOM, BatchEngine, SamplingParams, roomy_cache
 from fiddler_moe.coordinator.dispatch import WorkerFailed
 from fiddler_moe.launch.cluster import Cluster
 from fiddler_moe.protocol import messages as m
@@ -189,3 +189,35 @@ def test_a_worker_dying_under_several_requests_fails_them_all_and_is_restarted_o
         assert cluster.restarts == [0, 1]
         assert len(cluster.generate(PROMPTS[1], max_new_tokens=4, ignore_eos=True).token_ids) == 4
     assert runtime_leftovers() == []
+
+
+def test_the_engine_s_cache_writes_each_step_into_its_room_and_holds_what_transformers_cache_holds():
+    """Step after step, through rows leaving (the engine's `keep`) and transformers' crop, the roomy cache returns
+    the keys and values DynamicCache returns; a step writes in place while the room lasts, then takes new room."""
+    from transformers import DynamicCache
+
+    roomy, plain = roomy_cache(), DynamicCache()
+    g = torch.Generator().manual_seed(0)
+
+    def step(rows: int, positions: int = 1):
+        k, v = (torch.randn(rows, 2, positions, 8, generator=g).to(torch.bfloat16) for _ in range(2))
+        for layer in range(2):
+            got, want = roomy.update(k, v, layer), plain.update(k.clone(), v.clone(), layer)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    step(3, positions=5)
+    room = roomy.layers[0]._key_room
+    for _ in range(CACHE_ROOM):
+        step(3)
+    assert roomy.layers[0]._key_room is room and roomy.get_seq_length() == plain.get_seq_length() == 5 + CACHE_ROOM
+    step(3)
+    assert roomy.layers[0]._key_room is not room, "full: new room"
+    for cache in (roomy, plain):  # the engine's `keep`: rows 0 and 2 stay, the first 4 positions go
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, torch.tensor([0, 2]))[:, :, 4:]
+            layer.values = layer.values.index_select(0, torch.tensor([0, 2]))[:, :, 4:]
+    step(2)
+    roomy.crop(-3), plain.crop(-3)
+    for _ in range(3):
+        step(2)
+    assert roomy.get_seq_length() == plain.get_seq_length() == 5 + CACHE_ROOM + 1 - 4 + 1
