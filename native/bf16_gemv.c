@@ -7,8 +7,10 @@
    this faster than PyTorch's bfloat16 matrix-vector product on such CPUs (docs/performance-log.md, item 7):
    - bfloat16 is the upper half of a float32, so a 256-bit load of 16 weights becomes two float32 vectors with one
      shift (even elements) and one mask (odd elements); the activations are split the same way once per call.
-   - each thread prefetches the weight rows it reads PREFETCH_ROWS rows ahead, which keeps more memory reads in
-     flight than the hardware prefetcher alone does on the CPUs measured.
+   - each thread prefetches the weights it reads ahead of them, which keeps more memory reads in flight than the
+     hardware prefetcher alone does: short rows for a few activation rows read one at a time as one stream,
+     prefetched PREFETCH_AHEAD weights ahead; else four at a time, each prefetched PREFETCH_ROWS rows ahead
+     (`linear_rows` has the figures).
    On CPUs with AVX512-BF16 (Intel from Cooper Lake, AMD from Zen 4) a second path multiplies bfloat16 pairs as
    they are (vdpbf16ps: 32 products a instruction, summed pairwise into 16 float32 lanes), with no conversion of
    either side: each 64-byte weight vector is loaded once and used for every activation row (a tile of weight rows
@@ -41,6 +43,8 @@
 #endif
 
 #define PREFETCH_ROWS 12 /* a flat optimum between 6 and 32 rows (docs/performance-log.md, item 7) */
+#define PREFETCH_AHEAD 512 /* weights (1 KiB) ahead of a row stream: the best of 0-4096 on a Zen 3 */
+#define ROW_STREAM_COLS 1024 /* weight rows up to this long are read one at a time (`linear_rows`) */
 #define INLINE static inline __attribute__((always_inline))
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
@@ -91,7 +95,39 @@ static float dot1(const uint16_t *w, int64_t cols, const float *xs) {
     return hsum(_mm256_add_ps(a, b));
 }
 
-/* The activations in float32 for dot4/dot1, each 16-column block split into its 8 even then its 8 odd columns. */
+/* The dot product of one weight row with one split activation row xs: 64 columns a step into 8 accumulators (4 FMAs
+   in flight a step hide their latency), the row read front to back, so that a thread's rows form one sequential
+   stream; `ahead`: prefetch PREFETCH_AHEAD weights ahead of each step (the first activation row only: the others
+   find the row in L1). */
+static float dot_row(const uint16_t *w, int64_t cols, const float *xs, int ahead) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    int64_t c = 0;
+    for (; c + 64 <= cols; c += 64) {
+        if (ahead) {
+            PREFETCH(w + c + PREFETCH_AHEAD);
+            PREFETCH(w + c + PREFETCH_AHEAD + 32);
+        }
+        __m256i v0 = LOAD(w + c), v1 = LOAD(w + c + 16), v2 = LOAD(w + c + 32), v3 = LOAD(w + c + 48);
+        a0 = _mm256_fmadd_ps(EVEN(v0), _mm256_loadu_ps(xs + c), a0);
+        a1 = _mm256_fmadd_ps(ODD(v0), _mm256_loadu_ps(xs + c + 8), a1);
+        a2 = _mm256_fmadd_ps(EVEN(v1), _mm256_loadu_ps(xs + c + 16), a2);
+        a3 = _mm256_fmadd_ps(ODD(v1), _mm256_loadu_ps(xs + c + 24), a3);
+        a4 = _mm256_fmadd_ps(EVEN(v2), _mm256_loadu_ps(xs + c + 32), a4);
+        a5 = _mm256_fmadd_ps(ODD(v2), _mm256_loadu_ps(xs + c + 40), a5);
+        a6 = _mm256_fmadd_ps(EVEN(v3), _mm256_loadu_ps(xs + c + 48), a6);
+        a7 = _mm256_fmadd_ps(ODD(v3), _mm256_loadu_ps(xs + c + 56), a7);
+    }
+    for (; c < cols; c += 16) { /* a row of 16, 32 or 48 columns past the last 64 */
+        __m256i v = LOAD(w + c);
+        a0 = _mm256_fmadd_ps(EVEN(v), _mm256_loadu_ps(xs + c), a0);
+        a1 = _mm256_fmadd_ps(ODD(v), _mm256_loadu_ps(xs + c + 8), a1);
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                              _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7))));
+}
+
+/* The activations in float32 for dot4, dot1 and dot_row, each 16-column block split into its 8 even then its 8 odd
+   columns. */
 static float *split_rows(const uint16_t *x, int64_t n, int64_t cols) {
     float *xs = aligned_alloc(64, (size_t)(n * cols * sizeof(float) + 63) / 64 * 64);
     if (xs == NULL) return NULL;
@@ -104,9 +140,24 @@ static float *split_rows(const uint16_t *x, int64_t n, int64_t cols) {
 }
 
 /* out[i, r] for the rows r of `weight` this thread is given: call inside a parallel region (a worksharing loop,
-   ending with a barrier). */
+   ending with a barrier). For one to three activation rows, weight rows of up to ROW_STREAM_COLS weights are read
+   one at a time, each thread's block of the weight front to back as one stream; longer ones four at a time, each
+   of the four prefetched PREFETCH_ROWS rows ahead. On a Zen 3, 2 threads, out of cache, one activation row, three
+   runs each: 7168x1024 and 3584x1024 27-29 GB/s one at a time against 22-24.5 four at a time; 11264x2048,
+   2048x5632 and 1024x3584 24-28.5 against 25-30 (a plain read: 24-29). With more activation rows the four-row
+   blocks win, their activation loads shared by four weight rows: 7168x1024, 4 rows the same time, 8 rows 1.4 ms
+   against 1.7. */
 static void linear_rows(const uint16_t *weight, int64_t rows, int64_t cols, const float *xs, int64_t n,
                         const uint16_t *bias, uint16_t *out) {
+    if (cols <= ROW_STREAM_COLS && n < 4) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t i = 0; i < n; i++) { /* the row stays in L1 for the other activation rows */
+                float y = dot_row(weight + r * cols, cols, xs + i * cols, i == 0);
+                out[i * rows + r] = float_to_bf16(bias ? y + bf16_to_float(bias[r]) : y);
+            }
+        return;
+    }
     int64_t blocks = (rows + 3) / 4;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
@@ -235,8 +286,8 @@ INLINE BF16 void rows_in_sequence(const uint16_t *w, int64_t cols, const uint16_
    weight vector (32 columns, one 64-byte line) is loaded once for all N rows, R * N sums in registers. The next
    R rows are prefetched in memory order, R lines a step, as the tile reads its own: one sequential stream ahead of
    the tile's R interleaved ones, which made 3 to 6 rows 5-15% faster than prefetching each row PREFETCH_ROWS
-   ahead as the AVX2 path does (Zen 5, 2026-12-02). A last 16 columns (cols a multiple of 16, not of 32) are read
-   with masked loads, the rest of the lanes zero. */
+   ahead as the AVX2 path does for long rows (Zen 5, 2026-12-02). A last 16 columns (cols a multiple of 16, not of
+   32) are read with masked loads, the rest of the lanes zero. */
 INLINE BF16 void tile_bf16(const uint16_t *w, int64_t cols, const uint16_t *x, const int R, const int N, float *y) {
     __m512 acc[4 * MAX_ROWS]; /* acc[i * R + r] */
     for (int j = 0; j < R * N; j++) acc[j] = _mm512_setzero_ps();
