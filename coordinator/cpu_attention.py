@@ -5,9 +5,9 @@ slow there in bfloat16 on CPUs without AMX, for two reasons measured apart:
 - Without a mask (one sequence), transformers passes `enable_gqa` and the kernel works through each query head
   alone against its key head. Where a mask is given (rows of a batch), transformers instead lays the heads that
   share a key head out as that head's query positions (its `pack_gqa`), one product of a few rows a key head. On an
-  AVX2 CPU (Zen 3, 1 thread, mini's 16 heads over 4 key heads) one layer at 256 / 1024 / 4096 cached positions took
-  854 / 3535 / - us the first way and 84 / 346 / 1204 the second; a mini decoding step of the coordinator's layers
-  ~28 -> ~23 ms at 256 positions, ~45 -> ~24 at 1024 (docs/performance-log.md, 2026-12-02).
+  AVX2 CPU (Zen 3, 1 thread, mini's 16 heads over 4 key heads) one layer at 256 / 1024 cached positions took
+  854 / 3535 us the first way and 84 / 346 the second (1204 at 4096); a mini decoding step of the coordinator's
+  layers ~28 -> ~23 ms at 256 positions, ~45 -> ~24 at 1024 (docs/performance-log.md, 2026-12-02).
 - On CPUs with AVX512-BF16 but no AMX (Zen 5) the bfloat16 products themselves are slow: one mini layer at 330
   cached positions took 468 us for one row and 4.0 ms for 8 rows, against 73 us and 470 us with the inputs
   converted to float32 first (conversions included). On an AVX2 CPU float32 is the slower at every length
