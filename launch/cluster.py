@@ -25,8 +25,7 @@ from fiddler_moe.coordinator.dispatch import WorkerFailed
 from fiddler_moe.coordinator import cpu_attention
 from fiddler_moe.coordinator.placement import Placement, format_size
 from fiddler_moe.coordinator.loading import ModelLayout
-from fiddler_moe.experts import quant
-from fiddler_moe.experts import compute
+from fiddler_moe.experts import compute, quant
 from fiddler_moe.experts.compute import check_bfloat16_path
 from fiddler_moe.host import numa
 from fiddler_moe.launch import rundir
