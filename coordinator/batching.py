@@ -261,11 +261,14 @@ class _RoomyLayer(DynamicLayer):
     transformers' crop and reordering) gets new room at its next update, and the room is taken again every
     CACHE_ROOM positions, copying the cache once."""
 
+    _key_room: torch.Tensor | None = None
+    _value_room: torch.Tensor | None = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self._key_room = _append(self.keys, getattr(self, "_key_room", None), key_states)
-        self.values, self._value_room = _append(self.values, getattr(self, "_value_room", None), value_states)
+        self.keys, self._key_room = _append(self.keys, self._key_room, key_states)
+        self.values, self._value_room = _append(self.values, self._value_room, value_states)
         return self.keys, self.values
 
     def reset(self) -> None:
@@ -274,12 +277,12 @@ class _RoomyLayer(DynamicLayer):
 
 
 def _append(cached: torch.Tensor, room: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cached positions then new ones, the room they lie in): written into `room` where `cached` is its beginning
-    and there is space, else into new room with CACHE_ROOM positions to spare."""
+    """(cached positions then new ones, the room they lie in): written into `room` where `cached` is its beginning,
+    all of its rows and heads, and there is space, else into new room with CACHE_ROOM positions to spare."""
     n = cached.shape[-2] if cached.dim() == 4 else 0
     total = n + new.shape[-2]
     if (room is not None and n and cached.data_ptr() == room.data_ptr() and cached.stride() == room.stride()
-            and cached.shape[:2] == new.shape[:2] and total <= room.shape[-2]):
+            and cached.shape[:2] == room.shape[:2] == new.shape[:2] and total <= room.shape[-2]):
         room[:, :, n:total].copy_(new)
         return room[:, :, :total], room
     room = new.new_empty(*new.shape[:2], total + CACHE_ROOM, new.shape[-1])

@@ -192,8 +192,9 @@ def test_a_worker_dying_under_several_requests_fails_them_all_and_is_restarted_o
 
 
 def test_the_engine_s_cache_writes_each_step_into_its_room_and_holds_what_transformers_cache_holds():
-    """Step after step, through rows leaving (the engine's `keep`) and transformers' crop, the roomy cache returns
-    the keys and values DynamicCache returns; a step writes in place while the room lasts, then takes new room."""
+    """Step after step, through rows leaving (the engine's `keep`, or a slice) and transformers' crop, the roomy cache
+    returns the keys and values DynamicCache returns; a step writes in place while the room lasts, then takes new
+    room."""
     from transformers import DynamicCache
 
     roomy, plain = roomy_cache(), DynamicCache()
@@ -217,7 +218,11 @@ def test_the_engine_s_cache_writes_each_step_into_its_room_and_holds_what_transf
             layer.keys = layer.keys.index_select(0, torch.tensor([0, 2]))[:, :, 4:]
             layer.values = layer.values.index_select(0, torch.tensor([0, 2]))[:, :, 4:]
     step(2)
+    for cache in (roomy, plain):  # a row cut off by slicing: the room's beginning, but not all of its rows
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:1], layer.values[:1]
+    step(1)
     roomy.crop(-3), plain.crop(-3)
     for _ in range(3):
-        step(2)
-    assert roomy.get_seq_length() == plain.get_seq_length() == 5 + CACHE_ROOM + 1 - 4 + 1
+        step(1)
+    assert roomy.get_seq_length() == plain.get_seq_length() == 5 + CACHE_ROOM + 1 - 4 + 1 + 1
