@@ -85,20 +85,10 @@ static void dot4(const uint16_t *w, int64_t cols, const float *xs, float *y) {
     y[3] = hsum(_mm256_add_ps(a3, b3));
 }
 
-static float dot1(const uint16_t *w, int64_t cols, const float *xs) {
-    __m256 a = _mm256_setzero_ps(), b = a;
-    for (int64_t c = 0; c < cols; c += 16) {
-        __m256i v = LOAD(w + c);
-        a = _mm256_fmadd_ps(EVEN(v), _mm256_loadu_ps(xs + c), a);
-        b = _mm256_fmadd_ps(ODD(v), _mm256_loadu_ps(xs + c + 8), b);
-    }
-    return hsum(_mm256_add_ps(a, b));
-}
-
 /* The dot product of one weight row with one split activation row xs: 64 columns a step into 8 accumulators (4 FMAs
    in flight a step hide their latency), the row read front to back, so that a thread's rows form one sequential
-   stream; `ahead`: prefetch PREFETCH_AHEAD weights ahead of each step (the first activation row only: the others
-   find the row in L1). */
+   stream; `ahead`: prefetch PREFETCH_AHEAD weights ahead of each step (in a row stream, for the first activation
+   row only: the others find the row in L1). Also the last one to three rows of a weight read four rows at a time. */
 static float dot_row(const uint16_t *w, int64_t cols, const float *xs, int ahead) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     int64_t c = 0;
@@ -126,7 +116,7 @@ static float dot_row(const uint16_t *w, int64_t cols, const float *xs, int ahead
                               _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7))));
 }
 
-/* The activations in float32 for dot4, dot1 and dot_row, each 16-column block split into its 8 even then its 8 odd
+/* The activations in float32 for dot4 and dot_row, each 16-column block split into its 8 even then its 8 odd
    columns. */
 static float *split_rows(const uint16_t *x, int64_t n, int64_t cols) {
     float *xs = aligned_alloc(64, (size_t)(n * cols * sizeof(float) + 63) / 64 * 64);
@@ -168,7 +158,7 @@ static void linear_rows(const uint16_t *weight, int64_t rows, int64_t cols, cons
             if (count == 4)
                 dot4(weight + r * cols, cols, xs + i * cols, y);
             else
-                for (int64_t k = 0; k < count; k++) y[k] = dot1(weight + (r + k) * cols, cols, xs + i * cols);
+                for (int64_t k = 0; k < count; k++) y[k] = dot_row(weight + (r + k) * cols, cols, xs + i * cols, 0);
             for (int64_t k = 0; k < count; k++)
                 out[i * rows + r + k] = float_to_bf16(bias ? y[k] + bf16_to_float(bias[r + k]) : y[k]);
         }
