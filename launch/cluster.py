@@ -257,9 +257,8 @@ class Cluster:
         # The coordinator's threads are counted among the cores: left at torch's default (every core) they fight
         # the workers for the cores the layout gave them.
         torch.set_num_threads(cfg.coordinator_threads or len(layout.coordinator_cpus))
-        # how many threads decode
-        layer_bytes, converts = held_layer_bytes(prepared.layout, cfg.quantize), converts_bfloat16_layers(
-            prepared.layout, cfg.quantize)
+        layer_bytes = held_layer_bytes(prepared.layout, cfg.quantize)  # how many threads decode
+        converts = converts_bfloat16_layers(prepared.layout, cfg.quantize)
         self.log(f"model: {prepared.layout.folder} ({prepared.layout.config.model_type}, {prepared.layout.dtype}), "
                  f"device: {prepared.device}, transport: {cfg.transport}")
         if prepared.layout.quantization:
