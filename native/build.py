@@ -82,11 +82,25 @@ def _build(target: Path, compiler: str, flags: list[str], runtime: str | None) -
         # a renamed copy inside the torch package.
         link = [runtime, f"-Wl,-rpath,{os.path.dirname(runtime)}"] if runtime else ["-fopenmp"]
         compile_each = [[compiler, *flags, "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
-        for command in [*compile_each, [compiler, "-shared", *objects, *link, "-o", str(lib)]]:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise RuntimeError(f"`{' '.join(command)}` failed: {done.stderr.strip()[-500:]}")
+        _run_all(compile_each)  # at once: the first build is part of a first launch
+        _run_all([[compiler, "-shared", *objects, *link, "-o", str(lib)]])
         os.replace(lib, target)
+
+
+def _run_all(commands: list[list[str]], timeout_s: float = 120) -> None:
+    """Run the commands side by side; RuntimeError with the first failure's command and error output."""
+    running = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for command in commands]
+    try:
+        for command, process in zip(commands, running):
+            _, err = process.communicate(timeout=timeout_s)
+            if process.returncode != 0:
+                raise RuntimeError(f"`{' '.join(command)}` failed: {err.strip()[-500:]}")
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """The kernel library and its Python side agree: every exported function is declared once, in fiddler_native.h,
 and gets its ctypes signature from there; the limits and the structs Python mirrors are those the library was
-built with; a limit changed in native/limits.py reaches the C code, and a build without the limits stops."""
+built with; a limit changed in native/limits.py reaches the C code (a build the next process reuses), and a
+build without the limits stops."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_the_library_reports_the_limits_and_struct_sizes_python_uses():
 
 
 @needs_library
-def test_a_limit_changed_in_python_reaches_the_c_code(tmp_path, monkeypatch):
+def test_a_limit_changed_in_python_reaches_the_c_code_and_the_build_is_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("FIDDLER_CACHE", str(tmp_path))
     monkeypatch.setattr(limits, "MAX_PAIRS", 32)
     kernels.library.cache_clear()
@@ -89,7 +90,11 @@ def test_a_limit_changed_in_python_reaches_the_c_code(tmp_path, monkeypatch):
         lib = kernels.library()  # a build of its own: the limits are part of the cache key
         assert lib is not None and lib.fiddler_constant(b"MAX_PAIRS") == 32
         assert lib.fiddler_constant(b"sizeof layer_call") == ctypes.sizeof(LayerCall) - 3 * 32 * 8
-        assert len(list((tmp_path / "kernels").iterdir())) == 1
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"  # no build folder left behind
+        mtime = built[0].stat().st_mtime_ns
+        kernels.library.cache_clear()
+        assert kernels.available() and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     finally:
         kernels.library.cache_clear()
 
