@@ -39,6 +39,11 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bound = self.bound_linear
+    if bound is not None and bound.matches(self.weight, self.bias):
+        out = bound(x)  # a decoding step's few rows
+        if out is not None:
+            return out
     shape = x.shape
     out = fast_linear(x.reshape(-1, shape[-1]), self.weight, self.bias, isa=self.bf16_isa)
     if out is None:
@@ -113,6 +118,7 @@ def pack_linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
             continue
         if isa:  # the dense weight stays: nothing to share or drop
             module.bf16_isa = isa
+            module.bound_linear = kernels.BoundLinear.of(weight, module.bias, isa)
             module.forward = types.MethodType(_dense_forward, module)
             packed += 1
             continue
