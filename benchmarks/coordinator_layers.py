@@ -7,7 +7,7 @@ ways in one process, in alternating turns, against its bytes at the measured rea
 Each way is transformers' own model of the preset with its experts replaced by nothing:
 - plain: transformers as it comes (PyTorch's bfloat16 `linear`), DynamicCache;
 - onednn / avx512 / avx2: the coordinator's linear layers through coordinator/cpu_linear.py with that bfloat16
-  path (FIDDLER_BF16_PATH), DynamicCache;
+  path (FIDDLER_BF16_PATH), and its RMS norms through coordinator/cpu_norm.py, DynamicCache;
 - onednn-static: onednn with transformers' StaticCache (no growing the cache by `cat` each step);
 - onednn-eager: onednn with transformers' eager attention instead of SDPA (attn_implementation="eager");
 - int8 / int4: the linear layers a CPU coordinator quantizes with --quantize (attention, shared experts, head)
@@ -34,7 +34,7 @@ def load(folder: str, way: str) -> torch.nn.Module:
     import transformers
     from transformers.integrations.moe import ExpertsInterface
 
-    from fiddler_moe.coordinator import cpu_linear
+    from fiddler_moe.coordinator import cpu_linear, cpu_norm
     from fiddler_moe.experts import compute
 
     ExpertsInterface.register("nothing", lambda self, hidden, index, weights: torch.zeros_like(hidden))
@@ -57,6 +57,7 @@ def load(folder: str, way: str) -> torch.nn.Module:
         for flag, value in compute.flags_of(path).items():
             setattr(compute, flag, value)
         cpu_linear.pack_linear_layers(model)
+        cpu_norm.fuse_rms_norms(model)
     return model
 
 

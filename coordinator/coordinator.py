@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from fiddler_moe.coordinator import cpu_attention, loading
 from fiddler_moe.coordinator.cpu_linear import pack_linear_layers, quantize_linear_layers
+from fiddler_moe.coordinator.cpu_norm import fuse_rms_norms
 from fiddler_moe.coordinator.dispatch import ClusterDegraded, Dispatcher, WorkerFailed, WorkerLink
 from fiddler_moe.coordinator.placement import Placement, format_size, plan
 from fiddler_moe.coordinator.profile import ExpertProfile
@@ -364,6 +365,7 @@ class Coordinator:
                 if self.prepared.quantize != "none":  # --quantize applies to these too, routers aside
                     quantize_linear_layers(self.model, self.prepared.quantize, skip=experts)
                 pack_linear_layers(self.model, skip=experts)
+                fuse_rms_norms(self.model, skip=experts)  # a decoding step's norms in one call each
                 attention = cpu_attention.attention_for(quantized=self.prepared.quantize != "none")
                 cpu_attention.use_cpu_attention(self.model, attention)  # decoding steps' attention
             bar.update(layout.non_expert_bytes)

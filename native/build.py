@@ -33,8 +33,8 @@ from fiddler_moe.native import limits
 log = logging.getLogger("fiddler.kernels")
 
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / name for name in ("bf16_gemv.c", "quant_gemv.c", "quantize.c", "parked_wait.c", "shm_serve.c",
-                                     "shm_call.c", "limits.c")]
+SOURCES = [_HERE / name for name in ("bf16_gemv.c", "quant_gemv.c", "quantize.c", "rms_norm.c", "parked_wait.c",
+                                     "shm_serve.c", "shm_call.c", "limits.c")]
 HEADER = _HERE / "fiddler_native.h"  # every exported function and the structs Python mirrors
 HEADERS = [HEADER, _HERE / "shm_lane.h", _HERE / "convert.h"]
 # No contraction of a*b+c into one rounding: the combine must round each product as PyTorch does. A function

@@ -68,6 +68,10 @@ void fiddler_gather_rows(const char *src, int64_t row_bytes, const int64_t *inde
 void fiddler_combine(const uint16_t *outputs, const int64_t *row_of, const void *weights, int weights_bf16,
                      int64_t tokens, int64_t top_k, int64_t hidden, uint16_t *result);
 
+/* rms_norm.c: transformers' (Llama's) RMS norm of bfloat16 rows */
+void fiddler_rms_norm(const uint16_t *x, const uint16_t *weight, int64_t rows, int64_t cols, double eps,
+                      uint16_t *out);
+
 /* quant_gemv.c: products with quantized weights (formats: experts/quant.py) */
 int fiddler_quant_linear(int format, const uint8_t *q, const uint16_t *scale, int64_t rows, int64_t cols,
                          const void *x, int x_bf16, int64_t n, void *out, int isa);

@@ -13,7 +13,8 @@ in experts/quant.py): any number of rows of bfloat16 or float32 activations, qua
 the call, against int8 or int4 codes with float16 scales, by integer dot products; `quant_activations` is that
 quantization of the activations alone (tests hold experts/quant.py's to its bits).
 
-The rest are the small C pieces of a decoding step's hand-over between processes: `gather_rows` and `combine`
+`rms_norm` is transformers' RMS norm of a few bfloat16 rows in one call (rms_norm.c). The rest are the small C
+pieces of a decoding step's hand-over between processes: `gather_rows` and `combine`
 (bit-equal to the dispatcher's tensor ops) and `parked_wait` (parked_wait.c); the worker's serving loop and the
 coordinator's layer call have bindings of their own (native/shm_serve.py, native/shm_call.py).
 
@@ -138,6 +139,16 @@ def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out:
     return out
 
 
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' (Llama's) RMS norm of bfloat16 rows x [..., cols] with a bfloat16 weight [cols], in one call
+    (rms_norm.c); equal to the PyTorch code's result to within one bfloat16 step (its sum of squares is taken in
+    another order)."""
+    cols = weight.shape[0]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().fiddler_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // cols, cols, eps, out.data_ptr())
+    return out
 
 def quant_applies(x: torch.Tensor, cols: int) -> bool:
     """Whether the quantized kernels take activations x [n, cols]: bfloat16 or float32 on the CPU, at least one
