@@ -17,8 +17,10 @@ setup: $(BIN)/fiddler
 demo: setup
 	$(BIN)/fiddler run --workers 2 --max-new-tokens 24 "Mixture-of-experts models route each token to"
 
+# Two test processes: most tests wait on the workers and launchers they start. Each process runs its own session
+# (runtime folder, shared clusters), so neither sees the other's files as leftovers. More would crowd a 2-core machine.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
