@@ -65,7 +65,7 @@ def test_a_models_norms_take_the_kernel_for_decoding_and_their_own_forward_other
     monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append(a[0].shape) or original(*a))
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)  # token by token, as decoding runs
-        got = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True) for i in range(2)]
+        got = [model(ids[:, i:i + 1], cache=cache, use_cache=True) for i in range(2)]
     assert len(calls) == 2 * fused
     assert (got[1].logits - want[:, 1:]).abs().max() <= 0.05 * want.abs().max()
     assert torch.equal(got[1].logits.argmax(-1), want[:, 1:].argmax(-1))
