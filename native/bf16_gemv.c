@@ -8,16 +8,16 @@
    - bfloat16 is the upper half of a float32, so a 256-bit load of 16 weights becomes two float32 vectors with one
      shift (even elements) and one mask (odd elements); the activations are split the same way once per call.
    - each thread prefetches the weights it reads ahead of them, which keeps more memory reads in flight than the
-     hardware prefetcher alone does: short rows for a few activation rows read one at a time as one stream,
-     prefetched PREFETCH_AHEAD weights ahead; else four at a time, each prefetched PREFETCH_ROWS rows ahead
+     hardware prefetcher alone does: short rows for one or two activation rows read one at a time as one stream,
+     prefetched PREFETCH_AHEAD weights ahead; else two or four at a time, each prefetched PREFETCH_ROWS rows ahead
      (`linear_rows` has the figures).
    On CPUs with AVX512-BF16 (Intel from Cooper Lake, AMD from Zen 4) a second path multiplies bfloat16 pairs as
    they are (vdpbf16ps: 32 products a instruction, summed pairwise into 16 float32 lanes), with no conversion of
    either side: each 64-byte weight vector is loaded once and used for every activation row (a tile of weight rows
    x activation rows in zmm accumulators), so a few rows cost little more than one (the AVX2 path converts each weight
-   once per row and is compute-bound there). On CPUs with AMX a third path multiplies tiles of 16 weight rows by up
-   to 16 activation rows (below). Paths, chosen at run time in one place (`best_isa`; `isa` 0 asks for the best,
-   BF16_ISA_* for one).
+   once per four activation rows and is compute-bound from about eight). On CPUs with AMX a third path multiplies
+   tiles of 16 weight rows by up to 16 activation rows (below). Paths, chosen at run time in one place (`best_isa`;
+   `isa` 0 asks for the best, BF16_ISA_* for one).
 
    Exactness: a product of two bfloat16 numbers is exact in float32 (8-bit significands), so either path differs
    from PyTorch's float32 accumulation only in the order of the float32 sums: within one bfloat16 step after the
@@ -88,7 +88,7 @@ static void dot4(const uint16_t *w, int64_t cols, const float *xs, float *y) {
 /* The dot product of one weight row with one split activation row xs: 64 columns a step into 8 accumulators (4 FMAs
    in flight a step hide their latency), the row read front to back, so that a thread's rows form one sequential
    stream; `ahead`: prefetch PREFETCH_AHEAD weights ahead of each step (in a row stream, for the first activation
-   row only: the others find the row in L1). Also the last one to three rows of a weight read four rows at a time. */
+   row only: the others find the row in L1). Also the last rows of a weight read two or four rows at a time. */
 static float dot_row(const uint16_t *w, int64_t cols, const float *xs, int ahead) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     int64_t c = 0;
@@ -129,38 +129,96 @@ static float *split_rows(const uint16_t *x, int64_t n, int64_t cols) {
     return xs;
 }
 
+/* y[k][i] = dot products of 2 weight rows (k, row stride cols) with N (1 to 4) split activation rows (i, stride
+   cols): each 16-column block of the weights is loaded and converted once for all N rows, 2 x N sums in registers
+   (even and odd columns into one sum, 8 at most beside the 4 converted weight vectors and 2 activation ones).
+   `ahead`: prefetch the 2 rows PREFETCH_ROWS rows ahead (in the first pass over these rows only). */
+INLINE void tile2(const uint16_t *w, int64_t cols, const float *xs, const int N, float y[2][4], int ahead) {
+    __m256 acc0[4], acc1[4];
+    for (int i = 0; i < N; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    const uint16_t *next = w + PREFETCH_ROWS * cols;
+    for (int64_t c = 0; c < cols; c += 16) {
+        if (ahead && (c & 31) == 0) {
+            PREFETCH(next + c);
+            PREFETCH(next + cols + c);
+        }
+        __m256i v0 = LOAD(w + c), v1 = LOAD(w + cols + c);
+        __m256 e0 = EVEN(v0), o0 = ODD(v0), e1 = EVEN(v1), o1 = ODD(v1);
+        for (int i = 0; i < N; i++) {
+            __m256 xe = _mm256_loadu_ps(xs + i * cols + c), xo = _mm256_loadu_ps(xs + i * cols + c + 8);
+            acc0[i] = _mm256_fmadd_ps(e0, xe, acc0[i]);
+            acc1[i] = _mm256_fmadd_ps(e1, xe, acc1[i]);
+            acc0[i] = _mm256_fmadd_ps(o0, xo, acc0[i]);
+            acc1[i] = _mm256_fmadd_ps(o1, xo, acc1[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        y[0][i] = hsum(acc0[i]);
+        y[1][i] = hsum(acc1[i]);
+    }
+}
+
+static inline void store(uint16_t *out, int64_t rows, int64_t i, int64_t r, float y, const uint16_t *bias) {
+    out[i * rows + r] = float_to_bf16(bias ? y + bf16_to_float(bias[r]) : y);
+}
+
 /* out[i, r] for the rows r of `weight` this thread is given: call inside a parallel region (a worksharing loop,
-   ending with a barrier). For one to three activation rows, weight rows of up to ROW_STREAM_COLS weights are read
-   one at a time, each thread's block of the weight front to back as one stream; longer ones four at a time, each
-   of the four prefetched PREFETCH_ROWS rows ahead. On a Zen 3, 2 threads, out of cache, one activation row, three
-   runs each: 7168x1024 and 3584x1024 27-29 GB/s one at a time against 22-24.5 four at a time; 11264x2048,
-   2048x5632 and 1024x3584 24-28.5 against 25-30 (a plain read: 24-29). With more activation rows the four-row
-   blocks win, their activation loads shared by four weight rows: 7168x1024, 4 rows the same time, 8 rows 1.4 ms
-   against 1.7. */
+   ending with a barrier). Three ways, by the activation rows n and the weight rows' length (Zen 3, 2 threads, out
+   of cache; docs/performance-log.md, 2026-12-02):
+   - one activation row, or two on rows of up to ROW_STREAM_COLS weights: weight rows one at a time, each thread's
+     block of the weight front to back as one stream (7168x1024, 1 row: 27-29 GB/s against 22-24.5 four rows at a
+     time; 2 rows 0.56 ms against the tiles' 0.58);
+   - one activation row on longer rows: four weight rows at a time, each prefetched PREFETCH_ROWS rows ahead
+     (11264x2048, 2048x5632: 1.48 and 0.78 ms against the tiles' 1.53 and 0.81);
+   - otherwise tiles of 2 weight rows x up to 4 activation rows (`tile2`), which convert each weight once for four
+     rows instead of once per row: 3 / 4 / 8 rows of 7168x1024 0.55 / 0.60 / 1.11 ms against 0.65 / 0.75 / 1.24,
+     of 1024x3584 0.29 / 0.32 / 0.54 against 0.38 / 0.46 / 0.84, 2 rows of 2048x5632 0.86 against 0.98. */
 static void linear_rows(const uint16_t *weight, int64_t rows, int64_t cols, const float *xs, int64_t n,
                         const uint16_t *bias, uint16_t *out) {
-    if (cols <= ROW_STREAM_COLS && n < 4) {
+    if (n == 1 || (n == 2 && cols <= ROW_STREAM_COLS)) {
+        if (cols <= ROW_STREAM_COLS) {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t i = 0; i < n; i++) { /* the row stays in L1 for the other activation rows */
-                float y = dot_row(weight + r * cols, cols, xs + i * cols, i == 0);
-                out[i * rows + r] = float_to_bf16(bias ? y + bf16_to_float(bias[r]) : y);
-            }
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t i = 0; i < n; i++) /* the row stays in L1 for the other activation row */
+                    store(out, rows, i, r, dot_row(weight + r * cols, cols, xs + i * cols, i == 0), bias);
+            return;
+        }
+        int64_t blocks = (rows + 3) / 4;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t r = 4 * b, count = rows - r < 4 ? rows - r : 4;
+            float y[4];
+            if (count == 4)
+                dot4(weight + r * cols, cols, xs, y);
+            else
+                for (int64_t k = 0; k < count; k++) y[k] = dot_row(weight + (r + k) * cols, cols, xs, 0);
+            for (int64_t k = 0; k < count; k++) store(out, rows, 0, r + k, y[k], bias);
+        }
         return;
     }
-    int64_t blocks = (rows + 3) / 4;
+    int64_t pairs = (rows + 1) / 2;
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t r = 4 * b;
-        for (int64_t i = 0; i < n; i++) { /* the 4-row block stays in cache for the other activation rows */
-            float y[4];
-            int64_t count = rows - r < 4 ? rows - r : 4;
-            if (count == 4)
-                dot4(weight + r * cols, cols, xs + i * cols, y);
-            else
-                for (int64_t k = 0; k < count; k++) y[k] = dot_row(weight + (r + k) * cols, cols, xs + i * cols, 0);
-            for (int64_t k = 0; k < count; k++)
-                out[i * rows + r + k] = float_to_bf16(bias ? y[k] + bf16_to_float(bias[r + k]) : y[k]);
+    for (int64_t p = 0; p < pairs; p++) {
+        int64_t r = 2 * p;
+        const uint16_t *w = weight + r * cols;
+        if (r + 1 == rows) { /* an odd last row */
+            for (int64_t i = 0; i < n; i++) store(out, rows, i, r, dot_row(w, cols, xs + i * cols, 0), bias);
+            continue;
+        }
+        for (int64_t i = 0; i < n; i += 4) { /* the two rows stay in L1 for the next four activation rows */
+            float y[2][4];
+            const float *x = xs + i * cols;
+            const int m = n - i < 4 ? (int)(n - i) : 4;
+            switch (m) { /* a constant N for each, so the loops over it unroll */
+            case 1: tile2(w, cols, x, 1, y, i == 0); break;
+            case 2: tile2(w, cols, x, 2, y, i == 0); break;
+            case 3: tile2(w, cols, x, 3, y, i == 0); break;
+            default: tile2(w, cols, x, 4, y, i == 0); break;
+            }
+            for (int j = 0; j < m; j++) {
+                store(out, rows, i + j, r, y[0][j], bias);
+                store(out, rows, i + j, r + 1, y[1][j], bias);
+            }
         }
     }
 }

@@ -95,8 +95,9 @@ KERNEL_PATHS = [pytest.param(kernels.BF16_ISA_AVX2, id="avx2"),
 @pytest.mark.parametrize("isa", KERNEL_PATHS)
 def test_each_path_of_the_decoding_kernel_is_bfloat16_linear(isa):
     """Each path asked for by name: 1 to MAX_ROWS rows and a few more (in groups), weight rows that are not whole
-    4-row (or 64-row) blocks, widths of whole 32-column vectors and with 16 columns over, on both sides of the AVX2
-    path's ROW_STREAM_COLS (1024: a row at a time up to it for 1-3 rows, four rows at a time else), bias,
+    4-row (or 64-row) blocks and odd counts, widths of whole 32-column vectors and with 16 columns over, on both
+    sides of the AVX2 path's ROW_STREAM_COLS (1024: a row at a time up to it for 1-2 rows, four rows at a time past
+    it for 1 row, else tiles of 2 weight rows by up to 4 activation rows), bias,
     activations not 4-byte aligned; within one bfloat16 step of the float64 product and mostly nn.Linear's bits. A
     path that does not exist is refused."""
     generator = torch.Generator().manual_seed(5)
