@@ -77,7 +77,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], rows)
 
 
-
 class BoundLinear:
     """`linear` of one weight, with what stays the same from call to call (the weight's address and shape, the
     bias, the path) bound once: a coordinator's decoding step makes some 30 of these calls on small weights, where
@@ -123,6 +122,7 @@ class BoundLinear:
             _bf16_status(status, "fiddler_bf16_linear")
         return out
 
+
 def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor | None = None,
                 isa: int = 0) -> torch.Tensor:
     """A gated SiLU expert without biases, `(silu(gate) * up) @ down.T` with `gate, up = (x @ gate_up.T).chunk(2)`,
@@ -139,16 +139,16 @@ def silu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, out:
     return out
 
 
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' (Llama's) RMS norm of bfloat16 rows x [..., cols] with a bfloat16 weight [cols], in one call
     (rms_norm.c); equal to the PyTorch code's result to within one bfloat16 step (its sum of squares is taken in
     another order)."""
     cols = weight.shape[0]
-    x = x.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
     library().fiddler_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // cols, cols, eps, out.data_ptr())
     return out
+
 
 def quant_applies(x: torch.Tensor, cols: int) -> bool:
     """Whether the quantized kernels take activations x [n, cols]: bfloat16 or float32 on the CPU, at least one
