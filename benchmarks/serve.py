@@ -12,7 +12,10 @@ engine and HTTP threads for the interpreter's lock. Per round:
 - time to first token (TTFT): from sending the request to the first streamed text, per client;
 - per-stream decode tok/s: a client's tokens after its first over the time from its first text to its end;
 - aggregate decode tok/s: every client's tokens after its first, over the time from the first client's first text
-  to the last client's end (what the cluster decodes per second with that many streams).
+  to the last client's end (what the cluster decodes per second with that many streams);
+- experts a layer call: how many experts a layer call routed to, on average (prefills included): each one's weights
+  are read once a call for all its rows, so N streams read that many over one stream's count times the expert
+  bytes a step, which bounds what batching can win in a step bound by reading weights.
 Then transformers: `generate` on a left-padded batch of the same prompts (the same count), eager, the same dtype
 and total threads as the cluster (up to the cores there are), timed the same way (its first token is the whole
 batch's).
@@ -135,8 +138,10 @@ def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list
             clients = ClientProcess(server.url, folder.name)
             clients.round(prompts[:1], 4)  # warm-up
             results = []
+            stats = cluster.coordinator.dispatcher.stats
             for n in options.clients:
                 rounds = []
+                reads, calls = stats.expert_reads, stats.layer_calls
                 for r in range(options.repeats):
                     server_cpu = time.process_time()
                     streams, client_cpu = clients.round(prompts[:n], options.new_tokens)
@@ -145,6 +150,8 @@ def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list
                     log(f"fiddler, {n} client(s), round {r + 1}: "
                         f"{rounds[-1]['aggregate_decode_tokens_per_second']:.1f} decode tok/s in all")
                 results.append(summarize(rounds, n))
+                calls = stats.layer_calls - calls  # the steps of n streams, and their prefills
+                results[-1]["experts_per_layer_call"] = (stats.expert_reads - reads) / calls if calls else None
         finally:
             if clients is not None:
                 clients.close()
@@ -241,22 +248,24 @@ def _quantize(result: dict) -> str:
 
 
 def table(result: dict) -> str:
-    """The figures as a Markdown table, as the README keeps it."""
+    """The figures as a Markdown table, as the README keeps it; `experts a call`: the experts a layer call routed
+    to (their weights read once for all its rows), on average over the rounds' calls, prefills included."""
     rows = ["| clients | run | aggregate decode tok/s | per-stream decode tok/s | TTFT s | x one client | "
-            "x transformers |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            "x transformers | experts a call |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     baseline = {b["clients"]: b for b in result["transformers"]}
     quantize = _quantize(result)
     name = "fiddler" if quantize == "none" else f"fiddler, {quantize}"
     for row in result["fiddler"]:
-        versus = row.get("versus_transformers")
+        versus, experts = row.get("versus_transformers"), row.get("experts_per_layer_call")
         rows.append(f"| {row['clients']} | {name} | {row['aggregate_decode_tokens_per_second']:.1f} | "
                     f"{row['stream_decode_tokens_per_second']:.1f} | {row['ttft_seconds']:.2f} | "
-                    f"{row['versus_one_client']:.2f}x | {f'{versus:.2f}x' if versus else '-'} |")
+                    f"{row['versus_one_client']:.2f}x | {f'{versus:.2f}x' if versus else '-'} | "
+                    f"{f'{experts:.1f}' if experts else '-'} |")
         base = baseline.get(row["clients"])
         if base:
             rows.append(f"| | transformers, batch of {base['clients']} | "
                         f"{base['aggregate_decode_tokens_per_second']:.1f} | "
-                        f"{base['stream_decode_tokens_per_second']:.1f} | {base['ttft_seconds']:.2f} | | |")
+                        f"{base['stream_decode_tokens_per_second']:.1f} | {base['ttft_seconds']:.2f} | | | |")
     return "\n".join(rows)
 
 

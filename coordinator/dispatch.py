@@ -84,6 +84,7 @@ class DispatchStats:
     moved_experts: int = 0  # expert computations moved to the device
     tokens: int = 0  # tokens the model read (counted at its first MoE layer)
     layer_calls: int = 0
+    expert_reads: int = 0  # experts routed to, summed over layer calls: each reads its expert's weights once a call
     dispatch_seconds: float = 0.0  # all time inside MoE expert calls
     send_seconds: float = 0.0  # gathering and sending the cold requests (the Python path; the C path's is waiting)
     hot_seconds: float = 0.0  # computing hot experts (overlaps the workers)
@@ -295,6 +296,7 @@ class Dispatcher:
             stats.routed[key] = stats.routed.get(key, 0) + count
         stats.cold_pairs += cold_pairs
         stats.layer_calls += 1
+        stats.expert_reads += len(routed)
         if layer == self.first_layer:
             stats.tokens += num_tokens
         stats.wait_seconds += done - waited

@@ -139,6 +139,8 @@ def test_bench_serve_measures_concurrent_http_clients_beside_transformers(cli, t
         assert row["aggregate_decode_tokens_per_second"] > 0 and row["ttft_seconds"] > 0
         assert row["rounds"][0]["tokens"] == [4] * row["clients"]  # every stream got all its tokens
     assert result["fiddler"][0]["versus_one_client"] == 1.0
+    for row in result["fiddler"]:  # top-2 of 8: a decoding step's call reads 2 experts or more, a prefill's up to 8
+        assert 2 <= row["experts_per_layer_call"] <= 8
     assert result["cluster_layout"]["transformers_threads"] >= 1
     assert result["cluster_layout"]["cold_format"] == "bfloat16"
     pytest.importorskip("matplotlib")
