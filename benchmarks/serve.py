@@ -150,8 +150,8 @@ def bench_cluster(folder: Path, dtype: str, options: ServeOptions, prompts: list
                     log(f"fiddler, {n} client(s), round {r + 1}: "
                         f"{rounds[-1]['aggregate_decode_tokens_per_second']:.1f} decode tok/s in all")
                 results.append(summarize(rounds, n))
-                calls = stats.layer_calls - calls  # the steps of n streams, and their prefills
-                results[-1]["experts_per_layer_call"] = (stats.expert_reads - reads) / calls if calls else None
+                made = stats.layer_calls - calls  # the steps of n streams, and their prefills
+                results[-1]["experts_per_layer_call"] = (stats.expert_reads - reads) / made if made else None
         finally:
             if clients is not None:
                 clients.close()
