@@ -158,8 +158,9 @@ INLINE void tile2(const uint16_t *w, int64_t cols, const float *xs, const int N,
     }
 }
 
-static inline void store(uint16_t *out, int64_t rows, int64_t i, int64_t r, float y, const uint16_t *bias) {
-    out[i * rows + r] = float_to_bf16(bias ? y + bf16_to_float(bias[r]) : y);
+/* out[i, r] = bf16(y + bias[r]), out's rows `stride` apart: each path's last step. */
+static inline void store(uint16_t *out, int64_t stride, int64_t i, int64_t r, float y, const uint16_t *bias) {
+    out[i * stride + r] = float_to_bf16(bias ? y + bf16_to_float(bias[r]) : y);
 }
 
 /* out[i, r] for the rows r of `weight` this thread is given: call inside a parallel region (a worksharing loop,
@@ -413,10 +414,7 @@ static BF16 void linear_rows_bf16(const uint16_t *weight, int64_t rows, int64_t 
             default: block_bf16(w, count, cols, xg, 8, y); break;
             }
             for (int64_t i = 0; i < group; i++)
-                for (int64_t k = 0; k < count; k++) {
-                    float v = y[i * 4 + k];
-                    out[(i0 + i) * stride + r + k] = float_to_bf16(bias ? v + bf16_to_float(bias[r + k]) : v);
-                }
+                for (int64_t k = 0; k < count; k++) store(out, stride, i0 + i, r + k, y[i * 4 + k], bias);
         }
     }
 }
